@@ -1,0 +1,73 @@
+"""swudi: data-free multi-task model merging with SWUDI / SWUDI-A and their baselines.
+
+The maths library (this package, no Prefect):
+
+- :func:`merge_matrix` merges one 2-D weight from its stacked task vectors ``[N, out, in]``;
+- :func:`decompose` + :func:`merge_decomposition`: decompose once, filter many;
+- :func:`select_rank`: the SWUDI-A rank rules;
+- :func:`route_tensor`, :func:`merge_state_dicts`: whole-model routing and merge.
+"""
+
+from swudi.decomposition import Decomposition, decompose
+from swudi.device import resolve_device
+from swudi.errors import (
+    CheckpointError,
+    CheckpointMismatchError,
+    ConfigError,
+    InputError,
+    PublishError,
+    SwudiError,
+)
+from swudi.methods import (
+    ALGORITHM_VERSION,
+    METHODS,
+    MethodSpec,
+    get_method,
+    merge_decomposition,
+    merge_elementwise,
+    merge_matrix,
+    spectral_filter,
+    validate_params,
+)
+from swudi.rank import RANK_RULES, select_rank
+from swudi.routing import DEFAULT_EXCLUDE, Route, route_tensor
+from swudi.spectral import apply_filter, exponential_filter, landweber_filter, pinv_filter, truncation_filter
+from swudi.state_dict import merge_state_dicts
+from swudi.task_vectors import check_task_vectors, stack_task_vectors
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ALGORITHM_VERSION",
+    "DEFAULT_EXCLUDE",
+    "METHODS",
+    "RANK_RULES",
+    "CheckpointError",
+    "CheckpointMismatchError",
+    "ConfigError",
+    "Decomposition",
+    "InputError",
+    "MethodSpec",
+    "PublishError",
+    "Route",
+    "SwudiError",
+    "apply_filter",
+    "check_task_vectors",
+    "decompose",
+    "exponential_filter",
+    "get_method",
+    "landweber_filter",
+    "merge_decomposition",
+    "merge_elementwise",
+    "merge_matrix",
+    "merge_state_dicts",
+    "pinv_filter",
+    "resolve_device",
+    "route_tensor",
+    "select_rank",
+    "spectral_filter",
+    "stack_task_vectors",
+    "truncation_filter",
+    "validate_params",
+    "__version__",
+]

@@ -1,0 +1,104 @@
+"""Task vectors: tau_i = W_i - W0, stacked along a new leading axis and validated."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from swudi.errors import InputError
+
+__all__ = [
+    "ZERO_NORM_SQ",
+    "stack_task_vectors",
+    "check_task_vectors",
+    "squared_norms",
+    "is_all_zero",
+]
+
+#: A layer whose task vectors all have squared Frobenius norm below this is "all zero" and every
+#: method falls back to the mean (threshold of the reference implementation). The same value
+#: floors ||tau_i||^2 in the WUDI weights w_i = 1 / max(||tau_i||^2, ZERO_NORM_SQ).
+ZERO_NORM_SQ = 1e-12
+
+
+def _label(name: str) -> str:
+    return f"weight {name!r}" if name else "weight"
+
+
+def stack_task_vectors(base: torch.Tensor, experts: Sequence[torch.Tensor], name: str = "") -> torch.Tensor:
+    """Return ``stack([E_i - base])`` as float32 ``[N, *base.shape]`` (on the base's device).
+
+    Raises :class:`InputError` naming the weight and the expert index for no experts,
+    a shape mismatch, a non-floating dtype or non-finite values.
+    """
+    if len(experts) == 0:
+        raise InputError(f"{_label(name)}: no experts given (N = 0); merging needs at least one expert")
+    if not base.is_floating_point():
+        raise InputError(f"{_label(name)}: base tensor has non-floating dtype {base.dtype}; cannot form task vectors")
+    for i, expert in enumerate(experts):
+        if tuple(expert.shape) != tuple(base.shape):
+            raise InputError(
+                f"{_label(name)}: expert {i} has shape {tuple(expert.shape)}, base has {tuple(base.shape)}"
+            )
+        if not expert.is_floating_point():
+            raise InputError(f"{_label(name)}: expert {i} has non-floating dtype {expert.dtype}")
+    base32 = base.to(torch.float32)
+    out = torch.empty((len(experts), *base.shape), dtype=torch.float32, device=base.device)
+    for i, expert in enumerate(experts):
+        torch.sub(expert.to(device=base.device, dtype=torch.float32), base32, out=out[i])
+    return check_task_vectors(out, name)
+
+
+def check_task_vectors(
+    task_vectors: torch.Tensor | Sequence[torch.Tensor], name: str = "", *, ndim: int | None = None
+) -> torch.Tensor:
+    """Validate stacked task vectors ``[N, ...]`` and return them as one tensor.
+
+    A sequence of equally shaped tensors is stacked. ``ndim`` (e.g. 3 for ``[N, out, in]``) is
+    enforced when given. Raises :class:`InputError` naming the weight (``name``) for N = 0,
+    mismatched shapes, a non-floating dtype or non-finite values (with the expert index).
+    """
+    if not isinstance(task_vectors, torch.Tensor):
+        items = list(task_vectors)
+        if not items:
+            raise InputError(f"{_label(name)}: no task vectors given (N = 0)")
+        for i, tv in enumerate(items):
+            if not isinstance(tv, torch.Tensor):
+                raise InputError(f"{_label(name)}: task vector {i} is a {type(tv).__name__}, not a tensor")
+            if tv.shape != items[0].shape:
+                raise InputError(
+                    f"{_label(name)}: task vector {i} has shape {tuple(tv.shape)}, "
+                    f"task vector 0 has {tuple(items[0].shape)}"
+                )
+            if tv.dtype != items[0].dtype:
+                raise InputError(f"{_label(name)}: task vector {i} has dtype {tv.dtype}, task vector 0 has {items[0].dtype}")
+        task_vectors = torch.stack(items)
+    tv = task_vectors
+    if tv.ndim == 0 or tv.shape[0] == 0:
+        raise InputError(f"{_label(name)}: no task vectors given (N = 0); expected a tensor [N, ...] with N >= 1")
+    if ndim is not None and tv.ndim != ndim:
+        raise InputError(
+            f"{_label(name)}: expected stacked task vectors with {ndim} dimensions "
+            f"([N, out, in] for a matrix method), got shape {tuple(tv.shape)}"
+        )
+    if not tv.is_floating_point():
+        raise InputError(f"{_label(name)}: task vectors have non-floating dtype {tv.dtype}")
+    if not bool(torch.isfinite(tv).all()):
+        bad = (~torch.isfinite(tv)).reshape(tv.shape[0], -1).any(dim=1).nonzero().flatten().tolist()
+        raise InputError(
+            f"{_label(name)}: non-finite values (NaN or inf) in the task vector(s) of expert(s) {bad}; "
+            "check those checkpoints"
+        )
+    return tv
+
+
+def squared_norms(task_vectors: torch.Tensor) -> torch.Tensor:
+    """``||tau_i||_F^2`` for each task, accumulated in float64 (no overflow for large values)."""
+    flat = task_vectors.reshape(task_vectors.shape[0], -1)
+    return torch.linalg.vector_norm(flat, dim=1, dtype=torch.float64).square()
+
+
+def is_all_zero(sq_norms: torch.Tensor) -> bool:
+    """True when every task vector is (near) zero: max_i ||tau_i||^2 < ZERO_NORM_SQ."""
+    return bool(sq_norms.max() < ZERO_NORM_SQ)
