@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from swudi import baselines
-from swudi.errors import InputError
+from swudi.errors import ConfigError, InputError
 from swudi.methods import _merge_elementwise_f32, _merge_matrix_f32, get_method
 from swudi.routing import route_tensor
 from swudi.task_vectors import stack_task_vectors
@@ -53,6 +53,7 @@ def merge_state_dicts(
     exclude: Iterable[str] = (),
     keep_base: Iterable[str] = (),
     device: str | torch.device = "auto",
+    method_params: Mapping[str, Any] | None = None,
     **params: Any,
 ) -> dict[str, torch.Tensor]:
     """Merge expert state dicts into the base: ``W = W0 + scale * theta`` per tensor.
@@ -62,9 +63,15 @@ def merge_state_dicts(
     (``include``/``exclude``/``keep_base`` globs) as in :func:`swudi.routing.route_tensor`:
     "method" tensors get ``method``, "mean" tensors the mean of task vectors, "base" tensors are
     copied from the base. Returns a new dict in the base's key order.
+
+    Method parameters come as keyword arguments or in ``method_params``; the latter is needed for
+    the ``scale`` of ``task_arithmetic`` / ``ties``, since ``scale`` here is the global alpha.
     """
     spec = get_method(method)
-    p = spec.validate(params)
+    both = sorted(set(params) & set(method_params or {}))
+    if both:
+        raise ConfigError(f"method parameter(s) {both} given both as keywords and in method_params")
+    p = spec.validate({**(method_params or {}), **params})
     _check_experts(base, experts)
     include, exclude, keep_base = tuple(include), tuple(exclude), tuple(keep_base)
     merged: dict[str, torch.Tensor] = {}

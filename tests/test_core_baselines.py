@@ -1,0 +1,99 @@
+"""Baselines: hand-made examples for TIES / task arithmetic / mean; WUDI and OptMerge behaviour."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from swudi import baselines, merge_elementwise, merge_matrix
+
+
+def test_task_arithmetic_and_mean_by_hand():
+    tv = torch.tensor([[[1.0, 2.0], [3.0, 4.0]], [[1.0, 0.0], [0.0, -1.0]]])
+    expected_ta = torch.tensor([[0.6, 0.6], [0.9, 0.9]])  # 0.3 * [[2, 2], [3, 3]]
+    assert torch.allclose(merge_matrix(tv, "task_arithmetic"), expected_ta)
+    assert torch.allclose(merge_elementwise(tv, "task_arithmetic", scale=1.0), torch.tensor([[2.0, 2.0], [3.0, 3.0]]))
+    assert torch.allclose(merge_elementwise(tv, "mean"), torch.tensor([[1.0, 1.0], [1.5, 1.5]]))
+
+
+TIES_TV = torch.tensor(
+    [
+        [3.0, -1.0, 0.5, 2.0, 0.0],  # top-2 |.|: 3, 2
+        [-4.0, 1.0, 0.2, 1.5, 0.1],  # top-2: -4, 1.5
+        [2.0, -3.0, 0.1, -0.5, 1.0],  # top-2: -3, 2
+    ]
+)
+
+
+def test_ties_by_hand():
+    # trimmed: [3,0,0,2,0], [-4,0,0,1.5,0], [2,-3,0,0,0]; sum [1,-3,0,3.5,0] -> signs [+,-,0,+,0]
+    # disjoint means: (3+2)/2, -3, 0, (2+1.5)/2, 0
+    expected = torch.tensor([2.5, -3.0, 0.0, 1.75, 0.0])
+    assert torch.allclose(merge_elementwise(TIES_TV, "ties", density=0.4), expected)
+    assert torch.allclose(merge_elementwise(TIES_TV, "ties", density=0.4, scale=0.5), expected * 0.5)
+
+
+def test_ties_density_one_and_zero():
+    # density 1: nothing trimmed; signs of sums [+, -, +, +, +]
+    # entry 0: 3, 2 agree (+) -> 2.5; entry 1: -1, -3 -> -2; entry 2: all + -> 0.8/3;
+    # entry 3: 2, 1.5 -> 1.75; entry 4: 0.1, 1 -> 0.55 (the 0 of task 0 does not count)
+    expected = torch.tensor([2.5, -2.0, 0.8 / 3, 1.75, 0.55])
+    assert torch.allclose(merge_elementwise(TIES_TV, "ties", density=1.0), expected)
+    assert torch.equal(merge_elementwise(TIES_TV, "ties", density=0.0), torch.zeros(5))
+
+
+def test_ties_keeps_shape_and_dtype():
+    tv = TIES_TV.reshape(3, 5, 1).to(torch.bfloat16)
+    out = merge_elementwise(tv, "ties", density=0.4)
+    assert out.shape == (5, 1) and out.dtype == torch.bfloat16
+
+
+def independent_loss(theta: torch.Tensor, tv: torch.Tensor) -> float:
+    t = tv.double()
+    return float(sum(((theta.double() - ti) @ ti.T).square().sum() / ti.square().sum() for ti in t))
+
+
+def test_wudi_lowers_the_objective_from_its_start():
+    g = torch.Generator().manual_seed(0)
+    tv = torch.randn(3, 8, 6, generator=g) * 1e-3  # fine-tuning-sized deltas: Adam's steps matter
+    start = tv.sum(0)
+    merged = merge_matrix(tv, "wudi", iterations=50, device="cpu")
+    assert merged.dtype == torch.float32
+    l0, l1 = independent_loss(start, tv), independent_loss(merged, tv)
+    assert l1 < 0.9 * l0
+    more = merge_matrix(tv, "wudi", iterations=150, device="cpu")
+    assert independent_loss(more, tv) < l1
+    assert torch.equal(merge_matrix(tv, "wudi", iterations=0, device="cpu"), start)
+
+
+def test_wudi_loss_matches_independent_formula():
+    g = torch.Generator().manual_seed(1)
+    tv = torch.randn(3, 4, 5, generator=g)
+    theta = torch.randn(4, 5, generator=g)
+    assert float(baselines.wudi_loss(theta, tv)) == pytest.approx(independent_loss(theta, tv), rel=1e-5)
+
+
+def test_optmerge_with_full_rank_is_wudi():
+    g = torch.Generator().manual_seed(2)
+    tv = torch.randn(3, 6, 4, generator=g) * 1e-3
+    a = merge_matrix(tv, "optmerge", iterations=20, rank=4, device="cpu")
+    b = merge_matrix(tv, "wudi", iterations=20, device="cpu")
+    assert torch.allclose(a, b, rtol=1e-4, atol=1e-7)
+
+
+def test_optmerge_default_rank_and_effect():
+    assert baselines.optmerge_rank((6, 4), 3) == 1  # floor(4 / 3)
+    assert baselines.optmerge_rank((768, 3072), 8) == 96
+    assert baselines.optmerge_rank((2, 2), 8) == 1
+    g = torch.Generator().manual_seed(3)
+    tv = torch.randn(3, 6, 4, generator=g) * 1e-3
+    out = merge_matrix(tv, "optmerge", iterations=20, device="cpu")
+    assert torch.isfinite(out).all() and not torch.allclose(out, tv.sum(0))
+
+
+def test_iterative_methods_fall_back_to_mean_on_zero_task_vectors():
+    tv = torch.zeros(3, 4, 5)
+    tv[0, 0, 0] = 1e-9  # below the near-zero threshold (||tau||^2 < 1e-12)
+    for method in ["wudi", "optmerge"]:
+        out = merge_matrix(tv, method, device="cpu")
+        assert torch.allclose(out, tv.mean(0)), method
