@@ -1,0 +1,250 @@
+"""Write models in the Hugging Face layout, streaming one tensor at a time.
+
+Layout (as transformers writes it): one shard -> `model.safetensors`, no index; several ->
+`model-0000k-of-0000n.safetensors` + `model.safetensors.index.json` with `metadata.total_size`
+(sum of tensor bytes) and `weight_map` (tensor -> shard file). Every shard's header carries
+`__metadata__ = {"format": "pt"}` (transformers refuses other formats).
+
+A shard is written as: header (computed from the planned dtypes and shapes), then each tensor's
+bytes as `read_fn(name)` returns them. Only one tensor is held at a time, never a whole shard.
+Each file appears complete or not at all (`open_atomic`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import struct
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import IO, Any
+
+import torch
+from fsspec import AbstractFileSystem
+
+from swudi.checkpoint.checkpoint import INDEX_NAME, WEIGHTS_NAME, Checkpoint
+from swudi.checkpoint.header import DTYPE_SIZES, dtype_name, torch_dtype
+from swudi.checkpoint.storage import join_url, open_atomic, resolve, write_bytes_atomic
+from swudi.errors import CheckpointError
+
+__all__ = [
+    "TensorSpec",
+    "WrittenModel",
+    "DEFAULT_MAX_SHARD_SIZE",
+    "parse_size",
+    "tensor_nbytes",
+    "plan_shards",
+    "shard_names",
+    "write_safetensors",
+    "write_sharded",
+    "copy_extra_files",
+]
+
+#: transformers' historical default (5 GB, decimal).
+DEFAULT_MAX_SHARD_SIZE = 5_000_000_000
+_COPY_CHUNK = 8 * 2**20
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """A tensor to write: name, safetensors dtype name (or torch dtype), shape."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+
+    @classmethod
+    def of(cls, spec: Sequence[Any] | "TensorSpec") -> "TensorSpec":
+        if isinstance(spec, TensorSpec):
+            return spec
+        name, dtype, shape = spec
+        return cls(str(name), dtype_name(dtype), tuple(int(s) for s in shape))
+
+    @property
+    def nbytes(self) -> int:
+        return DTYPE_SIZES[self.dtype] * math.prod(self.shape)
+
+
+@dataclass(frozen=True)
+class WrittenModel:
+    """What `write_sharded` wrote: file names relative to `url`, total tensor bytes, weight map."""
+
+    url: str
+    files: list[str]
+    total_size: int
+    weight_map: dict[str, str] = field(repr=False)
+
+
+def parse_size(size: int | str) -> int:
+    """Bytes from an int or a string like "500MB", "2GiB", "5GB" (decimal units as transformers)."""
+    if isinstance(size, int):
+        value = size
+    else:
+        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B?)\s*", str(size).upper())
+        if not m or m.group(2) not in _UNITS:
+            raise ValueError(f"cannot read size {size!r}: use bytes or e.g. '500MB', '2GiB'")
+        value = int(float(m.group(1)) * _UNITS[m.group(2)])
+    if value <= 0:
+        raise ValueError(f"size must be positive, got {size!r}")
+    return value
+
+
+def tensor_nbytes(dtype: str | torch.dtype, shape: Sequence[int]) -> int:
+    return DTYPE_SIZES[dtype_name(dtype)] * math.prod(shape)
+
+
+def plan_shards(specs: Sequence[Sequence[Any] | TensorSpec], max_shard_size: int | str) -> list[list[str]]:
+    """Group tensors, in the given order, into shards of at most `max_shard_size` tensor bytes.
+
+    Greedy like transformers: a shard is closed when the next tensor would overflow it; a tensor larger
+    than the limit gets a shard of its own.
+    """
+    limit = parse_size(max_shard_size)
+    shards: list[list[str]] = []
+    current: list[str] = []
+    current_size = 0
+    seen = set()
+    for spec in map(TensorSpec.of, specs):
+        if spec.name in seen:
+            raise CheckpointError(f"tensor {spec.name!r} planned twice")
+        seen.add(spec.name)
+        if spec.nbytes > limit:
+            shards.append([spec.name])
+            continue
+        if current and current_size + spec.nbytes > limit:
+            shards.append(current)
+            current, current_size = [], 0
+        current.append(spec.name)
+        current_size += spec.nbytes
+    if current or not shards:
+        shards.append(current)
+    return shards
+
+
+def shard_names(count: int) -> list[str]:
+    """File names of `count` shards in the Hugging Face layout."""
+    if count == 1:
+        return [WEIGHTS_NAME]
+    return [f"model-{k:05d}-of-{count:05d}.safetensors" for k in range(1, count + 1)]
+
+
+def _header_bytes(specs: list[TensorSpec], metadata: Mapping[str, str] | None) -> bytes:
+    doc: dict[str, Any] = {}
+    if metadata:
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+            raise CheckpointError("safetensors metadata must map strings to strings")
+        doc["__metadata__"] = dict(metadata)
+    offset = 0
+    for spec in specs:
+        doc[spec.name] = {"dtype": spec.dtype, "shape": list(spec.shape),
+                          "data_offsets": [offset, offset + spec.nbytes]}
+        offset += spec.nbytes
+    blob = json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    blob += b" " * (-len(blob) % 8)  # data section starts 8-byte aligned, as the reference pads
+    return struct.pack("<Q", len(blob)) + blob
+
+
+def _tensor_bytes(tensor: torch.Tensor) -> memoryview:
+    t = tensor.detach()
+    if t.device.type != "cpu":
+        t = t.cpu()
+    t = t.contiguous().reshape(-1)
+    if t.numel() == 0:
+        return memoryview(b"")
+    return memoryview(t.view(torch.uint8).numpy())
+
+
+def write_safetensors(fs: AbstractFileSystem, path: str, specs: Sequence[Sequence[Any] | TensorSpec],
+                      read_fn: Callable[[str], torch.Tensor], metadata: Mapping[str, str] | None = None,
+                      source: str | None = None) -> int:
+    """Stream one safetensors file to `path`; return its size in bytes.
+
+    Tensors are laid out by decreasing element size (then in the given order) so that every tensor
+    starts aligned to its element size, as the reference writer does; `read_fn` is called in that order.
+    """
+    source = source or path
+    ordered = sorted(map(TensorSpec.of, specs), key=lambda s: -DTYPE_SIZES[s.dtype])
+    names = [s.name for s in ordered]
+    if len(set(names)) != len(names):
+        raise CheckpointError(f"{source}: duplicate tensor names")
+    head = _header_bytes(ordered, metadata)
+    written = 0
+    with open_atomic(fs, path) as f:
+        written += _write(f, head)
+        for spec in ordered:
+            tensor = read_fn(spec.name)
+            if not isinstance(tensor, torch.Tensor):
+                raise CheckpointError(f"{source}: tensor {spec.name!r}: read_fn returned {type(tensor).__name__}")
+            if tensor.dtype != torch_dtype(spec.dtype) or tuple(tensor.shape) != spec.shape:
+                raise CheckpointError(
+                    f"{source}: tensor {spec.name!r}: read_fn returned {tensor.dtype} {list(tensor.shape)}, "
+                    f"planned {spec.dtype} {list(spec.shape)}")
+            n = _write(f, _tensor_bytes(tensor))
+            if n != spec.nbytes:
+                raise CheckpointError(f"{source}: tensor {spec.name!r}: wrote {n} bytes, expected {spec.nbytes}")
+            written += n
+            del tensor
+    return written
+
+
+def _write(f: IO[bytes], data: bytes | memoryview) -> int:
+    n = len(data)
+    if n:
+        f.write(data)
+    return n
+
+
+def write_sharded(url: str, specs: Sequence[Sequence[Any] | TensorSpec],
+                  read_fn: Callable[[str], torch.Tensor],
+                  max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+                  storage_options: Mapping[str, Any] | None = None,
+                  metadata: Mapping[str, str] | None = None) -> WrittenModel:
+    """Write a model folder at `url` in the Hugging Face layout; tensors come from `read_fn(name)`.
+
+    Writes shards in order, then the index (several shards only). Other files already in the folder
+    are left alone: write into a fresh folder (see `publish.publish_version`).
+    """
+    specs = [TensorSpec.of(s) for s in specs]
+    by_name = {s.name: s for s in specs}
+    plan = plan_shards(specs, max_shard_size)
+    names = shard_names(len(plan))
+    fs, _ = resolve(url, storage_options)
+    shard_metadata = {"format": "pt", **(metadata or {})}
+    weight_map: dict[str, str] = {}
+    for file_name, members in zip(names, plan):
+        shard_url = join_url(url, file_name)
+        _, path = resolve(shard_url, storage_options)
+        write_safetensors(fs, path, [by_name[m] for m in members], read_fn, shard_metadata, shard_url)
+        weight_map.update({m: file_name for m in members})
+    total = sum(s.nbytes for s in specs)
+    files = list(names)
+    if len(plan) > 1:
+        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+        write_bytes_atomic(join_url(url, INDEX_NAME), (json.dumps(index, indent=2) + "\n").encode(),
+                           storage_options)
+        files.append(INDEX_NAME)
+    return WrittenModel(url, files, total, weight_map)
+
+
+def copy_extra_files(checkpoint: Checkpoint, dest_url: str, storage_options: Mapping[str, Any] | None = None,
+                     names: Sequence[str] | None = None) -> list[str]:
+    """Copy the checkpoint's non-weight files (config, tokenizer, ...) into `dest_url`.
+
+    The source is read with the checkpoint's own storage options, the destination written with
+    `storage_options` (they may be different stores). Returns the names copied.
+    """
+    names = list(checkpoint.extra_files if names is None else names)
+    if not names:
+        return []
+    src_fs, _ = resolve(checkpoint.file_url(names[0]), checkpoint.storage_options)
+    dest_fs, _ = resolve(dest_url, storage_options)
+    for name in names:
+        _, src = resolve(checkpoint.file_url(name), checkpoint.storage_options)
+        _, dst = resolve(join_url(dest_url, name), storage_options)
+        with src_fs.open(src, "rb") as fin, open_atomic(dest_fs, dst) as fout:
+            while chunk := fin.read(_COPY_CHUNK):
+                fout.write(chunk)
+    return names

@@ -1,0 +1,1 @@
+"""Shared test builders (importable as `helpers.*`: pytest puts tests/ on sys.path)."""
