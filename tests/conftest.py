@@ -38,16 +38,11 @@ class S3Bucket:
     name: str
     endpoint_url: str
     storage_options: dict[str, Any] = field(repr=False)
+    fs: Any = field(repr=False, compare=False)  # s3fs filesystem for direct inspection (no caches)
 
     @property
     def url(self) -> str:
         return f"s3://{self.name}"
-
-    def fs(self):
-        """An s3fs filesystem for direct inspection (no instance or listings cache)."""
-        import s3fs
-
-        return s3fs.S3FileSystem(**self.storage_options, skip_instance_cache=True, use_listings_cache=False)
 
 
 @pytest.fixture(scope="session")
@@ -64,16 +59,23 @@ def moto_server() -> Iterator[str]:
         server.stop()
 
 
+@pytest.fixture(scope="session")
+def _moto_fs(moto_server: str):
+    import s3fs
+
+    return s3fs.S3FileSystem(endpoint_url=moto_server, key="testing", secret="testing",
+                             skip_instance_cache=True, use_listings_cache=False)
+
+
 @pytest.fixture
-def s3_bucket(moto_server: str) -> Iterator[S3Bucket]:
+def s3_bucket(moto_server: str, _moto_fs) -> Iterator[S3Bucket]:
     """A fresh empty bucket; `storage_options` are what a swudi config would pass to s3fs."""
     options = {"endpoint_url": moto_server, "key": "testing", "secret": "testing"}
-    bucket = S3Bucket(f"swudi-test-{uuid.uuid4().hex[:12]}", moto_server, options)
-    fs = bucket.fs()
-    fs.mkdir(bucket.name)
+    bucket = S3Bucket(f"swudi-test-{uuid.uuid4().hex[:12]}", moto_server, options, _moto_fs)
+    _moto_fs.call_s3("create_bucket", Bucket=bucket.name)
     yield bucket
     try:  # free moto's memory (some tests store hundreds of MB)
-        fs.rm(bucket.name, recursive=True)
+        _moto_fs.rm(bucket.name, recursive=True)
     except Exception:  # noqa: BLE001 - cleanup only
         pass
 

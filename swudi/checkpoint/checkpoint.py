@@ -132,6 +132,8 @@ def _read_local(path: str, loc: TensorLocation, expect: tuple[int, int] | None =
 
 def read_tensor(location: TensorLocation, storage_options: Mapping[str, Any] | None = None) -> torch.Tensor:
     """Read one tensor from its location record (one range read), bit-exact, on CPU."""
+    if location.nbytes == 0:  # a zero-length range would read the whole object on S3
+        return torch.empty(location.shape, dtype=torch_dtype(location.dtype, location.shard_url))
     fs, path = resolve(location.shard_url, storage_options)
     if is_local(fs):
         return _read_local(path, location)
@@ -252,8 +254,9 @@ class Checkpoint:
         fs, path = resolve(url, storage_options)
         lower = path.lower()
         if lower.endswith(".index.json"):
+            files = _list_files(fs, path.rsplit("/", 1)[0]) if "/" in path else {}
             return cls._open_index(url, fs, path, storage_options, folder_url=parent_url(url),
-                                   listing=None)
+                                   listing=files, extra=tuple(sorted(n for n in files if _is_extra_file(n))))
         if lower.endswith(PICKLE_SUFFIXES):
             _raise_pickle(url)
         if lower.endswith(".safetensors"):
@@ -395,28 +398,39 @@ class Checkpoint:
         """The tensor `name`, bit-exact, on CPU: one range read."""
         loc = self.location(name)
         shard = self._shards[loc.shard_url]
+        if loc.nbytes == 0:  # a zero-length range would read the whole object on S3
+            return torch.empty(loc.shape, dtype=torch_dtype(loc.dtype, loc.shard_url))
         if is_local(self._fs):
             return _read_local(shard.path, loc, shard.local_stat)
         return _tensor_from_bytes(self._fs.cat_file(shard.path, start=loc.start, end=loc.end), loc)
 
     def read_many(self, names: Iterable[str]) -> dict[str, torch.Tensor]:
         """Several tensors; remote reads are issued concurrently (one range request per tensor)."""
-        locs = [self.location(n) for n in names]
+        wanted = [self.location(n) for n in names]
+        locs = [loc for loc in wanted if loc.nbytes]
         if is_local(self._fs) or len(locs) <= 1:
-            return {loc.name: self.read(loc.name) for loc in locs}
+            return {loc.name: self.read(loc.name) for loc in wanted}
+        out = {loc.name: self.read(loc.name) for loc in wanted if loc.nbytes == 0}
         paths = [self._shards[loc.shard_url].path for loc in locs]
         blobs = self._fs.cat_ranges(paths, [loc.start for loc in locs], [loc.end for loc in locs],
                                     on_error="return")
-        out = {}
         for loc, blob in zip(locs, blobs):
             if isinstance(blob, BaseException):
                 raise CheckpointError(f"{loc.shard_url}: tensor {loc.name!r}: read failed: {blob}") from blob
             out[loc.name] = _tensor_from_bytes(blob, loc)
-        return out
+        return {loc.name: out[loc.name] for loc in wanted}
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Every tensor (for small models and tests)."""
         return self.read_many(list(self.tensors))
+
+
+def _list_files(fs: AbstractFileSystem, folder: str) -> dict[str, dict[str, Any]]:
+    try:
+        listing = fs.ls(folder, detail=True)
+    except (FileNotFoundError, NotADirectoryError):
+        return {}
+    return {posixpath.basename(e["name"].rstrip("/")): e for e in listing if e.get("type") == "file"}
 
 
 def _is_file(fs: AbstractFileSystem, path: str) -> bool:

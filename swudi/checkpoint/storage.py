@@ -37,16 +37,18 @@ S3_DEFAULTS: dict[str, Any] = {
 _DEFAULTS_BY_PROTOCOL: dict[str, dict[str, Any]] = {"s3": S3_DEFAULTS, "s3a": S3_DEFAULTS}
 
 
-def _protocol(bit: str) -> str:
+def _protocol(bit: str, last: bool) -> str:
     protocol, sep, _ = bit.partition("://")
-    return protocol if sep else "file"
+    if sep:
+        return protocol
+    return "file" if last else bit  # in a chain, a bare word is a protocol ("simplecache::s3://...")
 
 
 def _layer_options(url: str, storage_options: Mapping[str, Any] | None) -> dict[str, Any]:
     """Keyword arguments for `fsspec.core.url_to_fs`: defaults + user options on the right layer."""
     options = dict(storage_options or {})
     bits = url.split("::")
-    protocols = [_protocol(b) for b in bits]
+    protocols = [_protocol(b, i == len(bits) - 1) for i, b in enumerate(bits)]
     target = protocols[-1]
     if len(bits) == 1:
         return {**_DEFAULTS_BY_PROTOCOL.get(target, {}), **options}
