@@ -16,8 +16,10 @@ from typing import Any
 
 import pytest
 
-# Never let tests reach real AWS credentials or a model hub.
+# Never let tests reach real AWS credentials or a model hub. A test that forgets its storage options
+# hits a closed local port (fails at once) instead of trying AWS.
 _TEST_ENV = {
+    "AWS_ENDPOINT_URL": "http://127.0.0.1:9",
     "AWS_ACCESS_KEY_ID": "testing",
     "AWS_SECRET_ACCESS_KEY": "testing",
     "AWS_SESSION_TOKEN": "testing",

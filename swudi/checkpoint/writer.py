@@ -99,8 +99,8 @@ def tensor_nbytes(dtype: str | torch.dtype, shape: Sequence[int]) -> int:
 def plan_shards(specs: Sequence[Sequence[Any] | TensorSpec], max_shard_size: int | str) -> list[list[str]]:
     """Group tensors, in the given order, into shards of at most `max_shard_size` tensor bytes.
 
-    Greedy like transformers: a shard is closed when the next tensor would overflow it; a tensor larger
-    than the limit gets a shard of its own.
+    Greedy like transformers / huggingface_hub: a shard is closed when the next tensor would overflow
+    it; a tensor larger than the limit gets a shard of its own (the open shard keeps filling).
     """
     limit = parse_size(max_shard_size)
     shards: list[list[str]] = []
