@@ -8,6 +8,7 @@ Builders of tiny safetensors checkpoints live in `tests/helpers/builders.py`.
 
 from __future__ import annotations
 
+import logging
 import os
 import uuid
 from collections.abc import Iterator
@@ -16,10 +17,8 @@ from typing import Any
 
 import pytest
 
-# Never let tests reach real AWS credentials or a model hub. A test that forgets its storage options
-# hits a closed local port (fails at once) instead of trying AWS.
+# Never let tests reach real AWS credentials or a model hub.
 _TEST_ENV = {
-    "AWS_ENDPOINT_URL": "http://127.0.0.1:9",
     "AWS_ACCESS_KEY_ID": "testing",
     "AWS_SECRET_ACCESS_KEY": "testing",
     "AWS_SESSION_TOKEN": "testing",
@@ -52,6 +51,7 @@ def moto_server() -> Iterator[str]:
     """Endpoint URL (http://127.0.0.1:PORT) of a moto S3 server living for the whole session."""
     from moto.server import ThreadedMotoServer
 
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one INFO line per request otherwise
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
@@ -70,8 +70,11 @@ def _moto_fs(moto_server: str):
 
 
 @pytest.fixture
-def s3_bucket(moto_server: str, _moto_fs) -> Iterator[S3Bucket]:
+def s3_bucket(moto_server: str, _moto_fs, monkeypatch: pytest.MonkeyPatch) -> Iterator[S3Bucket]:
     """A fresh empty bucket; `storage_options` are what a swudi config would pass to s3fs."""
+    # A client built without these storage options hits a closed local port (fails at once)
+    # instead of trying AWS.
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
     options = {"endpoint_url": moto_server, "key": "testing", "secret": "testing"}
     bucket = S3Bucket(f"swudi-test-{uuid.uuid4().hex[:12]}", moto_server, options, _moto_fs)
     _moto_fs.call_s3("create_bucket", Bucket=bucket.name)

@@ -16,7 +16,7 @@ import torch
 from helpers.builders import put_bytes
 from swudi.checkpoint import Checkpoint, list_versions, prune_versions, publish_version, read_latest, write_sharded
 from swudi.checkpoint.lock import acquire_lock, output_lock, read_lock, release_lock
-from swudi.checkpoint.publish import MANIFEST_NAME, read_manifest, version_url
+from swudi.checkpoint.publish import read_manifest, version_url
 from swudi.errors import PublishError
 
 HELPERS = pathlib.Path(__file__).parent / "helpers"
@@ -58,9 +58,8 @@ def test_publish_and_read_latest(store):
     manifest = read_manifest(out, "v1", store.storage_options)
     assert set(manifest["files"]) == {"model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors",
                                       "model.safetensors.index.json", "merge_report.json"}
-    fs = store.fs()
-    report = json.loads(fs.cat_file(store.url("out", "versions", "v1", "merge_report.json").split("://")[-1]
-                                    if store.kind == "s3" else store.url("out", "versions", "v1", "merge_report.json")))
+    report_url = store.url("out", "versions", "v1", "merge_report.json")
+    report = json.loads(store.fs().cat_file(report_url.split("://")[-1] if store.kind == "s3" else report_url))
     assert report == {"method": "swudi"}
     assert [v["version"] for v in list_versions(out, store.storage_options)] == ["v1", "v2"]
 
@@ -76,7 +75,8 @@ def test_republishing_a_complete_version_is_idempotent(store):
     assert again["published_at"] == first["published_at"]  # pointer not rewritten either
     assert _value_of_latest(store) == 1.0
     # Going back to an older complete version re-points latest without rewriting files.
-    publish_version(out, "v2", _writer(2.0, storage_options=store.storage_options), storage_options=store.storage_options)
+    publish_version(out, "v2", _writer(2.0, storage_options=store.storage_options),
+                    storage_options=store.storage_options)
     back = publish_version(out, "v1", _writer(9.0, storage_options=store.storage_options, calls=calls),
                            storage_options=store.storage_options)
     assert len(calls) == 1 and back["version"] == "v1" and back["previous"] == "v2"
@@ -85,7 +85,8 @@ def test_republishing_a_complete_version_is_idempotent(store):
 
 def test_failed_write_is_never_pointed_to_and_is_cleared_on_retry(store):
     out = store.url("out")
-    publish_version(out, "v1", _writer(1.0, storage_options=store.storage_options), storage_options=store.storage_options)
+    publish_version(out, "v1", _writer(1.0, storage_options=store.storage_options),
+                    storage_options=store.storage_options)
 
     def failing(url):
         _writer(5.0, storage_options=store.storage_options)(url)
@@ -121,10 +122,12 @@ def test_prune_keeps_the_newest_and_the_one_latest_names(store):
     for i, v in enumerate(["v1", "v2", "v3", "v4"]):
         publish_version(out, v, _writer(float(i), n=1, storage_options=store.storage_options),
                         storage_options=store.storage_options)
-    publish_version(out, "v1", _writer(0.0, n=1, storage_options=store.storage_options), storage_options=store.storage_options)  # roll back to v1
+    publish_version(out, "v1", _writer(0.0, n=1, storage_options=store.storage_options),
+                    storage_options=store.storage_options)  # roll back to v1
     assert prune_versions(out, 2, store.storage_options, dry_run=True) == ["v2"]
     assert prune_versions(out, 2, store.storage_options) == ["v2"]
-    assert [v["version"] for v in list_versions(out, store.storage_options, include_incomplete=True)] == ["v1", "v3", "v4"]
+    remaining = list_versions(out, store.storage_options, include_incomplete=True)
+    assert [v["version"] for v in remaining] == ["v1", "v3", "v4"]
     assert prune_versions(out, 1, store.storage_options) == ["v3"]
     assert _value_of_latest(store) == 0.0
     with pytest.raises(ValueError):
@@ -133,7 +136,8 @@ def test_prune_keeps_the_newest_and_the_one_latest_names(store):
 
 def test_prune_leaves_recent_incomplete_folders(store):
     out = store.url("out")
-    publish_version(out, "v1", _writer(1.0, n=1, storage_options=store.storage_options), storage_options=store.storage_options)
+    publish_version(out, "v1", _writer(1.0, n=1, storage_options=store.storage_options),
+                    storage_options=store.storage_options)
     half = version_url(out, "v2") + "/model.safetensors"
     put_bytes(half, b"partial", store.storage_options)
     assert prune_versions(out, 1, store.storage_options) == []

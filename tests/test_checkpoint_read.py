@@ -126,8 +126,9 @@ def test_fingerprints_change_when_bytes_change(store):
     first = Checkpoint.open(folder, store.storage_options)
     again = Checkpoint.open(folder, store.storage_options)
     assert first.fingerprint == again.fingerprint
-    assert {n: l.fingerprint for n, l in first.tensors.items()} == {n: l.fingerprint for n, l in again.tensors.items()}
-    assert len({l.fingerprint for l in first.tensors.values()}) == len(names)  # distinct per tensor
+    assert {n: loc.fingerprint for n, loc in first.tensors.items()} == {
+        n: loc.fingerprint for n, loc in again.tensors.items()}
+    assert len({loc.fingerprint for loc in first.tensors.values()}) == len(names)  # distinct per tensor
 
     # Rewrite the second shard with different values of the same size (mtime must move locally).
     time.sleep(0.01)

@@ -52,7 +52,7 @@ def test_same_tensor_in_two_shards(store):
 
 
 def test_same_tensor_twice_in_weight_map(store):
-    raw = '{"weight_map": {"a": "%s", "b": "%s", "c": "%s", "a": "%s"}}' % (S1, S1, S2, S2)
+    raw = f'{{"weight_map": {{"a": "{S1}", "b": "{S1}", "c": "{S2}", "a": "{S2}"}}}}'
     folder = _two_shards(store, raw)
     with pytest.raises(CheckpointError, match="'a' appears twice"):
         Checkpoint.open(folder, store.storage_options)

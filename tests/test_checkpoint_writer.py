@@ -56,7 +56,8 @@ def test_shard_names_follow_transformers():
 
 
 def test_single_shard_round_trip_every_dtype(store, tmp_path):
-    tensors = {f"{name.lower()}.w": random_tensor(dtype, (3, 5), seed=i) for i, (name, dtype) in enumerate(DTYPES.items())}
+    tensors = {f"{name.lower()}.w": random_tensor(dtype, (3, 5), seed=i)
+               for i, (name, dtype) in enumerate(DTYPES.items())}
     tensors["scalar"] = torch.tensor(2.5, dtype=torch.float64)
     tensors["empty"] = torch.empty(0, 7, dtype=torch.bfloat16)
     out = store.url("out")

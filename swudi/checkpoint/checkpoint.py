@@ -158,28 +158,28 @@ def _read_headers(fs: AbstractFileSystem, files: list[tuple[str, int, str]]) -> 
     paths = [p for p, _, _ in files]
     ends = [min(SPECULATIVE_READ, size) for _, size, _ in files]
     first = _cat_ranges(fs, paths, [0] * len(files), ends, [s for _, _, s in files])
-    lengths = [header_length(b, size, src) for b, (_, size, src) in zip(first, files)]
+    lengths = [header_length(b, size, src) for b, (_, size, src) in zip(first, files, strict=True)]
     todo = [i for i, n in enumerate(lengths) if 8 + n > len(first[i])]
     if todo:
         rest = _cat_ranges(fs, [paths[i] for i in todo], [len(first[i]) for i in todo],
                            [8 + lengths[i] for i in todo], [files[i][2] for i in todo])
-        for i, more in zip(todo, rest):
+        for i, more in zip(todo, rest, strict=True):
             first[i] = first[i] + more
-    return [parse_header(b, size, src) for b, (_, size, src) in zip(first, files)]
+    return [parse_header(b, size, src) for b, (_, size, src) in zip(first, files, strict=True)]
 
 
 def _cat_ranges(fs: AbstractFileSystem, paths: list[str], starts: list[int], ends: list[int],
                 sources: list[str]) -> list[bytes]:
     if len(paths) == 1 or is_local(fs):
         out = []
-        for p, s, e, src in zip(paths, starts, ends, sources):
+        for p, s, e, src in zip(paths, starts, ends, sources, strict=True):
             try:
                 out.append(fs.cat_file(p, start=s, end=e))
             except FileNotFoundError:
                 raise CheckpointError(f"{src}: file not found") from None
         return out
     results = fs.cat_ranges(paths, starts, ends, on_error="return")
-    for r, src in zip(results, sources):
+    for r, src in zip(results, sources, strict=True):
         if isinstance(r, FileNotFoundError):
             raise CheckpointError(f"{src}: file not found")
         if isinstance(r, BaseException):
@@ -248,7 +248,7 @@ class Checkpoint:
     # ----------------------------------------------------------------------------------- opening
     @classmethod
     def open(cls, url: str | os.PathLike[str], storage_options: Mapping[str, Any] | None = None
-             ) -> "Checkpoint":
+             ) -> Checkpoint:
         """Open the checkpoint at `url` (folder, index file or single safetensors file)."""
         url = os.fspath(url).rstrip("/") or "/"
         fs, path = resolve(url, storage_options)
@@ -303,7 +303,7 @@ class Checkpoint:
     @classmethod
     def _open_file(cls, url: str, fs: AbstractFileSystem, path: str,
                    storage_options: Mapping[str, Any] | None, folder_url: str | None = None,
-                   info: Mapping[str, Any] | None = None, extra: tuple[str, ...] = ()) -> "Checkpoint":
+                   info: Mapping[str, Any] | None = None, extra: tuple[str, ...] = ()) -> Checkpoint:
         shard = _open_shard(fs, url, path, info)
         return cls(url if folder_url is None else folder_url, fs, storage_options, folder_url, [shard],
                    None, extra)
@@ -312,7 +312,7 @@ class Checkpoint:
     def _open_index(cls, index_url: str, fs: AbstractFileSystem, index_path: str,
                     storage_options: Mapping[str, Any] | None, folder_url: str,
                     listing: Mapping[str, Mapping[str, Any]] | None, extra: tuple[str, ...] = ()
-                    ) -> "Checkpoint":
+                    ) -> Checkpoint:
         try:
             raw = fs.cat_file(index_path)
         except FileNotFoundError:
@@ -340,12 +340,12 @@ class Checkpoint:
             infos.append((name, shard_path, info))
         headers = _read_headers(fs, [(p, int(i["size"]), join_url(folder_url, n)) for n, p, i in infos])
         shards = [_shard_from(fs, join_url(folder_url, n), p, i, h)
-                  for (n, p, i), h in zip(infos, headers)]
+                  for (n, p, i), h in zip(infos, headers, strict=True)]
 
         # Cross-check the index against the headers.
         owner: dict[str, str] = {}
         problems = []
-        for name, shard in zip(shard_names, shards):
+        for name, shard in zip(shard_names, shards, strict=True):
             for tensor in shard.header.entries:
                 if tensor in owner:
                     problems.append(f"tensor {tensor!r} is stored in two shards: {owner[tensor]} and {name}")
@@ -414,7 +414,7 @@ class Checkpoint:
         paths = [self._shards[loc.shard_url].path for loc in locs]
         blobs = self._fs.cat_ranges(paths, [loc.start for loc in locs], [loc.end for loc in locs],
                                     on_error="return")
-        for loc, blob in zip(locs, blobs):
+        for loc, blob in zip(locs, blobs, strict=True):
             if isinstance(blob, BaseException):
                 raise CheckpointError(f"{loc.shard_url}: tensor {loc.name!r}: read failed: {blob}") from blob
             out[loc.name] = _tensor_from_bytes(blob, loc)

@@ -15,7 +15,8 @@ import math
 import struct
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, Mapping
+from typing import Any
+from collections.abc import Mapping
 
 import torch
 

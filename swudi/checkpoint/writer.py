@@ -57,7 +57,7 @@ class TensorSpec:
     shape: tuple[int, ...]
 
     @classmethod
-    def of(cls, spec: Sequence[Any] | "TensorSpec") -> "TensorSpec":
+    def of(cls, spec: Sequence[Any] | TensorSpec) -> TensorSpec:
         if isinstance(spec, TensorSpec):
             return spec
         name, dtype, shape = spec
@@ -214,7 +214,7 @@ def write_sharded(url: str, specs: Sequence[Sequence[Any] | TensorSpec],
     fs, _ = resolve(url, storage_options)
     shard_metadata = {"format": "pt", **(metadata or {})}
     weight_map: dict[str, str] = {}
-    for file_name, members in zip(names, plan):
+    for file_name, members in zip(names, plan, strict=True):
         shard_url = join_url(url, file_name)
         _, path = resolve(shard_url, storage_options)
         write_safetensors(fs, path, [by_name[m] for m in members], read_fn, shard_metadata, shard_url)
