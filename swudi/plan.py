@@ -1,0 +1,191 @@
+"""The merge plan: what happens to every tensor, decided from checkpoint headers alone.
+
+``build_plan(config)`` opens the base and every expert (headers only), checks that they fit
+together, routes each tensor (matrix method, mean, or base value) and groups the small tensors,
+so that a bad input fails here, before any weight is read. The plan is a small, picklable record:
+it carries each tensor's byte location in every checkpoint, so later steps read exactly the bytes
+they need without reopening a checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from swudi.checkpoint import Checkpoint, TensorLocation, validate_checkpoints
+from swudi.checkpoint.fingerprint import digest
+from swudi.checkpoint.header import torch_dtype
+from swudi.config import MergeConfig
+from swudi.methods import ALGORITHM_VERSION, get_method
+from swudi.routing import Route, route_tensor
+
+log = logging.getLogger(__name__)
+
+#: Small tensors (biases, norms, 1-D) are merged in groups of at most this many bytes per task,
+#: so that a model with hundreds of them does not pay the per-task overhead hundreds of times.
+GROUP_BYTES = 64 * 2**20
+
+
+@dataclass(frozen=True)
+class TensorJob:
+    """One tensor of the merged model: its route and where its inputs are."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str  # the base checkpoint's safetensors dtype
+    route: Route
+    base: TensorLocation
+    experts: tuple[TensorLocation, ...]
+
+    @property
+    def is_matrix(self) -> bool:
+        """True for a 2-D weight merged by the method on its own (one layer task)."""
+        return self.route == "method" and len(self.shape) == 2
+
+    @property
+    def input_key(self) -> str:
+        """Digest of the exact inputs: the content fingerprints of this tensor in every checkpoint."""
+        return digest(self.name, list(self.shape), self.base.fingerprint,
+                      [loc.fingerprint for loc in self.experts])
+
+    @property
+    def nbytes(self) -> int:
+        return self.base.nbytes
+
+
+@dataclass(frozen=True)
+class MergePlan:
+    """Every tensor's job, in the base checkpoint's order, plus what identifies the inputs."""
+
+    base_url: str
+    expert_urls: tuple[str, ...]
+    base_fingerprint: str
+    expert_fingerprints: tuple[str, ...]
+    jobs: tuple[TensorJob, ...]
+    extra_files: tuple[str, ...]
+    warnings: tuple[str, ...] = field(default=())
+
+    @property
+    def layer_jobs(self) -> list[TensorJob]:
+        """2-D weights merged one task each (decomposition, rank, filter)."""
+        return [job for job in self.jobs if job.is_matrix]
+
+    @property
+    def group_jobs(self) -> list[list[TensorJob]]:
+        """The other merged tensors (mean, or an elementwise method), in groups of <= GROUP_BYTES."""
+        groups: list[list[TensorJob]] = []
+        size = GROUP_BYTES
+        for job in self.jobs:
+            if job.is_matrix or job.route == "base":
+                continue
+            if size + job.nbytes > GROUP_BYTES and groups and groups[-1]:
+                groups.append([])
+                size = 0
+            if not groups:
+                groups.append([])
+                size = 0
+            groups[-1].append(job)
+            size += job.nbytes
+        return groups
+
+    @property
+    def inputs_fingerprint(self) -> str:
+        """Digest of every input checkpoint's content fingerprint (order matters: expert order)."""
+        return digest(self.base_fingerprint, list(self.expert_fingerprints))
+
+    def counts(self) -> dict[str, int]:
+        """Number of tensors per treatment."""
+        out = {"layers": len(self.layer_jobs), "mean_or_elementwise": 0, "base": 0}
+        for job in self.jobs:
+            if job.route == "base":
+                out["base"] += 1
+            elif not job.is_matrix:
+                out["mean_or_elementwise"] += 1
+        return out
+
+
+def open_checkpoints(config: MergeConfig) -> tuple[Checkpoint, list[Checkpoint]]:
+    """Open base and experts from their headers (no tensor data is read)."""
+    base = Checkpoint.open(config.base, config.storage_options)
+    experts = [Checkpoint.open(url, config.storage_options) for url in config.experts]
+    return base, experts
+
+
+def build_plan(config: MergeConfig, checkpoints: tuple[Checkpoint, list[Checkpoint]] | None = None
+               ) -> MergePlan:
+    """Validate base + experts from their headers and route every tensor.
+
+    Raises :class:`~swudi.errors.CheckpointMismatchError` listing every mismatch at once.
+    """
+    base, experts = checkpoints or open_checkpoints(config)
+    warnings = validate_checkpoints(base, experts)
+    jobs = []
+    for name, loc in base.tensors.items():
+        route = route_tensor(name, loc.shape, torch_dtype(loc.dtype, base.url), config.method,
+                             config.include, config.exclude, config.keep_base)
+        jobs.append(TensorJob(name, tuple(loc.shape), loc.dtype, route, loc,
+                              tuple(expert.tensors[name] for expert in experts)))
+    plan = MergePlan(base.url, tuple(e.url for e in experts), base.fingerprint,
+                     tuple(e.fingerprint for e in experts), tuple(jobs), tuple(base.extra_files),
+                     tuple(warnings))
+    log.info("plan: %d tensors (%s) from %d experts", len(jobs), plan.counts(), len(experts))
+    return plan
+
+
+def output_dtype(config: MergeConfig, job: TensorJob) -> str:
+    """The safetensors dtype a merged tensor is written in: the config's, or the base's ("auto").
+
+    Integer and boolean tensors always keep the base dtype (they are never merged).
+    """
+    if config.output_dtype == "auto" or job.route == "base":
+        return job.dtype
+    return {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}[config.output_dtype]
+
+
+def version_id(config: MergeConfig, plan: MergePlan) -> str:
+    """Identity of a merged model: inputs + method + parameters + treatment + algorithm version.
+
+    The same inputs merged with the same settings always get the same id, so a refresh with nothing
+    changed finds its version already published.
+    """
+    settings = {
+        "method": config.method, "params": config.params, "scale": config.scale,
+        "include": config.include, "exclude": config.exclude, "keep_base": config.keep_base,
+        "output_dtype": config.output_dtype, "max_shard_size": config.max_shard_size,
+        "max_rank": config.decomposition.max_rank,
+    }
+    return digest(ALGORITHM_VERSION, plan.inputs_fingerprint, settings)[:16]
+
+
+def describe_plan(config: MergeConfig, plan: MergePlan) -> dict[str, Any]:
+    """A JSON-able summary of the plan: counts, estimated work and the per-tensor routes."""
+    spec = get_method(config.method)
+    n = len(plan.expert_urls)
+    flops = 0.0
+    read_bytes = 0
+    for job in plan.jobs:
+        read_bytes += job.nbytes * (n + 1) if job.route != "base" else job.nbytes
+        if job.is_matrix and spec.kind == "spectral":
+            m, d = job.shape
+            k = min(d, n * m)
+            flops += 2.0 * n * m * d * k + 9.0 * k**3  # C (or thin SVD) + eigensolver
+    return {
+        "base": plan.base_url,
+        "experts": list(plan.expert_urls),
+        "method": config.method,
+        "params": config.params,
+        "scale": config.scale,
+        "counts": plan.counts(),
+        "estimated_read_bytes": read_bytes,
+        "estimated_decomposition_gflop": round(flops / 1e9, 3),
+        "warnings": list(plan.warnings),
+        "tensors": [
+            {"name": job.name, "shape": list(job.shape), "dtype": job.dtype,
+             "treatment": "layer" if job.is_matrix else job.route}
+            for job in plan.jobs
+        ],
+    }
+

@@ -1,0 +1,76 @@
+"""Publish a merged model: write the version folder in the Hugging Face layout, then move `latest`.
+
+The version folder gets the shards (read one tensor at a time from the merged artefacts, or from
+the base for tensors kept at base), the base's non-weight files, the user evaluators' metrics and
+the merge report; `latest.json` moves last (see :mod:`swudi.checkpoint.publish`). The output's lock
+is held meanwhile, so two merges into one output never interleave.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from swudi.checkpoint import (Checkpoint, copy_extra_files, join_url, output_lock, prune_versions,
+                              publish_version, write_sharded)
+from swudi.checkpoint.publish import REPORT_NAME, version_url
+from swudi.checkpoint.storage import resolve, write_bytes_atomic
+from swudi.config import MergeConfig
+from swudi.evaluators import run_evaluators
+from swudi.plan import MergePlan, output_dtype, version_id
+from swudi.report import build_report
+from swudi.steps import MergedRecord, merged_tensor_reader
+
+log = logging.getLogger(__name__)
+
+#: How long a publish waits for another one on the same output to finish.
+LOCK_WAIT_S = 600.0
+
+
+def publish_merged_model(config: MergeConfig, plan: MergePlan, merged: Sequence[MergedRecord],
+                         diagnostics: Mapping[str, Any],
+                         timings: Mapping[str, float] | None = None) -> dict[str, Any]:
+    """Write (or find) this merge's version under ``config.output`` and point ``latest.json`` at it.
+
+    Returns the pointer (``version``, ``path``, ``url``...) plus ``report``, the merge report of
+    the version (that of the earlier publish when the version was already complete).
+    """
+    version = version_id(config, plan)
+    report: dict[str, Any] = {}
+
+    def write_files(version_url: str) -> None:
+        specs = [(job.name, output_dtype(config, job), job.shape) for job in plan.jobs]
+        reader = merged_tensor_reader(merged, plan.jobs, config)
+        write_sharded(version_url, specs, reader, config.max_shard_size, config.storage_options)
+        base = Checkpoint.open(config.base, config.storage_options)
+        copy_extra_files(base, version_url, config.storage_options)
+        evaluations = run_evaluators(config.evaluators, version_url)
+        report.update(build_report(config, plan, version, merged, diagnostics, evaluations, timings))
+        write_bytes_atomic(join_url(version_url, REPORT_NAME),
+                           (json.dumps(report, indent=2, sort_keys=True) + "\n").encode(),
+                           config.storage_options)
+
+    with output_lock(config.output, storage_options=config.storage_options, wait_s=LOCK_WAIT_S):
+        pointer = publish_version(config.output, version, write_files,
+                                  storage_options=config.storage_options,
+                                  pointer_extra={"method": config.method})
+        if config.keep_versions:
+            removed = prune_versions(config.output, config.keep_versions, config.storage_options)
+            if removed:
+                log.info("%s: pruned versions %s", config.output, ", ".join(removed))
+    if not report:
+        report = read_report(config.output, version, config.storage_options)
+    return {**pointer, "url": pointer.get("url") or join_url(config.output, pointer["path"]),
+            "report": report}
+
+
+def read_report(output_url: str, version: str, storage_options: Mapping[str, Any] | None = None
+                ) -> dict[str, Any]:
+    """The merge report of a published version ({} if it has none)."""
+    fs, path = resolve(join_url(version_url(output_url, version), REPORT_NAME), storage_options)
+    try:
+        return json.loads(fs.cat_file(path))
+    except FileNotFoundError:
+        return {}

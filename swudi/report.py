@@ -1,0 +1,47 @@
+"""The merge report: what was merged, how, and what came out (written beside each version)."""
+
+from __future__ import annotations
+
+import platform
+from collections.abc import Mapping, Sequence
+from datetime import datetime, timezone
+from typing import Any
+
+import torch
+
+from swudi import __version__
+from swudi.config import MergeConfig
+from swudi.methods import ALGORITHM_VERSION
+from swudi.plan import MergePlan
+from swudi.steps import MergedRecord
+
+
+def build_report(config: MergeConfig, plan: MergePlan, version: str, merged: Sequence[MergedRecord],
+                 diagnostics: Mapping[str, Any], evaluations: Mapping[str, Any] | None = None,
+                 timings: Mapping[str, float] | None = None) -> dict[str, Any]:
+    """A JSON-able record of one merged version: inputs, parameters, per-layer results, software."""
+    return {
+        "version": version,
+        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "inputs": {
+            "base": {"url": plan.base_url, "fingerprint": plan.base_fingerprint},
+            "experts": [{"url": url, "fingerprint": fp}
+                        for url, fp in zip(plan.expert_urls, plan.expert_fingerprints)],
+            "fingerprint": plan.inputs_fingerprint,
+        },
+        "method": config.method,
+        "params": config.params,
+        "scale": config.scale,
+        "routing": {"include": config.include, "exclude": config.exclude, "keep_base": config.keep_base,
+                    "counts": plan.counts()},
+        "output_dtype": config.output_dtype,
+        "warnings": list(plan.warnings),
+        "diagnostics": dict(diagnostics),
+        "evaluations": dict(evaluations or {}),
+        "timings": {
+            "merge_seconds_computed": round(sum(r.seconds for r in merged), 3),
+            **{k: round(v, 3) for k, v in (timings or {}).items()},
+        },
+        "software": {"swudi": __version__, "algorithm_version": ALGORITHM_VERSION,
+                     "torch": torch.__version__, "python": platform.python_version()},
+    }

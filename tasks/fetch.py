@@ -1,0 +1,15 @@
+"""Open and validate every checkpoint from its headers; return the merge plan."""
+
+from __future__ import annotations
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from swudi.config import MergeConfig
+from swudi.plan import MergePlan, build_plan
+
+
+@task(name="fetch-checkpoints", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5)
+def fetch_checkpoints(config: MergeConfig) -> MergePlan:
+    """Headers of base + experts -> validated, routed :class:`~swudi.plan.MergePlan` (no weights read)."""
+    return build_plan(config)
