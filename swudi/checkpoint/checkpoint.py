@@ -251,6 +251,14 @@ class Checkpoint:
              ) -> Checkpoint:
         """Open the checkpoint at `url` (folder, index file or single safetensors file)."""
         url = os.fspath(url).rstrip("/") or "/"
+        try:
+            return cls._open(url, storage_options)
+        except PermissionError as exc:
+            raise CheckpointError(f"{url}: access denied ({exc}); check the storage options "
+                                  f"(key/secret, profile, endpoint_url)") from exc
+
+    @classmethod
+    def _open(cls, url: str, storage_options: Mapping[str, Any] | None) -> Checkpoint:
         fs, path = resolve(url, storage_options)
         lower = path.lower()
         if lower.endswith(".index.json"):

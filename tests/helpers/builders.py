@@ -19,6 +19,9 @@ DTYPES = {
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
     "U8": torch.uint8, "BOOL": torch.bool,
 }
+for _name, _attr in (("U16", "uint16"), ("U32", "uint32"), ("U64", "uint64")):
+    if hasattr(torch, _attr):
+        DTYPES[_name] = getattr(torch, _attr)
 if hasattr(torch, "float8_e4m3fn"):
     DTYPES["F8_E4M3"] = torch.float8_e4m3fn
     DTYPES["F8_E5M2"] = torch.float8_e5m2
