@@ -39,7 +39,7 @@ MAX_TEST = 1000
 SPLITS = ("train", "val", "test")
 
 # Bump when a loader changes what it produces, so cached experts are rebuilt.
-DATA_VERSION = 1
+DATA_VERSION = 2
 
 
 class MissingDataError(FileNotFoundError):
@@ -212,11 +212,9 @@ FORTUNE_CATEGORIES = (
 
 def clean_fortune(raw: str) -> str:
     """Undo terminal overstriking (``_\\bX`` underlines), collapse whitespace."""
-    while "\b" in raw:
-        new = re.sub(r"[^\b]\b", "", raw)
-        if new == raw:
-            new = raw.replace("\b", "")
-        raw = new
+    while "\x08" in raw:  # X BS Y prints Y over X: keep Y
+        new = re.sub("[^\x08]\x08", "", raw)
+        raw = new if new != raw else raw.replace("\x08", "")
     return " ".join(raw.split())
 
 

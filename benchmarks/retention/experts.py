@@ -285,7 +285,7 @@ def build_experts(out: str | Path, tasks: Sequence[str] = data_mod.DEFAULT_TASKS
                     and all(p.exists() for p in expert_files(out, task))):
                 log(f"{task}: cached")
                 continue
-            entry = {"key": key, **build_expert(out, task, settings, log)}
+            entry = {**build_expert(out, task, settings, log), "key": key}
             manifest["tasks"][task] = entry
             _write_json(out / MANIFEST, manifest)
         return manifest

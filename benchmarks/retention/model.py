@@ -174,6 +174,14 @@ class Head:
 
 
 @torch.no_grad()
+def mean_loss(model, tokenizer, head: Head, texts: Sequence[str], labels: Sequence[int], *,
+              batch_size: int = 64) -> float:
+    """Mean cross-entropy of ``head`` on ``encoder``'s features (the fine-tuning objective)."""
+    x = embed(model, tokenizer, texts, batch_size=batch_size, max_length=head.max_length)
+    return float(torch.nn.functional.cross_entropy(head.logits(x), torch.as_tensor(labels)))
+
+
+@torch.no_grad()
 def accuracy(model, tokenizer, head: Head, texts: Sequence[str], labels: Sequence[int], *,
              batch_size: int = 64) -> float:
     if not texts:
