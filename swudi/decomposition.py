@@ -9,6 +9,11 @@ For stacked task vectors ``tau`` ``[N, m, d]``, with ``w_i = 1 / max(||tau_i||_F
 Every spectral method (any t, rank ratio, rank rule, init, scale) is computed from a
 :class:`Decomposition` alone, for the price of one ``[m, r] x [r, d]`` product.
 
+How it is computed (float32, no ``[N, d, d]`` intermediate): when ``m < d``, C is one GEMM over X
+and D Q takes the cheapest of several product orders (``_dq_costs``); when ``m >= d``, D is formed
+as sum_i c_i X_i (X_i^T X_i) and the same per-task Grams, summed, give C (no extra GEMM); when
+``N*m < d`` the thin SVD of X replaces eigh (``route="auto"``), lambda = sigma^2.
+
 Directions beyond the stored rank ``r`` are outside the range of C (or were cut by ``max_rank``):
 every filter treats them as ``f = 0``, i.e. they keep ``theta0``. Both routes (eigh of C, thin SVD
 of X) store the same quantities, so they give the same merged weights.
@@ -228,13 +233,14 @@ def _decompose(
     device: str | torch.device = "auto",
     route: str = "auto",
     rank_fn: Callable[[torch.Tensor], int] | None = None,
+    checked: bool = False,
 ) -> Decomposition:
     """:func:`decompose`, with ``rank_fn(eigenvalues) -> r`` to store only what a known filter needs."""
     if route not in ROUTES:
         raise ConfigError(f"unknown route {route!r}; valid: {', '.join(ROUTES)}")
     if max_rank is not None and (not isinstance(max_rank, int) or max_rank < 0):
         raise ConfigError(f"max_rank must be a non-negative integer or None, got {max_rank!r}")
-    tv = check_task_vectors(task_vectors, name, ndim=3)
+    tv = task_vectors if checked else check_task_vectors(task_vectors, name, ndim=3)
     dev = resolve_device(device)
     n_tasks, m, d = (int(s) for s in tv.shape)
     in_dtype = tv.dtype
@@ -261,16 +267,25 @@ def _decompose(
 
     # X_i = tau_i / c_i with c_i = 1/sqrt(w_i); then w_i tau_i tau_i^T tau_i = c_i X_i X_i^T X_i.
     c = sq.clamp(min=ZERO_NORM_SQ).sqrt()
-    inv_c = (1.0 / c).to(torch.float32).view(n_tasks, 1, 1)
-    xs = x.mul_(inv_c) if owns_x else x * inv_c
-    del x
-    flat = xs.reshape(n_tasks * m, d)
+    c32 = c.to(torch.float32)
+    inv_c = (1.0 / c).to(torch.float32)
     full_rank = min(d, n_tasks * m)
     chosen = "svd" if route == "svd" or (route == "auto" and n_tasks * m < d) else "eigh"
 
     u_sigma = None
+    d_full = None
+    xs = None
+    if chosen == "eigh" and m >= d:
+        # D needs each task's Gram X_i^T X_i anyway (the cheaper order when m >= d): summing them
+        # gives C for free, one task at a time, and no scaled copy of all task vectors is needed.
+        gram, d_full, const = _fused_c_d(x, inv_c, c32)
+    else:
+        xs = x.mul_(inv_c.view(n_tasks, 1, 1)) if owns_x else x * inv_c.view(n_tasks, 1, 1)
+        flat = xs.reshape(n_tasks * m, d)
+    del x
     if chosen == "eigh":
-        gram = flat.T @ flat  # C: one GEMM, [d, d]
+        if d_full is None:
+            gram = flat.T @ flat  # C: one GEMM, [d, d]
         evals, evecs = _eigh_descending(gram, name)
         del gram
         evals, evecs = evals[:full_rank], evecs[:, :full_rank]
@@ -280,9 +295,9 @@ def _decompose(
         u_sigma = u * s  # X Q = U Sigma, [N*m, full_rank]
         del u, vh
     signs = _sign_fix(evecs)
-    evecs = evecs * signs
+    evecs.mul_(signs)  # evecs is our own (flipped or SVD) buffer
     if u_sigma is not None:
-        u_sigma = u_sigma * signs
+        u_sigma.mul_(signs)
 
     eigenvalues = torch.full((d,), EIGENVALUE_FLOOR, dtype=torch.float32, device=dev)
     eigenvalues[:full_rank] = evals.clamp(min=EIGENVALUE_FLOOR)
@@ -292,7 +307,10 @@ def _decompose(
     if rank_fn is not None:
         r = min(r, int(rank_fn(eigenvalues)))
     q = evecs[:, :r].contiguous()
-    dq, const = _dq_and_const(xs, c.to(torch.float32), q, u_sigma=u_sigma)
+    if d_full is not None:
+        dq = d_full @ q
+    else:
+        dq, const = _dq_and_const(xs, c32, q, u_sigma=u_sigma)
     sum_q = sum_tv @ q
     return Decomposition(
         eigenvalues=eigenvalues,
@@ -327,6 +345,26 @@ def _sign_fix(vectors: torch.Tensor) -> torch.Tensor:
     idx = vectors.abs().argmax(dim=0)
     picked = vectors.gather(0, idx.view(1, -1)).flatten()
     return torch.where(picked < 0, -1.0, 1.0).to(vectors.dtype)
+
+
+def _fused_c_d(
+    x: torch.Tensor, inv_c: torch.Tensor, c: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """C = sum_i X_i^T X_i, D = sum_i c_i X_i (X_i^T X_i) and the objective constant in one pass.
+
+    ``x`` holds the unscaled task vectors; X_i = x_i / c_i is formed one task at a time.
+    """
+    n, m, d = x.shape
+    gram_c = torch.zeros((d, d), dtype=torch.float32, device=x.device)
+    d_full = torch.zeros((m, d), dtype=torch.float32, device=x.device)
+    const = torch.zeros((), dtype=torch.float64, device=x.device)
+    for i in range(n):
+        xi, ci = x[i] * inv_c[i], float(c[i])
+        h = xi.T @ xi
+        gram_c.add_(h)
+        d_full.addmm_(xi, h, alpha=ci)
+        const += ci * ci * torch.linalg.vector_norm(h).double().square()
+    return gram_c, d_full, float(const.item())
 
 
 def _dq_costs(n: int, m: int, d: int, r: int, full_rank: int, svd: bool) -> dict[str, float]:
@@ -372,8 +410,8 @@ def _dq_with_order(
         dq_full = torch.zeros((m, p.shape[2]), dtype=torch.float32, device=dev)
         for i in range(n):
             pp = p[i].T @ p[i]  # = V^T X_i^T X_i V, same Frobenius norm as X_i^T X_i
-            dq_full.add_(p[i] @ pp, alpha=float(c[i]))
-            const += float(c[i]) ** 2 * torch.linalg.vector_norm(pp, dtype=torch.float64).square()
+            dq_full.addmm_(p[i], pp, alpha=float(c[i]))
+            const += float(c[i]) ** 2 * torch.linalg.vector_norm(pp).double().square()
         return dq_full[:, :r].contiguous(), float(const.item())
     dq = torch.zeros((m, r), dtype=torch.float32, device=dev)
     d_full = torch.zeros((m, d), dtype=torch.float32, device=dev) if order == "full_d" else None
@@ -381,23 +419,23 @@ def _dq_with_order(
         xi, ci = xs[i], float(c[i])
         if order == "gram_left":
             gram = xi @ xi.T
-            dq.add_(gram @ (xi @ q), alpha=ci)
+            dq.addmm_(gram, xi @ q, alpha=ci)
         elif order == "gram_right":
             gram = xi.T @ xi
-            dq.add_(xi @ (gram @ q), alpha=ci)
+            dq.addmm_(xi, gram @ q, alpha=ci)
         elif order == "chain":
-            dq.add_(xi @ (xi.T @ (xi @ q)), alpha=ci)
+            dq.addmm_(xi, xi.T @ (xi @ q), alpha=ci)
             gram = xi @ xi.T if m <= d else xi.T @ xi
         elif order == "full_d":
             if m <= d:
                 gram = xi @ xi.T
-                d_full.add_(gram @ xi, alpha=ci)
+                d_full.addmm_(gram, xi, alpha=ci)
             else:
                 gram = xi.T @ xi
-                d_full.add_(xi @ gram, alpha=ci)
+                d_full.addmm_(xi, gram, alpha=ci)
         else:
             raise ValueError(f"unknown order {order!r}")
-        const += ci * ci * torch.linalg.vector_norm(gram, dtype=torch.float64).square()
+        const += ci * ci * torch.linalg.vector_norm(gram).double().square()
     if d_full is not None:
         dq = d_full @ q
     return dq, float(const.item())

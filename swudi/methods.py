@@ -323,7 +323,7 @@ def _merge_matrix_f32(
             nonzero = torch.nonzero(f).flatten()
             return 0 if nonzero.numel() == 0 else int(nonzero[-1]) + 1
 
-        dec = _decompose(tv, name=name, device=device, rank_fn=needed_rank)
+        dec = _decompose(tv, name=name, device=device, rank_fn=needed_rank, checked=True)
         if dec.all_zero:
             return dec.sum_tv / dec.num_tasks
         return apply_filter(dec, spec.filter(dec.eigenvalues, dec.shape, p), p.init, device=device)

@@ -107,14 +107,13 @@ def apply_filter(
             )
     f = f[:r]
     nonzero = torch.nonzero(f).flatten()
-    theta0 = dec.sum_tv * init_c
     if nonzero.numel() == 0:
-        return theta0.clone()
+        return dec.sum_tv * init_c
     k = int(nonzero[-1]) + 1
     dev = resolve_device(device)
     fk = f[:k].to(dev)
     lam = dec.eigenvalues[:k].to(dev)
     q = dec.eigenvectors[:, :k].to(dev)
     coef = dec.dq[:, :k].to(dev) * (fk / lam) - dec.sum_q[:, :k].to(dev) * (fk * init_c)
-    theta = theta0.to(dev) + coef @ q.T
-    return theta.cpu()
+    # theta = init_c * S + coef Q_k^T in one allocation
+    return torch.addmm(dec.sum_tv.to(dev), coef, q.T, beta=init_c).cpu()

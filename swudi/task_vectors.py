@@ -84,7 +84,7 @@ def check_task_vectors(
         )
     if not tv.is_floating_point():
         raise InputError(f"{_label(name)}: task vectors have non-floating dtype {tv.dtype}")
-    if not bool(torch.isfinite(tv).all()):
+    if not _all_finite(tv):
         bad = (~torch.isfinite(tv)).reshape(tv.shape[0], -1).any(dim=1).nonzero().flatten().tolist()
         raise InputError(
             f"{_label(name)}: non-finite values (NaN or inf) in the task vector(s) of expert(s) {bad}; "
@@ -93,10 +93,29 @@ def check_task_vectors(
     return tv
 
 
+def _all_finite(tv: torch.Tensor) -> bool:
+    """True when no entry is NaN or inf.
+
+    Fast path: one reduction (NaN and inf propagate into the sum); only when the sum is not finite
+    (a bad value, or a float overflow of the sum) is the exact elementwise check run.
+    """
+    acc = torch.float64 if tv.dtype == torch.float64 else torch.float32
+    if bool(torch.isfinite(tv.sum(dtype=acc))):
+        return True
+    return bool(torch.isfinite(tv).all())
+
+
 def squared_norms(task_vectors: torch.Tensor) -> torch.Tensor:
-    """``||tau_i||_F^2`` for each task, accumulated in float64 (no overflow for large values)."""
+    """``||tau_i||_F^2`` for each task as float64.
+
+    Accumulated in the working precision (no float64 copy of the data); recomputed in float64 for
+    a task whose float32 norm overflows.
+    """
     flat = task_vectors.reshape(task_vectors.shape[0], -1)
-    return torch.linalg.vector_norm(flat, dim=1, dtype=torch.float64).square()
+    norms = torch.linalg.vector_norm(flat, dim=1).double()
+    if not bool(torch.isfinite(norms).all()):
+        norms = torch.stack([torch.linalg.vector_norm(row.double()) for row in flat])
+    return norms.square()
 
 
 def is_all_zero(sq_norms: torch.Tensor) -> bool:

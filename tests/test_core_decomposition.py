@@ -274,3 +274,13 @@ def test_spectral_filter_reports_the_rank():
     assert int(f.count_nonzero()) == 3
     with pytest.raises(ConfigError, match="not spectral"):
         swudi.spectral_filter(lam, (5, 5), "wudi")
+
+
+def test_huge_finite_values_are_not_mistaken_for_non_finite():
+    tv = torch.zeros(2, 3, 4)
+    tv[:, 0, 0] = 3e38  # the float32 sum overflows, the values are finite
+    tv[1, 2, 3] = -1.0
+    assert torch.equal(swudi.check_task_vectors(tv, "big"), tv)
+    from swudi.task_vectors import squared_norms
+
+    assert torch.allclose(squared_norms(tv), torch.tensor([9e76, 9e76 + 1.0], dtype=torch.float64), rtol=1e-6)
