@@ -20,6 +20,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from swudi.config import MergeConfig, config_from_mapping
 from swudi.methods import get_method
+from swudi.plan import check_inputs_exist
 from swudi.steps import MergedRecord
 from tasks import (decompose_layer, evaluate_merge, fetch_checkpoints, merge_group, merge_layer,
                    publish_model, select_rank)
@@ -107,5 +108,6 @@ def _flow_run_id() -> str:
 
 
 def run_merge(config: MergeConfig) -> dict[str, Any]:
-    """Run the merge flow with the runner the config asks for."""
+    """Run the merge flow with the runner the config asks for (inputs are checked to exist first)."""
+    check_inputs_exist(config)
     return merge.with_options(task_runner=task_runner(config))(config.model_dump())

@@ -15,10 +15,11 @@ from typing import Any
 
 import torch
 
-from swudi.checkpoint import Checkpoint, TensorLocation, validate_checkpoints
+from swudi.checkpoint import Checkpoint, TensorLocation, resolve, validate_checkpoints
 from swudi.checkpoint.fingerprint import digest
 from swudi.checkpoint.header import torch_dtype
 from swudi.config import MergeConfig
+from swudi.errors import CheckpointError
 from swudi.methods import ALGORITHM_VERSION, get_method
 from swudi.routing import Route, route_tensor
 
@@ -105,6 +106,17 @@ class MergePlan:
             elif not job.is_matrix:
                 out["mean_or_elementwise"] += 1
         return out
+
+
+def check_inputs_exist(config: MergeConfig) -> None:
+    """Fail fast, naming every checkpoint URL of the config that does not exist."""
+    missing = []
+    for role, url in [("base", config.base), *((f"expert {i}", u) for i, u in enumerate(config.experts))]:
+        fs, path = resolve(url, config.storage_options)
+        if not fs.exists(path):
+            missing.append(f"{role}: {url}")
+    if missing:
+        raise CheckpointError("checkpoint(s) not found: " + "; ".join(missing))
 
 
 def open_checkpoints(config: MergeConfig) -> tuple[Checkpoint, list[Checkpoint]]:

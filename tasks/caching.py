@@ -17,6 +17,7 @@ from prefect.context import TaskRunContext, get_run_context
 from prefect.filesystems import RemoteFileSystem
 
 from swudi.checkpoint import join_url
+from swudi.checkpoint.fingerprint import digest
 from swudi.config import MergeConfig
 
 R = TypeVar("R")
@@ -25,11 +26,20 @@ RESULTS_FOLDER = "prefect-results"
 
 
 def result_storage(config: MergeConfig) -> Path | RemoteFileSystem:
-    """Where cached task records live: ``WORK/prefect-results`` (local path or remote fsspec URL)."""
+    """Where cached task records live: ``WORK/prefect-results`` (local path or remote fsspec URL).
+
+    A remote folder becomes a saved ``RemoteFileSystem`` block (Prefect requires result storage to
+    be known server-side, so that Dask workers can resolve it), named after the folder and the
+    storage options. Its settings are the config's storage options: prefer credentials from the
+    environment or a profile over keys in the config, as they are stored with the block.
+    """
     url = join_url(config.resolved_work_dir, RESULTS_FOLDER)
     if "://" not in url and "::" not in url:
         return Path(url)
-    return RemoteFileSystem(basepath=url, settings=dict(config.storage_options))
+    settings = dict(config.storage_options)
+    block = RemoteFileSystem(basepath=url, settings=settings)
+    block.save(f"swudi-work-{digest(url, settings)[:16]}", overwrite=True)
+    return block
 
 
 def cache_key(step: str, key_fn: Callable[..., str], *arg_names: str) -> Callable[[TaskRunContext, dict[str, Any]], str]:

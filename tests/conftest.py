@@ -114,3 +114,24 @@ def store(request: pytest.FixtureRequest, tmp_path) -> Store:
         return Store("local", str(root))
     bucket: S3Bucket = request.getfixturevalue("s3_bucket")
     return Store("s3", f"{bucket.url}/store", dict(bucket.storage_options))
+
+
+# ------------------------------------------------------------------------------------- Prefect
+@pytest.fixture(scope="session")
+def prefect_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real Prefect API (Prefect's test harness: a server subprocess on SQLite) for the session.
+
+    Yields its URL; subprocesses that should report to the same API get it as PREFECT_API_URL.
+    """
+    home = tmp_path_factory.mktemp("prefect-home")
+    os.environ.update({
+        "PREFECT_HOME": str(home),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "90",
+        "PREFECT_LOGGING_LEVEL": "WARNING",
+    })
+    from prefect.settings import PREFECT_API_URL
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=90):
+        yield str(PREFECT_API_URL.value())

@@ -1,0 +1,151 @@
+"""The ``swudi`` command line: plan, merge, demo.
+
+Prefect is imported only by the commands that run flows; ``swudi plan`` needs headers alone.
+Without ``PREFECT_API_URL`` the flows run on Prefect's embedded (ephemeral) server.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from swudi.config import MergeConfig, config_from_mapping, load_config
+from swudi.errors import SwudiError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Data-free model merging with SWUDI / SWUDI-A as resumable Prefect flows.")
+console = Console(stderr=True)
+out = Console()
+
+#: Defaults for Prefect on these machines (a cold ephemeral server needs ~15 s; no telemetry).
+PREFECT_DEFAULTS = {
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "90",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "PREFECT_LOGGING_EXTRA_LOGGERS": "swudi",
+}
+
+
+def prepare_prefect_environment() -> None:
+    """Apply :data:`PREFECT_DEFAULTS` where the user has not set them (before importing Prefect)."""
+    for key, value in PREFECT_DEFAULTS.items():
+        os.environ.setdefault(key, value)
+
+
+def _load(config: Path, method: Optional[str], overrides: list[str]) -> MergeConfig:
+    extra = [f"method={method}"] if method else []
+    return load_config(config, [*extra, *overrides])
+
+
+def _fail(error: Exception) -> None:
+    console.print(f"[red]error:[/red] {error}")
+    raise typer.Exit(2)
+
+
+def run_flow_and_settle(config: MergeConfig) -> dict[str, Any]:
+    """Run the merge flow; give an ephemeral server a moment to flush its events before exit."""
+    prepare_prefect_environment()
+    from flows.merge import run_merge
+
+    result = run_merge(config)
+    if not os.environ.get("PREFECT_API_URL"):
+        time.sleep(1.5)  # the embedded server drops events still in flight when the process exits
+    return result
+
+
+def print_result(result: dict[str, Any]) -> None:
+    """Human summary of a merge on stderr; the version URL alone on stdout."""
+    diag = result.get("diagnostics", {})
+    console.print(
+        f"[green]published[/green] version {result['version']} at {result['url']}\n"
+        f"  layers: {result['layers']} (+{result['groups']} groups of small tensors); computed now: "
+        f"{result['computed']} merges, {result.get('decompositions_computed', 0)} decompositions; "
+        f"reused: {result['reused']} merges, {result.get('decompositions_reused', 0)} decompositions\n"
+        f"  mean rank {diag.get('mean_rank')}, mean kept eigenvalue mass {diag.get('mean_kept_mass')}, "
+        f"mean WUDI interference vs sum {diag.get('mean_interference_vs_sum')}\n"
+        f"  {result['seconds']} s in the flow")
+    out.print(result["url"], soft_wrap=True)
+
+
+@app.command()
+def merge(config: Path = typer.Argument(..., help="YAML merge config"),
+          method: Optional[str] = typer.Option(None, "--method", help="override the config's method"),
+          overrides: list[str] = typer.Option([], "--set", help="key=value override (dotted keys)"),
+          verbose: bool = typer.Option(False, "-v", "--verbose")) -> None:
+    """Merge base + experts as configured and publish a new version; print its location."""
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING)
+    try:
+        cfg = _load(config, method, overrides)
+        result = run_flow_and_settle(cfg)
+    except SwudiError as error:
+        _fail(error)
+    print_result(result)
+
+
+@app.command()
+def plan(config: Path = typer.Argument(..., help="YAML merge config"),
+         method: Optional[str] = typer.Option(None, "--method"),
+         overrides: list[str] = typer.Option([], "--set", help="key=value override (dotted keys)"),
+         as_json: bool = typer.Option(False, "--json", help="print the plan as JSON")) -> None:
+    """Validate config and checkpoints from headers alone and print the plan (no weights read)."""
+    from swudi.plan import build_plan, describe_plan
+
+    try:
+        cfg = _load(config, method, overrides)
+        plan_ = build_plan(cfg)
+    except SwudiError as error:
+        _fail(error)
+    summary = describe_plan(cfg, plan_)
+    if as_json:
+        out.print_json(json.dumps(summary))
+        return
+    table = Table(title=f"swudi plan: {cfg.method} {cfg.params}")
+    for column in ("tensor", "shape", "dtype", "treatment"):
+        table.add_column(column)
+    for row in summary["tensors"]:
+        table.add_row(row["name"], "x".join(map(str, row["shape"])), row["dtype"], row["treatment"])
+    out.print(table)
+    out.print(f"counts: {summary['counts']}; reads about {summary['estimated_read_bytes'] / 1e6:.1f} MB; "
+              f"decompositions about {summary['estimated_decomposition_gflop']} GFLOP")
+    for warning in summary["warnings"]:
+        out.print(f"[yellow]warning:[/yellow] {warning}")
+
+
+@app.command()
+def demo(folder: Path = typer.Option(Path(".swudi-demo"), "--dir", help="where models are written"),
+         experts: int = typer.Option(4, min=2, help="number of generated experts"),
+         layers: int = typer.Option(4, min=1), hidden: int = typer.Option(128, min=8),
+         method: str = typer.Option("swudi_a")) -> None:
+    """Generate a small base and experts, merge them end to end, publish to a local folder."""
+    from swudi.synthetic import SyntheticModel, write_synthetic_models
+
+    logging.basicConfig(level=logging.WARNING)
+    folder = folder.resolve()
+    model = SyntheticModel(layers=layers, hidden=hidden, intermediate=4 * hidden)
+    console.print(f"generating a base and {experts} experts ({layers} layers, hidden {hidden}) in {folder}")
+    base, expert_urls = write_synthetic_models(str(folder / "checkpoints"), experts, model)
+    config_path = folder / "merge.yaml"
+    config_path.write_text(json.dumps({"base": base, "experts": expert_urls, "method": method,
+                                       "output": str(folder / "merged"), "workers": 2}, indent=2))
+    console.print(f"config written to {config_path}; merging with {method} (Prefect, embedded server)")
+    try:
+        cfg = config_from_mapping(json.loads(config_path.read_text()), str(config_path))
+        result = run_flow_and_settle(cfg)
+    except SwudiError as error:
+        _fail(error)
+    print_result(result)
+
+
+def main() -> None:  # pragma: no cover - console entry point
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
