@@ -41,7 +41,7 @@ MANIFEST = "manifest.json"
 class ExpertSettings:
     """Everything an expert depends on (besides its data and the base); recorded in the manifest."""
 
-    steps: int = 300
+    steps: int = 200
     batch_size: int = 32
     lr: float = 5e-5
     weight_decay: float = 0.01
