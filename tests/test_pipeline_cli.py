@@ -1,0 +1,104 @@
+"""The command line: config errors fail before any work, with the problem named; plan from headers."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from swudi.cli import app
+from swudi.config import load_config
+from swudi.errors import ConfigError
+from swudi.synthetic import SyntheticModel, write_synthetic_models
+
+MODEL = SyntheticModel(layers=1, hidden=16, intermediate=32, vocab=16, positions=8)
+
+
+@pytest.fixture
+def inputs(tmp_path: Path) -> tuple[str, list[str]]:
+    return write_synthetic_models(str(tmp_path / "in"), 2, MODEL)
+
+
+def _config(tmp_path: Path, **data) -> Path:
+    path = tmp_path / "merge.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def _run(*args: str):
+    return CliRunner().invoke(app, list(args))
+
+
+def test_unknown_key_is_named_with_the_valid_keys(tmp_path: Path, inputs) -> None:
+    base, experts = inputs
+    path = _config(tmp_path, base=base, experts=experts, output=str(tmp_path / "out"), shards=3)
+    result = _run("merge", str(path))
+    assert result.exit_code == 2
+    assert "unknown key 'shards'" in result.output and "max_shard_size" in result.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_unknown_nested_key_and_bad_method_parameter(tmp_path: Path, inputs) -> None:
+    base, experts = inputs
+    path = _config(tmp_path, base=base, experts=experts, output=str(tmp_path / "out"),
+                   task_runner={"kind": "threads", "adress": "x"})
+    assert "unknown key 'task_runner.adress'" in _run("plan", str(path)).output
+    path = _config(tmp_path, base=base, experts=experts, output=str(tmp_path / "out"),
+                   method="swudi", params={"rank_rule": "entropy"})
+    result = _run("plan", str(path))
+    assert result.exit_code == 2 and "rank_rule" in result.output and "rank_ratio" in result.output
+
+
+def test_bad_method_lists_the_valid_ones(tmp_path: Path, inputs) -> None:
+    base, experts = inputs
+    path = _config(tmp_path, base=base, experts=experts, output=str(tmp_path / "out"), method="swudy")
+    result = _run("merge", str(path))
+    assert result.exit_code == 2 and "'swudy'" in result.output and "swudi_a" in result.output
+
+
+def test_missing_expert_fails_before_any_task(tmp_path: Path, inputs) -> None:
+    base, experts = inputs
+    missing = str(tmp_path / "no-such-expert")
+    path = _config(tmp_path, base=base, experts=[experts[0], missing], output=str(tmp_path / "out"))
+    result = _run("merge", str(path))
+    assert result.exit_code == 2 and "expert 1" in result.output and "no-such-expert" in result.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_overrides_and_relative_paths(tmp_path: Path, inputs) -> None:
+    base, experts = inputs
+    path = _config(tmp_path, base="in/base", experts=["in/expert-0", "in/expert-1"], output="out")
+    cfg = load_config(path, ["method=swudi", "params.t=50", "task_runner.kind=dask", "max_shard_size=2MB"])
+    assert cfg.base == base and cfg.experts == experts and cfg.output == str(tmp_path / "out")
+    assert cfg.params["t"] == 50 and cfg.params["rank_ratio"] == 0.65
+    assert cfg.task_runner.kind == "dask" and cfg.max_shard_size == 2_000_000
+    with pytest.raises(ConfigError, match="not of the form key=value"):
+        load_config(path, ["method"])
+
+
+def test_plan_prints_routes_from_headers(tmp_path: Path, inputs) -> None:
+    base, experts = inputs
+    path = _config(tmp_path, base=base, experts=experts, output=str(tmp_path / "out"))
+    result = _run("plan", str(path), "--json")
+    assert result.exit_code == 0, result.output
+    plan = json.loads(result.output)
+    treatments = {row["name"]: row["treatment"] for row in plan["tensors"]}
+    assert treatments["encoder.layer.0.attention.self.query.weight"] == "layer"
+    assert treatments["embeddings.word_embeddings.weight"] == "mean"  # embeddings excluded
+    assert treatments["embeddings.position_ids"] == "base"  # integers are never merged
+    assert plan["counts"]["layers"] == 6
+    assert not (tmp_path / "out").exists()
+
+
+def test_mismatched_expert_is_reported_by_plan(tmp_path: Path, inputs) -> None:
+    base, experts = inputs
+    other, _ = write_synthetic_models(str(tmp_path / "other"), 1,
+                                      SyntheticModel(layers=1, hidden=8, intermediate=32, vocab=16,
+                                                     positions=8))
+    path = _config(tmp_path, base=base, experts=[experts[0], other], output=str(tmp_path / "out"))
+    result = _run("plan", str(path))
+    assert result.exit_code == 2
+    assert "encoder.layer.0.attention.self.query.weight" in result.output and "other" in result.output
