@@ -1,0 +1,293 @@
+"""The refresh flow: re-merge when an input or a setting changed, otherwise do nothing.
+
+Meant to run on a schedule (see ``deployments/``). One run:
+
+1. reads the config (a mapping, or the path of a YAML file, read again at every run);
+2. takes the output's *refresh lock* (``OUTPUT/.refresh/.lock``): refreshes of one output run one
+   at a time; a second one waits, and usually then finds the first one's version published;
+3. fingerprints the inputs from headers and object metadata alone (S3 ETag / VersionId, local
+   size + mtime + inode), computes the version id (:func:`swudi.plan.version_id`) and compares it
+   with the version ``latest.json`` names;
+4. same version, and complete: a no-op (log line + ``swudi-refresh`` artifact), retention applied;
+   otherwise the merge flow runs as a subflow (every cached step that still applies is reused),
+   publishes the version, moves the pointer and prunes to ``keep_versions``.
+
+Defences against overlapping runs: the deployment's concurrency limit (one run at a time), then
+this refresh lock, then the output lock held by every publish (:mod:`swudi.publish_model`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import threading
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
+from prefect.context import FlowRunContext
+
+from flows.merge import run_merge
+from swudi.checkpoint import join_url, list_versions, output_lock, prune_versions, read_latest, resolve
+from swudi.checkpoint.fingerprint import digest
+from swudi.checkpoint.lock import Lock, acquire_lock, read_lock, release_lock, renew_lock
+from swudi.checkpoint.publish import _is_complete, read_manifest, version_url
+from swudi.config import MergeConfig, apply_overrides, config_from_mapping, load_config
+from swudi.errors import PublishError
+from swudi.methods import ALGORITHM_VERSION
+from swudi.plan import build_plan, check_inputs_exist, version_id
+from swudi.publish_model import LOCK_WAIT_S, read_report
+
+#: Folder under the output that holds the refresh lock (the output lock is ``OUTPUT/.lock``).
+REFRESH_LOCK_DIR = ".refresh"
+#: The refresh lock expires this long after its last renewal (a crashed run blocks no longer);
+#: a live run renews it every third of that.
+REFRESH_LOCK_TTL_S = 900.0
+#: Default wait for another refresh of the same output before giving up.
+REFRESH_WAIT_S = 3600.0
+
+
+# ------------------------------------------------------------------------------------ config
+def resolve_config(config: Mapping[str, Any] | str | Path | MergeConfig,
+                   overrides: Sequence[str] | None = None) -> MergeConfig:
+    """The validated config: a YAML path (relative paths inside resolved against its folder), a
+    mapping, or a :class:`MergeConfig`; ``key=value`` overrides applied to the first two."""
+    if isinstance(config, MergeConfig):
+        if overrides:
+            return config_from_mapping(apply_overrides(config.model_dump(), list(overrides)), "config")
+        return config
+    if isinstance(config, (str, Path)):
+        return load_config(config, list(overrides or []))
+    return config_from_mapping(apply_overrides(dict(config), list(overrides or [])), "flow parameter")
+
+
+# ---------------------------------------------------------------------------- change detection
+@dataclass(frozen=True)
+class RefreshCheck:
+    """What the inputs are now, and how that compares with the published ``latest``."""
+
+    version: str  # the version id the current inputs + settings would publish
+    inputs_fingerprint: str
+    inputs: tuple[tuple[str, str, str], ...]  # (role, url, fingerprint)
+    latest: dict[str, Any] | None  # latest.json (None: nothing published)
+    latest_complete: bool
+    changes: tuple[str, ...] = field(default=())  # why a merge is needed (empty when up to date)
+
+    @property
+    def up_to_date(self) -> bool:
+        """True when ``latest`` already names this version and that version is complete."""
+        return self.latest is not None and self.latest["version"] == self.version and self.latest_complete
+
+
+def version_complete(output: str, version: str, storage_options: Mapping[str, Any] | None = None) -> bool:
+    """True if the version's manifest exists and every file it lists is present with its size."""
+    manifest = read_manifest(output, version, storage_options)
+    if manifest is None:
+        return False
+    fs, path = resolve(version_url(output, version), storage_options)
+    return _is_complete(fs, path, manifest)
+
+
+def check_for_changes(config: MergeConfig) -> RefreshCheck:
+    """Fingerprint the inputs from headers + object metadata and compare with the published latest.
+
+    No tensor data is read. ``changes`` says, for a human, why a merge is needed.
+    """
+    check_inputs_exist(config)
+    plan = build_plan(config)
+    version = version_id(config, plan)
+    inputs = (("base", plan.base_url, plan.base_fingerprint),
+              *((f"expert {i}", url, fp) for i, (url, fp) in
+                enumerate(zip(plan.expert_urls, plan.expert_fingerprints, strict=True))))
+    latest = read_latest(config.output, config.storage_options)
+    complete = bool(latest) and version_complete(config.output, latest["version"], config.storage_options)
+    changes: list[str] = []
+    if latest is None:
+        changes.append("nothing published yet")
+    elif latest["version"] == version and not complete:
+        changes.append(f"published version {version} is incomplete (files missing or changed); "
+                       "publishing it again")
+    elif latest["version"] != version:
+        changes += _describe_changes(config, plan.inputs_fingerprint, inputs, latest["version"])
+    return RefreshCheck(version, plan.inputs_fingerprint, inputs, latest, complete, tuple(changes))
+
+
+def _describe_changes(config: MergeConfig, inputs_fp: str, inputs: Sequence[tuple[str, str, str]],
+                      previous: str) -> list[str]:
+    """What differs from the merge report of the ``previous`` version (best effort)."""
+    report = read_report(config.output, previous, config.storage_options)
+    if not report:
+        return [f"latest names {previous}, which has no merge report to compare with"]
+    old = report.get("inputs", {})
+    old_fps = {old.get("base", {}).get("url"): old.get("base", {}).get("fingerprint"),
+               **{e.get("url"): e.get("fingerprint") for e in old.get("experts", [])}}
+    changes = []
+    for role, url, fp in inputs:
+        if url not in old_fps:
+            changes.append(f"{role} {url} is new")
+        elif old_fps[url] != fp:
+            changes.append(f"{role} {url} changed")
+    current = {url for _, url, _ in inputs}
+    changes += [f"{url} is no longer an input" for url in old_fps if url and url not in current]
+    if not changes and old.get("fingerprint") != inputs_fp:
+        changes.append("the order of the experts changed")
+    for key in ("method", "params", "scale", "output_dtype"):
+        if report.get(key) != getattr(config, key):
+            changes.append(f"{key}: {report.get(key)!r} -> {getattr(config, key)!r}")
+    old_algorithm = report.get("software", {}).get("algorithm_version")
+    if old_algorithm != ALGORITHM_VERSION:
+        changes.append(f"algorithm version {old_algorithm} -> {ALGORITHM_VERSION}")
+    return changes or ["settings changed (routing, shard size or decomposition options)"]
+
+
+@task(name="check-for-changes", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5)
+def detect_changes(config: MergeConfig) -> RefreshCheck:
+    """Fingerprint inputs (headers, object metadata) -> version id; compare with ``latest.json``."""
+    return check_for_changes(config)
+
+
+# --------------------------------------------------------------------------------- retention
+def complete_versions(config: MergeConfig) -> list[str]:
+    """Ids of the complete versions under the output, oldest first."""
+    return [v["version"] for v in list_versions(config.output, config.storage_options)]
+
+
+def apply_retention(config: MergeConfig) -> list[str]:
+    """Prune to ``keep_versions`` under the output lock (never the version ``latest`` names)."""
+    if not config.keep_versions:
+        return []
+    with output_lock(config.output, storage_options=config.storage_options, wait_s=LOCK_WAIT_S):
+        return prune_versions(config.output, config.keep_versions, config.storage_options)
+
+
+# ------------------------------------------------------------------------------ refresh lock
+def refresh_lock_url(output: str) -> str:
+    """The folder whose ``.lock`` serialises refreshes of ``output``."""
+    return join_url(output, REFRESH_LOCK_DIR)
+
+
+@contextlib.contextmanager
+def refresh_lock(config: MergeConfig, owner: str, wait_s: float = REFRESH_WAIT_S,
+                 ttl_s: float = REFRESH_LOCK_TTL_S, logger: Any = None) -> Iterator[float]:
+    """Hold the output's refresh lock for the block (renewed in the background); yields the seconds
+    waited for it. Raises :class:`PublishError` if another refresh holds it for over ``wait_s``."""
+    url = refresh_lock_url(config.output)
+    options = config.storage_options
+    started = time.monotonic()
+    try:
+        lock = acquire_lock(url, owner, ttl_s, options, wait_s=0)
+    except PublishError:
+        holder = (read_lock(url, options) or {}).get("owner", "?")
+        if logger:
+            logger.info("another refresh of %s is running (%s); waiting up to %.0f s for it",
+                        config.output, holder, wait_s)
+        lock = acquire_lock(url, owner, ttl_s, options, wait_s=wait_s, poll_s=2.0)
+    stop = threading.Event()
+    renewer = threading.Thread(target=_keep_renewed, args=(lock, ttl_s, stop, logger),
+                               name="swudi-refresh-lock", daemon=True)
+    renewer.start()
+    try:
+        yield time.monotonic() - started
+    finally:
+        stop.set()
+        renewer.join()
+        release_lock(lock)
+
+
+def _keep_renewed(lock: Lock, ttl_s: float, stop: threading.Event, logger: Any) -> None:
+    while not stop.wait(ttl_s / 3):
+        try:
+            renew_lock(lock, ttl_s)
+        except PublishError as error:  # taken over: the output lock still guards the publish
+            if logger:
+                logger.error("%s", error)
+            return
+        except Exception as error:  # noqa: BLE001 - a transient store error: try again next time
+            if logger:
+                logger.warning("could not renew the refresh lock of %s: %s", lock.url, error)
+
+
+def _owner() -> str:
+    context = FlowRunContext.get()
+    run = f"flow run {context.flow_run.id}" if context and context.flow_run else "no flow run"
+    return f"{socket.gethostname()}:{os.getpid()} ({run})"
+
+
+# ------------------------------------------------------------------------------------ the flow
+@flow(name="swudi-refresh", log_prints=True, validate_parameters=False)
+def refresh(config: dict[str, Any] | str, overrides: list[str] | None = None,
+            wait_s: float = REFRESH_WAIT_S) -> dict[str, Any]:
+    """Publish a new merged version if the inputs or settings changed since ``latest``; else no-op.
+
+    ``config``: a YAML config path (re-read at every run) or a config mapping (a ``Path`` or a
+    :class:`MergeConfig` also work from Python); ``overrides``: ``key=value`` strings as for
+    ``swudi merge --set``; ``wait_s``: how long to wait for another refresh of the same output.
+
+    Returns ``{"status": "unchanged" | "published", "version", "previous", "url", "changes",
+    "pruned", ...}``; ``previous`` is the version ``latest`` named before this run.
+    """
+    logger = get_run_logger()
+    started = time.perf_counter()
+    cfg = resolve_config(config, overrides)
+    with refresh_lock(cfg, _owner(), wait_s, logger=logger) as waited:
+        before = complete_versions(cfg)
+        check = detect_changes(cfg)
+        previous = check.latest["version"] if check.latest else None
+        if check.up_to_date:
+            logger.info("already up to date: inputs and settings of %s match published version %s "
+                        "(published %s); nothing merged", cfg.output, check.version,
+                        check.latest.get("published_at"))
+            apply_retention(cfg)
+            result = {"status": "unchanged", "version": check.version, "previous": previous,
+                      "url": check.latest["url"], "changes": [], "new_version": False}
+        else:
+            logger.info("refreshing %s: %s", cfg.output, "; ".join(check.changes))
+            existed = check.version in before
+            merged = run_merge(cfg)  # a subflow; publish prunes to keep_versions
+            result = {"status": "published", "version": merged["version"], "previous": previous,
+                      "url": merged["url"], "changes": list(check.changes), "new_version": not existed,
+                      "computed": merged["computed"], "reused": merged["reused"],
+                      "decompositions_computed": merged["decompositions_computed"]}
+            logger.info("published version %s at %s (previous: %s; %d steps computed, %d reused)",
+                        merged["version"], merged["url"], previous, merged["computed"], merged["reused"])
+        after = complete_versions(cfg)
+    result.update(pruned=[v for v in before if v not in after], versions=after,
+                  waited_s=round(waited, 3), seconds=round(time.perf_counter() - started, 3))
+    if result["pruned"]:
+        logger.info("retention (keep %s): pruned %s", cfg.keep_versions, ", ".join(result["pruned"]))
+    create_markdown_artifact(_summary(cfg, check, result), key=_artifact_key(cfg.output),
+                             description=f"swudi refresh of {cfg.output}: {result['status']}")
+    return result
+
+
+def _artifact_key(output: str) -> str:
+    """One artifact key per output, so the UI shows the history of its refreshes."""
+    return f"swudi-refresh-{digest(output)[:12]}"
+
+
+def _summary(config: MergeConfig, check: RefreshCheck, result: Mapping[str, Any]) -> str:
+    if result["status"] == "unchanged":
+        headline = (f"**Already up to date**: nothing changed since version `{result['version']}` "
+                    f"was published ({(check.latest or {}).get('published_at')}); nothing was merged.")
+    elif result["new_version"]:
+        headline = f"**Published** new version `{result['version']}` (previous: `{result['previous']}`)."
+    else:
+        headline = (f"**Published** existing version `{result['version']}` again (previous: "
+                    f"`{result['previous']}`): its files were complete, only `latest.json` moved.")
+    lines = [f"# swudi refresh: {result['status']}", "", headline, "",
+             f"- output: `{config.output}`", f"- latest: `{result['url']}`",
+             f"- method: `{config.method}` {config.params}",
+             f"- inputs fingerprint: `{check.inputs_fingerprint[:16]}`"]
+    if result.get("pruned"):
+        lines.append(f"- pruned (keep {config.keep_versions}): {', '.join(result['pruned'])}")
+    if check.changes:
+        lines += ["", "## What changed", "", *(f"- {change}" for change in check.changes)]
+    lines += ["", "## Inputs", "", "| input | url | fingerprint |", "|---|---|---|"]
+    lines += [f"| {role} | `{url}` | `{fp[:16]}` |" for role, url, fp in check.inputs]
+    return "\n".join(lines)
