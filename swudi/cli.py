@@ -62,7 +62,8 @@ def run_flow_and_settle(config: MergeConfig) -> dict[str, Any]:
 
 def print_result(result: dict[str, Any]) -> None:
     """Human summary of a merge on stderr; the version URL alone on stdout."""
-    diag = result.get("diagnostics", {})
+    diag = {k: (f"{v:.3f}" if isinstance(v, float) else v)
+            for k, v in result.get("diagnostics", {}).items()}
     console.print(
         f"[green]published[/green] version {result['version']} at {result['url']}\n"
         f"  layers: {result['layers']} (+{result['groups']} groups of small tensors); computed now: "
@@ -80,7 +81,8 @@ def merge(config: Path = typer.Argument(..., help="YAML merge config"),
           overrides: list[str] = typer.Option([], "--set", help="key=value override (dotted keys)"),
           verbose: bool = typer.Option(False, "-v", "--verbose")) -> None:
     """Merge base + experts as configured and publish a new version; print its location."""
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING)
+    if verbose:
+        logging.getLogger("swudi").setLevel(logging.DEBUG)
     try:
         cfg = _load(config, method, overrides)
         result = run_flow_and_settle(cfg)
@@ -126,7 +128,7 @@ def demo(folder: Path = typer.Option(Path(".swudi-demo"), "--dir", help="where m
     """Generate a small base and experts, merge them end to end, publish to a local folder."""
     from swudi.synthetic import SyntheticModel, write_synthetic_models
 
-    logging.basicConfig(level=logging.WARNING)
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")  # the demo shows its own summary
     folder = folder.resolve()
     model = SyntheticModel(layers=layers, hidden=hidden, intermediate=4 * hidden)
     console.print(f"generating a base and {experts} experts ({layers} layers, hidden {hidden}) in {folder}")
