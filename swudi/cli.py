@@ -145,6 +145,67 @@ def demo(folder: Path = typer.Option(Path(".swudi-demo"), "--dir", help="where m
     print_result(result)
 
 
+@app.command()
+def refresh(config: Path = typer.Argument(..., help="YAML merge config"),
+            overrides: list[str] = typer.Option([], "--set", help="key=value override (dotted keys)"),
+            wait: float = typer.Option(3600.0, "--wait", min=0,
+                                       help="seconds to wait for another refresh of the same output"),
+            verbose: bool = typer.Option(False, "-v", "--verbose")) -> None:
+    """Publish a new version if an input or a setting changed since `latest`; otherwise do nothing."""
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING)
+    prepare_prefect_environment()
+    try:
+        load_config(config, overrides)  # a bad config fails here, before Prefect starts
+        from flows.refresh import refresh as refresh_flow
+
+        result = refresh_flow(str(config.resolve()), overrides, wait)
+    except SwudiError as error:
+        _fail(error)
+    if not os.environ.get("PREFECT_API_URL"):
+        time.sleep(1.5)  # let an embedded server flush its events (see run_flow_and_settle)
+    if result["status"] == "unchanged":
+        console.print(f"[green]up to date[/green]: version {result['version']} already published; "
+                      f"nothing changed, nothing merged")
+    else:
+        console.print(f"[green]published[/green] version {result['version']} (previous: "
+                      f"{result['previous']}): {'; '.join(result['changes'])}\n"
+                      f"  computed now: {result['computed']} merges, "
+                      f"{result['decompositions_computed']} decompositions; reused: {result['reused']}")
+    if result["pruned"]:
+        console.print(f"  pruned: {', '.join(result['pruned'])}")
+    out.print(result["url"], soft_wrap=True)
+
+
+@app.command()
+def serve(config: Path = typer.Argument(..., help="YAML merge config (re-read at every run)"),
+          cron: str = typer.Option("0 3 * * *", "--cron", help="cron schedule of the refresh"),
+          timezone: Optional[str] = typer.Option(None, "--timezone", help="IANA zone of the cron (default UTC)"),
+          name: str = typer.Option("nightly", "--name", help="deployment name (flow swudi-refresh)"),
+          overrides: list[str] = typer.Option([], "--set", help="key=value override (dotted keys)"),
+          collision: str = typer.Option("enqueue", "--collision",
+                                        help="a run that would overlap: enqueue (wait) or cancel_new"),
+          no_schedule: bool = typer.Option(False, "--no-schedule", help="no schedule: runs start by hand"),
+          wait: float = typer.Option(3600.0, "--wait", min=0,
+                                     help="seconds a run waits for another refresh of the same output")) -> None:
+    """Serve the refresh flow as a scheduled deployment, one run at a time, until stopped."""
+    logging.basicConfig(level=logging.WARNING)
+    prepare_prefect_environment()
+    if collision not in ("enqueue", "cancel_new"):
+        _fail(SwudiError(f"--collision must be enqueue or cancel_new, not {collision!r}"))
+    try:
+        load_config(config, overrides)
+    except SwudiError as error:
+        _fail(error)
+    from prefect.settings import PREFECT_API_URL
+
+    if not PREFECT_API_URL.value():
+        _fail(SwudiError("swudi serve needs a Prefect server (an embedded one runs no schedules): "
+                         "run `prefect server start` and set PREFECT_API_URL=http://127.0.0.1:4200/api"))
+    from deployments.serve import serve_refresh
+
+    serve_refresh(config, None if no_schedule else cron, name, overrides, timezone, collision, wait)  # type: ignore[arg-type]
+
+
 def main() -> None:  # pragma: no cover - console entry point
     app()
 
