@@ -286,18 +286,14 @@ def _decompose(
     if chosen == "eigh":
         if d_full is None:
             gram = flat.T @ flat  # C: one GEMM, [d, d]
-        evals, evecs = _eigh_descending(gram, name)
+        evals_asc, evecs_asc = _eigh(gram, name)
         del gram
-        evals, evecs = evals[:full_rank], evecs[:, :full_rank]
+        evals = evals_asc.flip(0)[:full_rank]
     else:
         u, s, vh = torch.linalg.svd(flat, full_matrices=False)
-        evals, evecs = s.square(), vh.T
-        u_sigma = u * s  # X Q = U Sigma, [N*m, full_rank]
-        del u, vh
-    signs = _sign_fix(evecs)
-    evecs.mul_(signs)  # evecs is our own (flipped or SVD) buffer
-    if u_sigma is not None:
-        u_sigma.mul_(signs)
+        evals = s.square()
+        u_sigma = u.mul_(s)  # X Q = U Sigma, [N*m, full_rank]
+        del u
 
     eigenvalues = torch.full((d,), EIGENVALUE_FLOOR, dtype=torch.float32, device=dev)
     eigenvalues[:full_rank] = evals.clamp(min=EIGENVALUE_FLOOR)
@@ -306,10 +302,20 @@ def _decompose(
     r = full_rank if max_rank is None else min(full_rank, max_rank)
     if rank_fn is not None:
         r = min(r, int(rank_fn(eigenvalues)))
-    q = evecs[:, :r].contiguous()
+    # Q: the top r eigenvectors, largest first, copied once
+    if chosen == "eigh":
+        q = evecs_asc[:, d - r :].flip(1).contiguous()
+        del evecs_asc
+    else:
+        q = vh[:r].T.contiguous()
+        del vh
+    signs = _sign_fix(q)
+    q.mul_(signs)
     if d_full is not None:
         dq = d_full @ q
     else:
+        if u_sigma is not None:
+            u_sigma[:, :r].mul_(signs)  # keep X Q = U Sigma consistent with the sign-fixed Q
         dq, const = _dq_and_const(xs, c32, q, u_sigma=u_sigma)
     sum_q = sum_tv @ q
     return Decomposition(
@@ -327,15 +333,14 @@ def _decompose(
     )
 
 
-def _eigh_descending(gram: torch.Tensor, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Eigen-pairs of a symmetric matrix, largest first (float64 retry if float32 fails)."""
+def _eigh(gram: torch.Tensor, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eigen-pairs of a symmetric matrix, ascending (float64 retry if float32 fails)."""
     try:
-        evals, evecs = torch.linalg.eigh(gram)
+        return torch.linalg.eigh(gram)
     except torch.linalg.LinAlgError:
         logger.warning("weight %r: float32 eigh did not converge; retrying in float64", name)
         evals, evecs = torch.linalg.eigh(gram.double())
-        evals, evecs = evals.float(), evecs.float()
-    return evals.flip(0), evecs.flip(1)
+        return evals.float(), evecs.float()
 
 
 def _sign_fix(vectors: torch.Tensor) -> torch.Tensor:
