@@ -1,0 +1,94 @@
+"""Refreshes of one output started at the same moment (threads; local folder and S3 via moto).
+
+The refresh lock makes the second wait for the first and then check again: it finds the version
+already published (same inputs) or publishes its own on top (different settings); the output holds
+complete versions only and `latest` names one of them.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import pytest
+
+from flows.refresh import refresh, refresh_lock_url, version_complete
+from swudi.checkpoint import acquire_lock, list_versions, read_latest, release_lock
+from swudi.checkpoint.lock import read_lock
+from swudi.synthetic import SyntheticModel, write_synthetic_models
+
+MODEL = SyntheticModel(layers=1, hidden=16, intermediate=32, vocab=16, positions=8)
+
+
+def _config(root: str, storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
+    base, experts = write_synthetic_models(f"{root}/in", 2, MODEL, storage_options=storage_options)
+    return {"base": base, "experts": experts, "output": f"{root}/out", "method": "swudi", "device": "cpu",
+            "workers": 1, "storage_options": storage_options or {}}
+
+
+def _at_once(*configs: dict[str, Any]) -> list[dict[str, Any]]:
+    """Run one refresh per config in its own thread, all released at the same moment."""
+    barrier = threading.Barrier(len(configs))
+    results: list[Any] = [None] * len(configs)
+
+    def work(i: int) -> None:
+        barrier.wait()
+        try:
+            results[i] = refresh(configs[i])
+        except BaseException as error:  # noqa: BLE001 - reported below
+            results[i] = error
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(configs))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=300)
+    assert not any(thread.is_alive() for thread in threads), "a refresh did not finish"
+    for result in results:
+        if isinstance(result, BaseException):
+            raise result
+    return results
+
+
+def _assert_clean_output(config: dict[str, Any]) -> list[str]:
+    """Every version folder is complete, latest names one, no lock is left behind."""
+    out, options = config["output"], config["storage_options"]
+    folders = list_versions(out, options, include_incomplete=True)
+    assert folders and all(v["complete"] and version_complete(out, v["version"], options) for v in folders)
+    assert read_latest(out, options)["version"] in {v["version"] for v in folders}
+    assert read_lock(out, options) is None and read_lock(refresh_lock_url(out), options) is None
+    return [v["version"] for v in folders]
+
+
+def test_same_inputs_at_once_one_publishes_the_other_finds_it_published(prefect_api: str, store) -> None:
+    config = _config(store.root, store.storage_options)
+    results = _at_once(config, config)
+    assert sorted(r["status"] for r in results) == ["published", "unchanged"], results
+    published, unchanged = sorted(results, key=lambda r: r["status"])
+    assert published["previous"] is None and unchanged["previous"] == published["version"]
+    assert unchanged["version"] == published["version"]
+    assert _assert_clean_output(config) == [published["version"]]
+
+
+def test_different_settings_at_once_publish_one_after_the_other(prefect_api: str, tmp_path) -> None:
+    config = _config(str(tmp_path))
+    results = _at_once({**config, "params": {"t": 100.0}}, {**config, "params": {"t": 200.0}})
+    assert [r["status"] for r in results] == ["published", "published"]
+    first, second = sorted(results, key=lambda r: r["previous"] is not None)
+    # The second checked only after the first had published: it saw the first's version as latest.
+    assert first["previous"] is None and second["previous"] == first["version"] != second["version"]
+    assert read_latest(config["output"])["version"] == second["version"]
+    assert sorted(_assert_clean_output(config)) == sorted([first["version"], second["version"]])
+
+
+def test_refresh_gives_up_cleanly_when_another_holds_the_output_too_long(prefect_api: str, tmp_path) -> None:
+    config = _config(str(tmp_path))
+    held = acquire_lock(refresh_lock_url(config["output"]), owner="another refresh")
+    try:
+        state = refresh(config, wait_s=1.0, return_state=True)
+    finally:
+        release_lock(held)
+    assert state.is_failed()
+    with pytest.raises(Exception, match="locked by another refresh"):
+        state.result()
+    assert read_latest(config["output"]) is None and list_versions(config["output"], include_incomplete=True) == []
