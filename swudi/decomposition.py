@@ -352,9 +352,7 @@ def _sign_fix(vectors: torch.Tensor) -> torch.Tensor:
     return torch.where(picked < 0, -1.0, 1.0).to(vectors.dtype)
 
 
-def _fused_c_d(
-    x: torch.Tensor, inv_c: torch.Tensor, c: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, float]:
+def _fused_c_d(x: torch.Tensor, inv_c: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
     """C = sum_i X_i^T X_i, D = sum_i c_i X_i (X_i^T X_i) and the objective constant in one pass.
 
     ``x`` holds the unscaled task vectors; X_i = x_i / c_i is formed one task at a time.
@@ -444,4 +442,3 @@ def _dq_with_order(
     if d_full is not None:
         dq = d_full @ q
     return dq, float(const.item())
-

@@ -29,19 +29,13 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
         try:
             resolved = torch.device(device.strip().lower())
         except RuntimeError as exc:
-            raise ConfigError(
-                f"unknown device {device!r}; use 'auto', 'cpu', 'cuda' or 'cuda:<index>'"
-            ) from exc
+            raise ConfigError(f"unknown device {device!r}; use 'auto', 'cpu', 'cuda' or 'cuda:<index>'") from exc
     if resolved.type == "cpu":
         return resolved
     if resolved.type != "cuda":
-        raise ConfigError(
-            f"device {device!r} is not supported; use 'auto', 'cpu', 'cuda' or 'cuda:<index>'"
-        )
+        raise ConfigError(f"device {device!r} is not supported; use 'auto', 'cpu', 'cuda' or 'cuda:<index>'")
     if not torch.cuda.is_available():
         raise ConfigError(f"device {device!r} was requested but CUDA is not available here; use 'auto' or 'cpu'")
     if resolved.index is not None and resolved.index >= torch.cuda.device_count():
-        raise ConfigError(
-            f"device {device!r} does not exist: {torch.cuda.device_count()} CUDA device(s) visible"
-        )
+        raise ConfigError(f"device {device!r} does not exist: {torch.cuda.device_count()} CUDA device(s) visible")
     return resolved

@@ -195,7 +195,9 @@ METHODS: dict[str, MethodSpec] = {
             "theta = scale * sum of task vectors",
             merge=lambda tv, p: baselines.task_arithmetic(tv, p.scale),
         ),
-        MethodSpec("mean", "elementwise", MeanParams, "theta = mean of task vectors", merge=lambda tv, p: baselines.mean(tv)),
+        MethodSpec(
+            "mean", "elementwise", MeanParams, "theta = mean of task vectors", merge=lambda tv, p: baselines.mean(tv)
+        ),
         MethodSpec(
             "ties",
             "elementwise",
@@ -219,10 +221,18 @@ METHODS: dict[str, MethodSpec] = {
         ),
         MethodSpec("pinv", "spectral", PinvParams, "closed-form minimiser D C^+", filter=_filter_pinv),
         MethodSpec(
-            "swudi_soft", "spectral", SwudiSoftParams, "exponential filter 1 - exp(-t lambda), full rank", filter=_filter_swudi_soft
+            "swudi_soft",
+            "spectral",
+            SwudiSoftParams,
+            "exponential filter 1 - exp(-t lambda), full rank",
+            filter=_filter_swudi_soft,
         ),
         MethodSpec(
-            "swudi", "spectral", SwudiParams, "exponential filter on the top ceil(rank_ratio d) directions", filter=_filter_swudi
+            "swudi",
+            "spectral",
+            SwudiParams,
+            "exponential filter on the top ceil(rank_ratio d) directions",
+            filter=_filter_swudi,
         ),
         MethodSpec(
             "swudi_a", "spectral", SwudiAParams, "hard truncation at a per-weight adaptive rank", filter=_filter_swudi_a
@@ -246,9 +256,7 @@ def validate_params(method: str, params: Mapping[str, Any] | None = None) -> dic
     return get_method(method).validate(params).model_dump()
 
 
-def spectral_filter(
-    eigenvalues: torch.Tensor, shape: Sequence[int], method: str, **params: Any
-) -> torch.Tensor:
+def spectral_filter(eigenvalues: torch.Tensor, shape: Sequence[int], method: str, **params: Any) -> torch.Tensor:
     """The filter f ``[d]`` a spectral method applies to eigenvalues (descending) of a weight.
 
     ``int(f.count_nonzero())`` is the number of eigendirections the method uses (its rank).
@@ -355,4 +363,3 @@ def _merge_elementwise_f32(tv: torch.Tensor, spec: MethodSpec, p: BaseModel) -> 
     if spec.kind == "elementwise":
         return spec.merge(tv, p)
     return baselines.mean(tv)
-

@@ -103,7 +103,9 @@ def check_rank_rule(rule: str) -> Callable[[torch.Tensor, tuple[int, int]], int]
             fraction = float("nan")
         if 0.0 < fraction <= 1.0:
             return _cumvar(fraction)
-        raise ConfigError(f"rank rule {rule!r}: the fraction after '{CUMVAR_PREFIX}' must lie in (0, 1], e.g. cumvar_0.9")
+        raise ConfigError(
+            f"rank rule {rule!r}: the fraction after '{CUMVAR_PREFIX}' must lie in (0, 1], e.g. cumvar_0.9"
+        )
     valid = ", ".join([*RANK_RULES, f"{CUMVAR_PREFIX}<f> (e.g. cumvar_0.9)"])
     raise ConfigError(f"unknown rank rule {rule!r}; valid: {valid}")
 

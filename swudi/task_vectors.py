@@ -72,7 +72,9 @@ def check_task_vectors(
                     f"task vector 0 has {tuple(items[0].shape)}"
                 )
             if tv.dtype != items[0].dtype:
-                raise InputError(f"{_label(name)}: task vector {i} has dtype {tv.dtype}, task vector 0 has {items[0].dtype}")
+                raise InputError(
+                    f"{_label(name)}: task vector {i} has dtype {tv.dtype}, task vector 0 has {items[0].dtype}"
+                )
         task_vectors = torch.stack(items)
     tv = task_vectors
     if tv.ndim == 0 or tv.shape[0] == 0:

@@ -66,8 +66,10 @@ def make_models(dtype: torch.dtype = F32, n: int = 3):
     }
     experts = []
     for _ in range(n):
-        e = {k: (v + 0.1 * torch.randn(v.shape, generator=g).to(dtype)) if v.is_floating_point() else v.clone()
-             for k, v in base.items()}
+        e = {
+            k: (v + 0.1 * torch.randn(v.shape, generator=g).to(dtype)) if v.is_floating_point() else v.clone()
+            for k, v in base.items()
+        }
         experts.append(e)
     return base, experts
 
@@ -88,8 +90,10 @@ def test_merge_state_dicts_routes_and_formula():
 
 def test_merge_state_dicts_task_arithmetic_by_hand():
     base = {"w": torch.tensor([[1.0, 2.0]]), "b": torch.tensor([0.0])}
-    experts = [{"w": torch.tensor([[2.0, 2.0]]), "b": torch.tensor([1.0])},
-               {"w": torch.tensor([[1.0, 4.0]]), "b": torch.tensor([3.0])}]
+    experts = [
+        {"w": torch.tensor([[2.0, 2.0]]), "b": torch.tensor([1.0])},
+        {"w": torch.tensor([[1.0, 4.0]]), "b": torch.tensor([3.0])},
+    ]
     merged = merge_state_dicts(base, experts, "task_arithmetic", 2.0)
     # theta = 0.3 * sum(tau); W = W0 + 2 * theta
     assert torch.allclose(merged["w"], torch.tensor([[1.0 + 2 * 0.3 * 1.0, 2.0 + 2 * 0.3 * 2.0]]))
