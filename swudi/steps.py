@@ -27,6 +27,7 @@ from swudi.checkpoint.fingerprint import digest
 from swudi.checkpoint.header import torch_dtype
 from swudi.config import MergeConfig
 from swudi.decomposition import Decomposition, decompose
+from swudi.diagnostics import interference_vs_sum
 from swudi.methods import ALGORITHM_VERSION, get_method, merge_decomposition, merge_elementwise, merge_matrix
 from swudi.methods import spectral_filter
 from swudi.plan import TensorJob, output_dtype
@@ -71,6 +72,8 @@ class MergedRecord:
     rank: int | None = None
     kept_mass: float | None = None
     interference: float | None = None  # L(theta) / L(sum of task vectors), WUDI loss
+    task_interference: tuple[float | None, ...] | None = None  # the same ratio per task
+    decomposition_url: str | None = None
     seconds: float = 0.0
     computed_in: str = ""
 
@@ -153,32 +156,31 @@ def merge_layer(job: TensorJob, config: MergeConfig, dec: DecompositionRecord | 
                 rank: RankRecord | None = None) -> MergedRecord:
     """Merge one 2-D weight and store W = W0 + scale * theta in the output dtype.
 
-    Spectral methods use the stored decomposition (and report the WUDI interference of theta
-    relative to the plain sum of task vectors); other methods read the task vectors.
+    Spectral methods filter the stored decomposition; other methods run on the task vectors. Both
+    report the WUDI interference of theta relative to the sum of task vectors, per task and in total
+    (:mod:`swudi.diagnostics`).
     """
     start = time.perf_counter()
     spec = get_method(config.method)
-    interference = None
+    base, task_vectors = read_task_vectors(job, config)
     if spec.kind == "spectral":
         if dec is None:
             raise ValueError(f"{job.name}: method {config.method!r} needs a decomposition")
-        tensors, metadata = load_tensors(dec.url, config.storage_options)
-        decomposition = Decomposition.from_tensors(tensors, metadata)
+        decomposition = Decomposition.from_tensors(*load_tensors(dec.url, config.storage_options))
         theta = merge_decomposition(decomposition, config.method, device=config.device, **config.params)
-        reference = decomposition.objective(decomposition.sum_tv, device=config.device)
-        if reference > 0:
-            interference = decomposition.objective(theta, device=config.device) / reference
-        base = read_tensor(job.base, config.storage_options)
     else:
-        base, task_vectors = read_task_vectors(job, config)
         theta = merge_matrix(task_vectors, config.method, name=job.name, device=config.device,
                              **config.params)
+    interference = interference_vs_sum(theta, task_vectors, config.device)
     key = layer_merge_key(job, config)
     url = artefact_url(config, "merged", key)
     save_tensors(url, {job.name: _finish(job, base, theta, config)}, {"key": key}, config.storage_options)
     return MergedRecord(key, url, (job.name,), config.method,
                         rank=rank.rank if rank else None, kept_mass=rank.kept_mass if rank else None,
-                        interference=interference, seconds=time.perf_counter() - start)
+                        interference=interference["total"],
+                        task_interference=tuple(interference["per_task"]),
+                        decomposition_url=dec.url if dec else None,
+                        seconds=time.perf_counter() - start)
 
 
 def merge_group(jobs: Sequence[TensorJob], config: MergeConfig) -> MergedRecord:
@@ -233,13 +235,20 @@ def summarize_layers(merged: Sequence[MergedRecord]) -> dict[str, Any]:
     def mean(values: Sequence[float]) -> float | None:
         return sum(values) / len(values) if values else None
 
+    per_task = [list(r.task_interference) for r in layers if r.task_interference]
+    num_tasks = max((len(t) for t in per_task), default=0)
+    task_means = [mean([t[i] for t in per_task if t[i] is not None]) for i in range(num_tasks)]
+
     return {
         "layers": len(layers),
         "mean_rank": mean(ranks),
         "mean_kept_mass": mean(masses),
         "mean_interference_vs_sum": mean(inter),
+        "mean_interference_vs_sum_per_task": task_means,
         "per_layer": {
-            r.names[0]: {"rank": r.rank, "kept_mass": r.kept_mass, "interference_vs_sum": r.interference}
+            r.names[0]: {"rank": r.rank, "kept_mass": r.kept_mass, "interference_vs_sum": r.interference,
+                         "interference_vs_sum_per_task": list(r.task_interference or ()),
+                         "decomposition": r.decomposition_url}
             for r in layers
         },
     }

@@ -72,7 +72,12 @@ def test_local_merge_equals_in_memory_merge(prefect_api: str, tmp_path: Path, lo
     assert json.loads((version / "config.json").read_text())["hidden_size"] == MODEL.hidden
     report = json.loads((version / "merge_report.json").read_text())
     assert report["method"] == "swudi_a" and report["params"]["rank_rule"] == "participation_sqrt"
-    assert set(report["diagnostics"]["per_layer"]) == {j for j in got if j.startswith("encoder") and got[j].ndim == 2}
+    per_layer = report["diagnostics"]["per_layer"]
+    assert set(per_layer) == {j for j in got if j.startswith("encoder") and got[j].ndim == 2}
+    layer = per_layer["encoder.layer.1.output.dense.weight"]
+    assert len(layer["interference_vs_sum_per_task"]) == NUM_EXPERTS
+    assert 0 < layer["interference_vs_sum"] < 1  # SWUDI-A interferes less than summing
+    assert 1 <= layer["rank"] <= MODEL.hidden
 
 
 def test_rerun_computes_nothing_and_new_t_reuses_decompositions(prefect_api: str, tmp_path: Path,

@@ -1,0 +1,35 @@
+"""Per-task WUDI interference against a direct float64 evaluation of the loss terms."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from swudi.diagnostics import interference_vs_sum, task_interference
+
+
+def _direct(theta: torch.Tensor, tv: torch.Tensor) -> torch.Tensor:
+    theta, tv = theta.double(), tv.double()
+    return torch.stack([((theta - t) @ t.T).square().sum() / t.square().sum() for t in tv])
+
+
+@pytest.mark.parametrize("shape", [(6, 20), (20, 6)])  # both evaluation orders
+def test_task_interference_equals_the_loss_terms(shape) -> None:
+    g = torch.Generator().manual_seed(0)
+    tv = torch.randn(3, *shape, generator=g)
+    theta = torch.randn(*shape, generator=g)
+    torch.testing.assert_close(task_interference(theta, tv, "cpu"), _direct(theta, tv), rtol=1e-5, atol=1e-8)
+
+
+def test_ratios_are_relative_to_the_sum_and_zero_tasks_are_skipped() -> None:
+    g = torch.Generator().manual_seed(1)
+    tv = torch.randn(3, 5, 7, generator=g)
+    tv[2] = 0
+    theta = 0.5 * tv.sum(0)
+    got = interference_vs_sum(theta, tv, "cpu")
+    want = _direct(theta, tv[:2]) / _direct(tv.sum(0), tv[:2])
+    assert got["per_task"][2] is None
+    torch.testing.assert_close(torch.tensor(got["per_task"][:2], dtype=torch.float64), want, rtol=1e-5, atol=0)
+    total = _direct(theta, tv[:2]).sum() / _direct(tv.sum(0), tv[:2]).sum()
+    assert got["total"] == pytest.approx(float(total), rel=1e-5)
+    assert interference_vs_sum(tv.sum(0), tv, "cpu")["total"] == pytest.approx(1.0)
