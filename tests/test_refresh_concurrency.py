@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+import flows.refresh as refresh_module
 from flows.refresh import refresh, refresh_lock_url, version_complete
 from swudi.checkpoint import acquire_lock, list_versions, read_latest, release_lock
 from swudi.checkpoint.lock import read_lock
@@ -26,13 +27,23 @@ def _config(root: str, storage_options: dict[str, Any] | None = None) -> dict[st
             "workers": 1, "storage_options": storage_options or {}}
 
 
-def _at_once(*configs: dict[str, Any]) -> list[dict[str, Any]]:
-    """Run one refresh per config in its own thread, all released at the same moment."""
+def _at_once(monkeypatch: pytest.MonkeyPatch, *configs: dict[str, Any]) -> list[dict[str, Any]]:
+    """Run one refresh per config in its own thread; all reach the refresh lock at the same moment.
+
+    Flow runs start with a skew of a second or more, longer than some of these merges: the barrier
+    sits inside the flows, just before the lock, so that without the lock they would overlap.
+    """
     barrier = threading.Barrier(len(configs))
     results: list[Any] = [None] * len(configs)
+    resolve = refresh_module.resolve_config
+
+    def resolve_together(*args: Any, **kwargs: Any) -> Any:
+        barrier.wait(timeout=120)
+        return resolve(*args, **kwargs)
+
+    monkeypatch.setattr(refresh_module, "resolve_config", resolve_together)
 
     def work(i: int) -> None:
-        barrier.wait()
         try:
             results[i] = refresh(configs[i])
         except BaseException as error:  # noqa: BLE001 - reported below
@@ -60,9 +71,10 @@ def _assert_clean_output(config: dict[str, Any]) -> list[str]:
     return [v["version"] for v in folders]
 
 
-def test_same_inputs_at_once_one_publishes_the_other_finds_it_published(prefect_api: str, store) -> None:
+def test_same_inputs_at_once_one_publishes_the_other_finds_it_published(prefect_api: str, store,
+                                                                         monkeypatch) -> None:
     config = _config(store.root, store.storage_options)
-    results = _at_once(config, config)
+    results = _at_once(monkeypatch, config, config)
     assert sorted(r["status"] for r in results) == ["published", "unchanged"], results
     published, unchanged = sorted(results, key=lambda r: r["status"])
     assert published["previous"] is None and unchanged["previous"] == published["version"]
@@ -70,9 +82,10 @@ def test_same_inputs_at_once_one_publishes_the_other_finds_it_published(prefect_
     assert _assert_clean_output(config) == [published["version"]]
 
 
-def test_different_settings_at_once_publish_one_after_the_other(prefect_api: str, tmp_path) -> None:
+def test_different_settings_at_once_publish_one_after_the_other(prefect_api: str, tmp_path,
+                                                               monkeypatch) -> None:
     config = _config(str(tmp_path))
-    results = _at_once({**config, "params": {"t": 100.0}}, {**config, "params": {"t": 200.0}})
+    results = _at_once(monkeypatch, {**config, "params": {"t": 100.0}}, {**config, "params": {"t": 200.0}})
     assert [r["status"] for r in results] == ["published", "published"]
     first, second = sorted(results, key=lambda r: r["previous"] is not None)
     # The second checked only after the first had published: it saw the first's version as latest.
