@@ -76,13 +76,13 @@ class RefreshCheck:
     inputs_fingerprint: str
     inputs: tuple[tuple[str, str, str], ...]  # (role, url, fingerprint)
     latest: dict[str, Any] | None  # latest.json (None: nothing published)
-    latest_complete: bool
+    complete: bool  # this version's folder is already complete under the output
     changes: tuple[str, ...] = field(default=())  # why a merge is needed (empty when up to date)
 
     @property
     def up_to_date(self) -> bool:
         """True when ``latest`` already names this version and that version is complete."""
-        return self.latest is not None and self.latest["version"] == self.version and self.latest_complete
+        return self.latest is not None and self.latest["version"] == self.version and self.complete
 
 
 def version_complete(output: str, version: str, storage_options: Mapping[str, Any] | None = None) -> bool:
@@ -106,7 +106,7 @@ def check_for_changes(config: MergeConfig) -> RefreshCheck:
               *((f"expert {i}", url, fp) for i, (url, fp) in
                 enumerate(zip(plan.expert_urls, plan.expert_fingerprints, strict=True))))
     latest = read_latest(config.output, config.storage_options)
-    complete = bool(latest) and version_complete(config.output, latest["version"], config.storage_options)
+    complete = version_complete(config.output, version, config.storage_options)
     changes: list[str] = []
     if latest is None:
         changes.append("nothing published yet")
@@ -248,10 +248,9 @@ def refresh(config: dict[str, Any] | str, overrides: list[str] | None = None,
                       "url": check.latest["url"], "changes": [], "new_version": False}
         else:
             logger.info("refreshing %s: %s", cfg.output, "; ".join(check.changes))
-            existed = check.version in before
             merged = run_merge(cfg)  # a subflow; publish prunes to keep_versions
             result = {"status": "published", "version": merged["version"], "previous": previous,
-                      "url": merged["url"], "changes": list(check.changes), "new_version": not existed,
+                      "url": merged["url"], "changes": list(check.changes), "new_version": not check.complete,
                       "computed": merged["computed"], "reused": merged["reused"],
                       "decompositions_computed": merged["decompositions_computed"]}
             logger.info("published version %s at %s (previous: %s; %d steps computed, %d reused)",
@@ -276,7 +275,7 @@ def _summary(config: MergeConfig, check: RefreshCheck, result: Mapping[str, Any]
         headline = (f"**Already up to date**: nothing changed since version `{result['version']}` "
                     f"was published ({(check.latest or {}).get('published_at')}); nothing was merged.")
     elif result["new_version"]:
-        headline = f"**Published** new version `{result['version']}` (previous: `{result['previous']}`)."
+        headline = f"**Published** version `{result['version']}` (previous: `{result['previous']}`)."
     else:
         headline = (f"**Published** existing version `{result['version']}` again (previous: "
                     f"`{result['previous']}`): its files were complete, only `latest.json` moved.")

@@ -59,6 +59,14 @@ def test_refresh_is_a_noop_when_nothing_changed_and_republishes_on_change(prefec
     assert latest_file.read_bytes() == pointer_bytes  # the pointer was not even rewritten
     assert versions(config["output"]) == {first["version"]}
 
+    # A damaged published version (a shard deleted by hand) is not "up to date": it is written again.
+    (Path(first["url"]) / "model.safetensors").unlink()
+    repaired, _ = run(config)
+    assert repaired["status"] == "published" and repaired["version"] == first["version"]
+    assert repaired["new_version"] and "incomplete" in repaired["changes"][0]
+    assert repaired["computed"] == 0  # every merged tensor came from the work folder's cache
+    assert (Path(first["url"]) / "model.safetensors").is_file()
+
     # Retrain expert 1 (new bytes at the same URL): a new version, only what it touches recomputed.
     base = base_state_dict(MODEL)
     write_checkpoint(config["experts"][1], expert_state_dict(base, 1, seed=5), MODEL)
