@@ -19,6 +19,7 @@ from rich.table import Table
 
 from swudi.config import MergeConfig, config_from_mapping, load_config
 from swudi.errors import SwudiError
+from swudi.plan import check_inputs_exist
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Data-free model merging with SWUDI / SWUDI-A as resumable Prefect flows.")
@@ -49,12 +50,18 @@ def _fail(error: Exception) -> None:
     raise typer.Exit(2)
 
 
-def run_flow_and_settle(config: MergeConfig) -> dict[str, Any]:
-    """Run the merge flow; give an ephemeral server a moment to flush its events before exit."""
+def run_flow_and_settle(config: MergeConfig, grid: list[str] | None = None) -> dict[str, Any]:
+    """Run the merge flow (or, with a ``grid``, the sweep flow); give an embedded server a moment
+    to flush its events before the process exits."""
     prepare_prefect_environment()
-    from flows.merge import run_merge
+    if grid is None:
+        from flows.merge import run_merge
 
-    result = run_merge(config)
+        result = run_merge(config)
+    else:
+        from flows.sweep import run_sweep
+
+        result = run_sweep(config, grid)
     if not os.environ.get("PREFECT_API_URL"):
         time.sleep(1.5)  # the embedded server drops events still in flight when the process exits
     return result
@@ -204,6 +211,53 @@ def serve(config: Path = typer.Argument(..., help="YAML merge config (re-read at
     from deployments.serve import serve_refresh
 
     serve_refresh(config, None if no_schedule else cron, name, overrides, timezone, collision, wait)  # type: ignore[arg-type]
+
+
+@app.command()
+def sweep(config: Path = typer.Argument(..., help="YAML merge config (the grid's base settings)"),
+          grid: list[str] = typer.Option(..., "--grid", help="key=v1,v2,... (repeatable; cartesian product)"),
+          overrides: list[str] = typer.Option([], "--set", help="key=value override (dotted keys)")) -> None:
+    """Merge a grid of settings reusing cached decompositions; write OUTPUT/sweeps/<id>/sweep.json."""
+    from swudi.sweep import parse_grid, point_configs
+
+    try:
+        cfg = _load(config, None, overrides)
+        points = point_configs(cfg, parse_grid(grid))
+        check_inputs_exist(cfg)
+        summary = run_flow_and_settle(cfg, grid)
+    except SwudiError as error:
+        _fail(error)
+    table = Table(title=f"swudi sweep: {len(points)} points")
+    for column in ("point", "version", "mean rank", "interference vs sum", "decompositions computed", "s"):
+        table.add_column(column)
+    for row in summary["points"]:
+        diag = row["diagnostics"]
+        table.add_row(row["label"], row["version"], _num(diag.get("mean_rank")),
+                      _num(diag.get("mean_interference_vs_sum")), str(row["decompositions_computed"]),
+                      _num(row["seconds"]))
+    console.print(table)
+    out.print(summary["url"], soft_wrap=True)
+
+
+def _num(value: Any) -> str:
+    return f"{value:.3f}" if isinstance(value, float) else str(value)
+
+
+@app.command()
+def report(run: str = typer.Argument(..., help="sweep folder/sweep.json, version folder, or output folder"),
+           out_dir: Optional[Path] = typer.Option(None, "--out", help="where the files go (default: ./swudi-report)"),
+           config: Optional[Path] = typer.Option(None, "--config", help="config whose storage_options to use")) -> None:
+    """Write PNG plots (retention vs t / rank_ratio, rank per layer, spectra) and summary tables."""
+    from swudi.plots import write_report
+
+    options = load_config(config).storage_options if config else None
+    target = out_dir or Path("swudi-report")
+    try:
+        written = write_report(run, target, options)
+    except (SwudiError, FileNotFoundError) as error:
+        _fail(error)
+    for path in written:
+        out.print(str(path), soft_wrap=True)
 
 
 def main() -> None:  # pragma: no cover - console entry point
