@@ -15,25 +15,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from swudi.checkpoint.writer import parse_size
 from swudi.errors import ConfigError
-
-_SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-               "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
-
-
-def parse_size(value: int | str) -> int:
-    """Parse a byte size: an int, or a string such as ``"5GB"``, ``"500MiB"``, ``"1024"``."""
-    if isinstance(value, int):
-        size = value
-    else:
-        match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", str(value))
-        if not match or match.group(2).upper() not in _SIZE_UNITS:
-            raise ValueError(f"not a size: {value!r} (use bytes or e.g. '5GB', '500MiB')")
-        size = int(float(match.group(1)) * _SIZE_UNITS[match.group(2).upper()])
-    if size <= 0:
-        raise ValueError(f"size must be positive, got {value!r}")
-    return size
-
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
