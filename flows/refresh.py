@@ -34,10 +34,10 @@ from prefect.cache_policies import NO_CACHE
 from prefect.context import FlowRunContext
 
 from flows.merge import run_merge
-from swudi.checkpoint import join_url, list_versions, output_lock, prune_versions, read_latest, resolve
+from swudi.checkpoint import join_url, list_versions, output_lock, prune_versions, read_latest
 from swudi.checkpoint.fingerprint import digest
 from swudi.checkpoint.lock import Lock, acquire_lock, read_lock, release_lock, renew_lock
-from swudi.checkpoint.publish import _is_complete, read_manifest, version_url
+from swudi.checkpoint.publish import is_version_complete
 from swudi.config import MergeConfig, apply_overrides, config_from_mapping, load_config
 from swudi.errors import PublishError
 from swudi.methods import ALGORITHM_VERSION
@@ -85,15 +85,6 @@ class RefreshCheck:
         return self.latest is not None and self.latest["version"] == self.version and self.complete
 
 
-def version_complete(output: str, version: str, storage_options: Mapping[str, Any] | None = None) -> bool:
-    """True if the version's manifest exists and every file it lists is present with its size."""
-    manifest = read_manifest(output, version, storage_options)
-    if manifest is None:
-        return False
-    fs, path = resolve(version_url(output, version), storage_options)
-    return _is_complete(fs, path, manifest)
-
-
 def check_for_changes(config: MergeConfig) -> RefreshCheck:
     """Fingerprint the inputs from headers + object metadata and compare with the published latest.
 
@@ -106,7 +97,7 @@ def check_for_changes(config: MergeConfig) -> RefreshCheck:
               *((f"expert {i}", url, fp) for i, (url, fp) in
                 enumerate(zip(plan.expert_urls, plan.expert_fingerprints, strict=True))))
     latest = read_latest(config.output, config.storage_options)
-    complete = version_complete(config.output, version, config.storage_options)
+    complete = is_version_complete(config.output, version, config.storage_options)
     changes: list[str] = []
     if latest is None:
         changes.append("nothing published yet")

@@ -13,7 +13,6 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
 
 from swudi.checkpoint import Checkpoint, TensorLocation, resolve, validate_checkpoints
 from swudi.checkpoint.fingerprint import digest

@@ -13,7 +13,8 @@ from typing import Any
 import pytest
 
 import flows.refresh as refresh_module
-from flows.refresh import refresh, refresh_lock_url, version_complete
+from flows.refresh import refresh, refresh_lock_url
+from swudi.checkpoint.publish import is_version_complete
 from swudi.checkpoint import acquire_lock, list_versions, read_latest, release_lock
 from swudi.checkpoint.lock import read_lock
 from swudi.synthetic import SyntheticModel, write_synthetic_models
@@ -65,7 +66,7 @@ def _assert_clean_output(config: dict[str, Any]) -> list[str]:
     """Every version folder is complete, latest names one, no lock is left behind."""
     out, options = config["output"], config["storage_options"]
     folders = list_versions(out, options, include_incomplete=True)
-    assert folders and all(v["complete"] and version_complete(out, v["version"], options) for v in folders)
+    assert folders and all(v["complete"] and is_version_complete(out, v["version"], options) for v in folders)
     assert read_latest(out, options)["version"] in {v["version"] for v in folders}
     assert read_lock(out, options) is None and read_lock(refresh_lock_url(out), options) is None
     return [v["version"] for v in folders]

@@ -40,6 +40,7 @@ __all__ = [
     "LATEST_NAME",
     "MANIFEST_NAME",
     "REPORT_NAME",
+    "is_version_complete",
     "check_version_id",
     "version_url",
     "publish_version",
@@ -122,6 +123,16 @@ def _is_complete(fs: AbstractFileSystem, folder: str, manifest: Mapping[str, Any
     present = _files(fs, folder)
     return all(name in present and int(present[name].get("size", -1)) == size
                for name, size in manifest["files"].items())
+
+
+def is_version_complete(output_url: str, version_id: str,
+                        storage_options: Mapping[str, Any] | None = None) -> bool:
+    """True if the version's manifest exists and every file it lists is present with its size."""
+    manifest = read_manifest(output_url, version_id, storage_options)
+    if manifest is None:
+        return False
+    fs, path = resolve(version_url(output_url, version_id), storage_options)
+    return _is_complete(fs, path, manifest)
 
 
 def publish_version(output_url: str, version_id: str, write_files: Callable[[str], Any], *,
