@@ -81,7 +81,9 @@ def merge(config: dict[str, Any]) -> dict[str, Any]:
     decomposed = [future.result() for future in decompositions] if spectral else []
     merged_seconds = time.perf_counter() - started
     diagnostics = evaluate_merge(records)
-    published = publish_model(cfg, plan, records, diagnostics, {"merge_wall_seconds": merged_seconds})
+    timings = {"merge_wall_seconds": merged_seconds,
+               "decompose_seconds_computed": sum(d.seconds for d in decomposed)}
+    published = publish_model(cfg, plan, records, diagnostics, timings)
     run_id = _flow_run_id()
     computed = sum(1 for r in records if r.computed_in == run_id)
     decomposed_now = sum(1 for d in decomposed if d.computed_in == run_id)
