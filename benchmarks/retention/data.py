@@ -332,7 +332,7 @@ def load_task(
 def main() -> None:  # python -m benchmarks.retention.data: print the task table
     import argparse
 
-    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser = argparse.ArgumentParser(description="Print the retention tasks (or their Debian packages).")
     parser.add_argument("--tasks", nargs="+", default=list(DEFAULT_TASKS))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--packages", action="store_true", help="print the Debian packages needed")
