@@ -267,6 +267,7 @@ def build_experts(out: str | Path, tasks: Sequence[str] = data_mod.DEFAULT_TASKS
         data_mod.get_spec(t)  # unknown names fail before any work
     out = Path(out)
     (out / "experts").mkdir(parents=True, exist_ok=True)
+    threads_before = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)
     deterministic = torch.are_deterministic_algorithms_enabled()
@@ -291,6 +292,7 @@ def build_experts(out: str | Path, tasks: Sequence[str] = data_mod.DEFAULT_TASKS
         return manifest
     finally:
         torch.use_deterministic_algorithms(deterministic)
+        torch.set_num_threads(threads_before)
 
 
 def results_table(manifest: dict, tasks: Sequence[str] | None = None) -> str:
