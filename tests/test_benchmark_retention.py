@@ -9,17 +9,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # `benchmarks` is not an installed package
-    sys.path.insert(0, str(ROOT))
+from benchmarks.retention import data  # importable from the repository root (pytest pythonpath)
 
-from benchmarks.retention import data  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -347,3 +344,26 @@ def test_settings_are_validated():
         ExpertSettings(steps=0)
     with pytest.raises(ValueError, match="lr"):
         ExpertSettings(lr=-1.0)
+
+
+def test_pipeline_merges_the_experts_and_scores_them(tiny_build, prefect_api, tmp_path):
+    """CI smoke of the benchmark: the real merge flow on the experts' checkpoints, the benchmark
+    evaluator as the flow's user evaluator, the results table."""
+    from benchmarks.retention import run_benchmark
+
+    out = tmp_path / "bench"
+    assert run_benchmark.main(["--build", str(tiny_build["out"]), "--out", str(out), "--methods",
+                               "mean", "swudi_a:participation_sqrt", "--max-examples", "40"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["tasks"] == sorted(TINY_TASKS)
+    merged = results["rows"]["swudi_a:participation_sqrt"]
+    assert set(merged["accuracy"]) == set(TINY_TASKS)
+    assert all(0.0 <= a <= 1.0 for a in merged["accuracy"].values())
+    assert merged["merge_seconds"] > 0 and 0 < merged["interference"] < 1
+    expert_row = results["rows"]["experts (each on its own task)"]
+    assert expert_row["mean_normalized"] == 1.0
+    # the flow ran the evaluator on the published version and recorded it in its report
+    report = json.loads(next((out / "merged" / "swudi_a-participation_sqrt" / "versions").glob("*/merge_report.json")).read_text())
+    assert set(report["evaluations"]["benchmarks.retention.evaluate:evaluate"]) == set(TINY_TASKS)
+    table = (out / "results.md").read_text().splitlines()
+    assert len(table) == 2 + 4 and "mean normalized" in table[0]
