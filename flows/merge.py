@@ -19,6 +19,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from swudi.config import MergeConfig, config_from_mapping
+from swudi.evaluators import check_evaluators
 from swudi.methods import get_method
 from swudi.plan import check_inputs_exist
 from swudi.steps import MergedRecord
@@ -112,4 +113,5 @@ def _flow_run_id() -> str:
 def run_merge(config: MergeConfig) -> dict[str, Any]:
     """Run the merge flow with the runner the config asks for (inputs are checked to exist first)."""
     check_inputs_exist(config)
+    check_evaluators(config.evaluators)
     return merge.with_options(task_runner=task_runner(config))(config.model_dump())

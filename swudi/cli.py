@@ -19,7 +19,6 @@ from rich.table import Table
 
 from swudi.config import MergeConfig, config_from_mapping, load_config
 from swudi.errors import SwudiError
-from swudi.plan import check_inputs_exist
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Data-free model merging with SWUDI / SWUDI-A as resumable Prefect flows.")
@@ -223,7 +222,6 @@ def sweep(config: Path = typer.Argument(..., help="YAML merge config (the grid's
     try:
         cfg = _load(config, None, overrides)
         points = point_configs(cfg, parse_grid(grid))
-        check_inputs_exist(cfg)
         summary = run_flow_and_settle(cfg, grid)
     except SwudiError as error:
         _fail(error)

@@ -9,6 +9,8 @@ from __future__ import annotations
 import importlib
 import logging
 import math
+import os
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -21,8 +23,11 @@ Metrics = dict[str, dict[str, float]]
 
 
 def load_evaluator(reference: str) -> Callable[..., Mapping[str, Mapping[str, float]]]:
-    """Import ``module:function``; :class:`ConfigError` naming what is missing."""
+    """Import ``module:function`` from the installed packages or the current directory (as
+    ``python -m`` would); :class:`ConfigError` naming what is missing."""
     module_name, _, function_name = reference.partition(":")
+    if os.getcwd() not in sys.path:
+        sys.path.append(os.getcwd())
     try:
         module = importlib.import_module(module_name)
     except ImportError as error:
@@ -48,6 +53,12 @@ def _check_metrics(reference: str, metrics: Any) -> Metrics:
                 raise SwudiError(f"evaluator {reference!r}: {task_name}.{metric} is {value!r}")
             checked[str(task_name)][str(metric)] = number
     return checked
+
+
+def check_evaluators(evaluators: Sequence[EvaluatorConfig]) -> None:
+    """Import every evaluator now, so that a typo fails before any merge work."""
+    for evaluator in evaluators:
+        load_evaluator(evaluator.function)
 
 
 def run_evaluators(evaluators: Sequence[EvaluatorConfig], model_url: str) -> dict[str, Metrics]:

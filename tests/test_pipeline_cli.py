@@ -102,3 +102,12 @@ def test_mismatched_expert_is_reported_by_plan(tmp_path: Path, inputs) -> None:
     result = _run("plan", str(path))
     assert result.exit_code == 2
     assert "encoder.layer.0.attention.self.query.weight" in result.output and "other" in result.output
+
+
+def test_unimportable_evaluator_fails_before_any_work(tmp_path: Path, inputs) -> None:
+    base, experts = inputs
+    path = _config(tmp_path, base=base, experts=experts, output=str(tmp_path / "out"),
+                   evaluators=[{"function": "no_such_module.sub:evaluate"}])
+    result = _run("merge", str(path))
+    assert result.exit_code == 2 and "no_such_module.sub" in result.output
+    assert not (tmp_path / "out").exists()
