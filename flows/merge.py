@@ -6,13 +6,12 @@ killed and re-run, a merge computes only the layers that had not finished.
 
 from __future__ import annotations
 
-import logging
 import sys
 import time
 from collections.abc import Sequence
 from typing import Any
 
-from prefect import flow, unmapped
+from prefect import flow, get_run_logger, unmapped
 from prefect.context import get_run_context
 from prefect.futures import PrefectFuture, as_completed
 from prefect.task_runners import ThreadPoolTaskRunner
@@ -27,7 +26,6 @@ from tasks import (decompose_layer, evaluate_merge, fetch_checkpoints, merge_gro
                    publish_model, select_rank)
 from tasks.caching import result_storage
 
-log = logging.getLogger(__name__)
 
 
 def task_runner(config: MergeConfig) -> Any:
@@ -59,25 +57,27 @@ def _wait(futures: Sequence[PrefectFuture], label: str) -> list[MergedRecord]:
 
 @flow(name="swudi-merge", log_prints=True, validate_parameters=False)
 def merge(config: dict[str, Any]) -> dict[str, Any]:
-    """Merge the configured base and experts and publish the result; returns the published pointer.
+    """Merge the configured base and experts and publish the result.
 
-    ``config`` is a :class:`~swudi.config.MergeConfig` as a mapping (validated here).
+    ``config`` is a :class:`~swudi.config.MergeConfig` as a mapping (validated here). Returns the
+    published version and URL, what was computed or reused in this run, the diagnostics summary
+    and the per-tensor records.
     """
     cfg = config if isinstance(config, MergeConfig) else config_from_mapping(config, "flow parameter")
     started = time.perf_counter()
     plan = fetch_checkpoints(cfg)
-    storage = result_storage(cfg)
+    storage = result_storage(cfg)  # cache records live in the work folder
+    decompose, rank, merge_one, merge_many = (
+        t.with_options(result_storage=storage) for t in (decompose_layer, select_rank, merge_layer, merge_group))
     layers = plan.layer_jobs
     spectral = get_method(cfg.method).kind == "spectral"
     if spectral:
-        decompositions = decompose_layer.with_options(result_storage=storage).map(layers, unmapped(cfg))
-        ranks = select_rank.with_options(result_storage=storage).map(decompositions, unmapped(cfg))
-        merged_layers = merge_layer.with_options(result_storage=storage).map(
-            layers, unmapped(cfg), decompositions, ranks)
+        decompositions = decompose.map(layers, unmapped(cfg))
+        ranks = rank.map(decompositions, unmapped(cfg))
+        merged_layers = merge_one.map(layers, unmapped(cfg), decompositions, ranks)
     else:
-        merged_layers = merge_layer.with_options(result_storage=storage).map(layers, unmapped(cfg))
-    groups = [merge_group.with_options(result_storage=storage).submit(group, cfg)
-              for group in plan.group_jobs]
+        merged_layers = merge_one.map(layers, unmapped(cfg))
+    groups = [merge_many.submit(group, cfg) for group in plan.group_jobs]
     records = _wait([*merged_layers, *groups], f"merging {len(layers)} layers + {len(groups)} groups")
     decomposed = [future.result() for future in decompositions] if spectral else []
     merged_seconds = time.perf_counter() - started
@@ -88,7 +88,7 @@ def merge(config: dict[str, Any]) -> dict[str, Any]:
     run_id = _flow_run_id()
     computed = sum(1 for r in records if r.computed_in == run_id)
     decomposed_now = sum(1 for d in decomposed if d.computed_in == run_id)
-    log.info("merged %d layers and %d groups (%d merges and %d decompositions computed in this run, "
+    get_run_logger().info("merged %d layers and %d groups (%d merges and %d decompositions computed in this run, "
              "the rest reused) -> %s", len(layers), len(groups), computed, decomposed_now,
              published["url"])
     return {
