@@ -27,7 +27,6 @@ from tasks import (decompose_layer, evaluate_merge, fetch_checkpoints, merge_gro
 from tasks.caching import result_storage
 
 
-
 def task_runner(config: MergeConfig) -> Any:
     """The configured runner: a thread pool bounded by ``workers``, or a Dask cluster."""
     if config.task_runner.kind == "dask":
