@@ -14,10 +14,11 @@ from pathlib import Path
 from typing import Any, Optional
 
 import typer
+import yaml
 from rich.console import Console
 from rich.table import Table
 
-from swudi.config import MergeConfig, config_from_mapping, load_config
+from swudi.config import MergeConfig, load_config
 from swudi.errors import SwudiError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
@@ -137,14 +138,22 @@ def demo(folder: Path = typer.Option(Path(".swudi-demo"), "--dir", help="where m
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")  # the demo shows its own summary
     folder = folder.resolve()
     model = SyntheticModel(layers=layers, hidden=hidden, intermediate=4 * hidden)
-    console.print(f"generating a base and {experts} experts ({layers} layers, hidden {hidden}) in {folder}")
-    base, expert_urls = write_synthetic_models(str(folder / "checkpoints"), experts, model)
+    checkpoints = folder / "checkpoints"
+    settings = {"experts": experts, "model": model.__dict__}
+    stamp = checkpoints / "generated.json"
+    if stamp.exists() and json.loads(stamp.read_text()) == settings:
+        console.print(f"reusing the generated base and {experts} experts in {checkpoints}")
+        base, expert_urls = str(checkpoints / "base"), [str(checkpoints / f"expert-{i}") for i in range(experts)]
+    else:  # written once: unchanged files keep their fingerprints, so a second demo reuses everything
+        console.print(f"generating a base and {experts} experts ({layers} layers, hidden {hidden}) in {checkpoints}")
+        base, expert_urls = write_synthetic_models(str(checkpoints), experts, model)
+        stamp.write_text(json.dumps(settings))
     config_path = folder / "merge.yaml"
-    config_path.write_text(json.dumps({"base": base, "experts": expert_urls, "method": method,
-                                       "output": str(folder / "merged"), "workers": 2}, indent=2))
+    config_path.write_text(yaml.safe_dump({"base": base, "experts": expert_urls, "method": method,
+                                           "output": str(folder / "merged"), "workers": 2}))
     console.print(f"config written to {config_path}; merging with {method} (Prefect, embedded server)")
     try:
-        cfg = config_from_mapping(json.loads(config_path.read_text()), str(config_path))
+        cfg = load_config(config_path)
         result = run_flow_and_settle(cfg)
     except SwudiError as error:
         _fail(error)
