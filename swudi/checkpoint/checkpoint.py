@@ -26,7 +26,8 @@ import torch
 from fsspec import AbstractFileSystem
 
 from swudi.checkpoint.fingerprint import checkpoint_fingerprint, shard_fingerprint, tensor_fingerprint
-from swudi.checkpoint.header import Header, header_length, parse_header, torch_dtype
+from swudi.checkpoint.header import (DuplicateKeyError, Header, header_length, parse_header,
+                                    reject_duplicate_keys, torch_dtype)
 from swudi.checkpoint.storage import is_local, join_url, parent_url, resolve
 from swudi.errors import CheckpointError
 
@@ -203,15 +204,6 @@ def _check_shard_name(index_url: str, shard: Any) -> str:
     return shard
 
 
-def _duplicate_checked(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in out:
-            raise CheckpointError(f"key {key!r} appears twice")
-        out[key] = value
-    return out
-
-
 class Checkpoint:
     """A safetensors checkpoint opened from its headers. Build with `Checkpoint.open(url)`."""
 
@@ -326,9 +318,10 @@ class Checkpoint:
         except FileNotFoundError:
             raise CheckpointError(f"{index_url}: index file not found") from None
         try:
-            index = json.loads(raw, object_pairs_hook=_duplicate_checked)
-        except CheckpointError as exc:
-            raise CheckpointError(f"{index_url}: {exc} (the same tensor listed twice?)") from None
+            index = json.loads(raw, object_pairs_hook=reject_duplicate_keys)
+        except DuplicateKeyError as exc:
+            raise CheckpointError(f"{index_url}: key {exc.key!r} appears twice "
+                                  "(the same tensor listed twice?)") from None
         except ValueError as exc:
             raise CheckpointError(f"{index_url}: not valid JSON: {exc}") from None
         weight_map = index.get("weight_map") if isinstance(index, dict) else None

@@ -152,11 +152,20 @@ def header_length(prefix: bytes, file_size: int, source: str) -> int:
     return n
 
 
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+class DuplicateKeyError(ValueError):
+    """A JSON object with the same key twice (``key`` names it)."""
+
+    def __init__(self, key: str):
+        super().__init__(f"duplicate key {key!r}")
+        self.key = key
+
+
+def reject_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """``object_pairs_hook`` for ``json.loads`` that raises :class:`DuplicateKeyError`."""
     out: dict[str, Any] = {}
     for key, value in pairs:
         if key in out:
-            raise ValueError(f"duplicate key {key!r}")
+            raise DuplicateKeyError(key)
         out[key] = value
     return out
 
@@ -177,7 +186,7 @@ def parse_header(raw: bytes, file_size: int, source: str) -> Header:
     if blob[:1] != b"{":
         raise _fail(source, "header does not start with '{': not a safetensors file")
     try:
-        doc = json.loads(blob.decode("utf-8"), object_pairs_hook=_no_duplicates)
+        doc = json.loads(blob.decode("utf-8"), object_pairs_hook=reject_duplicate_keys)
     except UnicodeDecodeError as exc:
         raise _fail(source, f"header is not valid UTF-8: {exc}") from None
     except ValueError as exc:  # JSONDecodeError and duplicate keys
