@@ -55,9 +55,7 @@ class RankRecord:
     """How many eigendirections a spectral method keeps for one layer, and their share of trace(C)."""
 
     name: str
-    key: str
     rank: int
-    full_rank: int
     kept_mass: float
 
 
@@ -147,9 +145,8 @@ def select_rank(dec: DecompositionRecord, config: MergeConfig) -> RankRecord:
     kept = f > 0
     total = float(eigenvalues.sum())
     kept_mass = float(eigenvalues[kept].sum()) / total if total > 0 else 0.0
-    full_rank = 0 if dec.all_zero else min(dec.shape[1], len(config.experts) * dec.shape[0])
     rank = 0 if dec.all_zero else int(kept.sum())
-    return RankRecord(dec.name, rank_key(dec, config), rank, full_rank, kept_mass)
+    return RankRecord(dec.name, rank, kept_mass)
 
 
 def merge_layer(job: TensorJob, config: MergeConfig, dec: DecompositionRecord | None = None,
