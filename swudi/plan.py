@@ -77,14 +77,11 @@ class MergePlan:
     def group_jobs(self) -> list[list[TensorJob]]:
         """The other merged tensors (mean, or an elementwise method), in groups of <= GROUP_BYTES."""
         groups: list[list[TensorJob]] = []
-        size = GROUP_BYTES
+        size = 0
         for job in self.jobs:
             if job.is_matrix or job.route == "base":
                 continue
-            if size + job.nbytes > GROUP_BYTES and groups and groups[-1]:
-                groups.append([])
-                size = 0
-            if not groups:
+            if not groups or size + job.nbytes > GROUP_BYTES:
                 groups.append([])
                 size = 0
             groups[-1].append(job)
