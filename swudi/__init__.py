@@ -5,7 +5,9 @@ The maths library (this package, no Prefect):
 - :func:`merge_matrix` merges one 2-D weight from its stacked task vectors ``[N, out, in]``;
 - :func:`decompose` + :func:`merge_decomposition`: decompose once, filter many;
 - :func:`select_rank`: the SWUDI-A rank rules;
-- :func:`route_tensor`, :func:`merge_state_dicts`: whole-model routing and merge.
+- :func:`route_tensor`, :func:`merge_state_dicts`: whole-model routing and merge;
+- :func:`spectral_method` / :func:`iterative_method` / :func:`elementwise_method`: add a method
+  (see :mod:`swudi.methods`).
 """
 
 from swudi.decomposition import Decomposition, decompose
@@ -21,12 +23,19 @@ from swudi.errors import (
 from swudi.methods import (
     ALGORITHM_VERSION,
     METHODS,
+    MethodParams,
     MethodSpec,
+    elementwise_method,
     get_method,
+    iterative_method,
     merge_decomposition,
     merge_elementwise,
     merge_matrix,
+    register_method,
+    registered_method,
     spectral_filter,
+    spectral_method,
+    unregister_method,
     validate_params,
 )
 from swudi.rank import RANK_RULES, select_rank
@@ -47,6 +56,7 @@ __all__ = [
     "ConfigError",
     "Decomposition",
     "InputError",
+    "MethodParams",
     "MethodSpec",
     "PublishError",
     "Route",
@@ -54,20 +64,26 @@ __all__ = [
     "apply_filter",
     "check_task_vectors",
     "decompose",
+    "elementwise_method",
     "exponential_filter",
     "get_method",
+    "iterative_method",
     "landweber_filter",
     "merge_decomposition",
     "merge_elementwise",
     "merge_matrix",
     "merge_state_dicts",
     "pinv_filter",
+    "register_method",
+    "registered_method",
     "resolve_device",
     "route_tensor",
     "select_rank",
     "spectral_filter",
+    "spectral_method",
     "stack_task_vectors",
     "truncation_filter",
+    "unregister_method",
     "validate_params",
     "__version__",
 ]

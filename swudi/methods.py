@@ -1,45 +1,97 @@
-"""The method registry: name -> kind, validated parameters, and the merge entry points.
+"""The merge methods (one declaration each) and the merge entry points.
 
-Kinds:
+Kinds (:class:`~swudi.registry.MethodSpec`):
 
 - ``"spectral"``: computed from a :class:`~swudi.decomposition.Decomposition` by a filter
-  (``pinv``, ``swudi_soft``, ``swudi``, ``swudi_a``): decompose once, filter many.
+  (``swudi_a``, ``swudi``, ``swudi_soft``, ``pinv``): decompose once, filter many.
 - ``"iterative"``: needs the task vectors themselves (``wudi``, ``optmerge``).
-- ``"elementwise"``: any tensor shape (``task_arithmetic``, ``mean``, ``ties``).
+- ``"elementwise"``: any tensor shape (``task_arithmetic``, ``ties``, ``mean``); those that only
+  depend on the sum of the task vectors declare ``from_sum`` and also merge from a decomposition.
 
 Spectral and iterative methods apply to 2-D weights only; other tensors get the mean
-(:func:`merge_elementwise`). Adding a method means one ``MethodSpec`` entry here.
+(:func:`merge_elementwise`).
+
+Adding a method is one declaration: a parameter model (a :class:`MethodParams` subclass, every
+field with a default) and a decorated function. :func:`merge_matrix`, :func:`merge_decomposition`,
+:func:`~swudi.state_dict.merge_state_dicts`, the config validation, ``swudi plan``,
+``swudi methods``, the ``--method`` help and the README table all read the registry::
+
+    from swudi.methods import MethodParams, spectral_method
+    from swudi.spectral import truncation_filter
+
+    class TopKParams(MethodParams):
+        k: int = 8
+
+    @spectral_method("top_k", TopKParams, "hard truncation at a fixed rank k")
+    def top_k(eigenvalues, shape, p):          # f_k per eigenvalue (descending), length d
+        return truncation_filter(eigenvalues, min(p.k, eigenvalues.shape[0]))
+
+``@iterative_method(name, Params, description)`` decorates ``merge(task_vectors [N, m, d], params)``
+and ``@elementwise_method(name, Params, description, from_sum=...)`` decorates
+``merge(task_vectors [N, ...], params)``; both return theta (float32, shape ``[m, d]`` / ``[...]``).
+:func:`~swudi.registry.register_method` takes a ready :class:`MethodSpec`; ``replace=True``
+overrides a name; :func:`~swudi.registry.registered_method` registers for a ``with`` block.
+
+Methods in your own module: registration happens when the module is imported, so import it
+before the merge (``import mypkg.merge_methods`` in the script that calls ``run_merge`` or
+``merge_state_dicts``). For the ``swudi`` command line and for worker processes (a Dask task
+runner), name the module in ``SWUDI_METHOD_MODULES=mypkg.merge_methods`` (comma-separated):
+:func:`get_method` imports those modules before looking a name up.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, Field, field_validator
 
 from swudi import baselines
 from swudi.decomposition import Decomposition, _decompose
 from swudi.device import resolve_device
 from swudi.errors import ConfigError
 from swudi.rank import check_rank_rule, rank_ceil, select_rank
+from swudi.registry import (
+    METHODS,
+    MethodKind,
+    MethodParams,
+    MethodSpec,
+    Shape,
+    elementwise_method,
+    import_method_modules,
+    iterative_method,
+    method_choices,
+    methods_markdown,
+    register_method,
+    registered_method,
+    spectral_method,
+    unregister_method,
+)
 from swudi.spectral import apply_filter, exponential_filter, pinv_filter, truncation_filter
 from swudi.task_vectors import check_task_vectors, is_all_zero, squared_norms
 
 __all__ = [
     "ALGORITHM_VERSION",
     "MethodKind",
+    "MethodParams",
     "MethodSpec",
     "METHODS",
+    "elementwise_method",
     "get_method",
-    "validate_params",
-    "spectral_filter",
-    "merge_matrix",
+    "iterative_method",
     "merge_decomposition",
     "merge_elementwise",
+    "merge_matrix",
+    "method_choices",
+    "methods_markdown",
+    "register_method",
+    "registered_method",
+    "spectral_filter",
+    "spectral_method",
+    "unregister_method",
+    "validate_params",
 ]
 
 logger = logging.getLogger(__name__)
@@ -47,67 +99,11 @@ logger = logging.getLogger(__name__)
 #: Bump when any method's numbers change, so caches keyed on it are recomputed.
 ALGORITHM_VERSION = "1"
 
-MethodKind = Literal["spectral", "iterative", "elementwise"]
 InitMode = Literal["sum", "mean", "zero"]
 
 
-class _Params(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class TaskArithmeticParams(_Params):
-    """theta = scale * sum_i tau_i."""
-
-    scale: float = 0.3
-
-
-class MeanParams(_Params):
-    """theta = mean_i tau_i (no parameters)."""
-
-
-class TiesParams(_Params):
-    """TIES: keep the top ``density`` fraction per task, elect signs, disjoint mean, ``scale``."""
-
-    density: float = Field(0.2, ge=0.0, le=1.0)
-    scale: float = 1.0
-
-
-class WudiParams(_Params):
-    """Adam on the WUDI loss from the sum of task vectors."""
-
-    iterations: int = Field(300, ge=0)
-    lr: float = Field(1e-5, gt=0.0)
-
-
-class OptMergeParams(WudiParams):
-    """WUDI on rank-K truncated task vectors; ``rank`` None -> floor(min(m, d) / N)."""
-
-    rank: int | None = Field(None, ge=1)
-
-
-class PinvParams(_Params):
-    """theta = D C^+ (f = 1 above rtol * lambda_max); ``init`` only matters on the null space."""
-
-    init: InitMode = "zero"
-    rtol: float | None = Field(None, ge=0.0)
-
-
-class SwudiSoftParams(_Params):
-    """Exponential filter f = 1 - exp(-t lambda), full rank."""
-
-    t: float = Field(300.0, ge=0.0)
-    init: InitMode = "sum"
-
-
-class SwudiParams(_Params):
-    """Exponential filter on the top K = ceil(rank_ratio * d) eigendirections, 0 elsewhere."""
-
-    t: float = Field(1300.0, ge=0.0)
-    rank_ratio: float = Field(0.65, gt=0.0, le=1.0)
-    init: InitMode = "sum"
-
-
-class SwudiAParams(_Params):
+# --------------------------------------------------------------------------- spectral methods
+class SwudiAParams(MethodParams):
     """Hard truncation at a rank chosen per weight by ``rank_rule``; optional exponential filter t."""
 
     rank_rule: str = "participation_sqrt"
@@ -123,128 +119,132 @@ class SwudiAParams(_Params):
         return value
 
 
-Shape = tuple[int, int]
-FilterFn = Callable[[torch.Tensor, Shape, Any], torch.Tensor]
-MergeFn = Callable[[torch.Tensor, Any], torch.Tensor]
-
-
-def _filter_pinv(lam: torch.Tensor, shape: Shape, p: PinvParams) -> torch.Tensor:
-    return pinv_filter(lam, p.rtol)
-
-
-def _filter_swudi_soft(lam: torch.Tensor, shape: Shape, p: SwudiSoftParams) -> torch.Tensor:
-    return exponential_filter(lam, p.t)
-
-
-def _filter_swudi(lam: torch.Tensor, shape: Shape, p: SwudiParams) -> torch.Tensor:
-    d = int(lam.shape[0])
-    k = min(d, max(1, rank_ceil(p.rank_ratio * d)))
-    return exponential_filter(lam, p.t) * truncation_filter(lam, k)
-
-
+@spectral_method("swudi_a", SwudiAParams, "hard truncation at a per-weight adaptive rank")
 def _filter_swudi_a(lam: torch.Tensor, shape: Shape, p: SwudiAParams) -> torch.Tensor:
+    """f = 1 on the top K = rank_rule(lambda) directions (times 1 - exp(-t lambda) if t is set)."""
     k = select_rank(lam, p.rank_rule, shape, min_rank=p.min_rank, max_rank_ratio=p.max_rank_ratio)
     f = truncation_filter(lam, k)
     return f if p.t is None else f * exponential_filter(lam, p.t)
 
 
-@dataclass(frozen=True)
-class MethodSpec:
-    """A registered merge method: ``filter`` for spectral methods, ``merge`` for the others."""
+class SwudiParams(MethodParams):
+    """Exponential filter on the top K = ceil(rank_ratio * d) eigendirections, 0 elsewhere."""
 
-    name: str
-    kind: MethodKind
-    params_model: type[BaseModel]
-    description: str
-    filter: FilterFn | None = None
-    merge: MergeFn | None = None
-
-    def validate(self, params: Mapping[str, Any] | None = None) -> BaseModel:
-        """Validated parameters (defaults filled); :class:`ConfigError` on unknown or bad ones."""
-        params = dict(params or {})
-        valid = list(self.params_model.model_fields)
-        try:
-            return self.params_model(**params)
-        except ValidationError as exc:
-            problems = []
-            for err in exc.errors():
-                field = ".".join(str(part) for part in err.get("loc", ())) or "?"
-                if err.get("type") == "extra_forbidden":
-                    problems.append(f"unknown parameter {field!r}")
-                else:
-                    problems.append(f"parameter {field!r}: {err.get('msg')} (got {err.get('input')!r})")
-            raise ConfigError(
-                f"method {self.name!r}: {'; '.join(problems)}. "
-                f"Valid parameters: {', '.join(valid) if valid else '(none)'}"
-            ) from None
-        except ConfigError as exc:  # raised by a field validator (e.g. an unknown rank rule)
-            raise ConfigError(f"method {self.name!r}: {exc}") from None
-
-    def defaults(self) -> dict[str, Any]:
-        """The default parameters."""
-        return self.params_model().model_dump()
+    t: float = Field(1300.0, ge=0.0)
+    rank_ratio: float = Field(0.65, gt=0.0, le=1.0)
+    init: InitMode = "sum"
 
 
-METHODS: dict[str, MethodSpec] = {
-    spec.name: spec
-    for spec in (
-        MethodSpec(
-            "task_arithmetic",
-            "elementwise",
-            TaskArithmeticParams,
-            "theta = scale * sum of task vectors",
-            merge=lambda tv, p: baselines.task_arithmetic(tv, p.scale),
-        ),
-        MethodSpec(
-            "mean", "elementwise", MeanParams, "theta = mean of task vectors", merge=lambda tv, p: baselines.mean(tv)
-        ),
-        MethodSpec(
-            "ties",
-            "elementwise",
-            TiesParams,
-            "TIES: trim, elect sign, disjoint mean",
-            merge=lambda tv, p: baselines.ties(tv, p.density, p.scale),
-        ),
-        MethodSpec(
-            "wudi",
-            "iterative",
-            WudiParams,
-            "iterative WUDI: Adam on the WUDI loss (reference baseline)",
-            merge=lambda tv, p: baselines.wudi(tv, p.iterations, p.lr),
-        ),
-        MethodSpec(
-            "optmerge",
-            "iterative",
-            OptMergeParams,
-            "OptMerge: WUDI on rank-floor(min(m,d)/N) truncated task vectors",
-            merge=lambda tv, p: baselines.optmerge(tv, p.iterations, p.lr, p.rank),
-        ),
-        MethodSpec("pinv", "spectral", PinvParams, "closed-form minimiser D C^+", filter=_filter_pinv),
-        MethodSpec(
-            "swudi_soft",
-            "spectral",
-            SwudiSoftParams,
-            "exponential filter 1 - exp(-t lambda), full rank",
-            filter=_filter_swudi_soft,
-        ),
-        MethodSpec(
-            "swudi",
-            "spectral",
-            SwudiParams,
-            "exponential filter on the top ceil(rank_ratio d) directions",
-            filter=_filter_swudi,
-        ),
-        MethodSpec(
-            "swudi_a", "spectral", SwudiAParams, "hard truncation at a per-weight adaptive rank", filter=_filter_swudi_a
-        ),
-    )
-}
+@spectral_method("swudi", SwudiParams, "exponential filter on the top ceil(rank_ratio d) directions")
+def _filter_swudi(lam: torch.Tensor, shape: Shape, p: SwudiParams) -> torch.Tensor:
+    """f_k = 1 - exp(-t lambda_k) for k < K = ceil(rank_ratio d), 0 beyond."""
+    d = int(lam.shape[0])
+    k = min(d, max(1, rank_ceil(p.rank_ratio * d)))
+    return exponential_filter(lam, p.t) * truncation_filter(lam, k)
 
 
-def get_method(name: str) -> MethodSpec:
-    """The registered method; :class:`ConfigError` naming the valid methods otherwise."""
+class SwudiSoftParams(MethodParams):
+    """Exponential filter f = 1 - exp(-t lambda), full rank."""
+
+    t: float = Field(300.0, ge=0.0)
+    init: InitMode = "sum"
+
+
+@spectral_method("swudi_soft", SwudiSoftParams, "exponential filter 1 - exp(-t lambda), full rank")
+def _filter_swudi_soft(lam: torch.Tensor, shape: Shape, p: SwudiSoftParams) -> torch.Tensor:
+    """f_k = 1 - exp(-t lambda_k)."""
+    return exponential_filter(lam, p.t)
+
+
+class PinvParams(MethodParams):
+    """theta = D C^+ (f = 1 above rtol * lambda_max); ``init`` only matters on the null space."""
+
+    init: InitMode = "zero"
+    rtol: float | None = Field(None, ge=0.0)
+
+
+@spectral_method("pinv", PinvParams, "closed-form minimiser D C^+")
+def _filter_pinv(lam: torch.Tensor, shape: Shape, p: PinvParams) -> torch.Tensor:
+    """f_k = 1 where lambda_k > rtol * lambda_max, else 0."""
+    return pinv_filter(lam, p.rtol)
+
+
+# -------------------------------------------------------------------------- iterative methods
+class WudiParams(MethodParams):
+    """Adam on the WUDI loss from the sum of task vectors."""
+
+    iterations: int = Field(300, ge=0)
+    lr: float = Field(1e-5, gt=0.0)
+
+
+@iterative_method("wudi", WudiParams, "iterative WUDI: Adam on the WUDI loss (reference baseline)")
+def _merge_wudi(tv: torch.Tensor, p: WudiParams) -> torch.Tensor:
+    """Adam on L(theta) = sum_i w_i ||(theta - tau_i) tau_i^T||_F^2 from theta = sum_i tau_i."""
+    return baselines.wudi(tv, p.iterations, p.lr)
+
+
+class OptMergeParams(WudiParams):
+    """WUDI on rank-K truncated task vectors; ``rank`` None -> floor(min(m, d) / N)."""
+
+    rank: int | None = Field(None, ge=1)
+
+
+@iterative_method("optmerge", OptMergeParams, "OptMerge: WUDI on rank-floor(min(m,d)/N) truncated task vectors")
+def _merge_optmerge(tv: torch.Tensor, p: OptMergeParams) -> torch.Tensor:
+    """WUDI with each tau_i replaced in the loss by its rank-K truncation."""
+    return baselines.optmerge(tv, p.iterations, p.lr, p.rank)
+
+
+# ------------------------------------------------------------------------ elementwise methods
+class TaskArithmeticParams(MethodParams):
+    """theta = scale * sum_i tau_i."""
+
+    scale: float = 0.3
+
+
+@elementwise_method(
+    "task_arithmetic",
+    TaskArithmeticParams,
+    "theta = scale * sum of task vectors",
+    from_sum=lambda s, n, p: s * float(p.scale),
+)
+def _merge_task_arithmetic(tv: torch.Tensor, p: TaskArithmeticParams) -> torch.Tensor:
+    """theta = scale * sum_i tau_i."""
+    return baselines.task_arithmetic(tv, p.scale)
+
+
+class TiesParams(MethodParams):
+    """TIES: keep the top ``density`` fraction per task, elect signs, disjoint mean, ``scale``."""
+
+    density: float = Field(0.2, ge=0.0, le=1.0)
+    scale: float = 1.0
+
+
+@elementwise_method("ties", TiesParams, "TIES: trim, elect sign, disjoint mean")
+def _merge_ties(tv: torch.Tensor, p: TiesParams) -> torch.Tensor:
+    """Trim each tau_i to its top ``density`` magnitudes, elect signs, disjoint mean, times scale."""
+    return baselines.ties(tv, p.density, p.scale)
+
+
+class MeanParams(MethodParams):
+    """theta = mean_i tau_i (no parameters)."""
+
+
+@elementwise_method("mean", MeanParams, "theta = mean of task vectors", from_sum=lambda s, n, p: s / n)
+def _merge_mean(tv: torch.Tensor, p: MeanParams) -> torch.Tensor:
+    """theta = (1/N) sum_i tau_i."""
+    return baselines.mean(tv)
+
+
+# ------------------------------------------------------------------------------ look-ups
+def get_method(name: str | MethodSpec) -> MethodSpec:
+    """The registered method; :class:`ConfigError` naming the valid methods otherwise.
+
+    Modules named in ``$SWUDI_METHOD_MODULES`` are imported first (their methods register).
+    """
     if isinstance(name, MethodSpec):
         return name
+    import_method_modules()
     try:
         return METHODS[name]
     except (KeyError, TypeError):
@@ -256,6 +256,29 @@ def validate_params(method: str, params: Mapping[str, Any] | None = None) -> dic
     return get_method(method).validate(params).model_dump()
 
 
+def _init_mode(p: BaseModel) -> str:
+    """theta0 of a spectral method: its ``init`` parameter, ``"sum"`` when it has none."""
+    return str(getattr(p, "init", "sum"))
+
+
+def _shape2(shape: Sequence[int]) -> Shape:
+    m, d = (int(s) for s in shape)
+    return (m, d)
+
+
+def _checked(theta: torch.Tensor, spec: MethodSpec, shape: Sequence[int], what: str) -> torch.Tensor:
+    """``theta`` as float32 after checking the method returned a tensor of ``shape``."""
+    if not isinstance(theta, torch.Tensor) or tuple(theta.shape) != tuple(shape):
+        got = tuple(theta.shape) if isinstance(theta, torch.Tensor) else type(theta).__name__
+        raise ConfigError(f"method {spec.name!r}: its {what} returned {got}, expected a tensor of shape {tuple(shape)}")
+    return theta.to(torch.float32)
+
+
+def _filter(spec: MethodSpec, eigenvalues: torch.Tensor, shape: Shape, p: BaseModel) -> torch.Tensor:
+    assert spec.filter is not None  # guaranteed by MethodSpec for spectral methods
+    return _checked(spec.filter(eigenvalues, shape, p), spec, eigenvalues.shape, "filter")
+
+
 def spectral_filter(eigenvalues: torch.Tensor, shape: Sequence[int], method: str, **params: Any) -> torch.Tensor:
     """The filter f ``[d]`` a spectral method applies to eigenvalues (descending) of a weight.
 
@@ -265,34 +288,31 @@ def spectral_filter(eigenvalues: torch.Tensor, shape: Sequence[int], method: str
     if spec.kind != "spectral":
         raise ConfigError(f"method {spec.name!r} is {spec.kind}, not spectral: it has no spectral filter")
     p = spec.validate(params)
-    return spec.filter(torch.as_tensor(eigenvalues, dtype=torch.float32).cpu(), _shape2(shape), p)
+    return _filter(spec, torch.as_tensor(eigenvalues, dtype=torch.float32).cpu(), _shape2(shape), p)
 
 
-def _shape2(shape: Sequence[int]) -> Shape:
-    m, d = (int(s) for s in shape)
-    return (m, d)
-
-
+# ------------------------------------------------------------------------- merge entry points
 def merge_decomposition(
     dec: Decomposition, method: str, *, device: str | torch.device = "auto", **params: Any
 ) -> torch.Tensor:
     """Merged theta ``[m, d]`` float32 (CPU) from a decomposition: filter + two matrix products.
 
-    Spectral methods, plus ``mean`` and ``task_arithmetic`` (they only need the sum of task
-    vectors). An all-zero decomposition gives the mean for every method.
+    Spectral methods: theta = theta0 - theta0 Q diag(f) Q^T + D Q diag(f / lambda) Q^T (the mean
+    when the decomposition is all zero). Methods declaring ``from_sum``: ``from_sum(S, N, params)``.
+    Any other method needs the task vectors: :class:`ConfigError` (use :func:`merge_matrix`).
     """
     spec = get_method(method)
     p = spec.validate(params)
-    if spec.kind == "iterative" or spec.name == "ties":
-        raise ConfigError(
-            f"method {spec.name!r} needs the task vectors themselves; use merge_matrix(task_vectors, ...)"
-        )
-    if dec.all_zero or spec.name == "mean":
-        return dec.sum_tv / dec.num_tasks
-    if spec.name == "task_arithmetic":
-        return dec.sum_tv * float(p.scale)
-    f = spec.filter(dec.eigenvalues, dec.shape, p)
-    return apply_filter(dec, f, p.init, device=device)
+    if spec.kind == "spectral":
+        if dec.all_zero:
+            return dec.sum_tv / dec.num_tasks
+        return apply_filter(dec, _filter(spec, dec.eigenvalues, dec.shape, p), _init_mode(p), device=device)
+    if spec.from_sum is not None:
+        return _checked(spec.from_sum(dec.sum_tv, dec.num_tasks, p), spec, dec.shape, "from_sum")
+    raise ConfigError(
+        f"method {spec.name!r} ({spec.kind}) needs the task vectors themselves, not a decomposition "
+        f"(it declares no from_sum); use merge_matrix(task_vectors, {spec.name!r}, ...)"
+    )
 
 
 def merge_matrix(
@@ -308,7 +328,7 @@ def merge_matrix(
     ``task_vectors`` is ``[N, out, in]`` (or a sequence of ``[out, in]``). Float32 compute on
     ``device`` ("auto": CUDA when available); the result is on the input's device. Spectral
     methods decompose and filter; iterative methods run their optimiser; elementwise methods
-    apply their rule. All-zero task vectors give the mean.
+    apply their rule. All-zero task vectors give the mean (except for elementwise methods).
     """
     spec = get_method(method)
     p = spec.validate(params)
@@ -327,21 +347,28 @@ def _merge_matrix_f32(
         m, d = int(tv.shape[1]), int(tv.shape[2])
 
         def needed_rank(eigenvalues: torch.Tensor) -> int:
-            f = spec.filter(eigenvalues, (m, d), p)
-            nonzero = torch.nonzero(f).flatten()
+            nonzero = torch.nonzero(_filter(spec, eigenvalues, (m, d), p)).flatten()
             return 0 if nonzero.numel() == 0 else int(nonzero[-1]) + 1
 
         dec = _decompose(tv, name=name, device=device, rank_fn=needed_rank, checked=True)
         if dec.all_zero:
             return dec.sum_tv / dec.num_tasks
-        return apply_filter(dec, spec.filter(dec.eigenvalues, dec.shape, p), p.init, device=device)
+        return apply_filter(dec, _filter(spec, dec.eigenvalues, dec.shape, p), _init_mode(p), device=device)
     if spec.kind == "iterative":
-        dev = resolve_device(device)
-        x = tv.to(device=dev, dtype=torch.float32)
+        x = tv.to(device=resolve_device(device), dtype=torch.float32)
         if is_all_zero(squared_norms(x)):
             return baselines.mean(x)
-        return spec.merge(x, p)
-    return spec.merge(tv, p)
+        return _run_merge(spec, x, p)
+    return _run_merge(spec, tv, p)
+
+
+def _run_merge(spec: MethodSpec, tv: torch.Tensor, p: BaseModel) -> torch.Tensor:
+    """A non-spectral method's theta (float32, shape ``tv.shape[1:]``): ``merge``, else ``from_sum``."""
+    x = tv.to(torch.float32)
+    if spec.merge is not None:
+        return _checked(spec.merge(x, p), spec, tv.shape[1:], "merge")
+    assert spec.from_sum is not None  # MethodSpec guarantees one of the two
+    return _checked(spec.from_sum(x.sum(dim=0), int(tv.shape[0]), p), spec, tv.shape[1:], "from_sum")
 
 
 def merge_elementwise(
@@ -360,6 +387,7 @@ def merge_elementwise(
 
 
 def _merge_elementwise_f32(tv: torch.Tensor, spec: MethodSpec, p: BaseModel) -> torch.Tensor:
+    """theta as float32 for a validated ``[N, ...]`` stack: the method's rule, or the mean."""
     if spec.kind == "elementwise":
-        return spec.merge(tv, p)
+        return _run_merge(spec, tv, p)
     return baselines.mean(tv)
