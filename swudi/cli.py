@@ -1,4 +1,4 @@
-"""The ``swudi`` command line: plan, merge, demo.
+"""The ``swudi`` command line: plan, merge, methods, demo.
 
 Prefect is imported only by the commands that run flows; ``swudi plan`` needs headers alone.
 Without ``PREFECT_API_URL`` the flows run on Prefect's embedded (ephemeral) server.
@@ -20,11 +20,15 @@ from rich.table import Table
 
 from swudi.config import MergeConfig, load_config
 from swudi.errors import SwudiError
+from swudi.registry import method_choices
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Data-free model merging with SWUDI / SWUDI-A as resumable Prefect flows.")
 console = Console(stderr=True)
 out = Console()
+
+#: Help text of the ``--method`` options, from the method registry.
+METHOD_HELP = f"merge method: {method_choices()} (see `swudi methods`)"
 
 #: Defaults for Prefect on these machines (a cold ephemeral server needs ~15 s; no telemetry).
 PREFECT_DEFAULTS = {
@@ -84,7 +88,7 @@ def print_result(result: dict[str, Any]) -> None:
 
 @app.command()
 def merge(config: Path = typer.Argument(..., help="YAML merge config"),
-          method: Optional[str] = typer.Option(None, "--method", help="override the config's method"),
+          method: Optional[str] = typer.Option(None, "--method", help=f"override the config's {METHOD_HELP}"),
           overrides: list[str] = typer.Option([], "--set", help="key=value override (dotted keys)"),
           verbose: bool = typer.Option(False, "-v", "--verbose")) -> None:
     """Merge base + experts as configured and publish a new version; print its location."""
@@ -100,10 +104,11 @@ def merge(config: Path = typer.Argument(..., help="YAML merge config"),
 
 @app.command()
 def plan(config: Path = typer.Argument(..., help="YAML merge config"),
-         method: Optional[str] = typer.Option(None, "--method"),
+         method: Optional[str] = typer.Option(None, "--method", help=f"override the config's {METHOD_HELP}"),
          overrides: list[str] = typer.Option([], "--set", help="key=value override (dotted keys)"),
          as_json: bool = typer.Option(False, "--json", help="print the plan as JSON")) -> None:
     """Validate config and checkpoints from headers alone and print the plan (no weights read)."""
+    from swudi.methods import get_method
     from swudi.plan import build_plan, describe_plan
 
     try:
@@ -115,7 +120,7 @@ def plan(config: Path = typer.Argument(..., help="YAML merge config"),
     if as_json:
         out.print_json(json.dumps(summary))
         return
-    table = Table(title=f"swudi plan: {cfg.method} {cfg.params}")
+    table = Table(title=f"swudi plan: {cfg.method} ({get_method(cfg.method).kind}) {cfg.params}")
     for column in ("tensor", "shape", "dtype", "treatment"):
         table.add_column(column)
     for row in summary["tensors"]:
@@ -127,11 +132,35 @@ def plan(config: Path = typer.Argument(..., help="YAML merge config"),
         out.print(f"[yellow]warning:[/yellow] {warning}")
 
 
+@app.command("methods")
+def list_methods(markdown: bool = typer.Option(False, "--markdown",
+                                               help="print a Markdown table (the README's)")) -> None:
+    """List the registered merge methods: name, kind, description, parameters with their defaults."""
+    from rich.text import Text
+
+    from swudi.registry import import_method_modules, method_rows, methods_markdown
+
+    try:
+        import_method_modules()  # methods registered by $SWUDI_METHOD_MODULES
+    except SwudiError as error:
+        _fail(error)
+    if markdown:
+        typer.echo(methods_markdown())
+        return
+    table = Table(title="swudi merge methods")
+    for column in ("method", "kind", "description", "parameters (defaults)"):
+        table.add_column(column, no_wrap=column in ("method", "kind"), overflow="fold")
+    for row in method_rows():
+        table.add_row(*(Text(text) for text in (row["name"], row["kind"], row["description"],
+                                                ", ".join(row["parameters"]) or "-")))
+    out.print(table)
+
+
 @app.command()
 def demo(folder: Path = typer.Option(Path(".swudi-demo"), "--dir", help="where models are written"),
          experts: int = typer.Option(4, min=2, help="number of generated experts"),
          layers: int = typer.Option(4, min=1), hidden: int = typer.Option(128, min=8),
-         method: str = typer.Option("swudi_a")) -> None:
+         method: str = typer.Option("swudi_a", help=METHOD_HELP)) -> None:
     """Generate a small base and experts, merge them end to end, publish to a local folder."""
     from swudi.synthetic import SyntheticModel, write_synthetic_models
 
