@@ -1,7 +1,8 @@
 """The merge flow: checkpoints -> per-layer decompose / select rank / merge -> evaluate -> publish.
 
-Layers run as parallel, cached Prefect tasks on a bounded thread pool or on Dask (prefect-dask);
-killed and re-run, a merge computes only the layers that had not finished.
+Layers run as parallel Prefect tasks on a bounded thread pool or on Dask (prefect-dask). The work
+folder's artefacts say what is done: killed and re-run, a merge submits only the layers whose
+merged artefact is missing.
 """
 
 from __future__ import annotations
@@ -17,14 +18,13 @@ from prefect.futures import PrefectFuture, as_completed
 from prefect.task_runners import ThreadPoolTaskRunner
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from swudi.config import MergeConfig, config_from_mapping
+from flows.parameters import config_parameter, hold_storage_options
+from swudi.config import MergeConfig
 from swudi.evaluators import check_evaluators
 from swudi.methods import get_method
 from swudi.plan import check_inputs_exist
-from swudi.steps import MergedRecord
-from tasks import (decompose_layer, evaluate_merge, fetch_checkpoints, merge_group, merge_layer,
-                   publish_model, select_rank)
-from tasks.caching import result_storage
+from swudi.steps import MergedRecord, bytes_read, group_merge_key, layer_merge_key
+from tasks import evaluate_merge, fetch_checkpoints, find_completed, merge_group, merge_layer, publish_model
 
 
 def task_runner(config: MergeConfig) -> Any:
@@ -55,54 +55,63 @@ def _wait(futures: Sequence[PrefectFuture], label: str) -> list[MergedRecord]:
 
 
 @flow(name="swudi-merge", log_prints=True, validate_parameters=False)
-def merge(config: dict[str, Any]) -> dict[str, Any]:
+def merge(config: dict[str, Any], storage_options_ref: str | None = None) -> dict[str, Any]:
     """Merge the configured base and experts and publish the result.
 
-    ``config`` is a :class:`~swudi.config.MergeConfig` as a mapping (validated here). Returns the
-    published version and URL, what was computed or reused in this run, the diagnostics summary
-    and the per-tensor records.
+    ``config`` is a :class:`~swudi.config.MergeConfig` as a mapping (validated here), its storage
+    options held in memory under ``storage_options_ref`` (:mod:`flows.parameters`). What is done
+    is decided by the work folder's artefacts: only layers and groups without a complete merged
+    artefact are submitted. Returns the published version and URL, what was computed or reused in
+    this run, the bytes read, the diagnostics summary and the per-tensor records.
     """
-    cfg = config if isinstance(config, MergeConfig) else config_from_mapping(config, "flow parameter")
+    cfg = config_parameter(config, storage_options_ref)
     started = time.perf_counter()
+    run_id = _flow_run_id()
     plan = fetch_checkpoints(cfg)
-    storage = result_storage(cfg)  # cache records live in the work folder
-    decompose, rank, merge_one, merge_many = (
-        t.with_options(result_storage=storage) for t in (decompose_layer, select_rank, merge_layer, merge_group))
-    layers = plan.layer_jobs
-    spectral = get_method(cfg.method).kind == "spectral"
-    if spectral:
-        decompositions = decompose.map(layers, unmapped(cfg))
-        ranks = rank.map(decompositions, unmapped(cfg))
-        merged_layers = merge_one.map(layers, unmapped(cfg), decompositions, ranks)
-    else:
-        merged_layers = merge_one.map(layers, unmapped(cfg))
-    groups = [merge_many.submit(group, cfg) for group in plan.group_jobs]
-    records = _wait([*merged_layers, *groups], f"merging {len(layers)} layers + {len(groups)} groups")
-    decomposed = [future.result() for future in decompositions] if spectral else []
+    layers, groups = plan.layer_jobs, plan.group_jobs
+    keys = [layer_merge_key(job, cfg) for job in layers] + [group_merge_key(group, cfg) for group in groups]
+    done = find_completed(keys, cfg)
+    todo_layers = [job for job, key in zip(layers, keys) if key not in done]
+    todo_groups = [group for group, key in zip(groups, keys[len(layers):]) if key not in done]
+    futures = [*(merge_layer.map(todo_layers, unmapped(cfg), unmapped(run_id)) if todo_layers else []),
+               *(merge_group.map(todo_groups, unmapped(cfg), unmapped(run_id)) if todo_groups else [])]
+    computed = iter(_wait(futures, f"merging {len(todo_layers)} of {len(layers)} layers + "
+                                   f"{len(todo_groups)} of {len(groups)} groups"))
+    records = [done[key] if key in done else next(computed) for key in keys]
     merged_seconds = time.perf_counter() - started
     diagnostics = evaluate_merge(records)
+    now = [r for r in records if r.computed_in == run_id]
+    spectral = get_method(cfg.method).kind == "spectral"
+    layer_records = records[: len(layers)]
+    decomposed_now = sum(1 for r in layer_records if r.computed_in == run_id and r.decomposed) if spectral else 0
+    io = bytes_read(records, run_id, len(plan.expert_urls))
+    io["headers"] = list(plan.header_bytes)
     timings = {"merge_wall_seconds": merged_seconds,
-               "decompose_seconds_computed": sum(d.seconds for d in decomposed)}
-    published = publish_model(cfg, plan, records, diagnostics, timings)
-    run_id = _flow_run_id()
-    computed = sum(1 for r in records if r.computed_in == run_id)
-    decomposed_now = sum(1 for d in decomposed if d.computed_in == run_id)
-    get_run_logger().info("merged %d layers and %d groups (%d merges and %d decompositions computed in this run, "
-             "the rest reused) -> %s", len(layers), len(groups), computed, decomposed_now,
-             published["url"])
+               "decompose_seconds_computed": sum(r.decompose_seconds for r in now)}
+    published = publish_model(cfg, plan, records, diagnostics, timings, io)
+    get_run_logger().info(
+        "merged %d layers and %d groups (%d merges and %d decompositions computed in this run, the rest "
+        "reused; read %s of the inputs) -> %s", len(layers), len(groups), len(now), decomposed_now,
+        _size(published["io"]["input_bytes"]), published["url"])
     return {
         "version": published["version"],
         "url": published["url"],
+        "flow_run_id": run_id,
         "layers": len(layers),
         "groups": len(groups),
-        "computed": computed,
-        "reused": len(records) - computed,
+        "computed": len(now),
+        "reused": len(records) - len(now),
         "decompositions_computed": decomposed_now,
-        "decompositions_reused": len(decomposed) - decomposed_now,
+        "decompositions_reused": (len(layers) - decomposed_now) if spectral else 0,
+        "io": published["io"],
         "seconds": round(time.perf_counter() - started, 3),
         "diagnostics": {k: v for k, v in diagnostics.items() if k != "per_layer"},
         "records": [r.__dict__ for r in records],
     }
+
+
+def _size(n: int) -> str:
+    return f"{n / 1e6:.1f} MB"
 
 
 def _flow_run_id() -> str:
@@ -113,4 +122,5 @@ def run_merge(config: MergeConfig) -> dict[str, Any]:
     """Run the merge flow with the runner the config asks for (inputs are checked to exist first)."""
     check_inputs_exist(config)
     check_evaluators(config.evaluators)
-    return merge.with_options(task_runner=task_runner(config))(config.model_dump())
+    with hold_storage_options(config) as (parameter, ref):
+        return merge.with_options(task_runner=task_runner(config))(parameter, ref)

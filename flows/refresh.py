@@ -40,7 +40,7 @@ from swudi.checkpoint.lock import Lock, acquire_lock, read_lock, release_lock, r
 from swudi.checkpoint.publish import is_version_complete
 from swudi.config import MergeConfig, apply_overrides, config_from_mapping, load_config
 from swudi.errors import PublishError
-from swudi.methods import ALGORITHM_VERSION
+from swudi.code_version import merge_code
 from swudi.plan import build_plan, check_inputs_exist, version_id
 from swudi.publish_model import LOCK_WAIT_S, read_report
 
@@ -131,9 +131,9 @@ def _describe_changes(config: MergeConfig, inputs_fp: str, inputs: Sequence[tupl
     for key in ("method", "params", "scale", "output_dtype"):
         if report.get(key) != getattr(config, key):
             changes.append(f"{key}: {report.get(key)!r} -> {getattr(config, key)!r}")
-    old_algorithm = report.get("software", {}).get("algorithm_version")
-    if old_algorithm != ALGORITHM_VERSION:
-        changes.append(f"algorithm version {old_algorithm} -> {ALGORITHM_VERSION}")
+    old_code, new_code = report.get("software", {}).get("merge_code"), merge_code(config.method)
+    if old_code != new_code:
+        changes.append(f"merge code {old_code} -> {new_code}")
     return changes or ["settings changed (routing, shard size or decomposition options)"]
 
 

@@ -12,7 +12,8 @@ from prefect.artifacts import create_table_artifact
 from flows.merge import run_merge
 from swudi.checkpoint import join_url
 from swudi.checkpoint.storage import write_bytes_atomic
-from swudi.config import MergeConfig, config_from_mapping
+from flows.parameters import config_parameter, hold_storage_options, redacted
+from swudi.config import MergeConfig
 from swudi.publish_model import read_report
 from swudi.sweep import parse_grid, point_configs, point_label, sweep_root
 
@@ -20,13 +21,13 @@ SWEEP_FILE = "sweep.json"
 
 
 @flow(name="swudi-sweep", validate_parameters=False)
-def sweep(config: dict[str, Any], grid: list[str]) -> dict[str, Any]:
+def sweep(config: dict[str, Any], grid: list[str], storage_options_ref: str | None = None) -> dict[str, Any]:
     """Merge every grid point (a subflow each) and write ``OUTPUT/sweeps/<id>/sweep.json``.
 
     Each point records its settings, version URL, data-free diagnostics, user evaluations and
     timings; ``swudi report`` turns the file into plots and tables.
     """
-    cfg = config if isinstance(config, MergeConfig) else config_from_mapping(config, "flow parameter")
+    cfg = config_parameter(config, storage_options_ref)
     parsed = parse_grid(grid)
     points = point_configs(cfg, parsed)  # every point validated before the first merge
     rows = []
@@ -42,7 +43,7 @@ def sweep(config: dict[str, Any], grid: list[str]) -> dict[str, Any]:
             "evaluations": report.get("evaluations", {}),
         })
     root = sweep_root(cfg, parsed)
-    summary = {"grid": [[k, v] for k, v in parsed], "base_config": cfg.model_dump(), "points": rows,
+    summary = {"grid": [[k, v] for k, v in parsed], "base_config": redacted(cfg), "points": rows,
                "url": join_url(root, SWEEP_FILE)}
     write_bytes_atomic(summary["url"], (json.dumps(summary, indent=2, default=str) + "\n").encode(),
                        cfg.storage_options)
@@ -56,4 +57,5 @@ def sweep(config: dict[str, Any], grid: list[str]) -> dict[str, Any]:
 
 def run_sweep(config: MergeConfig, grid: Sequence[str]) -> dict[str, Any]:
     """Run the sweep flow (points run one after another; each point's layers in parallel)."""
-    return sweep(config.model_dump(), list(grid))
+    with hold_storage_options(config) as (parameter, ref):
+        return sweep(parameter, list(grid), ref)

@@ -21,7 +21,6 @@ from swudi.errors import (
     SwudiError,
 )
 from swudi.methods import (
-    ALGORITHM_VERSION,
     METHODS,
     MethodParams,
     MethodSpec,
@@ -47,7 +46,6 @@ from swudi.task_vectors import check_task_vectors, stack_task_vectors
 __version__ = "0.1.0"
 
 __all__ = [
-    "ALGORITHM_VERSION",
     "DEFAULT_EXCLUDE",
     "METHODS",
     "RANK_RULES",

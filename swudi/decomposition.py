@@ -122,14 +122,25 @@ class Decomposition:
         if tuple(theta.shape) != (m, d):
             raise InputError(f"weight {self.name!r}: theta has shape {tuple(theta.shape)}, expected {(m, d)}")
         if self.all_zero or self.rank == 0:
-            # C = 0 and D = 0 on every direction we know of.
-            return float(self.objective_const)
+            return float(self.objective_const)  # C = 0 and D = 0 on every direction we know of
         dev = resolve_device(device)
-        q = self.eigenvectors.to(dev)
-        tq = (theta.to(device=dev, dtype=torch.float32) @ q).double()
-        lam = self.eigenvalues[: self.rank].to(dev).double()
+        return self.objective_of_projection(theta.to(device=dev, dtype=torch.float32) @ self.eigenvectors.to(dev))
+
+    def objective_of_projection(self, theta_q: torch.Tensor) -> float:
+        """L(theta) from theta Q ``[m, r]`` alone: sum_k lambda_k ||theta q_k||^2 - 2 <theta Q, D Q> + const.
+
+        Costs O(m r): the diagnostics of a filtered merge need no product with a full weight.
+        """
+        m, _ = self.shape
+        if tuple(theta_q.shape) != (m, self.rank):
+            raise InputError(f"weight {self.name!r}: theta Q has shape {tuple(theta_q.shape)}, "
+                             f"expected {(m, self.rank)}")
+        if self.all_zero or self.rank == 0:
+            return float(self.objective_const)
+        tq = theta_q.double()
+        lam = self.eigenvalues[: self.rank].to(tq.device).double()
         quad = (tq.square().sum(dim=0) * lam).sum()
-        lin = (tq * self.dq.to(dev).double()).sum()
+        lin = (tq * self.dq.to(tq.device).double()).sum()
         return float((quad - 2.0 * lin).item() + self.objective_const)
 
     def to_tensors(self) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

@@ -6,15 +6,19 @@ For task vectors tau_i and merged theta, task i's interference is its term of th
 
 how much theta disturbs the outputs of the inputs task i feeds the layer. It is reported relative to
 task arithmetic's theta = sum_i tau_i, so 1.0 means "as much interference as summing", and lower is
-better. Computed in float32 with the cheaper of two orders: (A tau^T) costs m^2 d, tr(A G A^T)
-with G = tau^T tau costs 2 m d^2.
+better. From task vectors in memory (:func:`interference_vs_sum`, per task and total) it is
+computed in float32 with the cheaper of two orders: (A tau^T) costs m^2 d, tr(A G A^T) with
+G = tau^T tau costs 2 m d^2. From a stored decomposition (:func:`interference_from_decomposition`,
+total only) it costs O(m r) and reads no task vector.
 """
 
 from __future__ import annotations
 
 import torch
 
+from swudi.decomposition import Decomposition
 from swudi.device import resolve_device
+from swudi.spectral import filtered_projection
 
 
 def task_interference(theta: torch.Tensor, task_vectors: torch.Tensor,
@@ -50,3 +54,20 @@ def interference_vs_sum(theta: torch.Tensor, task_vectors: torch.Tensor,
     per_task = [float(a / b) if b > 0 else None for a, b in zip(merged, reference)]
     total = float(merged.sum() / reference.sum()) if float(reference.sum()) > 0 else None
     return {"per_task": per_task, "total": total}
+
+
+def interference_from_decomposition(dec: Decomposition, f: torch.Tensor, init: str = "sum",
+                                    device: str | torch.device = "auto") -> float | None:
+    """Total interference L(theta) / L(sum of task vectors) of a filtered merge, from the decomposition.
+
+    Both losses come from projections on the stored eigenvectors (theta Q and S Q, O(m r) work,
+    :meth:`~swudi.decomposition.Decomposition.objective_of_projection`): no task vector is needed.
+    Exact when every direction of C's range is stored (no ``max_rank`` cut). None when the
+    reference loss is 0 (all task vectors zero).
+    """
+    if dec.all_zero:
+        return None
+    reference = dec.objective_of_projection(dec.sum_q)
+    if reference <= 0.0:
+        return None
+    return dec.objective_of_projection(filtered_projection(dec, f, init, device=device)) / reference

@@ -73,7 +73,6 @@ from swudi.spectral import apply_filter, exponential_filter, pinv_filter, trunca
 from swudi.task_vectors import check_task_vectors, is_all_zero, squared_norms
 
 __all__ = [
-    "ALGORITHM_VERSION",
     "MethodKind",
     "MethodParams",
     "MethodSpec",
@@ -96,8 +95,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-#: Bump when any method's numbers change, so caches keyed on it are recomputed.
-ALGORITHM_VERSION = "1"
 
 InitMode = Literal["sum", "mean", "zero"]
 

@@ -19,7 +19,8 @@ from swudi.checkpoint.fingerprint import digest
 from swudi.checkpoint.header import torch_dtype
 from swudi.config import MergeConfig
 from swudi.errors import CheckpointError
-from swudi.methods import ALGORITHM_VERSION, get_method
+from swudi.code_version import merge_code
+from swudi.methods import get_method
 from swudi.routing import Route, route_tensor
 
 log = logging.getLogger(__name__)
@@ -67,6 +68,7 @@ class MergePlan:
     jobs: tuple[TensorJob, ...]
     extra_files: tuple[str, ...]
     warnings: tuple[str, ...] = field(default=())
+    header_bytes: tuple[int, ...] = field(default=())  # read to open (base, expert 0, ...)
 
     @property
     def layer_jobs(self) -> list[TensorJob]:
@@ -138,7 +140,7 @@ def build_plan(config: MergeConfig, checkpoints: tuple[Checkpoint, list[Checkpoi
                               tuple(expert.tensors[name] for expert in experts)))
     plan = MergePlan(base.url, tuple(e.url for e in experts), base.fingerprint,
                      tuple(e.fingerprint for e in experts), tuple(jobs), tuple(base.extra_files),
-                     tuple(warnings))
+                     tuple(warnings), tuple(c.header_bytes for c in (base, *experts)))
     log.info("plan: %d tensors (%s) from %d experts", len(jobs), plan.counts(), len(experts))
     return plan
 
@@ -154,7 +156,7 @@ def output_dtype(config: MergeConfig, job: TensorJob) -> str:
 
 
 def version_id(config: MergeConfig, plan: MergePlan) -> str:
-    """Identity of a merged model: inputs + method + parameters + treatment + algorithm version.
+    """Identity of a merged model: inputs + method + parameters + treatment + the merge code.
 
     The same inputs merged with the same settings always get the same id, so a refresh with nothing
     changed finds its version already published.
@@ -165,7 +167,7 @@ def version_id(config: MergeConfig, plan: MergePlan) -> str:
         "output_dtype": config.output_dtype, "max_shard_size": config.max_shard_size,
         "max_rank": config.decomposition.max_rank,
     }
-    return digest(ALGORITHM_VERSION, plan.inputs_fingerprint, settings)[:16]
+    return digest(merge_code(config.method), plan.inputs_fingerprint, settings)[:16]
 
 
 def describe_plan(config: MergeConfig, plan: MergePlan) -> dict[str, Any]:

@@ -70,12 +70,20 @@ def plot_sweep(summary: Mapping[str, Any], out: Path) -> list[Path]:
             continue
         series: dict[str, list[float | None]] = {}
         metric = ""
+        # per-task interference exists only for layers whose task vectors were in memory (a point
+        # that reused stored decompositions has the total only): then every point shows the total
+        every_layer_per_task = all(
+            r["diagnostics"].get("layers_with_per_task_interference") == r["diagnostics"].get("layers")
+            for r in rows)
         for r in rows:
             metric_name, per_task = _task_metric(r.get("evaluations", {}))
             if not per_task:
                 metric_name = "interference vs sum (WUDI loss ratio, lower is better)"
-                interference = r["diagnostics"].get("mean_interference_vs_sum_per_task") or []
-                per_task = {f"task {i}": v for i, v in enumerate(interference)}
+                if every_layer_per_task:
+                    interference = r["diagnostics"].get("mean_interference_vs_sum_per_task") or []
+                    per_task = {f"task {i}": v for i, v in enumerate(interference)}
+                else:
+                    per_task = {"all tasks": r["diagnostics"].get("mean_interference_vs_sum")}
             metric = metric_name
             for task, value in per_task.items():
                 series.setdefault(task, []).append(value)

@@ -21,7 +21,8 @@ from swudi.config import MergeConfig
 from swudi.evaluators import run_evaluators
 from swudi.plan import MergePlan, output_dtype, version_id
 from swudi.report import build_report
-from swudi.steps import MergedRecord, merged_tensor_reader
+from swudi.steps import MergedRecord, MergedTensorReader
+from swudi.workdir import usage
 
 log = logging.getLogger(__name__)
 
@@ -31,23 +32,30 @@ LOCK_WAIT_S = 600.0
 
 def publish_merged_model(config: MergeConfig, plan: MergePlan, merged: Sequence[MergedRecord],
                          diagnostics: Mapping[str, Any],
-                         timings: Mapping[str, float] | None = None) -> dict[str, Any]:
+                         timings: Mapping[str, float] | None = None,
+                         io: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Write (or find) this merge's version under ``config.output`` and point ``latest.json`` at it.
 
-    Returns the pointer (``version``, ``path``, ``url``...) plus ``report``, the merge report of
-    the version (that of the earlier publish when the version was already complete).
+    ``io`` holds the bytes this run read so far (:func:`swudi.steps.bytes_read` + ``headers``);
+    the base tensors read while publishing are added. Returns the pointer (``version``, ``path``,
+    ``url``...) plus ``report``, the merge report of the version (that of the earlier publish when
+    the version was already complete) and ``io``, this run's bytes read (:func:`io_summary`).
     """
     version = version_id(config, plan)
     report: dict[str, Any] = {}
+    reads = {"base": 0, "experts": [0] * len(plan.expert_urls), "work": 0, "headers": [], **(io or {})}
 
     def write_files(version_url: str) -> None:
         specs = [(job.name, output_dtype(config, job), job.shape) for job in plan.jobs]
-        reader = merged_tensor_reader(merged, plan.jobs, config)
+        reader = MergedTensorReader(merged, plan.jobs, config)
         write_sharded(version_url, specs, reader, config.max_shard_size, config.storage_options)
+        reads["base"] += reader.base_bytes_read
+        reads["work"] += reader.work_bytes_read
         base = Checkpoint.open(config.base, config.storage_options)
         copy_extra_files(base, version_url, config.storage_options)
         evaluations = run_evaluators(config.evaluators, version_url)
-        report.update(build_report(config, plan, version, merged, diagnostics, evaluations, timings))
+        report.update(build_report(config, plan, version, merged, diagnostics, evaluations, timings,
+                                   io_summary(plan, reads), usage(config)))
         write_bytes_atomic(join_url(version_url, REPORT_NAME),
                            (json.dumps(report, indent=2, sort_keys=True) + "\n").encode(),
                            config.storage_options)
@@ -63,7 +71,28 @@ def publish_merged_model(config: MergeConfig, plan: MergePlan, merged: Sequence[
     if not report:
         report = read_report(config.output, version, config.storage_options)
     return {**pointer, "url": pointer.get("url") or join_url(config.output, pointer["path"]),
-            "report": report}
+            "report": report, "io": io_summary(plan, reads)}
+
+
+def io_summary(plan: MergePlan, reads: Mapping[str, Any]) -> dict[str, Any]:
+    """Bytes read per input checkpoint (tensor data and headers), from the work folder, and in total."""
+    headers = list(reads.get("headers") or [0] * (len(plan.expert_urls) + 1))
+    tensors = [int(reads["base"]), *(int(n) for n in reads["experts"])]
+    roles = ["base", *(f"expert {i}" for i in range(len(plan.expert_urls)))]
+    per_checkpoint = [{"role": role, "url": url, "tensor_bytes": t, "header_bytes": h,
+                       "tensor_bytes_needed": total}
+                      for role, url, t, h, total in zip(roles, [plan.base_url, *plan.expert_urls], tensors,
+                                                        headers, _needed_tensor_bytes(plan), strict=True)]
+    return {"input_bytes": sum(tensors) + sum(headers), "input_tensor_bytes": sum(tensors),
+            "header_bytes": sum(headers), "work_bytes": int(reads["work"]), "per_checkpoint": per_checkpoint}
+
+
+def _needed_tensor_bytes(plan: MergePlan) -> list[int]:
+    """Bytes of the tensors a merge needs from each checkpoint (base, expert 0, ...): every base
+    tensor, and the experts' tensors that are merged (not those kept at the base value)."""
+    merged = [job for job in plan.jobs if job.route != "base"]
+    return [sum(job.base.nbytes for job in plan.jobs),
+            *(sum(job.experts[i].nbytes for job in merged) for i in range(len(plan.expert_urls)))]
 
 
 def read_report(output_url: str, version: str, storage_options: Mapping[str, Any] | None = None

@@ -11,15 +11,17 @@ import torch
 
 from swudi import __version__
 from swudi.config import MergeConfig
-from swudi.methods import ALGORITHM_VERSION
+from swudi.code_version import decomposition_code, merge_code
 from swudi.plan import MergePlan
 from swudi.steps import MergedRecord
 
 
 def build_report(config: MergeConfig, plan: MergePlan, version: str, merged: Sequence[MergedRecord],
                  diagnostics: Mapping[str, Any], evaluations: Mapping[str, Any] | None = None,
-                 timings: Mapping[str, float] | None = None) -> dict[str, Any]:
-    """A JSON-able record of one merged version: inputs, parameters, per-layer results, software."""
+                 timings: Mapping[str, float] | None = None, io: Mapping[str, Any] | None = None,
+                 work_folder: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """A JSON-able record of one merged version: inputs, parameters, per-layer results, bytes read
+    by the run that published it, the work folder's size, software."""
     return {
         "version": version,
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -42,6 +44,9 @@ def build_report(config: MergeConfig, plan: MergePlan, version: str, merged: Seq
             "merge_seconds_computed": round(sum(r.seconds for r in merged), 3),
             **{k: round(v, 3) for k, v in (timings or {}).items()},
         },
-        "software": {"swudi": __version__, "algorithm_version": ALGORITHM_VERSION,
+        "io": dict(io or {}),
+        "work_folder": dict(work_folder or {}),
+        "software": {"swudi": __version__, "merge_code": merge_code(config.method),
+                     "decomposition_code": decomposition_code(),
                      "torch": torch.__version__, "python": platform.python_version()},
     }

@@ -25,6 +25,7 @@ __all__ = [
     "truncation_filter",
     "pinv_filter",
     "apply_filter",
+    "filtered_projection",
 ]
 
 logger = logging.getLogger(__name__)
@@ -86,10 +87,47 @@ def apply_filter(
     directions up to the last non-zero f_k enter the products. An all-zero decomposition returns
     the mean of the task vectors whatever the filter.
     """
-    m, d = dec.shape
-    init_c = init_coefficient(init, dec.num_tasks)
     if dec.all_zero:
         return dec.sum_tv / dec.num_tasks
+    init_c, coef = _filter_coefficients(dec, f, init, device)
+    if coef is None:
+        return dec.sum_tv * init_c
+    q = dec.eigenvectors[:, : coef.shape[1]].to(coef.device)
+    # theta = init_c * S + coef Q_k^T in one allocation
+    return torch.addmm(dec.sum_tv.to(coef.device), coef, q.T, beta=init_c).cpu()
+
+
+def filtered_projection(
+    dec: Decomposition,
+    f: torch.Tensor,
+    init: str = "sum",
+    *,
+    device: str | torch.device = "auto",
+) -> torch.Tensor:
+    """theta Q ``[m, r]`` of the filtered estimator, without forming theta (CPU, float32).
+
+    With theta = c S + coef Q_k^T and Q orthonormal, theta Q = c (S Q) + [coef, 0]: O(m r) work
+    from the stored ``sum_q``. :meth:`Decomposition.objective_of_projection` turns it into L(theta).
+    """
+    m, _ = dec.shape
+    if dec.all_zero:
+        return torch.zeros((m, dec.rank), dtype=torch.float32)
+    init_c, coef = _filter_coefficients(dec, f, init, device)
+    out = dec.sum_q * init_c
+    if coef is not None:
+        out[:, : coef.shape[1]] += coef.cpu()
+    return out
+
+
+def _filter_coefficients(
+    dec: Decomposition, f: torch.Tensor, init: str, device: str | torch.device
+) -> tuple[float, torch.Tensor | None]:
+    """(c, coef) with theta = c S + coef Q_k^T, coef = D Q_k diag(f / lambda) - c S Q_k diag(f).
+
+    k is the last direction with f_k != 0; coef is None when the filter is zero everywhere.
+    """
+    m, d = dec.shape
+    init_c = init_coefficient(init, dec.num_tasks)
     f = torch.as_tensor(f, dtype=torch.float32).flatten().cpu()
     r = dec.rank
     if f.shape[0] not in (d, r):
@@ -108,12 +146,9 @@ def apply_filter(
     f = f[:r]
     nonzero = torch.nonzero(f).flatten()
     if nonzero.numel() == 0:
-        return dec.sum_tv * init_c
+        return init_c, None
     k = int(nonzero[-1]) + 1
     dev = resolve_device(device)
     fk = f[:k].to(dev)
     lam = dec.eigenvalues[:k].to(dev)
-    q = dec.eigenvectors[:, :k].to(dev)
-    coef = dec.dq[:, :k].to(dev) * (fk / lam) - dec.sum_q[:, :k].to(dev) * (fk * init_c)
-    # theta = init_c * S + coef Q_k^T in one allocation
-    return torch.addmm(dec.sum_tv.to(dev), coef, q.T, beta=init_c).cpu()
+    return init_c, dec.dq[:, :k].to(dev) * (fk / lam) - dec.sum_q[:, :k].to(dev) * (fk * init_c)

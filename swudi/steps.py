@@ -1,67 +1,68 @@
 """The steps of a merge, as plain functions over small records (no Prefect here).
 
-Each step reads exactly the tensors it needs (one range read per tensor per checkpoint), writes its
-heavy result as a safetensors artefact under the work folder, and returns a small record. Each
-step's ``*_key`` function is the identity of its result: the content fingerprints of its inputs,
-the parameters it depends on and :data:`~swudi.methods.ALGORITHM_VERSION`. The Prefect tasks use
-these keys as cache keys and the artefact names, so a finished step is never computed twice.
+A step is done when its artefact exists and is complete; the artefact is the only cache. Every
+artefact is one safetensors file under the work folder, named by its key (a content digest of the
+step's inputs, the settings it depends on and the code that computes it,
+:mod:`swudi.code_version`), with its record in the file's metadata:
 
-Artefacts:
+- ``WORK/decompositions/<key>.safetensors``: a :class:`~swudi.decomposition.Decomposition` of one
+  2-D weight (spectral methods). Hyperparameter-free: every t, rank rule, init and scale reuses it.
+- ``WORK/deltas/<key>.safetensors``: merged task vectors theta (float32, before the scale) of the
+  tensors that are not filtered from a decomposition: groups of small tensors (mean, elementwise
+  methods) and the 2-D weights of iterative and elementwise methods.
+- ``WORK/merged/<key>.safetensors``: the merged tensors ``W = W0 + scale * theta`` in the output
+  dtype, plus the :class:`MergedRecord` (ranks, diagnostics, bytes read) in the metadata.
 
-- ``WORK/decompositions/<key>.safetensors``: a :class:`~swudi.decomposition.Decomposition`;
-- ``WORK/merged/<key>.safetensors``: merged tensors in their output dtype (one layer, or a group).
+The read floor: a first merge reads each input tensor of each checkpoint once (one range read),
+in the step that builds the decomposition or delta; the merged tensor is made from the task
+vectors still in memory. A later merge that changes only method parameters, the rank rule or the
+scale reads the stored decomposition (or delta) and the base weight, and no expert tensor.
+A missing or damaged artefact is recomputed, never handed on.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from swudi.checkpoint import Checkpoint, join_url, load_tensors, read_tensor, save_tensors
+from swudi.checkpoint import Checkpoint, join_url, read_tensor, save_tensors
 from swudi.checkpoint.fingerprint import digest
 from swudi.checkpoint.header import torch_dtype
+from swudi.checkpoint.storage import is_local, resolve
+from swudi.code_version import decomposition_code, merge_code
 from swudi.config import MergeConfig
 from swudi.decomposition import Decomposition, decompose
-from swudi.diagnostics import interference_vs_sum
-from swudi.methods import ALGORITHM_VERSION, get_method, merge_decomposition, merge_elementwise, merge_matrix
-from swudi.methods import spectral_filter
+from swudi.diagnostics import interference_from_decomposition, interference_vs_sum
+from swudi.errors import CheckpointError, InputError
+from swudi.methods import get_method, merge_elementwise, merge_matrix, spectral_filter
 from swudi.plan import TensorJob, output_dtype
-from swudi.task_vectors import stack_task_vectors
+from swudi.spectral import apply_filter
+from swudi.task_vectors import merged_weight, stack_task_vectors
 
 log = logging.getLogger(__name__)
 
-
-@dataclass(frozen=True)
-class DecompositionRecord:
-    """A stored decomposition of one layer."""
-
-    name: str
-    key: str
-    url: str
-    shape: tuple[int, int]
-    stored_rank: int
-    all_zero: bool
-    seconds: float
-    computed_in: str = ""  # id of the run that computed it (a cached record keeps its first run's id)
+DECOMPOSITIONS, DELTAS, MERGED = "decompositions", "deltas", "merged"
+ARTEFACT_KINDS = (DECOMPOSITIONS, DELTAS, MERGED)
+MERGED_FORMAT, DELTA_FORMAT, RECORD_FORMAT_VERSION = "swudi.merged", "swudi.delta", "1"
 
 
-@dataclass(frozen=True)
-class RankRecord:
-    """How many eigendirections a spectral method keeps for one layer, and their share of trace(C)."""
-
-    name: str
-    rank: int
-    kept_mass: float
-
-
+# --------------------------------------------------------------------------------------- records
 @dataclass(frozen=True)
 class MergedRecord:
-    """Merged tensors written to one artefact (a layer, or a group of small tensors)."""
+    """Merged tensors written to one artefact (a 2-D weight, or a group of small tensors).
+
+    ``bytes_read`` counts the tensor bytes this step read from (base, expert 0, ..., expert N-1);
+    ``work_bytes_read`` the bytes of stored decompositions and deltas it read. A record loaded from
+    an existing artefact keeps the figures of the run that computed it (``computed_in``).
+    """
 
     key: str
     url: str
@@ -72,35 +73,82 @@ class MergedRecord:
     interference: float | None = None  # L(theta) / L(sum of task vectors), WUDI loss
     task_interference: tuple[float | None, ...] | None = None  # the same ratio per task
     decomposition_url: str | None = None
+    decomposed: bool = False  # this step read the experts and built the decomposition / delta
     seconds: float = 0.0
+    decompose_seconds: float = 0.0
+    bytes_read: tuple[int, ...] = ()
+    work_bytes_read: int = 0
     computed_in: str = ""
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> MergedRecord:
+        data = json.loads(text)
+        if not isinstance(data, dict) or set(data) - {f.name for f in dataclasses.fields(cls)}:
+            raise ValueError("not a merged record")
+        for name in ("names", "bytes_read", "task_interference"):
+            if data.get(name) is not None:
+                data[name] = tuple(data[name])
+        return cls(**data)
+
+
+@dataclass(frozen=True)
+class RankChoice:
+    """What a spectral method keeps of one weight: its filter, the rank (non-zero f_k) and their
+    share of trace(C). The merge applies exactly this filter."""
+
+    filter: torch.Tensor
+    rank: int
+    kept_mass: float
+
+
+@dataclass
+class _Reads:
+    """Bytes read by one step: tensor bytes per input checkpoint and artefact bytes."""
+
+    inputs: list[int]
+    work: int = 0
+    started: float = field(default_factory=time.perf_counter)
+
+    def tensor(self, index: int, location: Any, storage_options: Mapping[str, Any]) -> torch.Tensor:
+        self.inputs[index] += location.nbytes
+        return read_tensor(location, storage_options)
 
 
 # ------------------------------------------------------------------------------------------ keys
 def decomposition_key(job: TensorJob, config: MergeConfig) -> str:
-    """Identity of a decomposition: the layer's inputs and the decomposition options only."""
-    return digest("decompose", ALGORITHM_VERSION, job.input_key,
+    """Identity of a decomposition: the layer's inputs, the decomposition options and code."""
+    return digest("decompose", decomposition_code(), job.input_key,
                   config.decomposition.max_rank, config.decomposition.route)
 
 
-def rank_key(dec: DecompositionRecord, config: MergeConfig) -> str:
-    """Identity of a rank choice: the decomposition, the method and its parameters."""
-    return digest("rank", ALGORITHM_VERSION, dec.key, config.method, config.params)
+def _rule(jobs: Sequence[TensorJob], config: MergeConfig) -> Any:
+    """What decides theta of these tensors: the method and its parameters, or the mean."""
+    if any(job.route == "method" for job in jobs):
+        return [config.method, config.params]
+    return "mean"
+
+
+def delta_key(jobs: Sequence[TensorJob], config: MergeConfig) -> str:
+    """Identity of merged task vectors theta (before the scale): inputs, rule and code."""
+    return digest("delta", merge_code(config.method), [(j.input_key, j.route) for j in jobs],
+                  _rule(jobs, config))
 
 
 def layer_merge_key(job: TensorJob, config: MergeConfig) -> str:
-    """Identity of one merged layer: inputs, method, parameters, scale and output dtype."""
-    return digest("merge-layer", ALGORITHM_VERSION, job.input_key, config.method, config.params,
+    """Identity of one merged 2-D weight: inputs, method, parameters, scale, output dtype and code."""
+    return digest("merge-layer", merge_code(config.method), job.input_key, config.method, config.params,
                   config.scale, output_dtype(config, job), config.decomposition.max_rank,
                   config.decomposition.route)
 
 
 def group_merge_key(jobs: Sequence[TensorJob], config: MergeConfig) -> str:
     """Identity of a merged group of small tensors."""
-    own_rule = any(job.route == "method" for job in jobs)  # else every tensor gets the mean
-    return digest("merge-group", ALGORITHM_VERSION, [(j.input_key, j.route, output_dtype(config, j))
-                                                      for j in jobs],
-                  (config.method, config.params) if own_rule else "mean", config.scale)
+    return digest("merge-group", merge_code(config.method),
+                  [(j.input_key, j.route, output_dtype(config, j)) for j in jobs],
+                  _rule(jobs, config), config.scale)
 
 
 def artefact_url(config: MergeConfig, kind: str, key: str) -> str:
@@ -108,118 +156,284 @@ def artefact_url(config: MergeConfig, kind: str, key: str) -> str:
     return join_url(config.resolved_work_dir, kind, f"{key}.safetensors")
 
 
+# ----------------------------------------------------------------------------------- artefacts
+def _open_artefact(url: str, config: MergeConfig, fmt: str | None, key: str) -> Checkpoint | None:
+    """The artefact at ``url`` opened from its header; None if missing or damaged (logged)."""
+    try:
+        artefact = Checkpoint.open(url, config.storage_options)
+    except CheckpointError as error:
+        if "not found" not in str(error) and "no such checkpoint" not in str(error):
+            log.warning("damaged artefact %s is recomputed: %s", url, error)
+        return None
+    meta = artefact.metadata
+    if meta.get("key") != key or (fmt is not None and (meta.get("format"), meta.get("format_version"))
+                                  != (fmt, RECORD_FORMAT_VERSION)):
+        log.warning("artefact %s is not the %s with key %s; it is recomputed", url, fmt or "artefact", key)
+        return None
+    return artefact
+
+
+def load_merged_record(url: str, key: str, config: MergeConfig) -> MergedRecord | None:
+    """The record of a complete merged artefact (header read only), or None if it must be computed."""
+    artefact = _open_artefact(url, config, MERGED_FORMAT, key)
+    if artefact is None:
+        return None
+    try:
+        record = MergedRecord.from_json(artefact.metadata["record"])
+    except (KeyError, ValueError, TypeError) as error:
+        log.warning("artefact %s has an unreadable record (%s); it is recomputed", url, error)
+        return None
+    if record.key != key or set(record.names) != set(artefact.tensors):
+        log.warning("artefact %s does not hold the tensors its record names; it is recomputed", url)
+        return None
+    return dataclasses.replace(record, url=url)
+
+
+def find_merged(keys: Iterable[str], config: MergeConfig) -> dict[str, MergedRecord]:
+    """Records of the merged artefacts that already exist for ``keys`` (one listing, then headers).
+
+    This is what makes a re-run cheap: work whose artefact is complete is never submitted.
+    """
+    wanted = set(keys)
+    folder = join_url(config.resolved_work_dir, MERGED)
+    fs, path = resolve(folder, config.storage_options)
+    try:
+        listing = fs.ls(path, detail=False)
+    except (FileNotFoundError, NotADirectoryError):
+        return {}
+    present = [name.rstrip("/").rsplit("/", 1)[-1].removesuffix(".safetensors") for name in listing]
+    present = [key for key in present if key in wanted]
+
+    def load(key: str) -> tuple[str, MergedRecord | None]:
+        return key, load_merged_record(artefact_url(config, MERGED, key), key, config)
+
+    workers = 1 if is_local(fs) else 16
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        found = dict(pool.map(load, present))
+    return {key: record for key, record in found.items() if record is not None}
+
+
+def _save_merged(record: MergedRecord, tensors: Mapping[str, torch.Tensor], config: MergeConfig) -> None:
+    metadata = {"format": MERGED_FORMAT, "format_version": RECORD_FORMAT_VERSION, "key": record.key,
+                "record": record.to_json()}
+    save_tensors(record.url, tensors, metadata, config.storage_options)
+
+
+def _load_decomposition(url: str, key: str, config: MergeConfig, reads: _Reads) -> Decomposition | None:
+    artefact = _open_artefact(url, config, None, key)
+    if artefact is None:
+        return None
+    try:
+        tensors = artefact.state_dict()
+        reads.work += sum(loc.nbytes for loc in artefact.tensors.values())
+        return Decomposition.from_tensors(tensors, dict(artefact.metadata))
+    except (CheckpointError, InputError) as error:
+        log.warning("damaged decomposition %s is recomputed: %s", url, error)
+        return None
+
+
+def _load_delta(url: str, key: str, names: Sequence[str], config: MergeConfig, reads: _Reads
+                ) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
+    artefact = _open_artefact(url, config, DELTA_FORMAT, key)
+    if artefact is None:
+        return None
+    if set(artefact.tensors) != set(names):
+        log.warning("delta %s does not hold the expected tensors; it is recomputed", url)
+        return None
+    try:
+        info = json.loads(artefact.metadata.get("diagnostics", "{}"))
+        tensors = artefact.state_dict()
+    except (CheckpointError, ValueError) as error:
+        log.warning("damaged delta %s is recomputed: %s", url, error)
+        return None
+    reads.work += sum(loc.nbytes for loc in artefact.tensors.values())
+    return tensors, info
+
+
 # ------------------------------------------------------------------------------------------ reads
-def read_task_vectors(job: TensorJob, config: MergeConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """(base weight as float32, task vectors ``[N, ...]`` float32), one range read per checkpoint."""
-    base = read_tensor(job.base, config.storage_options)
-    experts = [read_tensor(loc, config.storage_options) for loc in job.experts]
-    return base.to(torch.float32), stack_task_vectors(base, experts, job.name)
-
-
-def _finish(job: TensorJob, base: torch.Tensor, theta: torch.Tensor, config: MergeConfig) -> torch.Tensor:
-    """W = W0 + scale * theta in float32, cast to the output dtype."""
-    merged = base.to(torch.float32) + config.scale * theta.to(torch.float32)
-    return merged.to(torch_dtype(output_dtype(config, job))).contiguous()
+def read_task_vectors(job: TensorJob, config: MergeConfig, reads: _Reads | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(base weight, task vectors ``[N, ...]`` float32): one range read per checkpoint."""
+    reads = reads or _Reads([0] * (len(job.experts) + 1))
+    base = reads.tensor(0, job.base, config.storage_options)
+    experts = [reads.tensor(i + 1, loc, config.storage_options) for i, loc in enumerate(job.experts)]
+    return base, stack_task_vectors(base, experts, job.name)
 
 
 # ------------------------------------------------------------------------------------------ steps
-def decompose_layer(job: TensorJob, config: MergeConfig) -> DecompositionRecord:
-    """Read one weight from every checkpoint, decompose its task vectors, store the result."""
-    start = time.perf_counter()
+def rank_choice(dec: Decomposition, config: MergeConfig) -> RankChoice:
+    """The spectral method's filter for one weight, the rank it keeps and that rank's eigenvalue mass."""
+    f = spectral_filter(dec.eigenvalues, dec.shape, config.method, **config.params)
+    kept = f > 0
+    total = float(dec.eigenvalues.sum())
+    kept_mass = float(dec.eigenvalues[kept].sum()) / total if total > 0 else 0.0
+    return RankChoice(f, 0 if dec.all_zero else int(kept.sum()), kept_mass)
+
+
+def decompose_layer(job: TensorJob, config: MergeConfig, reads: _Reads
+                    ) -> tuple[Decomposition, str, tuple[torch.Tensor, torch.Tensor] | None, float]:
+    """The layer's decomposition: the stored one, or read the inputs once, decompose and store it.
+
+    Returns (decomposition, its URL, (base, task vectors) when they were read, seconds spent).
+    """
     key = decomposition_key(job, config)
-    _, task_vectors = read_task_vectors(job, config)
+    url = artefact_url(config, DECOMPOSITIONS, key)
+    dec = _load_decomposition(url, key, config, reads)
+    if dec is not None:
+        return dec, url, None, 0.0
+    start = time.perf_counter()
+    base, task_vectors = read_task_vectors(job, config, reads)
     dec = decompose(task_vectors, name=job.name, max_rank=config.decomposition.max_rank,
                     device=config.device, route=config.decomposition.route)
-    url = artefact_url(config, "decompositions", key)
     tensors, metadata = dec.to_tensors()
-    save_tensors(url, tensors, metadata, config.storage_options)
-    m, d = dec.shape
-    return DecompositionRecord(job.name, key, url, (m, d), dec.rank, dec.all_zero,
-                               time.perf_counter() - start)
+    save_tensors(url, tensors, {**metadata, "key": key}, config.storage_options)
+    return dec, url, (base, task_vectors), time.perf_counter() - start
 
 
-def select_rank(dec: DecompositionRecord, config: MergeConfig) -> RankRecord:
-    """The number of eigendirections the spectral method keeps, from the eigenvalues alone."""
-    eigenvalues = Checkpoint.open(dec.url, config.storage_options).read("eigenvalues")
-    f = spectral_filter(eigenvalues, dec.shape, config.method, **config.params)
-    kept = f > 0
-    total = float(eigenvalues.sum())
-    kept_mass = float(eigenvalues[kept].sum()) / total if total > 0 else 0.0
-    rank = 0 if dec.all_zero else int(kept.sum())
-    return RankRecord(dec.name, rank, kept_mass)
+def merge_layer(job: TensorJob, config: MergeConfig, run_id: str = "") -> MergedRecord:
+    """Merge one 2-D weight: W = W0 + scale * theta, stored in the output dtype (see the module doc).
 
-
-def merge_layer(job: TensorJob, config: MergeConfig, dec: DecompositionRecord | None = None,
-                rank: RankRecord | None = None) -> MergedRecord:
-    """Merge one 2-D weight and store W = W0 + scale * theta in the output dtype.
-
-    Spectral methods filter the stored decomposition; other methods run on the task vectors. Both
-    report the WUDI interference of theta relative to the sum of task vectors, per task and in total
-    (:mod:`swudi.diagnostics`).
+    Spectral methods: decompose (or load the decomposition), select the rank, apply that filter;
+    the total interference comes from the decomposition. Other methods: theta from the task
+    vectors (or the stored delta). Per-task interference is computed when the task vectors are in
+    memory anyway (the step that read them), never by a second read.
     """
-    start = time.perf_counter()
-    spec = get_method(config.method)
-    base, task_vectors = read_task_vectors(job, config)
-    if spec.kind == "spectral":
-        if dec is None:
-            raise ValueError(f"{job.name}: method {config.method!r} needs a decomposition")
-        decomposition = Decomposition.from_tensors(*load_tensors(dec.url, config.storage_options))
-        theta = merge_decomposition(decomposition, config.method, device=config.device, **config.params)
-    else:
-        theta = merge_matrix(task_vectors, config.method, name=job.name, device=config.device,
-                             **config.params)
-    interference = interference_vs_sum(theta, task_vectors, config.device)
     key = layer_merge_key(job, config)
-    url = artefact_url(config, "merged", key)
-    save_tensors(url, {job.name: _finish(job, base, theta, config)}, {"key": key}, config.storage_options)
-    return MergedRecord(key, url, (job.name,), config.method,
-                        rank=rank.rank if rank else None, kept_mass=rank.kept_mass if rank else None,
-                        interference=interference["total"],
-                        task_interference=tuple(interference["per_task"]),
-                        decomposition_url=dec.url if dec else None,
-                        seconds=time.perf_counter() - start)
+    url = artefact_url(config, MERGED, key)
+    done = load_merged_record(url, key, config)
+    if done is not None:
+        return done
+    reads = _Reads([0] * (len(job.experts) + 1))
+    spec = get_method(config.method)
+    rank: RankChoice | None = None
+    dec_url: str | None = None
+    decompose_seconds = 0.0
+    if spec.kind == "spectral":
+        dec, dec_url, inputs, decompose_seconds = decompose_layer(job, config, reads)
+        rank = rank_choice(dec, config)
+        init = str(config.params.get("init", "sum"))
+        theta = apply_filter(dec, rank.filter, init, device=config.device)
+        interference = {"total": interference_from_decomposition(dec, rank.filter, init, config.device),
+                        "per_task": None}
+    else:
+        delta = _delta([job], config, reads)
+        theta, interference = delta.thetas[0], dict(delta.diagnostics)
+        inputs = (delta.bases[0], delta.task_vectors) if delta.bases else None
+    if inputs is not None and inputs[1] is not None and interference.get("per_task") is None:
+        interference = interference_vs_sum(theta, inputs[1], config.device)
+    base = inputs[0] if inputs is not None else reads.tensor(0, job.base, config.storage_options)
+    merged = merged_weight(base, theta, config.scale, torch_dtype(output_dtype(config, job)))
+    per_task = interference.get("per_task")
+    record = MergedRecord(
+        key, url, (job.name,), config.method,
+        rank=rank.rank if rank else None, kept_mass=rank.kept_mass if rank else None,
+        interference=interference.get("total"),
+        task_interference=tuple(per_task) if per_task is not None else None,
+        decomposition_url=dec_url if spec.kind == "spectral" else None,
+        decomposed=inputs is not None, seconds=time.perf_counter() - reads.started,
+        decompose_seconds=decompose_seconds, bytes_read=tuple(reads.inputs), work_bytes_read=reads.work,
+        computed_in=run_id)
+    _save_merged(record, {job.name: merged}, config)
+    return record
 
 
-def merge_group(jobs: Sequence[TensorJob], config: MergeConfig) -> MergedRecord:
+@dataclass
+class _Delta:
+    """Merged task vectors of some jobs, and the inputs still in memory when they were just read."""
+
+    thetas: list[torch.Tensor]
+    diagnostics: dict[str, Any]  # interference of a single 2-D weight ({} otherwise)
+    url: str
+    bases: list[torch.Tensor] | None = None  # read with the experts (None: loaded from storage)
+    task_vectors: torch.Tensor | None = None  # of a single job, when read
+
+
+def _delta(jobs: Sequence[TensorJob], config: MergeConfig, reads: _Reads) -> _Delta:
+    """theta of each job (float32, before the scale): the stored delta, or computed and stored.
+
+    Route "method" tensors get the method (2-D weights: iterative and elementwise methods; other
+    tensors: elementwise methods), the rest the mean of the task vectors.
+    """
+    key = delta_key(jobs, config)
+    url = artefact_url(config, DELTAS, key)
+    names = [job.name for job in jobs]
+    stored = _load_delta(url, key, names, config, reads)
+    if stored is not None:
+        tensors, info = stored
+        return _Delta([tensors[name] for name in names], info, url)
+    out = _Delta([], {}, url, bases=[])
+    for job in jobs:
+        base, task_vectors = read_task_vectors(job, config, reads)
+        if job.is_matrix:
+            theta = merge_matrix(task_vectors, config.method, name=job.name, device=config.device,
+                                 **config.params).to(torch.float32)
+            out.diagnostics = interference_vs_sum(theta, task_vectors, config.device)
+        else:
+            method, params = (config.method, config.params) if job.route == "method" else ("mean", {})
+            theta = merge_elementwise(task_vectors, method, name=job.name, **params).to(torch.float32)
+        out.thetas.append(theta.contiguous())
+        out.bases.append(base)
+        out.task_vectors = task_vectors if len(jobs) == 1 else None
+    metadata = {"format": DELTA_FORMAT, "format_version": RECORD_FORMAT_VERSION, "key": key,
+                "diagnostics": json.dumps(out.diagnostics)}
+    save_tensors(url, dict(zip(names, out.thetas, strict=True)), metadata, config.storage_options)
+    return out
+
+
+def merge_group(jobs: Sequence[TensorJob], config: MergeConfig, run_id: str = "") -> MergedRecord:
     """Merge a group of tensors that are not 2-D layer weights (biases, norms, excluded weights).
 
-    Route "mean" gives the mean of the task vectors; route "method" (elementwise methods only)
-    applies the method's own rule.
+    theta: route "mean" gives the mean of the task vectors; route "method" (elementwise methods
+    only) the method's own rule. Stored as a delta, so a new scale reads no expert tensor.
     """
-    start = time.perf_counter()
-    merged: dict[str, torch.Tensor] = {}
-    for job in jobs:
-        base, task_vectors = read_task_vectors(job, config)
-        method = config.method if job.route == "method" else "mean"
-        params = config.params if job.route == "method" else {}
-        theta = merge_elementwise(task_vectors, method, name=job.name, **params)
-        merged[job.name] = _finish(job, base, theta, config)
     key = group_merge_key(jobs, config)
-    url = artefact_url(config, "merged", key)
-    save_tensors(url, merged, {"key": key}, config.storage_options)
-    return MergedRecord(key, url, tuple(merged), config.method, seconds=time.perf_counter() - start)
+    url = artefact_url(config, MERGED, key)
+    done = load_merged_record(url, key, config)
+    if done is not None:
+        return done
+    reads = _Reads([0] * (len(jobs[0].experts) + 1))
+    delta = _delta(jobs, config, reads)
+    bases = delta.bases or [reads.tensor(0, job.base, config.storage_options) for job in jobs]
+    merged = {job.name: merged_weight(base, theta, config.scale, torch_dtype(output_dtype(config, job)))
+              for job, base, theta in zip(jobs, bases, delta.thetas, strict=True)}
+    record = MergedRecord(key, url, tuple(merged), config.method, decomposed=delta.bases is not None,
+                          seconds=time.perf_counter() - reads.started, bytes_read=tuple(reads.inputs),
+                          work_bytes_read=reads.work, computed_in=run_id)
+    _save_merged(record, merged, config)
+    return record
 
 
-def merged_tensor_reader(records: Sequence[MergedRecord], jobs: Sequence[TensorJob],
-                         config: MergeConfig):
-    """A ``read(name) -> Tensor`` over the merged artefacts, falling back to the base tensor.
+# ------------------------------------------------------------------------------------ publishing
+class MergedTensorReader:
+    """``read(name) -> Tensor`` over the merged artefacts, falling back to the base tensor.
 
     Artefacts are opened from their headers once and read one tensor at a time, so publishing a
-    model never holds more than one tensor in memory.
+    model never holds more than one tensor in memory. ``base_bytes_read`` counts the base tensors
+    read (those kept at the base value); ``work_bytes_read`` the merged tensors.
     """
-    where = {name: record.url for record in records for name in record.names}
-    base_locations = {job.name: job.base for job in jobs}
-    opened: dict[str, Checkpoint] = {}
 
-    def read(name: str) -> torch.Tensor:
-        url = where.get(name)
+    def __init__(self, records: Sequence[MergedRecord], jobs: Sequence[TensorJob], config: MergeConfig):
+        self._where = {name: record.url for record in records for name in record.names}
+        self._base = {job.name: job.base for job in jobs}
+        self._options = config.storage_options
+        self._opened: dict[str, Checkpoint] = {}
+        self.base_bytes_read = 0
+        self.work_bytes_read = 0
+
+    def __call__(self, name: str) -> torch.Tensor:
+        url = self._where.get(name)
         if url is None:
-            return read_tensor(base_locations[name], config.storage_options)
-        if url not in opened:
-            opened[url] = Checkpoint.open(url, config.storage_options)
-        return opened[url].read(name)
-
-    return read
+            self.base_bytes_read += self._base[name].nbytes
+            return read_tensor(self._base[name], self._options)
+        if url not in self._opened:
+            try:
+                self._opened[url] = Checkpoint.open(url, self._options)
+            except CheckpointError as error:
+                raise CheckpointError(f"merged artefact of {name!r} is missing or damaged ({error}); "
+                                      f"run the merge again to recompute it") from None
+        artefact = self._opened[url]
+        self.work_bytes_read += artefact.location(name).nbytes
+        return artefact.read(name)
 
 
 def summarize_layers(merged: Sequence[MergedRecord]) -> dict[str, Any]:
@@ -242,6 +456,7 @@ def summarize_layers(merged: Sequence[MergedRecord]) -> dict[str, Any]:
         "mean_kept_mass": mean(masses),
         "mean_interference_vs_sum": mean(inter),
         "mean_interference_vs_sum_per_task": task_means,
+        "layers_with_per_task_interference": len(per_task),
         "per_layer": {
             r.names[0]: {"rank": r.rank, "kept_mass": r.kept_mass, "interference_vs_sum": r.interference,
                          "interference_vs_sum_per_task": list(r.task_interference or ()),
@@ -249,3 +464,16 @@ def summarize_layers(merged: Sequence[MergedRecord]) -> dict[str, Any]:
             for r in layers
         },
     }
+
+
+def bytes_read(records: Sequence[MergedRecord], run_id: str, num_experts: int) -> dict[str, Any]:
+    """Tensor bytes read in run ``run_id`` per input checkpoint, and artefact bytes, from the records."""
+    inputs = [0] * (num_experts + 1)
+    work = 0
+    for record in records:
+        if record.computed_in != run_id:
+            continue  # found complete: nothing was read for it in this run
+        for i, n in enumerate(record.bytes_read):
+            inputs[i] += n
+        work += record.work_bytes_read
+    return {"base": inputs[0], "experts": inputs[1:], "work": work}

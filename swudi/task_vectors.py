@@ -14,6 +14,7 @@ __all__ = [
     "check_task_vectors",
     "squared_norms",
     "is_all_zero",
+    "merged_weight",
 ]
 
 #: A layer whose task vectors all have squared Frobenius norm below this is "all zero" and every
@@ -123,3 +124,9 @@ def squared_norms(task_vectors: torch.Tensor) -> torch.Tensor:
 def is_all_zero(sq_norms: torch.Tensor) -> bool:
     """True when every task vector is (near) zero: max_i ||tau_i||^2 < ZERO_NORM_SQ."""
     return bool(sq_norms.max() < ZERO_NORM_SQ)
+
+
+def merged_weight(base: torch.Tensor, theta: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
+    """The merged weight ``W = W0 + scale * theta``, computed in float32 and cast to ``dtype``."""
+    merged = base.to(torch.float32) + float(scale) * theta.to(device=base.device, dtype=torch.float32)
+    return merged.to(dtype).contiguous()

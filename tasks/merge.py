@@ -1,28 +1,32 @@
-"""Filter and merge: one task per layer, one per group of small tensors; cached by content."""
+"""Merge tasks: one per 2-D weight (decompose, select rank, filter and merge), one per group of
+small tensors. The work folder's artefacts are the cache (:mod:`swudi.steps`): Prefect stores no
+result, so nothing is pickled to storage and no credentials reach Prefect's database."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
 from prefect import task
+from prefect.cache_policies import NO_CACHE
 
 from swudi import steps
 from swudi.config import MergeConfig
 from swudi.plan import TensorJob
-from tasks.caching import cache_key, stamp
 
 
-@task(name="merge-layer", cache_key_fn=cache_key("merge-layer", steps.layer_merge_key, "job", "config"),
-      persist_result=True, cache_result_in_memory=False, retries=1)
-def merge_layer(job: TensorJob, config: MergeConfig, dec: steps.DecompositionRecord | None = None,
-                rank: steps.RankRecord | None = None) -> steps.MergedRecord:
-    """W = W0 + scale * theta for one 2-D weight, stored in the work folder."""
-    return stamp(steps.merge_layer(job, config, dec, rank))
+@task(name="merge-layer", cache_policy=NO_CACHE, persist_result=False, retries=1)
+def merge_layer(job: TensorJob, config: MergeConfig, run_id: str) -> steps.MergedRecord:
+    """Decompose (or load the decomposition), select the rank, filter and store W = W0 + scale * theta."""
+    return steps.merge_layer(job, config, run_id)
 
 
-@task(name="merge-other-tensors",
-      cache_key_fn=cache_key("merge-group", steps.group_merge_key, "jobs", "config"),
-      persist_result=True, cache_result_in_memory=False, retries=1)
-def merge_group(jobs: Sequence[TensorJob], config: MergeConfig) -> steps.MergedRecord:
+@task(name="merge-other-tensors", cache_policy=NO_CACHE, persist_result=False, retries=1)
+def merge_group(jobs: Sequence[TensorJob], config: MergeConfig, run_id: str) -> steps.MergedRecord:
     """Mean (or the elementwise method) for biases, norms and excluded weights."""
-    return stamp(steps.merge_group(jobs, config))
+    return steps.merge_group(jobs, config, run_id)
+
+
+@task(name="find-completed", cache_policy=NO_CACHE, persist_result=False, retries=2, retry_delay_seconds=5)
+def find_completed(keys: Sequence[str], config: MergeConfig) -> dict[str, steps.MergedRecord]:
+    """Records of the merged artefacts that already exist (one listing of the work folder + headers)."""
+    return steps.find_merged(keys, config)

@@ -19,8 +19,10 @@ from swudi.synthetic import SyntheticModel, write_synthetic_models
 MODEL = SyntheticModel(layers=6, hidden=48, intermediate=96, vocab=32, positions=16)
 
 
-def _records(results: Path, prefix: str) -> int:
-    return sum(1 for p in results.glob(f"{prefix}-*")) if results.exists() else 0
+def _artefacts(work: Path, kind: str) -> int:
+    """Complete artefacts of one kind (a file appears only when it is complete: atomic rename)."""
+    folder = work / kind
+    return sum(1 for p in folder.glob("*.safetensors")) if folder.exists() else 0
 
 
 def _write_config(path: Path, base: str, experts: list[str], output: Path) -> Path:
@@ -32,7 +34,7 @@ def _write_config(path: Path, base: str, experts: list[str], output: Path) -> Pa
 def test_killed_merge_resumes_and_matches_an_uninterrupted_run(prefect_api: str, tmp_path: Path) -> None:
     base, experts = write_synthetic_models(str(tmp_path / "in"), 3, MODEL)
     config_path = _write_config(tmp_path / "merge.yaml", base, experts, tmp_path / "out")
-    results = tmp_path / "out" / ".swudi-work" / "prefect-results"
+    work = tmp_path / "out" / ".swudi-work"
     layers = MODEL.layers * 6
 
     env = {**os.environ, "PREFECT_API_URL": prefect_api, "PREFECT_LOGGING_LEVEL": "WARNING"}
@@ -41,14 +43,14 @@ def test_killed_merge_resumes_and_matches_an_uninterrupted_run(prefect_api: str,
                             env=env, stdout=log, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 240
     try:
-        while _records(results, "merge-layer") < 4 and proc.poll() is None and time.monotonic() < deadline:
+        while _artefacts(work, "merged") < 4 and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.02)
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
     assert proc.returncode == -signal.SIGKILL, (tmp_path / "killed.log").read_text()[-2000:]
-    merged_before = _records(results, "merge-layer") + _records(results, "merge-group")
-    decomposed_before = _records(results, "decompose")
+    merged_before = _artefacts(work, "merged")
+    decomposed_before = _artefacts(work, "decompositions")
     assert 4 <= merged_before < layers, "the kill should land mid-merge"
     assert read_latest(str(tmp_path / "out")) is None, "a killed merge must not publish"
 

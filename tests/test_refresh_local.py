@@ -80,7 +80,7 @@ def test_refresh_is_a_noop_when_nothing_changed_and_republishes_on_change(prefec
     report = json.loads((Path(changed["url"]) / "merge_report.json").read_text())
     assert report["version"] == changed["version"] and report["inputs"]["experts"][1]["url"] == config["experts"][1]
     assert {"rank", "kept_mass"} <= set(next(iter(report["diagnostics"]["per_layer"].values())))
-    assert report["software"]["algorithm_version"] and report["timings"]
+    assert report["software"]["merge_code"] and report["software"]["decomposition_code"] and report["timings"]
 
 
 def test_retention_on_the_refresh_path_never_deletes_the_pointed_version(prefect_api: str, config) -> None:

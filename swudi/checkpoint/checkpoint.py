@@ -236,6 +236,9 @@ class Checkpoint:
         names = {posixpath.basename(s.url) if folder_url is None else s.url[len(folder_url) + 1:]: s.fingerprint
                  for s in shards}
         self.fingerprint = checkpoint_fingerprint(names, index)
+        #: bytes read to open it: each shard's header (one speculative range read, a second one for
+        #: a longer header) and the index document (added by the index opener)
+        self.header_bytes = sum(max(min(SPECULATIVE_READ, s.size), s.header.data_offset) for s in shards)
 
     # ----------------------------------------------------------------------------------- opening
     @classmethod
@@ -367,7 +370,9 @@ class Checkpoint:
         if total is not None and total != actual:
             log.warning("%s: metadata.total_size is %s but the shards hold %d tensor bytes", index_url, total,
                         actual)
-        return cls(folder_url, fs, storage_options, folder_url, shards, index, extra)
+        checkpoint = cls(folder_url, fs, storage_options, folder_url, shards, index, extra)
+        checkpoint.header_bytes += len(raw)
+        return checkpoint
 
     # ----------------------------------------------------------------------------------- reading
     def __contains__(self, name: object) -> bool:
