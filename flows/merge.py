@@ -23,7 +23,8 @@ from swudi.config import MergeConfig
 from swudi.evaluators import check_evaluators
 from swudi.methods import get_method
 from swudi.plan import check_inputs_exist
-from swudi.steps import MergedRecord, bytes_read, group_merge_key, layer_merge_key
+from swudi.steps import MergedRecord, artefact_keys, bytes_read, group_merge_key, layer_merge_key
+from swudi.workdir import remove_lease, write_lease
 from tasks import evaluate_merge, fetch_checkpoints, find_completed, merge_group, merge_layer, publish_model
 
 
@@ -70,6 +71,7 @@ def merge(config: dict[str, Any], storage_options_ref: str | None = None) -> dic
     plan = fetch_checkpoints(cfg)
     layers, groups = plan.layer_jobs, plan.group_jobs
     keys = [layer_merge_key(job, cfg) for job in layers] + [group_merge_key(group, cfg) for group in groups]
+    write_lease(cfg, run_id, artefact_keys(layers, groups, cfg))  # `swudi gc` keeps what this run needs
     done = find_completed(keys, cfg)
     todo_layers = [job for job, key in zip(layers, keys) if key not in done]
     todo_groups = [group for group, key in zip(groups, keys[len(layers):]) if key not in done]
@@ -89,6 +91,7 @@ def merge(config: dict[str, Any], storage_options_ref: str | None = None) -> dic
     timings = {"merge_wall_seconds": merged_seconds,
                "decompose_seconds_computed": sum(r.decompose_seconds for r in now)}
     published = publish_model(cfg, plan, records, diagnostics, timings, io)
+    remove_lease(cfg, run_id)  # the published version's report now names its artefacts
     get_run_logger().info(
         "merged %d layers and %d groups (%d merges and %d decompositions computed in this run, the rest "
         "reused; read %s of the inputs) -> %s", len(layers), len(groups), len(now), decomposed_now,

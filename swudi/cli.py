@@ -117,6 +117,7 @@ def plan(config: Path = typer.Argument(..., help="YAML merge config"),
     except SwudiError as error:
         _fail(error)
     summary = describe_plan(cfg, plan_)
+    summary["work_folder"] = work_folder_state(cfg, plan_)
     if as_json:
         out.print_json(json.dumps(summary))
         return
@@ -128,6 +129,11 @@ def plan(config: Path = typer.Argument(..., help="YAML merge config"),
     out.print(table)
     out.print(f"counts: {summary['counts']}; reads about {summary['estimated_read_bytes'] / 1e6:.1f} MB; "
               f"decompositions about {summary['estimated_decomposition_gflop']} GFLOP")
+    work = summary["work_folder"]
+    out.print(f"work folder {work['url']}: {work['files']} artefacts, {work['bytes'] / 1e6:.1f} MB; for this "
+              f"setting {work['stored']['merged']} of {work['needed']['merged']} merged and "
+              f"{work['stored']['decompositions']} of {work['needed']['decompositions']} decompositions "
+              f"are stored (`swudi gc` removes what no setting needs)")
     for warning in summary["warnings"]:
         out.print(f"[yellow]warning:[/yellow] {warning}")
 
@@ -154,6 +160,43 @@ def list_methods(markdown: bool = typer.Option(False, "--markdown",
         table.add_row(*(Text(text) for text in (row["name"], row["kind"], row["description"],
                                                 ", ".join(row["parameters"]) or "-")))
     out.print(table)
+
+
+def work_folder_state(cfg: MergeConfig, plan_: Any) -> dict[str, Any]:
+    """The work folder's size and, per artefact kind, how many of this setting's artefacts exist."""
+    from swudi.steps import artefact_keys
+    from swudi.workdir import list_artefacts, usage
+
+    keys = artefact_keys(plan_.layer_jobs, plan_.group_jobs, cfg)
+    state = usage(cfg)
+    state["needed"] = {kind: len(values) for kind, values in keys.items()}
+    state["stored"] = {kind: len(values & set(list_artefacts(cfg, kind))) for kind, values in keys.items()}
+    return state
+
+
+@app.command()
+def gc(config: Path = typer.Argument(..., help="YAML merge config (its output, work folder and setting)"),
+       min_age: float = typer.Option(3600.0, "--min-age", min=0,
+                                     help="seconds: younger unneeded artefacts are kept too"),
+       dry_run: bool = typer.Option(False, "--dry-run", help="only list what would be removed"),
+       overrides: list[str] = typer.Option([], "--set", help="key=value override (dotted keys)")) -> None:
+    """Remove work-folder artefacts that neither this setting, nor a kept version, nor a running merge needs."""
+    from swudi.workdir import collect_garbage, usage
+
+    try:
+        cfg = _load(config, None, overrides)
+        result = collect_garbage(cfg, min_age_s=min_age, dry_run=dry_run)
+    except SwudiError as error:
+        _fail(error)
+    verb = "would remove" if dry_run else "removed"
+    console.print(f"{verb} {len(result.removed)} artefacts ({result.freed_bytes / 1e6:.1f} MB); kept "
+                  f"{result.kept_files} ({result.kept_bytes / 1e6:.1f} MB, {result.young_files} of them only "
+                  f"because they are younger than {min_age:.0f} s)")
+    for name in result.removed:
+        out.print(name, soft_wrap=True)
+    if not dry_run:
+        after = usage(cfg)
+        console.print(f"work folder {after['url']}: {after['files']} artefacts, {after['bytes'] / 1e6:.1f} MB")
 
 
 @app.command()

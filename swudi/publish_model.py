@@ -21,7 +21,7 @@ from swudi.config import MergeConfig
 from swudi.evaluators import run_evaluators
 from swudi.plan import MergePlan, output_dtype, version_id
 from swudi.report import build_report
-from swudi.steps import MergedRecord, MergedTensorReader
+from swudi.steps import MergedRecord, MergedTensorReader, artefact_keys
 from swudi.workdir import usage
 
 log = logging.getLogger(__name__)
@@ -56,6 +56,8 @@ def publish_merged_model(config: MergeConfig, plan: MergePlan, merged: Sequence[
         evaluations = run_evaluators(config.evaluators, version_url)
         report.update(build_report(config, plan, version, merged, diagnostics, evaluations, timings,
                                    io_summary(plan, reads), usage(config)))
+        keys = artefact_keys(plan.layer_jobs, plan.group_jobs, config)
+        report["artefacts"] = {kind: sorted(values) for kind, values in keys.items()}  # kept by `swudi gc`
         write_bytes_atomic(join_url(version_url, REPORT_NAME),
                            (json.dumps(report, indent=2, sort_keys=True) + "\n").encode(),
                            config.storage_options)

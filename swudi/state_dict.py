@@ -16,7 +16,7 @@ from swudi import baselines
 from swudi.errors import ConfigError, InputError
 from swudi.methods import _merge_elementwise_f32, _merge_matrix_f32, get_method
 from swudi.routing import route_tensor
-from swudi.task_vectors import stack_task_vectors
+from swudi.task_vectors import merged_weight, stack_task_vectors
 
 __all__ = ["merge_state_dicts"]
 
@@ -88,5 +88,5 @@ def merge_state_dicts(
             theta = _merge_elementwise_f32(tv, spec, p)
         else:
             theta = _merge_matrix_f32(tv, spec, p, name=key, device=device)
-        merged[key] = (w0.to(torch.float32) + float(scale) * theta.to(device=w0.device)).to(w0.dtype)
+        merged[key] = merged_weight(w0, theta, scale, w0.dtype)
     return merged

@@ -477,3 +477,21 @@ def bytes_read(records: Sequence[MergedRecord], run_id: str, num_experts: int) -
             inputs[i] += n
         work += record.work_bytes_read
     return {"base": inputs[0], "experts": inputs[1:], "work": work}
+
+
+def artefact_keys(layers: Sequence[TensorJob], groups: Sequence[Sequence[TensorJob]], config: MergeConfig
+                  ) -> dict[str, set[str]]:
+    """Every artefact key a merge of these layers and groups uses, per kind (what garbage
+    collection must keep for this setting)."""
+    spectral = get_method(config.method).kind == "spectral"
+    keys: dict[str, set[str]] = {kind: set() for kind in ARTEFACT_KINDS}
+    for job in layers:
+        keys[MERGED].add(layer_merge_key(job, config))
+        if spectral:
+            keys[DECOMPOSITIONS].add(decomposition_key(job, config))
+        else:
+            keys[DELTAS].add(delta_key([job], config))
+    for group in groups:
+        keys[MERGED].add(group_merge_key(group, config))
+        keys[DELTAS].add(delta_key(group, config))
+    return keys
