@@ -18,6 +18,7 @@ from flows.merge import run_merge
 from swudi import merge_state_dicts
 from swudi.checkpoint import Checkpoint, read_latest
 from swudi.config import config_from_mapping
+from swudi.registry import MethodParams, MethodSpec, registered_method
 from swudi.synthetic import SyntheticModel, base_state_dict, expert_state_dict, write_synthetic_models
 
 MODEL = SyntheticModel(layers=2, hidden=32, intermediate=64, vocab=48, positions=16)
@@ -141,3 +142,46 @@ def test_published_files_load_with_safetensors(prefect_api: str, tmp_path: Path,
     tensors = load_file(str(Path(result["url"]) / "model.safetensors"))
     assert tensors["encoder.layer.0.attention.self.query.weight"].dtype == torch.bfloat16
     assert tensors["embeddings.position_ids"].dtype == torch.int64  # integer buffers keep the base
+
+
+class _KeepTopParams(MethodParams):
+    """f = level on the top ``k`` directions, 0 elsewhere."""
+
+    k: int = 2
+    level: float = 0.5
+
+
+def _keep_top(eigenvalues: torch.Tensor, shape: tuple[int, int], p: _KeepTopParams) -> torch.Tensor:
+    f = torch.zeros_like(eigenvalues)
+    f[: p.k] = p.level
+    return f
+
+
+class _SignMeanParams(MethodParams):
+    """theta = sign(sum) * mean |tau|."""
+
+
+def _sign_mean(tv: torch.Tensor, p: _SignMeanParams) -> torch.Tensor:
+    return torch.sign(tv.sum(dim=0)) * tv.abs().mean(dim=0)
+
+
+@pytest.mark.parametrize("spec", [
+    MethodSpec("tmp_keep_top", "spectral", _KeepTopParams, "test: f = level on the top k", filter=_keep_top),
+    MethodSpec("tmp_sign_mean", "elementwise", _SignMeanParams, "test: elected sign x mean |tau|",
+               merge=_sign_mean),
+], ids=lambda s: s.name)
+def test_a_registered_method_merges_through_the_flow(prefect_api: str, tmp_path: Path, local_inputs,
+                                                     spec: MethodSpec) -> None:
+    """One declaration is all a new method needs: config validation, the flow and the library agree."""
+    base, experts = local_inputs
+    params = {"k": 3} if spec.kind == "spectral" else {}
+    with registered_method(spec):
+        cfg = _config(tmp_path, base, experts, method=spec.name, params=params)
+        result = run_merge(cfg)
+        want = _expected(spec.name, **params)
+    assert result["computed"] == result["layers"] + result["groups"] > 0
+    _assert_close(_published(cfg.output), want)
+    theta = {k: v for k, v in want.items() if k.endswith("query.weight")}
+    assert theta  # the method changed the merged weights away from the mean of the task vectors
+    mean = _expected("mean")
+    assert any(not torch.allclose(want[k], mean[k]) for k in theta)
