@@ -33,3 +33,22 @@ def test_ratios_are_relative_to_the_sum_and_zero_tasks_are_skipped() -> None:
     total = _direct(theta, tv[:2]).sum() / _direct(tv.sum(0), tv[:2]).sum()
     assert got["total"] == pytest.approx(float(total), rel=1e-5)
     assert interference_vs_sum(tv.sum(0), tv, "cpu")["total"] == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("shape", [(3, 6, 5), (2, 2, 9), (4, 7, 7)])
+@pytest.mark.parametrize("init", ["sum", "mean", "zero"])
+def test_total_interference_from_the_decomposition_equals_the_task_vector_formula(shape, init) -> None:
+    """O(m r) from theta Q and S Q == L(theta) / L(sum) computed from the task vectors themselves."""
+    from swudi.decomposition import decompose
+    from swudi.diagnostics import interference_from_decomposition
+    from swudi.spectral import apply_filter, exponential_filter, truncation_filter
+
+    g = torch.Generator().manual_seed(sum(shape))
+    tv = torch.randn(shape, generator=g)
+    dec = decompose(tv, device="cpu")
+    f = exponential_filter(dec.eigenvalues, 3.0) * truncation_filter(dec.eigenvalues, max(1, shape[2] // 2))
+    theta = apply_filter(dec, f, init, device="cpu")
+    want = interference_vs_sum(theta, tv, "cpu")["total"]
+    assert interference_from_decomposition(dec, f, init, "cpu") == pytest.approx(want, rel=1e-4)
+    direct = _direct(theta, tv).sum() / _direct(tv.sum(dim=0), tv).sum()  # the loss terms by hand
+    assert want == pytest.approx(float(direct), rel=1e-4)
