@@ -86,7 +86,7 @@ def main() -> None:
     print(f"model: {args.layers} layers, hidden {args.hidden}, {args.experts} experts; "
           f"{torch.get_num_threads()} torch thread(s), {args.workers} workers; folder {root}")
     print("| run | wall s | CPU s | merges / decompositions computed | base MB | experts MB | headers kB "
-          "| work folder MB | peak RSS MB | wall / first | CPU / first |")
+          "| read from work folder MB | peak RSS MB | wall / first | CPU / first |")
     print("|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         print(f"| {r['run']} | {r['wall_s']} | {r['cpu_s']} | {r['computed']} / {r['decompositions_computed']} "
