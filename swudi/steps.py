@@ -320,7 +320,9 @@ def merge_layer(job: TensorJob, config: MergeConfig, run_id: str = "") -> Merged
         theta, interference = delta.thetas[0], dict(delta.diagnostics)
         inputs = (delta.bases[0], delta.task_vectors) if delta.bases else None
     if inputs is not None and inputs[1] is not None and interference.get("per_task") is None:
-        interference = interference_vs_sum(theta, inputs[1], config.device)
+        # the per-task values need the task vectors: only while they are in memory; the total
+        # stays the decomposition's, so a layer reports the same total however it was computed
+        interference["per_task"] = interference_vs_sum(theta, inputs[1], config.device)["per_task"]
     base = inputs[0] if inputs is not None else reads.tensor(0, job.base, config.storage_options)
     merged = merged_weight(base, theta, config.scale, torch_dtype(output_dtype(config, job)))
     per_task = interference.get("per_task")
@@ -329,7 +331,7 @@ def merge_layer(job: TensorJob, config: MergeConfig, run_id: str = "") -> Merged
         rank=rank.rank if rank else None, kept_mass=rank.kept_mass if rank else None,
         interference=interference.get("total"),
         task_interference=tuple(per_task) if per_task is not None else None,
-        decomposition_url=dec_url if spec.kind == "spectral" else None,
+        decomposition_url=dec_url,
         decomposed=inputs is not None, seconds=time.perf_counter() - reads.started,
         decompose_seconds=decompose_seconds, bytes_read=tuple(reads.inputs), work_bytes_read=reads.work,
         computed_in=run_id)
