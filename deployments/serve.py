@@ -25,10 +25,16 @@ DEFAULT_CRON = "0 3 * * *"
 DEFAULT_NAME = "nightly"
 
 
-def refresh_deployment(config_path: str | Path, cron: str | None = DEFAULT_CRON, name: str = DEFAULT_NAME,
-                       overrides: Sequence[str] = (), timezone: str | None = None,
-                       collision: Literal["enqueue", "cancel_new"] = "enqueue",
-                       wait_s: float = REFRESH_WAIT_S, tags: Sequence[str] = ("swudi",)) -> RunnerDeployment:
+def refresh_deployment(
+    config_path: str | Path,
+    cron: str | None = DEFAULT_CRON,
+    name: str = DEFAULT_NAME,
+    overrides: Sequence[str] = (),
+    timezone: str | None = None,
+    collision: Literal["enqueue", "cancel_new"] = "enqueue",
+    wait_s: float = REFRESH_WAIT_S,
+    tags: Sequence[str] = ("swudi",),
+) -> RunnerDeployment:
     """The refresh deployment: ``refresh(config=<absolute config path>, overrides, wait_s)`` on
     ``cron`` (None: no schedule, runs start by hand or by ``run_deployment``), at most one run at a
     time; a run that would overlap waits for the slot (``enqueue``) or is cancelled (``cancel_new``).
@@ -41,8 +47,9 @@ def refresh_deployment(config_path: str | Path, cron: str | None = DEFAULT_CRON,
     if "://" not in path:
         path = str(Path(path).expanduser().resolve())
     parameters: dict[str, Any] = {"config": path, "overrides": list(overrides), "wait_s": wait_s}
-    strategy = {"enqueue": ConcurrencyLimitStrategy.ENQUEUE,
-                "cancel_new": ConcurrencyLimitStrategy.CANCEL_NEW}[collision]
+    strategy = {"enqueue": ConcurrencyLimitStrategy.ENQUEUE, "cancel_new": ConcurrencyLimitStrategy.CANCEL_NEW}[
+        collision
+    ]
     return refresh.to_deployment(
         name=name,
         schedules=[Cron(cron, timezone=timezone)] if cron else None,
@@ -54,10 +61,15 @@ def refresh_deployment(config_path: str | Path, cron: str | None = DEFAULT_CRON,
     )
 
 
-def serve_refresh(config_path: str | Path, cron: str | None = DEFAULT_CRON, name: str = DEFAULT_NAME,
-                  overrides: Sequence[str] = (), timezone: str | None = None,
-                  collision: Literal["enqueue", "cancel_new"] = "enqueue",
-                  wait_s: float = REFRESH_WAIT_S) -> None:
+def serve_refresh(
+    config_path: str | Path,
+    cron: str | None = DEFAULT_CRON,
+    name: str = DEFAULT_NAME,
+    overrides: Sequence[str] = (),
+    timezone: str | None = None,
+    collision: Literal["enqueue", "cancel_new"] = "enqueue",
+    wait_s: float = REFRESH_WAIT_S,
+) -> None:
     """Register :func:`refresh_deployment` and execute its runs here, one at a time, until stopped."""
     deployment = refresh_deployment(config_path, cron, name, overrides, timezone, collision, wait_s)
     serve(deployment, limit=1)

@@ -35,17 +35,27 @@ def task_runner(config: MergeConfig) -> Any:
 
         if config.task_runner.address:
             return DaskTaskRunner(address=config.task_runner.address)
-        return DaskTaskRunner(cluster_kwargs={"n_workers": config.task_runner.n_workers,
-                                              "threads_per_worker": config.task_runner.threads_per_worker,
-                                              "processes": True, "dashboard_address": None})
+        return DaskTaskRunner(
+            cluster_kwargs={
+                "n_workers": config.task_runner.n_workers,
+                "threads_per_worker": config.task_runner.threads_per_worker,
+                "processes": True,
+                "dashboard_address": None,
+            }
+        )
     return ThreadPoolTaskRunner(max_workers=config.workers)
 
 
 def _wait(futures: Sequence[PrefectFuture], label: str) -> list[MergedRecord]:
     """Results of ``futures`` in their order, with a progress bar of tensors merged per second."""
-    progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                        TextColumn("{task.fields[rate]}"), TimeElapsedColumn(),
-                        disable=not sys.stderr.isatty())
+    progress = Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[rate]}"),
+        TimeElapsedColumn(),
+        disable=not sys.stderr.isatty(),
+    )
     started = time.perf_counter()
     with progress:
         bar = progress.add_task(label, total=len(futures), rate="")
@@ -73,12 +83,17 @@ def merge(config: dict[str, Any], storage_options_ref: str | None = None) -> dic
     keys = [layer_merge_key(job, cfg) for job in layers] + [group_merge_key(group, cfg) for group in groups]
     write_lease(cfg, run_id, artefact_keys(layers, groups, cfg))  # `swudi gc` keeps what this run needs
     done = find_completed(keys, cfg)
-    todo_layers = [job for job, key in zip(layers, keys) if key not in done]
-    todo_groups = [group for group, key in zip(groups, keys[len(layers):]) if key not in done]
-    futures = [*(merge_layer.map(todo_layers, unmapped(cfg), unmapped(run_id)) if todo_layers else []),
-               *(merge_group.map(todo_groups, unmapped(cfg), unmapped(run_id)) if todo_groups else [])]
-    computed = iter(_wait(futures, f"merging {len(todo_layers)} of {len(layers)} layers + "
-                                   f"{len(todo_groups)} of {len(groups)} groups"))
+    todo_layers = [job for job, key in zip(layers, keys[: len(layers)], strict=True) if key not in done]
+    todo_groups = [group for group, key in zip(groups, keys[len(layers) :], strict=True) if key not in done]
+    futures = [
+        *(merge_layer.map(todo_layers, unmapped(cfg), unmapped(run_id)) if todo_layers else []),
+        *(merge_group.map(todo_groups, unmapped(cfg), unmapped(run_id)) if todo_groups else []),
+    ]
+    computed = iter(
+        _wait(
+            futures, f"merging {len(todo_layers)} of {len(layers)} layers + {len(todo_groups)} of {len(groups)} groups"
+        )
+    )
     records = [done[key] if key in done else next(computed) for key in keys]
     merged_seconds = time.perf_counter() - started
     diagnostics = evaluate_merge(records)
@@ -88,14 +103,22 @@ def merge(config: dict[str, Any], storage_options_ref: str | None = None) -> dic
     decomposed_now = sum(1 for r in layer_records if r.computed_in == run_id and r.decomposed) if spectral else 0
     io = bytes_read(records, run_id, len(plan.expert_urls))
     io["headers"] = list(plan.header_bytes)
-    timings = {"merge_wall_seconds": merged_seconds,
-               "decompose_seconds_computed": sum(r.decompose_seconds for r in now)}
+    timings = {
+        "merge_wall_seconds": merged_seconds,
+        "decompose_seconds_computed": sum(r.decompose_seconds for r in now),
+    }
     published = publish_model(cfg, plan, records, diagnostics, timings, io)
     remove_lease(cfg, run_id)  # the published version's report now names its artefacts
     get_run_logger().info(
         "merged %d layers and %d groups (%d merges and %d decompositions computed in this run, the rest "
-        "reused; read %s of the inputs) -> %s", len(layers), len(groups), len(now), decomposed_now,
-        _size(published["io"]["input_bytes"]), published["url"])
+        "reused; read %s of the inputs) -> %s",
+        len(layers),
+        len(groups),
+        len(now),
+        decomposed_now,
+        _size(published["io"]["input_bytes"]),
+        published["url"],
+    )
     return {
         "version": published["version"],
         "url": published["url"],

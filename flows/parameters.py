@@ -45,14 +45,16 @@ def config_parameter(config: dict[str, Any] | MergeConfig, storage_options_ref: 
     try:
         options = _HELD[storage_options_ref]
     except KeyError:
-        raise ConfigError("the storage options of this run were held by the process that started it; "
-                          "start the run with swudi (or run_merge) in the process that has them, or "
-                          "give credentials through the environment") from None
+        raise ConfigError(
+            "the storage options of this run were held by the process that started it; "
+            "start the run with swudi (or run_merge) in the process that has them, or "
+            "give credentials through the environment"
+        ) from None
     return cfg.model_copy(update={"storage_options": options})
 
 
 def redacted(config: MergeConfig) -> dict[str, Any]:
     """The config as a mapping for files and logs: storage option values replaced by a marker."""
     data = config.model_dump()
-    data["storage_options"] = {key: "<redacted>" for key in config.storage_options}
+    data["storage_options"] = dict.fromkeys(config.storage_options, "<redacted>")
     return data

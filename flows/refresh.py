@@ -38,9 +38,9 @@ from swudi.checkpoint import join_url, list_versions, output_lock, prune_version
 from swudi.checkpoint.fingerprint import digest
 from swudi.checkpoint.lock import Lock, acquire_lock, read_lock, release_lock, renew_lock
 from swudi.checkpoint.publish import is_version_complete
+from swudi.code_version import merge_code
 from swudi.config import MergeConfig, apply_overrides, config_from_mapping, load_config
 from swudi.errors import PublishError
-from swudi.code_version import merge_code
 from swudi.plan import build_plan, check_inputs_exist, version_id
 from swudi.publish_model import LOCK_WAIT_S, read_report
 
@@ -54,8 +54,9 @@ REFRESH_WAIT_S = 3600.0
 
 
 # ------------------------------------------------------------------------------------ config
-def resolve_config(config: Mapping[str, Any] | str | Path | MergeConfig,
-                   overrides: Sequence[str] | None = None) -> MergeConfig:
+def resolve_config(
+    config: Mapping[str, Any] | str | Path | MergeConfig, overrides: Sequence[str] | None = None
+) -> MergeConfig:
     """The validated config: a YAML path (relative paths inside resolved against its folder), a
     mapping, or a :class:`MergeConfig`; ``key=value`` overrides applied to the first two."""
     if isinstance(config, MergeConfig):
@@ -93,31 +94,37 @@ def check_for_changes(config: MergeConfig) -> RefreshCheck:
     check_inputs_exist(config)
     plan = build_plan(config)
     version = version_id(config, plan)
-    inputs = (("base", plan.base_url, plan.base_fingerprint),
-              *((f"expert {i}", url, fp) for i, (url, fp) in
-                enumerate(zip(plan.expert_urls, plan.expert_fingerprints, strict=True))))
+    inputs = (
+        ("base", plan.base_url, plan.base_fingerprint),
+        *(
+            (f"expert {i}", url, fp)
+            for i, (url, fp) in enumerate(zip(plan.expert_urls, plan.expert_fingerprints, strict=True))
+        ),
+    )
     latest = read_latest(config.output, config.storage_options)
     complete = is_version_complete(config.output, version, config.storage_options)
     changes: list[str] = []
     if latest is None:
         changes.append("nothing published yet")
     elif latest["version"] == version and not complete:
-        changes.append(f"published version {version} is incomplete (files missing or changed); "
-                       "publishing it again")
+        changes.append(f"published version {version} is incomplete (files missing or changed); publishing it again")
     elif latest["version"] != version:
         changes += _describe_changes(config, plan.inputs_fingerprint, inputs, latest["version"])
     return RefreshCheck(version, plan.inputs_fingerprint, inputs, latest, complete, tuple(changes))
 
 
-def _describe_changes(config: MergeConfig, inputs_fp: str, inputs: Sequence[tuple[str, str, str]],
-                      previous: str) -> list[str]:
+def _describe_changes(
+    config: MergeConfig, inputs_fp: str, inputs: Sequence[tuple[str, str, str]], previous: str
+) -> list[str]:
     """What differs from the merge report of the ``previous`` version (best effort)."""
     report = read_report(config.output, previous, config.storage_options)
     if not report:
         return [f"latest names {previous}, which has no merge report to compare with"]
     old = report.get("inputs", {})
-    old_fps = {old.get("base", {}).get("url"): old.get("base", {}).get("fingerprint"),
-               **{e.get("url"): e.get("fingerprint") for e in old.get("experts", [])}}
+    old_fps = {
+        old.get("base", {}).get("url"): old.get("base", {}).get("fingerprint"),
+        **{e.get("url"): e.get("fingerprint") for e in old.get("experts", [])},
+    }
     changes = []
     for role, url, fp in inputs:
         if url not in old_fps:
@@ -164,8 +171,13 @@ def refresh_lock_url(output: str) -> str:
 
 
 @contextlib.contextmanager
-def refresh_lock(config: MergeConfig, owner: str, wait_s: float = REFRESH_WAIT_S,
-                 ttl_s: float = REFRESH_LOCK_TTL_S, logger: Any = None) -> Iterator[float]:
+def refresh_lock(
+    config: MergeConfig,
+    owner: str,
+    wait_s: float = REFRESH_WAIT_S,
+    ttl_s: float = REFRESH_LOCK_TTL_S,
+    logger: Any = None,
+) -> Iterator[float]:
     """Hold the output's refresh lock for the block (renewed in the background); yields the seconds
     waited for it. Raises :class:`PublishError` if another refresh holds it for over ``wait_s``."""
     url = refresh_lock_url(config.output)
@@ -176,12 +188,14 @@ def refresh_lock(config: MergeConfig, owner: str, wait_s: float = REFRESH_WAIT_S
     except PublishError:
         holder = (read_lock(url, options) or {}).get("owner", "?")
         if logger:
-            logger.info("another refresh of %s is running (%s); waiting up to %.0f s for it",
-                        config.output, holder, wait_s)
+            logger.info(
+                "another refresh of %s is running (%s); waiting up to %.0f s for it", config.output, holder, wait_s
+            )
         lock = acquire_lock(url, owner, ttl_s, options, wait_s=wait_s, poll_s=2.0)
     stop = threading.Event()
-    renewer = threading.Thread(target=_keep_renewed, args=(lock, ttl_s, stop, logger),
-                               name="swudi-refresh-lock", daemon=True)
+    renewer = threading.Thread(
+        target=_keep_renewed, args=(lock, ttl_s, stop, logger), name="swudi-refresh-lock", daemon=True
+    )
     renewer.start()
     try:
         yield time.monotonic() - started
@@ -212,8 +226,9 @@ def _owner() -> str:
 
 # ------------------------------------------------------------------------------------ the flow
 @flow(name="swudi-refresh", log_prints=True, validate_parameters=False)
-def refresh(config: dict[str, Any] | str, overrides: list[str] | None = None,
-            wait_s: float = REFRESH_WAIT_S) -> dict[str, Any]:
+def refresh(
+    config: dict[str, Any] | str, overrides: list[str] | None = None, wait_s: float = REFRESH_WAIT_S
+) -> dict[str, Any]:
     """Publish a new merged version if the inputs or settings changed since ``latest``; else no-op.
 
     ``config``: a YAML config path (re-read at every run) or a config mapping (a ``Path`` or a
@@ -231,28 +246,58 @@ def refresh(config: dict[str, Any] | str, overrides: list[str] | None = None,
         check = detect_changes(cfg)
         previous = check.latest["version"] if check.latest else None
         if check.up_to_date:
-            logger.info("already up to date: inputs and settings of %s match published version %s "
-                        "(published %s); nothing merged", cfg.output, check.version,
-                        check.latest.get("published_at"))
+            logger.info(
+                "already up to date: inputs and settings of %s match published version %s "
+                "(published %s); nothing merged",
+                cfg.output,
+                check.version,
+                check.latest.get("published_at"),
+            )
             apply_retention(cfg)
-            result = {"status": "unchanged", "version": check.version, "previous": previous,
-                      "url": check.latest["url"], "changes": [], "new_version": False}
+            result = {
+                "status": "unchanged",
+                "version": check.version,
+                "previous": previous,
+                "url": check.latest["url"],
+                "changes": [],
+                "new_version": False,
+            }
         else:
             logger.info("refreshing %s: %s", cfg.output, "; ".join(check.changes))
             merged = run_merge(cfg)  # a subflow; publish prunes to keep_versions
-            result = {"status": "published", "version": merged["version"], "previous": previous,
-                      "url": merged["url"], "changes": list(check.changes), "new_version": not check.complete,
-                      "computed": merged["computed"], "reused": merged["reused"],
-                      "decompositions_computed": merged["decompositions_computed"]}
-            logger.info("published version %s at %s (previous: %s; %d steps computed, %d reused)",
-                        merged["version"], merged["url"], previous, merged["computed"], merged["reused"])
+            result = {
+                "status": "published",
+                "version": merged["version"],
+                "previous": previous,
+                "url": merged["url"],
+                "changes": list(check.changes),
+                "new_version": not check.complete,
+                "computed": merged["computed"],
+                "reused": merged["reused"],
+                "decompositions_computed": merged["decompositions_computed"],
+            }
+            logger.info(
+                "published version %s at %s (previous: %s; %d steps computed, %d reused)",
+                merged["version"],
+                merged["url"],
+                previous,
+                merged["computed"],
+                merged["reused"],
+            )
         after = complete_versions(cfg)
-    result.update(pruned=[v for v in before if v not in after], versions=after,
-                  waited_s=round(waited, 3), seconds=round(time.perf_counter() - started, 3))
+    result.update(
+        pruned=[v for v in before if v not in after],
+        versions=after,
+        waited_s=round(waited, 3),
+        seconds=round(time.perf_counter() - started, 3),
+    )
     if result["pruned"]:
         logger.info("retention (keep %s): pruned %s", cfg.keep_versions, ", ".join(result["pruned"]))
-    create_markdown_artifact(_summary(cfg, check, result), key=_artifact_key(cfg.output),
-                             description=f"swudi refresh of {cfg.output}: {result['status']}")
+    create_markdown_artifact(
+        _summary(cfg, check, result),
+        key=_artifact_key(cfg.output),
+        description=f"swudi refresh of {cfg.output}: {result['status']}",
+    )
     return result
 
 
@@ -263,17 +308,27 @@ def _artifact_key(output: str) -> str:
 
 def _summary(config: MergeConfig, check: RefreshCheck, result: Mapping[str, Any]) -> str:
     if result["status"] == "unchanged":
-        headline = (f"**Already up to date**: nothing changed since version `{result['version']}` "
-                    f"was published ({(check.latest or {}).get('published_at')}); nothing was merged.")
+        headline = (
+            f"**Already up to date**: nothing changed since version `{result['version']}` "
+            f"was published ({(check.latest or {}).get('published_at')}); nothing was merged."
+        )
     elif result["new_version"]:
         headline = f"**Published** version `{result['version']}` (previous: `{result['previous']}`)."
     else:
-        headline = (f"**Published** existing version `{result['version']}` again (previous: "
-                    f"`{result['previous']}`): its files were complete, only `latest.json` moved.")
-    lines = [f"# swudi refresh: {result['status']}", "", headline, "",
-             f"- output: `{config.output}`", f"- latest: `{result['url']}`",
-             f"- method: `{config.method}` {config.params}",
-             f"- inputs fingerprint: `{check.inputs_fingerprint[:16]}`"]
+        headline = (
+            f"**Published** existing version `{result['version']}` again (previous: "
+            f"`{result['previous']}`): its files were complete, only `latest.json` moved."
+        )
+    lines = [
+        f"# swudi refresh: {result['status']}",
+        "",
+        headline,
+        "",
+        f"- output: `{config.output}`",
+        f"- latest: `{result['url']}`",
+        f"- method: `{config.method}` {config.params}",
+        f"- inputs fingerprint: `{check.inputs_fingerprint[:16]}`",
+    ]
     if result.get("pruned"):
         lines.append(f"- pruned (keep {config.keep_versions}): {', '.join(result['pruned'])}")
     if check.changes:

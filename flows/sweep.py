@@ -10,9 +10,9 @@ from prefect import flow
 from prefect.artifacts import create_table_artifact
 
 from flows.merge import run_merge
+from flows.parameters import config_parameter, hold_storage_options, redacted
 from swudi.checkpoint import join_url
 from swudi.checkpoint.storage import write_bytes_atomic
-from flows.parameters import config_parameter, hold_storage_options, redacted
 from swudi.config import MergeConfig
 from swudi.publish_model import read_report
 from swudi.sweep import parse_grid, point_configs, point_label, sweep_root
@@ -34,24 +34,46 @@ def sweep(config: dict[str, Any], grid: list[str], storage_options_ref: str | No
     for point, point_cfg in points:
         result = run_merge(point_cfg)
         report = read_report(point_cfg.output, result["version"], point_cfg.storage_options)
-        rows.append({
-            "label": point_label(point), "point": point, "method": point_cfg.method,
-            "params": point_cfg.params, "scale": point_cfg.scale, "version": result["version"],
-            "url": result["url"], "computed": result["computed"],
-            "decompositions_computed": result.get("decompositions_computed", 0),
-            "seconds": result["seconds"], "diagnostics": report.get("diagnostics", {}),
-            "evaluations": report.get("evaluations", {}),
-        })
+        rows.append(
+            {
+                "label": point_label(point),
+                "point": point,
+                "method": point_cfg.method,
+                "params": point_cfg.params,
+                "scale": point_cfg.scale,
+                "version": result["version"],
+                "url": result["url"],
+                "computed": result["computed"],
+                "decompositions_computed": result.get("decompositions_computed", 0),
+                "seconds": result["seconds"],
+                "diagnostics": report.get("diagnostics", {}),
+                "evaluations": report.get("evaluations", {}),
+            }
+        )
     root = sweep_root(cfg, parsed)
-    summary = {"grid": [[k, v] for k, v in parsed], "base_config": redacted(cfg), "points": rows,
-               "url": join_url(root, SWEEP_FILE)}
-    write_bytes_atomic(summary["url"], (json.dumps(summary, indent=2, default=str) + "\n").encode(),
-                       cfg.storage_options)
+    summary = {
+        "grid": [[k, v] for k, v in parsed],
+        "base_config": redacted(cfg),
+        "points": rows,
+        "url": join_url(root, SWEEP_FILE),
+    }
+    write_bytes_atomic(
+        summary["url"], (json.dumps(summary, indent=2, default=str) + "\n").encode(), cfg.storage_options
+    )
     create_table_artifact(
-        [{"point": r["label"], "version": r["version"],
-          "mean_interference_vs_sum": r["diagnostics"].get("mean_interference_vs_sum"),
-          "mean_rank": r["diagnostics"].get("mean_rank"), "seconds": r["seconds"]} for r in rows],
-        key="swudi-sweep", description=f"sweep over {[k for k, _ in parsed]}")
+        [
+            {
+                "point": r["label"],
+                "version": r["version"],
+                "mean_interference_vs_sum": r["diagnostics"].get("mean_interference_vs_sum"),
+                "mean_rank": r["diagnostics"].get("mean_rank"),
+                "seconds": r["seconds"],
+            }
+            for r in rows
+        ],
+        key="swudi-sweep",
+        description=f"sweep over {[k for k, _ in parsed]}",
+    )
     return summary
 
 

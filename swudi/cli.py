@@ -11,7 +11,7 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import typer
 import yaml
@@ -22,8 +22,11 @@ from swudi.config import MergeConfig, load_config
 from swudi.errors import SwudiError
 from swudi.registry import method_choices
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
-                  help="Data-free model merging with SWUDI / SWUDI-A as resumable Prefect flows.")
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Data-free model merging with SWUDI / SWUDI-A as resumable Prefect flows.",
+)
 console = Console(stderr=True)
 out = Console()
 
@@ -44,7 +47,7 @@ def prepare_prefect_environment() -> None:
         os.environ.setdefault(key, value)
 
 
-def _load(config: Path, method: Optional[str], overrides: list[str]) -> MergeConfig:
+def _load(config: Path, method: str | None, overrides: list[str]) -> MergeConfig:
     extra = [f"method={method}"] if method else []
     return load_config(config, [*extra, *overrides])
 
@@ -73,8 +76,7 @@ def run_flow_and_settle(config: MergeConfig, grid: list[str] | None = None) -> d
 
 def print_result(result: dict[str, Any]) -> None:
     """Human summary of a merge on stderr; the version URL alone on stdout."""
-    diag = {k: (f"{v:.3f}" if isinstance(v, float) else v)
-            for k, v in result.get("diagnostics", {}).items()}
+    diag = {k: (f"{v:.3f}" if isinstance(v, float) else v) for k, v in result.get("diagnostics", {}).items()}
     console.print(
         f"[green]published[/green] version {result['version']} at {result['url']}\n"
         f"  layers: {result['layers']} (+{result['groups']} groups of small tensors); computed now: "
@@ -82,15 +84,18 @@ def print_result(result: dict[str, Any]) -> None:
         f"reused: {result['reused']} merges, {result.get('decompositions_reused', 0)} decompositions\n"
         f"  mean rank {diag.get('mean_rank')}, mean kept eigenvalue mass {diag.get('mean_kept_mass')}, "
         f"mean WUDI interference vs sum {diag.get('mean_interference_vs_sum')}\n"
-        f"  {result['seconds']} s in the flow")
+        f"  {result['seconds']} s in the flow"
+    )
     out.print(result["url"], soft_wrap=True)
 
 
 @app.command()
-def merge(config: Path = typer.Argument(..., help="YAML merge config"),
-          method: Optional[str] = typer.Option(None, "--method", help=f"override the config's {METHOD_HELP}"),
-          overrides: list[str] = typer.Option([], "--set", help="key=value override (dotted keys)"),
-          verbose: bool = typer.Option(False, "-v", "--verbose")) -> None:
+def merge(
+    config: Path = typer.Argument(..., help="YAML merge config"),
+    method: str | None = typer.Option(None, "--method", help=f"override the config's {METHOD_HELP}"),
+    overrides: list[str] = typer.Option([], "--set", help="key=value override (dotted keys)"),
+    verbose: bool = typer.Option(False, "-v", "--verbose"),
+) -> None:
     """Merge base + experts as configured and publish a new version; print its location."""
     if verbose:
         logging.getLogger("swudi").setLevel(logging.DEBUG)
@@ -103,10 +108,12 @@ def merge(config: Path = typer.Argument(..., help="YAML merge config"),
 
 
 @app.command()
-def plan(config: Path = typer.Argument(..., help="YAML merge config"),
-         method: Optional[str] = typer.Option(None, "--method", help=f"override the config's {METHOD_HELP}"),
-         overrides: list[str] = typer.Option([], "--set", help="key=value override (dotted keys)"),
-         as_json: bool = typer.Option(False, "--json", help="print the plan as JSON")) -> None:
+def plan(
+    config: Path = typer.Argument(..., help="YAML merge config"),
+    method: str | None = typer.Option(None, "--method", help=f"override the config's {METHOD_HELP}"),
+    overrides: list[str] = typer.Option([], "--set", help="key=value override (dotted keys)"),
+    as_json: bool = typer.Option(False, "--json", help="print the plan as JSON"),
+) -> None:
     """Validate config and checkpoints from headers alone and print the plan (no weights read)."""
     from swudi.methods import get_method
     from swudi.plan import build_plan, describe_plan
@@ -127,20 +134,25 @@ def plan(config: Path = typer.Argument(..., help="YAML merge config"),
     for row in summary["tensors"]:
         table.add_row(row["name"], "x".join(map(str, row["shape"])), row["dtype"], row["treatment"])
     out.print(table)
-    out.print(f"counts: {summary['counts']}; reads about {summary['estimated_read_bytes'] / 1e6:.1f} MB; "
-              f"decompositions about {summary['estimated_decomposition_gflop']} GFLOP")
+    out.print(
+        f"counts: {summary['counts']}; reads about {summary['estimated_read_bytes'] / 1e6:.1f} MB; "
+        f"decompositions about {summary['estimated_decomposition_gflop']} GFLOP"
+    )
     work = summary["work_folder"]
-    out.print(f"work folder {work['url']}: {work['files']} artefacts, {work['bytes'] / 1e6:.1f} MB; for this "
-              f"setting {work['stored']['merged']} of {work['needed']['merged']} merged and "
-              f"{work['stored']['decompositions']} of {work['needed']['decompositions']} decompositions "
-              f"are stored (`swudi gc` removes what no setting needs)")
+    out.print(
+        f"work folder {work['url']}: {work['files']} artefacts, {work['bytes'] / 1e6:.1f} MB; for this "
+        f"setting {work['stored']['merged']} of {work['needed']['merged']} merged and "
+        f"{work['stored']['decompositions']} of {work['needed']['decompositions']} decompositions "
+        f"are stored (`swudi gc` removes what no setting needs)"
+    )
     for warning in summary["warnings"]:
         out.print(f"[yellow]warning:[/yellow] {warning}")
 
 
 @app.command("methods")
-def list_methods(markdown: bool = typer.Option(False, "--markdown",
-                                               help="print a Markdown table (the README's)")) -> None:
+def list_methods(
+    markdown: bool = typer.Option(False, "--markdown", help="print a Markdown table (the README's)"),
+) -> None:
     """List the registered merge methods: name, kind, description, parameters with their defaults."""
     from rich.text import Text
 
@@ -157,8 +169,12 @@ def list_methods(markdown: bool = typer.Option(False, "--markdown",
     for column in ("method", "kind", "description", "parameters (defaults)"):
         table.add_column(column, no_wrap=column in ("method", "kind"), overflow="fold")
     for row in method_rows():
-        table.add_row(*(Text(text) for text in (row["name"], row["kind"], row["description"],
-                                                ", ".join(row["parameters"]) or "-")))
+        table.add_row(
+            *(
+                Text(text)
+                for text in (row["name"], row["kind"], row["description"], ", ".join(row["parameters"]) or "-")
+            )
+        )
     out.print(table)
 
 
@@ -175,11 +191,12 @@ def work_folder_state(cfg: MergeConfig, plan_: Any) -> dict[str, Any]:
 
 
 @app.command()
-def gc(config: Path = typer.Argument(..., help="YAML merge config (its output, work folder and setting)"),
-       min_age: float = typer.Option(3600.0, "--min-age", min=0,
-                                     help="seconds: younger unneeded artefacts are kept too"),
-       dry_run: bool = typer.Option(False, "--dry-run", help="only list what would be removed"),
-       overrides: list[str] = typer.Option([], "--set", help="key=value override (dotted keys)")) -> None:
+def gc(
+    config: Path = typer.Argument(..., help="YAML merge config (its output, work folder and setting)"),
+    min_age: float = typer.Option(3600.0, "--min-age", min=0, help="seconds: younger unneeded artefacts are kept too"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="only list what would be removed"),
+    overrides: list[str] = typer.Option([], "--set", help="key=value override (dotted keys)"),
+) -> None:
     """Remove work-folder artefacts that neither this setting, nor a kept version, nor a running merge needs."""
     from swudi.workdir import collect_garbage, usage
 
@@ -189,9 +206,11 @@ def gc(config: Path = typer.Argument(..., help="YAML merge config (its output, w
     except SwudiError as error:
         _fail(error)
     verb = "would remove" if dry_run else "removed"
-    console.print(f"{verb} {len(result.removed)} artefacts ({result.freed_bytes / 1e6:.1f} MB); kept "
-                  f"{result.kept_files} ({result.kept_bytes / 1e6:.1f} MB, {result.young_files} of them only "
-                  f"because they are younger than {min_age:.0f} s)")
+    console.print(
+        f"{verb} {len(result.removed)} artefacts ({result.freed_bytes / 1e6:.1f} MB); kept "
+        f"{result.kept_files} ({result.kept_bytes / 1e6:.1f} MB, {result.young_files} of them only "
+        f"because they are younger than {min_age:.0f} s)"
+    )
     for name in result.removed:
         out.print(name, soft_wrap=True)
     if not dry_run:
@@ -200,10 +219,13 @@ def gc(config: Path = typer.Argument(..., help="YAML merge config (its output, w
 
 
 @app.command()
-def demo(folder: Path = typer.Option(Path(".swudi-demo"), "--dir", help="where models are written"),
-         experts: int = typer.Option(4, min=2, help="number of generated experts"),
-         layers: int = typer.Option(4, min=1), hidden: int = typer.Option(128, min=8),
-         method: str = typer.Option("swudi_a", help=METHOD_HELP)) -> None:
+def demo(
+    folder: Path = typer.Option(Path(".swudi-demo"), "--dir", help="where models are written"),
+    experts: int = typer.Option(4, min=2, help="number of generated experts"),
+    layers: int = typer.Option(4, min=1),
+    hidden: int = typer.Option(128, min=8),
+    method: str = typer.Option("swudi_a", help=METHOD_HELP),
+) -> None:
     """Generate a small base and experts, merge them end to end, publish to a local folder."""
     from swudi.synthetic import SyntheticModel, write_synthetic_models
 
@@ -221,8 +243,11 @@ def demo(folder: Path = typer.Option(Path(".swudi-demo"), "--dir", help="where m
         base, expert_urls = write_synthetic_models(str(checkpoints), experts, model)
         stamp.write_text(json.dumps(settings))
     config_path = folder / "merge.yaml"
-    config_path.write_text(yaml.safe_dump({"base": base, "experts": expert_urls, "method": method,
-                                           "output": str(folder / "merged"), "workers": 2}))
+    config_path.write_text(
+        yaml.safe_dump(
+            {"base": base, "experts": expert_urls, "method": method, "output": str(folder / "merged"), "workers": 2}
+        )
+    )
     console.print(f"config written to {config_path}; merging with {method} (Prefect, embedded server)")
     try:
         cfg = load_config(config_path)
@@ -233,11 +258,12 @@ def demo(folder: Path = typer.Option(Path(".swudi-demo"), "--dir", help="where m
 
 
 @app.command()
-def refresh(config: Path = typer.Argument(..., help="YAML merge config"),
-            overrides: list[str] = typer.Option([], "--set", help="key=value override (dotted keys)"),
-            wait: float = typer.Option(3600.0, "--wait", min=0,
-                                       help="seconds to wait for another refresh of the same output"),
-            verbose: bool = typer.Option(False, "-v", "--verbose")) -> None:
+def refresh(
+    config: Path = typer.Argument(..., help="YAML merge config"),
+    overrides: list[str] = typer.Option([], "--set", help="key=value override (dotted keys)"),
+    wait: float = typer.Option(3600.0, "--wait", min=0, help="seconds to wait for another refresh of the same output"),
+    verbose: bool = typer.Option(False, "-v", "--verbose"),
+) -> None:
     """Publish a new version if an input or a setting changed since `latest`; otherwise do nothing."""
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING)
     prepare_prefect_environment()
@@ -251,29 +277,36 @@ def refresh(config: Path = typer.Argument(..., help="YAML merge config"),
     if not os.environ.get("PREFECT_API_URL"):
         time.sleep(1.5)  # let an embedded server flush its events (see run_flow_and_settle)
     if result["status"] == "unchanged":
-        console.print(f"[green]up to date[/green]: version {result['version']} already published; "
-                      f"nothing changed, nothing merged")
+        console.print(
+            f"[green]up to date[/green]: version {result['version']} already published; nothing changed, nothing merged"
+        )
     else:
-        console.print(f"[green]published[/green] version {result['version']} (previous: "
-                      f"{result['previous']}): {'; '.join(result['changes'])}\n"
-                      f"  computed now: {result['computed']} merges, "
-                      f"{result['decompositions_computed']} decompositions; reused: {result['reused']}")
+        console.print(
+            f"[green]published[/green] version {result['version']} (previous: "
+            f"{result['previous']}): {'; '.join(result['changes'])}\n"
+            f"  computed now: {result['computed']} merges, "
+            f"{result['decompositions_computed']} decompositions; reused: {result['reused']}"
+        )
     if result["pruned"]:
         console.print(f"  pruned: {', '.join(result['pruned'])}")
     out.print(result["url"], soft_wrap=True)
 
 
 @app.command()
-def serve(config: Path = typer.Argument(..., help="YAML merge config (re-read at every run)"),
-          cron: str = typer.Option("0 3 * * *", "--cron", help="cron schedule of the refresh"),
-          timezone: Optional[str] = typer.Option(None, "--timezone", help="IANA zone of the cron (default UTC)"),
-          name: str = typer.Option("nightly", "--name", help="deployment name (flow swudi-refresh)"),
-          overrides: list[str] = typer.Option([], "--set", help="key=value override (dotted keys)"),
-          collision: str = typer.Option("enqueue", "--collision",
-                                        help="a run that would overlap: enqueue (wait) or cancel_new"),
-          no_schedule: bool = typer.Option(False, "--no-schedule", help="no schedule: runs start by hand"),
-          wait: float = typer.Option(3600.0, "--wait", min=0,
-                                     help="seconds a run waits for another refresh of the same output")) -> None:
+def serve(
+    config: Path = typer.Argument(..., help="YAML merge config (re-read at every run)"),
+    cron: str = typer.Option("0 3 * * *", "--cron", help="cron schedule of the refresh"),
+    timezone: str | None = typer.Option(None, "--timezone", help="IANA zone of the cron (default UTC)"),
+    name: str = typer.Option("nightly", "--name", help="deployment name (flow swudi-refresh)"),
+    overrides: list[str] = typer.Option([], "--set", help="key=value override (dotted keys)"),
+    collision: str = typer.Option(
+        "enqueue", "--collision", help="a run that would overlap: enqueue (wait) or cancel_new"
+    ),
+    no_schedule: bool = typer.Option(False, "--no-schedule", help="no schedule: runs start by hand"),
+    wait: float = typer.Option(
+        3600.0, "--wait", min=0, help="seconds a run waits for another refresh of the same output"
+    ),
+) -> None:
     """Serve the refresh flow as a scheduled deployment, one run at a time, until stopped."""
     logging.basicConfig(level=logging.WARNING)
     prepare_prefect_environment()
@@ -286,17 +319,23 @@ def serve(config: Path = typer.Argument(..., help="YAML merge config (re-read at
     from prefect.settings import PREFECT_API_URL
 
     if not PREFECT_API_URL.value():
-        _fail(SwudiError("swudi serve needs a Prefect server (an embedded one runs no schedules): "
-                         "run `prefect server start` and set PREFECT_API_URL=http://127.0.0.1:4200/api"))
+        _fail(
+            SwudiError(
+                "swudi serve needs a Prefect server (an embedded one runs no schedules): "
+                "run `prefect server start` and set PREFECT_API_URL=http://127.0.0.1:4200/api"
+            )
+        )
     from deployments.serve import serve_refresh
 
     serve_refresh(config, None if no_schedule else cron, name, overrides, timezone, collision, wait)  # type: ignore[arg-type]
 
 
 @app.command()
-def sweep(config: Path = typer.Argument(..., help="YAML merge config (the grid's base settings)"),
-          grid: list[str] = typer.Option(..., "--grid", help="key=v1,v2,... (repeatable; cartesian product)"),
-          overrides: list[str] = typer.Option([], "--set", help="key=value override (dotted keys)")) -> None:
+def sweep(
+    config: Path = typer.Argument(..., help="YAML merge config (the grid's base settings)"),
+    grid: list[str] = typer.Option(..., "--grid", help="key=v1,v2,... (repeatable; cartesian product)"),
+    overrides: list[str] = typer.Option([], "--set", help="key=value override (dotted keys)"),
+) -> None:
     """Merge a grid of settings reusing cached decompositions; write OUTPUT/sweeps/<id>/sweep.json."""
     from swudi.sweep import parse_grid, point_configs
 
@@ -311,9 +350,14 @@ def sweep(config: Path = typer.Argument(..., help="YAML merge config (the grid's
         table.add_column(column)
     for row in summary["points"]:
         diag = row["diagnostics"]
-        table.add_row(row["label"], row["version"], _num(diag.get("mean_rank")),
-                      _num(diag.get("mean_interference_vs_sum")), str(row["decompositions_computed"]),
-                      _num(row["seconds"]))
+        table.add_row(
+            row["label"],
+            row["version"],
+            _num(diag.get("mean_rank")),
+            _num(diag.get("mean_interference_vs_sum")),
+            str(row["decompositions_computed"]),
+            _num(row["seconds"]),
+        )
     console.print(table)
     out.print(summary["url"], soft_wrap=True)
 
@@ -323,9 +367,11 @@ def _num(value: Any) -> str:
 
 
 @app.command()
-def report(run: str = typer.Argument(..., help="sweep folder/sweep.json, version folder, or output folder"),
-           out_dir: Optional[Path] = typer.Option(None, "--out", help="where the files go (default: ./swudi-report)"),
-           config: Optional[Path] = typer.Option(None, "--config", help="config whose storage_options to use")) -> None:
+def report(
+    run: str = typer.Argument(..., help="sweep folder/sweep.json, version folder, or output folder"),
+    out_dir: Path | None = typer.Option(None, "--out", help="where the files go (default: ./swudi-report)"),
+    config: Path | None = typer.Option(None, "--config", help="config whose storage_options to use"),
+) -> None:
     """Write PNG plots (retention vs t / rank_ratio, rank per layer, spectra) and summary tables."""
     from swudi.plots import write_report
 

@@ -21,22 +21,31 @@ import importlib.util
 import logging
 from collections.abc import Iterable
 
-__all__ = ["DECOMPOSITION_MODULES", "MERGE_MODULES", "module_digest", "code_digest", "decomposition_code",
-           "merge_code"]
+__all__ = ["DECOMPOSITION_MODULES", "MERGE_MODULES", "module_digest", "code_digest", "decomposition_code", "merge_code"]
 
 log = logging.getLogger(__name__)
 
 DECOMPOSITION_MODULES = ("swudi.decomposition", "swudi.task_vectors")
-MERGE_MODULES = (*DECOMPOSITION_MODULES, "swudi.spectral", "swudi.rank", "swudi.methods", "swudi.baselines",
-                 "swudi.diagnostics")
+MERGE_MODULES = (
+    *DECOMPOSITION_MODULES,
+    "swudi.spectral",
+    "swudi.rank",
+    "swudi.methods",
+    "swudi.baselines",
+    "swudi.diagnostics",
+)
 
 
 def _strip_docstrings(tree: ast.AST) -> ast.AST:
     for node in ast.walk(tree):
         if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
             body = node.body
-            if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant) \
-                    and isinstance(body[0].value.value, str):
+            if (
+                body
+                and isinstance(body[0], ast.Expr)
+                and isinstance(body[0].value, ast.Constant)
+                and isinstance(body[0].value.value, str)
+            ):
                 node.body = body[1:] or [ast.Pass()]
     return tree
 

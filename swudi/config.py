@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from swudi.checkpoint.writer import parse_size
 from swudi.errors import ConfigError
 
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -61,22 +62,21 @@ class MergeConfig(_Strict):
     params: dict[str, Any] = Field(default_factory=dict, description="method parameters")
     scale: float = Field(1.0, description="alpha in W = W0 + alpha * theta")
     output: str = Field(description="where versions are published (with a latest.json pointer)")
-    work_dir: str | None = Field(None, description="cache of decompositions and merged tensors; "
-                                 "default: OUTPUT/.swudi-work")
-    include: list[str] = Field(default_factory=list,
-                               description="glob patterns forced to the matrix method")
-    exclude: list[str] = Field(default_factory=list,
-                               description="glob patterns kept out of the matrix method (mean instead)")
-    keep_base: list[str] = Field(default_factory=list,
-                                 description="glob patterns that keep the base value")
+    work_dir: str | None = Field(
+        None, description="cache of decompositions and merged tensors; default: OUTPUT/.swudi-work"
+    )
+    include: list[str] = Field(default_factory=list, description="glob patterns forced to the matrix method")
+    exclude: list[str] = Field(
+        default_factory=list, description="glob patterns kept out of the matrix method (mean instead)"
+    )
+    keep_base: list[str] = Field(default_factory=list, description="glob patterns that keep the base value")
     output_dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     max_shard_size: int = Field(5 * 10**9, description="bytes per output shard ('5GB' accepted)")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     workers: int = Field(2, ge=1, description="parallel per-layer tasks")
     task_runner: TaskRunnerConfig = Field(default_factory=TaskRunnerConfig)
     decomposition: DecompositionConfig = Field(default_factory=DecompositionConfig)
-    storage_options: dict[str, Any] = Field(default_factory=dict,
-                                            description="fsspec options for remote URLs")
+    storage_options: dict[str, Any] = Field(default_factory=dict, description="fsspec options for remote URLs")
     evaluators: list[EvaluatorConfig] = Field(default_factory=list)
     keep_versions: int | None = Field(None, ge=1, description="published versions kept; None keeps all")
 

@@ -133,8 +133,9 @@ class Decomposition:
         """
         m, _ = self.shape
         if tuple(theta_q.shape) != (m, self.rank):
-            raise InputError(f"weight {self.name!r}: theta Q has shape {tuple(theta_q.shape)}, "
-                             f"expected {(m, self.rank)}")
+            raise InputError(
+                f"weight {self.name!r}: theta Q has shape {tuple(theta_q.shape)}, expected {(m, self.rank)}"
+            )
         if self.all_zero or self.rank == 0:
             return float(self.objective_const)
         tq = theta_q.double()

@@ -21,8 +21,9 @@ from swudi.device import resolve_device
 from swudi.spectral import filtered_projection
 
 
-def task_interference(theta: torch.Tensor, task_vectors: torch.Tensor,
-                      device: str | torch.device = "auto") -> torch.Tensor:
+def task_interference(
+    theta: torch.Tensor, task_vectors: torch.Tensor, device: str | torch.device = "auto"
+) -> torch.Tensor:
     """``[N]`` float64: L_i(theta) for every task (0 for an all-zero task vector)."""
     dev = resolve_device(device)
     tv = task_vectors.to(device=dev, dtype=torch.float32)
@@ -42,8 +43,9 @@ def task_interference(theta: torch.Tensor, task_vectors: torch.Tensor,
     return out
 
 
-def interference_vs_sum(theta: torch.Tensor, task_vectors: torch.Tensor,
-                        device: str | torch.device = "auto") -> dict[str, object]:
+def interference_vs_sum(
+    theta: torch.Tensor, task_vectors: torch.Tensor, device: str | torch.device = "auto"
+) -> dict[str, object]:
     """Per-task and total interference of ``theta`` relative to theta = sum of task vectors.
 
     Returns ``{"per_task": [L_i(theta) / L_i(sum)], "total": sum L_i(theta) / sum L_i(sum)}``;
@@ -51,13 +53,14 @@ def interference_vs_sum(theta: torch.Tensor, task_vectors: torch.Tensor,
     """
     merged = task_interference(theta, task_vectors, device)
     reference = task_interference(task_vectors.sum(dim=0), task_vectors, device)
-    per_task = [float(a / b) if b > 0 else None for a, b in zip(merged, reference)]
+    per_task = [float(a / b) if b > 0 else None for a, b in zip(merged, reference, strict=True)]
     total = float(merged.sum() / reference.sum()) if float(reference.sum()) > 0 else None
     return {"per_task": per_task, "total": total}
 
 
-def interference_from_decomposition(dec: Decomposition, f: torch.Tensor, init: str = "sum",
-                                    device: str | torch.device = "auto") -> float | None:
+def interference_from_decomposition(
+    dec: Decomposition, f: torch.Tensor, init: str = "sum", device: str | torch.device = "auto"
+) -> float | None:
     """Total interference L(theta) / L(sum of task vectors) of a filtered merge, from the decomposition.
 
     Both losses come from projections on the stored eigenvectors (theta Q and S Q, O(m r) work,

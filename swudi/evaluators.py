@@ -40,8 +40,10 @@ def load_evaluator(reference: str) -> Callable[..., Mapping[str, Mapping[str, fl
 
 def _check_metrics(reference: str, metrics: Any) -> Metrics:
     if not isinstance(metrics, Mapping):
-        raise SwudiError(f"evaluator {reference!r} returned {type(metrics).__name__}, "
-                         "expected a mapping {task: {metric: number}}")
+        raise SwudiError(
+            f"evaluator {reference!r} returned {type(metrics).__name__}, "
+            "expected a mapping {task: {metric: number}}"
+        )
     checked: Metrics = {}
     for task_name, values in metrics.items():
         if not isinstance(values, Mapping):
@@ -67,6 +69,5 @@ def run_evaluators(evaluators: Sequence[EvaluatorConfig], model_url: str) -> dic
     for evaluator in evaluators:
         function = load_evaluator(evaluator.function)
         log.info("evaluating %s with %s", model_url, evaluator.function)
-        results[evaluator.function] = _check_metrics(evaluator.function,
-                                                     function(model_url, **evaluator.options))
+        results[evaluator.function] = _check_metrics(evaluator.function, function(model_url, **evaluator.options))
     return results

@@ -13,13 +13,12 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
-
 from swudi.checkpoint import Checkpoint, TensorLocation, resolve, validate_checkpoints
 from swudi.checkpoint.fingerprint import digest
 from swudi.checkpoint.header import torch_dtype
+from swudi.code_version import merge_code
 from swudi.config import MergeConfig
 from swudi.errors import CheckpointError
-from swudi.code_version import merge_code
 from swudi.methods import get_method
 from swudi.routing import Route, route_tensor
 
@@ -49,8 +48,7 @@ class TensorJob:
     @property
     def input_key(self) -> str:
         """Digest of the exact inputs: the content fingerprints of this tensor in every checkpoint."""
-        return digest(self.name, list(self.shape), self.base.fingerprint,
-                      [loc.fingerprint for loc in self.experts])
+        return digest(self.name, list(self.shape), self.base.fingerprint, [loc.fingerprint for loc in self.experts])
 
     @property
     def nbytes(self) -> int:
@@ -124,8 +122,7 @@ def open_checkpoints(config: MergeConfig) -> tuple[Checkpoint, list[Checkpoint]]
     return base, experts
 
 
-def build_plan(config: MergeConfig, checkpoints: tuple[Checkpoint, list[Checkpoint]] | None = None
-               ) -> MergePlan:
+def build_plan(config: MergeConfig, checkpoints: tuple[Checkpoint, list[Checkpoint]] | None = None) -> MergePlan:
     """Validate base + experts from their headers and route every tensor.
 
     Raises :class:`~swudi.errors.CheckpointMismatchError` listing every mismatch at once.
@@ -134,13 +131,28 @@ def build_plan(config: MergeConfig, checkpoints: tuple[Checkpoint, list[Checkpoi
     warnings = validate_checkpoints(base, experts)
     jobs = []
     for name, loc in base.tensors.items():
-        route = route_tensor(name, loc.shape, torch_dtype(loc.dtype, base.url), config.method,
-                             config.include, config.exclude, config.keep_base)
-        jobs.append(TensorJob(name, tuple(loc.shape), loc.dtype, route, loc,
-                              tuple(expert.tensors[name] for expert in experts)))
-    plan = MergePlan(base.url, tuple(e.url for e in experts), base.fingerprint,
-                     tuple(e.fingerprint for e in experts), tuple(jobs), tuple(base.extra_files),
-                     tuple(warnings), tuple(c.header_bytes for c in (base, *experts)))
+        route = route_tensor(
+            name,
+            loc.shape,
+            torch_dtype(loc.dtype, base.url),
+            config.method,
+            config.include,
+            config.exclude,
+            config.keep_base,
+        )
+        jobs.append(
+            TensorJob(name, tuple(loc.shape), loc.dtype, route, loc, tuple(expert.tensors[name] for expert in experts))
+        )
+    plan = MergePlan(
+        base.url,
+        tuple(e.url for e in experts),
+        base.fingerprint,
+        tuple(e.fingerprint for e in experts),
+        tuple(jobs),
+        tuple(base.extra_files),
+        tuple(warnings),
+        tuple(c.header_bytes for c in (base, *experts)),
+    )
     log.info("plan: %d tensors (%s) from %d experts", len(jobs), plan.counts(), len(experts))
     return plan
 
@@ -162,9 +174,14 @@ def version_id(config: MergeConfig, plan: MergePlan) -> str:
     changed finds its version already published.
     """
     settings = {
-        "method": config.method, "params": config.params, "scale": config.scale,
-        "include": config.include, "exclude": config.exclude, "keep_base": config.keep_base,
-        "output_dtype": config.output_dtype, "max_shard_size": config.max_shard_size,
+        "method": config.method,
+        "params": config.params,
+        "scale": config.scale,
+        "include": config.include,
+        "exclude": config.exclude,
+        "keep_base": config.keep_base,
+        "output_dtype": config.output_dtype,
+        "max_shard_size": config.max_shard_size,
         "max_rank": config.decomposition.max_rank,
     }
     return digest(merge_code(config.method), plan.inputs_fingerprint, settings)[:16]
@@ -193,9 +210,12 @@ def describe_plan(config: MergeConfig, plan: MergePlan) -> dict[str, Any]:
         "estimated_decomposition_gflop": round(flops / 1e9, 3),
         "warnings": list(plan.warnings),
         "tensors": [
-            {"name": job.name, "shape": list(job.shape), "dtype": job.dtype,
-             "treatment": "layer" if job.is_matrix else job.route}
+            {
+                "name": job.name,
+                "shape": list(job.shape),
+                "dtype": job.dtype,
+                "treatment": "layer" if job.is_matrix else job.route,
+            }
             for job in plan.jobs
         ],
     }
-

@@ -73,8 +73,8 @@ def plot_sweep(summary: Mapping[str, Any], out: Path) -> list[Path]:
         # per-task interference exists only for layers whose task vectors were in memory (a point
         # that reused stored decompositions has the total only): then every point shows the total
         every_layer_per_task = all(
-            r["diagnostics"].get("layers_with_per_task_interference") == r["diagnostics"].get("layers")
-            for r in rows)
+            r["diagnostics"].get("layers_with_per_task_interference") == r["diagnostics"].get("layers") for r in rows
+        )
         for r in rows:
             metric_name, per_task = _task_metric(r.get("evaluations", {}))
             if not per_task:
@@ -128,11 +128,13 @@ def plot_ranks(report: Mapping[str, Any], out: Path) -> Path | None:
     return path
 
 
-def plot_spectra(report: Mapping[str, Any], out: Path, count: int = 4,
-                 storage_options: Mapping[str, Any] | None = None) -> Path | None:
+def plot_spectra(
+    report: Mapping[str, Any], out: Path, count: int = 4, storage_options: Mapping[str, Any] | None = None
+) -> Path | None:
     """Eigenvalue spectra of ``count`` layers (spread over the model) with the rank cut marked."""
-    per_layer = [(n, v) for n, v in report.get("diagnostics", {}).get("per_layer", {}).items()
-                 if v.get("decomposition")]
+    per_layer = [
+        (n, v) for n, v in report.get("diagnostics", {}).get("per_layer", {}).items() if v.get("decomposition")
+    ]
     if not per_layer:
         return None
     step = max(1, len(per_layer) // count)
@@ -141,7 +143,7 @@ def plot_spectra(report: Mapping[str, Any], out: Path, count: int = 4,
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for name, values in chosen:
         eigenvalues = Checkpoint.open(values["decomposition"], storage_options).read("eigenvalues")
-        line, = ax.semilogy(range(1, len(eigenvalues) + 1), eigenvalues.numpy(), label=name)
+        (line,) = ax.semilogy(range(1, len(eigenvalues) + 1), eigenvalues.numpy(), label=name)
         if values.get("rank"):
             ax.axvline(values["rank"], color=line.get_color(), linestyle="--", alpha=0.7)
     ax.set_xlabel("eigenvalue index k")
@@ -163,9 +165,13 @@ def summary_rows(kind: str, data: Mapping[str, Any]) -> list[dict[str, Any]]:
     for item in items:
         diag = item.get("diagnostics", {})
         metric, per_task = _task_metric(item.get("evaluations", {}))
-        row = {"run": item.get("label"), "method": item.get("method"),
-               "mean rank": diag.get("mean_rank"), "kept mass": diag.get("mean_kept_mass"),
-               "interference vs sum": diag.get("mean_interference_vs_sum")}
+        row = {
+            "run": item.get("label"),
+            "method": item.get("method"),
+            "mean rank": diag.get("mean_rank"),
+            "kept mass": diag.get("mean_kept_mass"),
+            "interference vs sum": diag.get("mean_interference_vs_sum"),
+        }
         row.update({f"{task} ({metric})": value for task, value in per_task.items()})
         if per_task:
             row[f"mean {metric}"] = sum(per_task.values()) / len(per_task)
@@ -184,10 +190,13 @@ def write_tables(rows: Sequence[Mapping[str, Any]], out: Path) -> tuple[Path, Pa
     md += ["| " + " | ".join(_fmt(row.get(c)) for c in columns) + " |" for row in rows]
     (out / "summary.md").write_text("\n".join(md) + "\n")
     cells = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(_fmt(row.get(c)))}</td>" for c in columns) + "</tr>"
-                   for row in rows)
-    (out / "summary.html").write_text(f"<!doctype html><meta charset=utf-8><title>swudi report</title>"
-                                      f"<table border=1 cellpadding=4><tr>{cells}</tr>{body}</table>\n")
+    body = "".join(
+        "<tr>" + "".join(f"<td>{html.escape(_fmt(row.get(c)))}</td>" for c in columns) + "</tr>" for row in rows
+    )
+    (out / "summary.html").write_text(
+        f"<!doctype html><meta charset=utf-8><title>swudi report</title>"
+        f"<table border=1 cellpadding=4><tr>{cells}</tr>{body}</table>\n"
+    )
     return out / "summary.md", out / "summary.html"
 
 
@@ -199,8 +208,9 @@ def write_report(run: str, out: Path, storage_options: Mapping[str, Any] | None 
     if kind == "sweep":
         written += plot_sweep(data, out)
         first = data["points"][0] if data["points"] else None
-        report = {"method": first["method"], "params": first["params"],
-                  "diagnostics": first["diagnostics"]} if first else {}
+        report = (
+            {"method": first["method"], "params": first["params"], "diagnostics": first["diagnostics"]} if first else {}
+        )
     else:
         report = data
     for path in (plot_ranks(report, out), plot_spectra(report, out, storage_options=storage_options)):

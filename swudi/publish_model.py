@@ -13,8 +13,15 @@ import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from swudi.checkpoint import (Checkpoint, copy_extra_files, join_url, output_lock, prune_versions,
-                              publish_version, write_sharded)
+from swudi.checkpoint import (
+    Checkpoint,
+    copy_extra_files,
+    join_url,
+    output_lock,
+    prune_versions,
+    publish_version,
+    write_sharded,
+)
 from swudi.checkpoint.publish import REPORT_NAME, version_url
 from swudi.checkpoint.storage import resolve, write_bytes_atomic
 from swudi.config import MergeConfig
@@ -30,10 +37,14 @@ log = logging.getLogger(__name__)
 LOCK_WAIT_S = 600.0
 
 
-def publish_merged_model(config: MergeConfig, plan: MergePlan, merged: Sequence[MergedRecord],
-                         diagnostics: Mapping[str, Any],
-                         timings: Mapping[str, float] | None = None,
-                         io: Mapping[str, Any] | None = None) -> dict[str, Any]:
+def publish_merged_model(
+    config: MergeConfig,
+    plan: MergePlan,
+    merged: Sequence[MergedRecord],
+    diagnostics: Mapping[str, Any],
+    timings: Mapping[str, float] | None = None,
+    io: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
     """Write (or find) this merge's version under ``config.output`` and point ``latest.json`` at it.
 
     ``io`` holds the bytes this run read so far (:func:`swudi.steps.bytes_read` + ``headers``);
@@ -54,26 +65,39 @@ def publish_merged_model(config: MergeConfig, plan: MergePlan, merged: Sequence[
         base = Checkpoint.open(config.base, config.storage_options)
         copy_extra_files(base, version_url, config.storage_options)
         evaluations = run_evaluators(config.evaluators, version_url)
-        report.update(build_report(config, plan, version, merged, diagnostics, evaluations, timings,
-                                   io_summary(plan, reads), usage(config)))
+        report.update(
+            build_report(
+                config, plan, version, merged, diagnostics, evaluations, timings, io_summary(plan, reads), usage(config)
+            )
+        )
         keys = artefact_keys(plan.layer_jobs, plan.group_jobs, config)
         report["artefacts"] = {kind: sorted(values) for kind, values in keys.items()}  # kept by `swudi gc`
-        write_bytes_atomic(join_url(version_url, REPORT_NAME),
-                           (json.dumps(report, indent=2, sort_keys=True) + "\n").encode(),
-                           config.storage_options)
+        write_bytes_atomic(
+            join_url(version_url, REPORT_NAME),
+            (json.dumps(report, indent=2, sort_keys=True) + "\n").encode(),
+            config.storage_options,
+        )
 
     with output_lock(config.output, storage_options=config.storage_options, wait_s=LOCK_WAIT_S):
-        pointer = publish_version(config.output, version, write_files,
-                                  storage_options=config.storage_options,
-                                  pointer_extra={"method": config.method})
+        pointer = publish_version(
+            config.output,
+            version,
+            write_files,
+            storage_options=config.storage_options,
+            pointer_extra={"method": config.method},
+        )
         if config.keep_versions:
             removed = prune_versions(config.output, config.keep_versions, config.storage_options)
             if removed:
                 log.info("%s: pruned versions %s", config.output, ", ".join(removed))
     if not report:
         report = read_report(config.output, version, config.storage_options)
-    return {**pointer, "url": pointer.get("url") or join_url(config.output, pointer["path"]),
-            "report": report, "io": io_summary(plan, reads)}
+    return {
+        **pointer,
+        "url": pointer.get("url") or join_url(config.output, pointer["path"]),
+        "report": report,
+        "io": io_summary(plan, reads),
+    }
 
 
 def io_summary(plan: MergePlan, reads: Mapping[str, Any]) -> dict[str, Any]:
@@ -81,24 +105,32 @@ def io_summary(plan: MergePlan, reads: Mapping[str, Any]) -> dict[str, Any]:
     headers = list(reads.get("headers") or [0] * (len(plan.expert_urls) + 1))
     tensors = [int(reads["base"]), *(int(n) for n in reads["experts"])]
     roles = ["base", *(f"expert {i}" for i in range(len(plan.expert_urls)))]
-    per_checkpoint = [{"role": role, "url": url, "tensor_bytes": t, "header_bytes": h,
-                       "tensor_bytes_needed": total}
-                      for role, url, t, h, total in zip(roles, [plan.base_url, *plan.expert_urls], tensors,
-                                                        headers, _needed_tensor_bytes(plan), strict=True)]
-    return {"input_bytes": sum(tensors) + sum(headers), "input_tensor_bytes": sum(tensors),
-            "header_bytes": sum(headers), "work_bytes": int(reads["work"]), "per_checkpoint": per_checkpoint}
+    per_checkpoint = [
+        {"role": role, "url": url, "tensor_bytes": t, "header_bytes": h, "tensor_bytes_needed": total}
+        for role, url, t, h, total in zip(
+            roles, [plan.base_url, *plan.expert_urls], tensors, headers, _needed_tensor_bytes(plan), strict=True
+        )
+    ]
+    return {
+        "input_bytes": sum(tensors) + sum(headers),
+        "input_tensor_bytes": sum(tensors),
+        "header_bytes": sum(headers),
+        "work_bytes": int(reads["work"]),
+        "per_checkpoint": per_checkpoint,
+    }
 
 
 def _needed_tensor_bytes(plan: MergePlan) -> list[int]:
     """Bytes of the tensors a merge needs from each checkpoint (base, expert 0, ...): every base
     tensor, and the experts' tensors that are merged (not those kept at the base value)."""
     merged = [job for job in plan.jobs if job.route != "base"]
-    return [sum(job.base.nbytes for job in plan.jobs),
-            *(sum(job.experts[i].nbytes for job in merged) for i in range(len(plan.expert_urls)))]
+    return [
+        sum(job.base.nbytes for job in plan.jobs),
+        *(sum(job.experts[i].nbytes for job in merged) for i in range(len(plan.expert_urls))),
+    ]
 
 
-def read_report(output_url: str, version: str, storage_options: Mapping[str, Any] | None = None
-                ) -> dict[str, Any]:
+def read_report(output_url: str, version: str, storage_options: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The merge report of a published version ({} if it has none)."""
     fs, path = resolve(join_url(version_url(output_url, version), REPORT_NAME), storage_options)
     try:

@@ -21,7 +21,7 @@ CUMVAR_PREFIX = "cumvar_"
 
 def rank_ceil(x: float) -> int:
     """ceil(x), ignoring float noise just above an integer (0.7 * 10 -> 7, exp(log 4) -> 4)."""
-    return int(math.ceil(x - 1e-9 * max(1.0, abs(x))))
+    return math.ceil(x - 1e-9 * max(1.0, abs(x)))
 
 
 def _participation_sqrt(lam: torch.Tensor, shape: tuple[int, int]) -> int:

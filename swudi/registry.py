@@ -332,7 +332,7 @@ def methods_markdown() -> str:
     """The methods as a Markdown table (the README's, between its ``methods`` markers)."""
     lines = ["| method | kind | description | parameters (defaults) |", "|---|---|---|---|"]
     for row in method_rows():
-        params = ", ".join(f"`{p}`" for p in row["parameters"]) or "–"
+        params = ", ".join(f"`{p}`" for p in row["parameters"]) or "–"  # noqa: RUF001 - the table's empty-cell mark
         lines.append(f"| `{row['name']}` | {row['kind']} | {_md_cell(row['description'])} | {_md_cell(params)} |")
     return "\n".join(lines)
 

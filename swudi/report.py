@@ -4,38 +4,51 @@ from __future__ import annotations
 
 import platform
 from collections.abc import Mapping, Sequence
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 import torch
 
 from swudi import __version__
-from swudi.config import MergeConfig
 from swudi.code_version import decomposition_code, merge_code
+from swudi.config import MergeConfig
 from swudi.plan import MergePlan
 from swudi.steps import MergedRecord
 
 
-def build_report(config: MergeConfig, plan: MergePlan, version: str, merged: Sequence[MergedRecord],
-                 diagnostics: Mapping[str, Any], evaluations: Mapping[str, Any] | None = None,
-                 timings: Mapping[str, float] | None = None, io: Mapping[str, Any] | None = None,
-                 work_folder: Mapping[str, Any] | None = None) -> dict[str, Any]:
+def build_report(
+    config: MergeConfig,
+    plan: MergePlan,
+    version: str,
+    merged: Sequence[MergedRecord],
+    diagnostics: Mapping[str, Any],
+    evaluations: Mapping[str, Any] | None = None,
+    timings: Mapping[str, float] | None = None,
+    io: Mapping[str, Any] | None = None,
+    work_folder: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
     """A JSON-able record of one merged version: inputs, parameters, per-layer results, bytes read
     by the run that published it, the work folder's size, software."""
     return {
         "version": version,
-        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "inputs": {
             "base": {"url": plan.base_url, "fingerprint": plan.base_fingerprint},
-            "experts": [{"url": url, "fingerprint": fp}
-                        for url, fp in zip(plan.expert_urls, plan.expert_fingerprints)],
+            "experts": [
+                {"url": url, "fingerprint": fp}
+                for url, fp in zip(plan.expert_urls, plan.expert_fingerprints, strict=True)
+            ],
             "fingerprint": plan.inputs_fingerprint,
         },
         "method": config.method,
         "params": config.params,
         "scale": config.scale,
-        "routing": {"include": config.include, "exclude": config.exclude, "keep_base": config.keep_base,
-                    "counts": plan.counts()},
+        "routing": {
+            "include": config.include,
+            "exclude": config.exclude,
+            "keep_base": config.keep_base,
+            "counts": plan.counts(),
+        },
         "output_dtype": config.output_dtype,
         "warnings": list(plan.warnings),
         "diagnostics": dict(diagnostics),
@@ -46,7 +59,11 @@ def build_report(config: MergeConfig, plan: MergePlan, version: str, merged: Seq
         },
         "io": dict(io or {}),
         "work_folder": dict(work_folder or {}),
-        "software": {"swudi": __version__, "merge_code": merge_code(config.method),
-                     "decomposition_code": decomposition_code(),
-                     "torch": torch.__version__, "python": platform.python_version()},
+        "software": {
+            "swudi": __version__,
+            "merge_code": merge_code(config.method),
+            "decomposition_code": decomposition_code(),
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+        },
     }

@@ -126,7 +126,7 @@ def _filter_coefficients(
 
     k is the last direction with f_k != 0; coef is None when the filter is zero everywhere.
     """
-    m, d = dec.shape
+    _, d = dec.shape
     init_c = init_coefficient(init, dec.num_tasks)
     f = torch.as_tensor(f, dtype=torch.float32).flatten().cpu()
     r = dec.rank

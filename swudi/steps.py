@@ -120,8 +120,9 @@ class _Reads:
 # ------------------------------------------------------------------------------------------ keys
 def decomposition_key(job: TensorJob, config: MergeConfig) -> str:
     """Identity of a decomposition: the layer's inputs, the decomposition options and code."""
-    return digest("decompose", decomposition_code(), job.input_key,
-                  config.decomposition.max_rank, config.decomposition.route)
+    return digest(
+        "decompose", decomposition_code(), job.input_key, config.decomposition.max_rank, config.decomposition.route
+    )
 
 
 def _rule(jobs: Sequence[TensorJob], config: MergeConfig) -> Any:
@@ -133,22 +134,33 @@ def _rule(jobs: Sequence[TensorJob], config: MergeConfig) -> Any:
 
 def delta_key(jobs: Sequence[TensorJob], config: MergeConfig) -> str:
     """Identity of merged task vectors theta (before the scale): inputs, rule and code."""
-    return digest("delta", merge_code(config.method), [(j.input_key, j.route) for j in jobs],
-                  _rule(jobs, config))
+    return digest("delta", merge_code(config.method), [(j.input_key, j.route) for j in jobs], _rule(jobs, config))
 
 
 def layer_merge_key(job: TensorJob, config: MergeConfig) -> str:
     """Identity of one merged 2-D weight: inputs, method, parameters, scale, output dtype and code."""
-    return digest("merge-layer", merge_code(config.method), job.input_key, config.method, config.params,
-                  config.scale, output_dtype(config, job), config.decomposition.max_rank,
-                  config.decomposition.route)
+    return digest(
+        "merge-layer",
+        merge_code(config.method),
+        job.input_key,
+        config.method,
+        config.params,
+        config.scale,
+        output_dtype(config, job),
+        config.decomposition.max_rank,
+        config.decomposition.route,
+    )
 
 
 def group_merge_key(jobs: Sequence[TensorJob], config: MergeConfig) -> str:
     """Identity of a merged group of small tensors."""
-    return digest("merge-group", merge_code(config.method),
-                  [(j.input_key, j.route, output_dtype(config, j)) for j in jobs],
-                  _rule(jobs, config), config.scale)
+    return digest(
+        "merge-group",
+        merge_code(config.method),
+        [(j.input_key, j.route, output_dtype(config, j)) for j in jobs],
+        _rule(jobs, config),
+        config.scale,
+    )
 
 
 def artefact_url(config: MergeConfig, kind: str, key: str) -> str:
@@ -166,8 +178,9 @@ def _open_artefact(url: str, config: MergeConfig, fmt: str | None, key: str) -> 
             log.warning("damaged artefact %s is recomputed: %s", url, error)
         return None
     meta = artefact.metadata
-    if meta.get("key") != key or (fmt is not None and (meta.get("format"), meta.get("format_version"))
-                                  != (fmt, RECORD_FORMAT_VERSION)):
+    if meta.get("key") != key or (
+        fmt is not None and (meta.get("format"), meta.get("format_version")) != (fmt, RECORD_FORMAT_VERSION)
+    ):
         log.warning("artefact %s is not the %s with key %s; it is recomputed", url, fmt or "artefact", key)
         return None
     return artefact
@@ -214,8 +227,12 @@ def find_merged(keys: Iterable[str], config: MergeConfig) -> dict[str, MergedRec
 
 
 def _save_merged(record: MergedRecord, tensors: Mapping[str, torch.Tensor], config: MergeConfig) -> None:
-    metadata = {"format": MERGED_FORMAT, "format_version": RECORD_FORMAT_VERSION, "key": record.key,
-                "record": record.to_json()}
+    metadata = {
+        "format": MERGED_FORMAT,
+        "format_version": RECORD_FORMAT_VERSION,
+        "key": record.key,
+        "record": record.to_json(),
+    }
     save_tensors(record.url, tensors, metadata, config.storage_options)
 
 
@@ -232,8 +249,9 @@ def _load_decomposition(url: str, key: str, config: MergeConfig, reads: _Reads) 
         return None
 
 
-def _load_delta(url: str, key: str, names: Sequence[str], config: MergeConfig, reads: _Reads
-                ) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
+def _load_delta(
+    url: str, key: str, names: Sequence[str], config: MergeConfig, reads: _Reads
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
     artefact = _open_artefact(url, config, DELTA_FORMAT, key)
     if artefact is None:
         return None
@@ -251,8 +269,9 @@ def _load_delta(url: str, key: str, names: Sequence[str], config: MergeConfig, r
 
 
 # ------------------------------------------------------------------------------------------ reads
-def read_task_vectors(job: TensorJob, config: MergeConfig, reads: _Reads | None = None
-                      ) -> tuple[torch.Tensor, torch.Tensor]:
+def read_task_vectors(
+    job: TensorJob, config: MergeConfig, reads: _Reads | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(base weight, task vectors ``[N, ...]`` float32): one range read per checkpoint."""
     reads = reads or _Reads([0] * (len(job.experts) + 1))
     base = reads.tensor(0, job.base, config.storage_options)
@@ -270,8 +289,9 @@ def rank_choice(dec: Decomposition, config: MergeConfig) -> RankChoice:
     return RankChoice(f, 0 if dec.all_zero else int(kept.sum()), kept_mass)
 
 
-def decompose_layer(job: TensorJob, config: MergeConfig, reads: _Reads
-                    ) -> tuple[Decomposition, str, tuple[torch.Tensor, torch.Tensor] | None, float]:
+def decompose_layer(
+    job: TensorJob, config: MergeConfig, reads: _Reads
+) -> tuple[Decomposition, str, tuple[torch.Tensor, torch.Tensor] | None, float]:
     """The layer's decomposition: the stored one, or read the inputs once, decompose and store it.
 
     Returns (decomposition, its URL, (base, task vectors) when they were read, seconds spent).
@@ -283,8 +303,13 @@ def decompose_layer(job: TensorJob, config: MergeConfig, reads: _Reads
         return dec, url, None, 0.0
     start = time.perf_counter()
     base, task_vectors = read_task_vectors(job, config, reads)
-    dec = decompose(task_vectors, name=job.name, max_rank=config.decomposition.max_rank,
-                    device=config.device, route=config.decomposition.route)
+    dec = decompose(
+        task_vectors,
+        name=job.name,
+        max_rank=config.decomposition.max_rank,
+        device=config.device,
+        route=config.decomposition.route,
+    )
     tensors, metadata = dec.to_tensors()
     save_tensors(url, tensors, {**metadata, "key": key}, config.storage_options)
     return dec, url, (base, task_vectors), time.perf_counter() - start
@@ -313,8 +338,10 @@ def merge_layer(job: TensorJob, config: MergeConfig, run_id: str = "") -> Merged
         rank = rank_choice(dec, config)
         init = str(config.params.get("init", "sum"))
         theta = apply_filter(dec, rank.filter, init, device=config.device)
-        interference = {"total": interference_from_decomposition(dec, rank.filter, init, config.device),
-                        "per_task": None}
+        interference = {
+            "total": interference_from_decomposition(dec, rank.filter, init, config.device),
+            "per_task": None,
+        }
     else:
         delta = _delta([job], config, reads)
         theta, interference = delta.thetas[0], dict(delta.diagnostics)
@@ -327,14 +354,22 @@ def merge_layer(job: TensorJob, config: MergeConfig, run_id: str = "") -> Merged
     merged = merged_weight(base, theta, config.scale, torch_dtype(output_dtype(config, job)))
     per_task = interference.get("per_task")
     record = MergedRecord(
-        key, url, (job.name,), config.method,
-        rank=rank.rank if rank else None, kept_mass=rank.kept_mass if rank else None,
+        key,
+        url,
+        (job.name,),
+        config.method,
+        rank=rank.rank if rank else None,
+        kept_mass=rank.kept_mass if rank else None,
         interference=interference.get("total"),
         task_interference=tuple(per_task) if per_task is not None else None,
         decomposition_url=dec_url,
-        decomposed=inputs is not None, seconds=time.perf_counter() - reads.started,
-        decompose_seconds=decompose_seconds, bytes_read=tuple(reads.inputs), work_bytes_read=reads.work,
-        computed_in=run_id)
+        decomposed=inputs is not None,
+        seconds=time.perf_counter() - reads.started,
+        decompose_seconds=decompose_seconds,
+        bytes_read=tuple(reads.inputs),
+        work_bytes_read=reads.work,
+        computed_in=run_id,
+    )
     _save_merged(record, {job.name: merged}, config)
     return record
 
@@ -367,8 +402,9 @@ def _delta(jobs: Sequence[TensorJob], config: MergeConfig, reads: _Reads) -> _De
     for job in jobs:
         base, task_vectors = read_task_vectors(job, config, reads)
         if job.is_matrix:
-            theta = merge_matrix(task_vectors, config.method, name=job.name, device=config.device,
-                                 **config.params).to(torch.float32)
+            theta = merge_matrix(task_vectors, config.method, name=job.name, device=config.device, **config.params).to(
+                torch.float32
+            )
             out.diagnostics = interference_vs_sum(theta, task_vectors, config.device)
         else:
             method, params = (config.method, config.params) if job.route == "method" else ("mean", {})
@@ -376,8 +412,12 @@ def _delta(jobs: Sequence[TensorJob], config: MergeConfig, reads: _Reads) -> _De
         out.thetas.append(theta.contiguous())
         out.bases.append(base)
         out.task_vectors = task_vectors if len(jobs) == 1 else None
-    metadata = {"format": DELTA_FORMAT, "format_version": RECORD_FORMAT_VERSION, "key": key,
-                "diagnostics": json.dumps(out.diagnostics)}
+    metadata = {
+        "format": DELTA_FORMAT,
+        "format_version": RECORD_FORMAT_VERSION,
+        "key": key,
+        "diagnostics": json.dumps(out.diagnostics),
+    }
     save_tensors(url, dict(zip(names, out.thetas, strict=True)), metadata, config.storage_options)
     return out
 
@@ -396,11 +436,21 @@ def merge_group(jobs: Sequence[TensorJob], config: MergeConfig, run_id: str = ""
     reads = _Reads([0] * (len(jobs[0].experts) + 1))
     delta = _delta(jobs, config, reads)
     bases = delta.bases or [reads.tensor(0, job.base, config.storage_options) for job in jobs]
-    merged = {job.name: merged_weight(base, theta, config.scale, torch_dtype(output_dtype(config, job)))
-              for job, base, theta in zip(jobs, bases, delta.thetas, strict=True)}
-    record = MergedRecord(key, url, tuple(merged), config.method, decomposed=delta.bases is not None,
-                          seconds=time.perf_counter() - reads.started, bytes_read=tuple(reads.inputs),
-                          work_bytes_read=reads.work, computed_in=run_id)
+    merged = {
+        job.name: merged_weight(base, theta, config.scale, torch_dtype(output_dtype(config, job)))
+        for job, base, theta in zip(jobs, bases, delta.thetas, strict=True)
+    }
+    record = MergedRecord(
+        key,
+        url,
+        tuple(merged),
+        config.method,
+        decomposed=delta.bases is not None,
+        seconds=time.perf_counter() - reads.started,
+        bytes_read=tuple(reads.inputs),
+        work_bytes_read=reads.work,
+        computed_in=run_id,
+    )
     _save_merged(record, merged, config)
     return record
 
@@ -431,8 +481,9 @@ class MergedTensorReader:
             try:
                 self._opened[url] = Checkpoint.open(url, self._options)
             except CheckpointError as error:
-                raise CheckpointError(f"merged artefact of {name!r} is missing or damaged ({error}); "
-                                      f"run the merge again to recompute it") from None
+                raise CheckpointError(
+                    f"merged artefact of {name!r} is missing or damaged ({error}); run the merge again to recompute it"
+                ) from None
         artefact = self._opened[url]
         self.work_bytes_read += artefact.location(name).nbytes
         return artefact.read(name)
@@ -460,9 +511,13 @@ def summarize_layers(merged: Sequence[MergedRecord]) -> dict[str, Any]:
         "mean_interference_vs_sum_per_task": task_means,
         "layers_with_per_task_interference": len(per_task),
         "per_layer": {
-            r.names[0]: {"rank": r.rank, "kept_mass": r.kept_mass, "interference_vs_sum": r.interference,
-                         "interference_vs_sum_per_task": list(r.task_interference or ()),
-                         "decomposition": r.decomposition_url}
+            r.names[0]: {
+                "rank": r.rank,
+                "kept_mass": r.kept_mass,
+                "interference_vs_sum": r.interference,
+                "interference_vs_sum_per_task": list(r.task_interference or ()),
+                "decomposition": r.decomposition_url,
+            }
             for r in layers
         },
     }
@@ -481,8 +536,9 @@ def bytes_read(records: Sequence[MergedRecord], run_id: str, num_experts: int) -
     return {"base": inputs[0], "experts": inputs[1:], "work": work}
 
 
-def artefact_keys(layers: Sequence[TensorJob], groups: Sequence[Sequence[TensorJob]], config: MergeConfig
-                  ) -> dict[str, set[str]]:
+def artefact_keys(
+    layers: Sequence[TensorJob], groups: Sequence[Sequence[TensorJob]], config: MergeConfig
+) -> dict[str, set[str]]:
     """Every artefact key a merge of these layers and groups uses, per kind (what garbage
     collection must keep for this setting)."""
     spectral = get_method(config.method).kind == "spectral"

@@ -41,7 +41,7 @@ def parse_grid(specs: Sequence[str]) -> Grid:
 def grid_points(grid: Grid) -> list[dict[str, Any]]:
     """The cartesian product of the grid, as ``{dotted key: value}`` per point, in grid order."""
     keys = [k for k, _ in grid]
-    return [dict(zip(keys, values)) for values in itertools.product(*(v for _, v in grid))]
+    return [dict(zip(keys, values, strict=True)) for values in itertools.product(*(v for _, v in grid))]
 
 
 def point_label(point: Mapping[str, Any]) -> str:
@@ -63,12 +63,12 @@ def point_configs(config: MergeConfig, grid: Grid) -> list[tuple[dict[str, Any],
     base["work_dir"] = config.resolved_work_dir
     out = []
     for point in grid_points(grid):
-        data = apply_overrides(base, [f"{k}={yaml.safe_dump(v).strip().removesuffix('...').strip()}"
-                                      for k, v in point.items()])
+        data = apply_overrides(
+            base, [f"{k}={yaml.safe_dump(v).strip().removesuffix('...').strip()}" for k, v in point.items()]
+        )
         data["output"] = join_url(root, point_label(point))
         if "method" in point:  # parameters of another method do not carry over
-            data["params"] = {k: v for k, v in data["params"].items()
-                              if f"params.{k}" in point}
+            data["params"] = {k: v for k, v in data["params"].items() if f"params.{k}" in point}
         out.append((point, config_from_mapping(data, f"sweep point {point_label(point)}")))
     return out
 

@@ -60,15 +60,23 @@ class SyntheticModel:
 
     def config_json(self) -> dict[str, object]:
         """A Hugging Face ``config.json`` for the generated encoder."""
-        return {"model_type": "bert", "architectures": ["BertModel"], "hidden_size": self.hidden,
-                "num_hidden_layers": self.layers, "num_attention_heads": max(1, self.hidden // 32),
-                "intermediate_size": self.intermediate, "vocab_size": self.vocab,
-                "max_position_embeddings": self.positions, "type_vocab_size": 1,
-                "layer_norm_eps": 1e-12}
+        return {
+            "model_type": "bert",
+            "architectures": ["BertModel"],
+            "hidden_size": self.hidden,
+            "num_hidden_layers": self.layers,
+            "num_attention_heads": max(1, self.hidden // 32),
+            "intermediate_size": self.intermediate,
+            "vocab_size": self.vocab,
+            "max_position_embeddings": self.positions,
+            "type_vocab_size": 1,
+            "layer_norm_eps": 1e-12,
+        }
 
 
-def base_state_dict(model: SyntheticModel, seed: int = 0,
-                    dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+def base_state_dict(
+    model: SyntheticModel, seed: int = 0, dtype: torch.dtype = torch.float32
+) -> dict[str, torch.Tensor]:
     """The base weights: scaled Gaussian matrices, unit layer norms, small biases, a position buffer."""
     generator = torch.Generator().manual_seed(seed)
     state: dict[str, torch.Tensor] = {}
@@ -84,8 +92,9 @@ def base_state_dict(model: SyntheticModel, seed: int = 0,
     return state
 
 
-def expert_state_dict(base: dict[str, torch.Tensor], task: int, seed: int = 0, rank: int = 4,
-                      strength: float = 0.05, noise: float = 0.002) -> dict[str, torch.Tensor]:
+def expert_state_dict(
+    base: dict[str, torch.Tensor], task: int, seed: int = 0, rank: int = 4, strength: float = 0.05, noise: float = 0.002
+) -> dict[str, torch.Tensor]:
     """Base + a task-specific rank-``rank`` update (plus dense noise) on every float tensor."""
     generator = torch.Generator().manual_seed(10_000 * (seed + 1) + task)
     expert: dict[str, torch.Tensor] = {}
@@ -106,27 +115,39 @@ def expert_state_dict(base: dict[str, torch.Tensor], task: int, seed: int = 0, r
     return expert
 
 
-def write_checkpoint(url: str, state: dict[str, torch.Tensor], model: SyntheticModel,
-                     storage_options: dict | None = None, max_shard_size: int | str = "10GB") -> str:
+def write_checkpoint(
+    url: str,
+    state: dict[str, torch.Tensor],
+    model: SyntheticModel,
+    storage_options: dict | None = None,
+    max_shard_size: int | str = "10GB",
+) -> str:
     """Write ``state`` at ``url`` in the Hugging Face layout with a ``config.json``."""
     specs = [(name, dtype_name(t.dtype), tuple(t.shape)) for name, t in state.items()]
     write_sharded(url, specs, state.__getitem__, max_shard_size, storage_options)
-    write_bytes_atomic(join_url(url, "config.json"),
-                       (json.dumps(model.config_json(), indent=2) + "\n").encode(), storage_options)
+    write_bytes_atomic(
+        join_url(url, "config.json"), (json.dumps(model.config_json(), indent=2) + "\n").encode(), storage_options
+    )
     return url
 
 
-def write_synthetic_models(root: str, num_experts: int = 4, model: SyntheticModel | None = None,
-                           seed: int = 0, dtype: torch.dtype = torch.float32,
-                           storage_options: dict | None = None,
-                           max_shard_size: int | str = "10GB") -> tuple[str, list[str]]:
+def write_synthetic_models(
+    root: str,
+    num_experts: int = 4,
+    model: SyntheticModel | None = None,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    storage_options: dict | None = None,
+    max_shard_size: int | str = "10GB",
+) -> tuple[str, list[str]]:
     """Write ``root/base`` and ``root/expert-<i>``; return (base URL, expert URLs)."""
     model = model or SyntheticModel()
     base = base_state_dict(model, seed, dtype)
     base_url = write_checkpoint(join_url(root, "base"), base, model, storage_options, max_shard_size)
     experts: Sequence[str] = [
-        write_checkpoint(join_url(root, f"expert-{i}"), expert_state_dict(base, i, seed), model,
-                         storage_options, max_shard_size)
+        write_checkpoint(
+            join_url(root, f"expert-{i}"), expert_state_dict(base, i, seed), model, storage_options, max_shard_size
+        )
         for i in range(num_experts)
     ]
     log.info("wrote synthetic base and %d experts under %s", num_experts, root)

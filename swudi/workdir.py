@@ -18,6 +18,7 @@ the collection runs. Legacy Prefect result records (``WORK/prefect-results``, pi
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
@@ -33,8 +34,17 @@ from swudi.steps import ARTEFACT_KINDS
 
 log = logging.getLogger(__name__)
 
-__all__ = ["LEASES", "LEASE_TTL_S", "GarbageReport", "collect_garbage", "list_artefacts", "live_keys",
-           "remove_lease", "usage", "write_lease"]
+__all__ = [
+    "LEASES",
+    "LEASE_TTL_S",
+    "GarbageReport",
+    "collect_garbage",
+    "list_artefacts",
+    "live_keys",
+    "remove_lease",
+    "usage",
+    "write_lease",
+]
 
 LEASES = "runs"
 #: A lease older than this is a merge that died long ago: its artefacts are no longer protected.
@@ -58,7 +68,8 @@ def list_artefacts(config: MergeConfig, kind: str) -> dict[str, dict[str, Any]]:
         when = entry.get("mtime", entry.get("LastModified"))
         out[name.removesuffix(".safetensors")] = {
             "size": int(entry.get("size") or 0),
-            "mtime": when.timestamp() if hasattr(when, "timestamp") else (float(when) if when else None)}
+            "mtime": when.timestamp() if hasattr(when, "timestamp") else (float(when) if when else None),
+        }
     return out
 
 
@@ -68,8 +79,12 @@ def usage(config: MergeConfig) -> dict[str, Any]:
     for kind in ARTEFACT_KINDS:
         found = list_artefacts(config, kind)
         kinds[kind] = {"files": len(found), "bytes": sum(v["size"] for v in found.values())}
-    return {"url": config.resolved_work_dir, "kinds": kinds,
-            "files": sum(v["files"] for v in kinds.values()), "bytes": sum(v["bytes"] for v in kinds.values())}
+    return {
+        "url": config.resolved_work_dir,
+        "kinds": kinds,
+        "files": sum(v["files"] for v in kinds.values()),
+        "bytes": sum(v["bytes"] for v in kinds.values()),
+    }
 
 
 # ---------------------------------------------------------------------------------------- leases
@@ -86,10 +101,8 @@ def write_lease(config: MergeConfig, run_id: str, keys: Mapping[str, set[str]]) 
 def remove_lease(config: MergeConfig, run_id: str) -> None:
     """The merge has published: its artefacts are protected by its version from now on."""
     fs, path = resolve(_lease_url(config, run_id), config.storage_options)
-    try:
+    with contextlib.suppress(FileNotFoundError):
         fs.rm_file(path)
-    except FileNotFoundError:
-        pass
 
 
 def _leases(config: MergeConfig, now: float) -> Keys:
@@ -195,6 +208,11 @@ def collect_garbage(config: MergeConfig, *, min_age_s: float = 3600.0, dry_run: 
                 fs.rm_file(f"{work}/{name}")
         except FileNotFoundError:
             pass
-    log.info("%s: removed %d artefacts (%d bytes), kept %d", config.resolved_work_dir, len(report.removed),
-             report.freed_bytes, report.kept_files)
+    log.info(
+        "%s: removed %d artefacts (%d bytes), kept %d",
+        config.resolved_work_dir,
+        len(report.removed),
+        report.freed_bytes,
+        report.kept_files,
+    )
     return report

@@ -16,11 +16,20 @@ from swudi.steps import MergedRecord, summarize_layers
 def evaluate_merge(merged: Sequence[MergedRecord]) -> dict[str, Any]:
     """Summarise the per-layer diagnostics and show them as a Prefect table artifact."""
     diagnostics = summarize_layers(merged)
-    rows = [{"layer": name, "rank": values["rank"], "kept_mass": values["kept_mass"],
-             "interference_vs_sum": values["interference_vs_sum"]}
-            for name, values in diagnostics["per_layer"].items()]
+    rows = [
+        {
+            "layer": name,
+            "rank": values["rank"],
+            "kept_mass": values["kept_mass"],
+            "interference_vs_sum": values["interference_vs_sum"],
+        }
+        for name, values in diagnostics["per_layer"].items()
+    ]
     if rows:
-        create_table_artifact(rows, key="swudi-layer-diagnostics",
-                              description="per-layer rank, kept eigenvalue mass and WUDI interference "
-                                          "(L(theta) / L(sum of task vectors))")
+        create_table_artifact(
+            rows,
+            key="swudi-layer-diagnostics",
+            description="per-layer rank, kept eigenvalue mass and WUDI interference "
+            "(L(theta) / L(sum of task vectors))",
+        )
     return diagnostics

@@ -16,15 +16,24 @@ from swudi.steps import MergedRecord
 
 
 @task(name="publish", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=10)
-def publish_model(config: MergeConfig, plan: MergePlan, merged: Sequence[MergedRecord],
-                  diagnostics: Mapping[str, Any], timings: Mapping[str, float] | None = None,
-                  io: Mapping[str, Any] | None = None) -> dict[str, Any]:
+def publish_model(
+    config: MergeConfig,
+    plan: MergePlan,
+    merged: Sequence[MergedRecord],
+    diagnostics: Mapping[str, Any],
+    timings: Mapping[str, float] | None = None,
+    io: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
     """Write the version folder (shards, config files, evaluations, report), then the pointer."""
     published = publish_merged_model(config, plan, merged, diagnostics, timings, io)
     evaluations = published["report"].get("evaluations") or {}
-    lines = [f"# swudi merge {published['version']}", "", f"Published at `{published['url']}` "
-             f"with `{config.method}` {config.params}.", "",
-             f"This run read {published['io']['input_bytes']:,} bytes of the input checkpoints."]
+    lines = [
+        f"# swudi merge {published['version']}",
+        "",
+        f"Published at `{published['url']}` with `{config.method}` {config.params}.",
+        "",
+        f"This run read {published['io']['input_bytes']:,} bytes of the input checkpoints.",
+    ]
     for evaluator, metrics in evaluations.items():
         lines += ["", f"## {evaluator}", "", "| task | metric | value |", "|---|---|---|"]
         lines += [f"| {t} | {m} | {v:.4f} |" for t, values in metrics.items() for m, v in values.items()]

@@ -20,8 +20,12 @@ from swudi.errors import CheckpointError
 __all__ = ["save_tensors", "load_tensors", "exists"]
 
 
-def save_tensors(url: str, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None,
-                 storage_options: Mapping[str, Any] | None = None) -> int:
+def save_tensors(
+    url: str,
+    tensors: Mapping[str, torch.Tensor],
+    metadata: Mapping[str, str] | None = None,
+    storage_options: Mapping[str, Any] | None = None,
+) -> int:
     """Write `tensors` (+ string `metadata`) as one safetensors file at `url`; return its size.
 
     Atomic: readers see the previous file or the complete new one (local: temp + os.replace;
@@ -38,8 +42,9 @@ def save_tensors(url: str, tensors: Mapping[str, torch.Tensor], metadata: Mappin
     return write_safetensors(fs, path, specs, tensors.__getitem__, metadata, url)
 
 
-def load_tensors(url: str, storage_options: Mapping[str, Any] | None = None
-                 ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def load_tensors(
+    url: str, storage_options: Mapping[str, Any] | None = None
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Read every tensor and the metadata of the safetensors file at `url`."""
     ckpt = Checkpoint.open(url, storage_options)
     if ckpt.folder_url is not None:

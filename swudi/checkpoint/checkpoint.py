@@ -26,8 +26,14 @@ import torch
 from fsspec import AbstractFileSystem
 
 from swudi.checkpoint.fingerprint import checkpoint_fingerprint, shard_fingerprint, tensor_fingerprint
-from swudi.checkpoint.header import (DuplicateKeyError, Header, header_length, parse_header,
-                                    reject_duplicate_keys, torch_dtype)
+from swudi.checkpoint.header import (
+    DuplicateKeyError,
+    Header,
+    header_length,
+    parse_header,
+    reject_duplicate_keys,
+    torch_dtype,
+)
 from swudi.checkpoint.storage import is_local, join_url, parent_url, resolve
 from swudi.errors import CheckpointError
 
@@ -49,8 +55,7 @@ INDEX_NAME = "model.safetensors.index.json"
 SPECULATIVE_READ = 64 * 1024
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 #: Weight files of other frameworks / formats: neither read nor copied as "extra files".
-_OTHER_WEIGHT_SUFFIXES = PICKLE_SUFFIXES + (".h5", ".msgpack", ".onnx", ".gguf", ".ot", ".tflite",
-                                            ".safetensors")
+_OTHER_WEIGHT_SUFFIXES = (*PICKLE_SUFFIXES, ".h5", ".msgpack", ".onnx", ".gguf", ".ot", ".tflite", ".safetensors")
 #: Not copied to a merged model: the model card describes the base model, not the merge.
 _NOT_EXTRA = {"README.md", INDEX_NAME}
 
@@ -99,8 +104,10 @@ class _Shard:
 
 def _tensor_from_bytes(buf: bytearray | memoryview | bytes, loc: TensorLocation) -> torch.Tensor:
     if len(buf) != loc.nbytes:
-        raise CheckpointError(f"{loc.shard_url}: tensor {loc.name!r}: read {len(buf)} bytes, expected "
-                              f"{loc.nbytes} (file changed or truncated since it was opened?)")
+        raise CheckpointError(
+            f"{loc.shard_url}: tensor {loc.name!r}: read {len(buf)} bytes, expected "
+            f"{loc.nbytes} (file changed or truncated since it was opened?)"
+        )
     dtype = torch_dtype(loc.dtype, loc.shard_url)
     if loc.nbytes == 0:
         return torch.empty(loc.shape, dtype=dtype)
@@ -116,8 +123,9 @@ def _read_local(path: str, loc: TensorLocation, expect: tuple[int, int] | None =
         if expect is not None:
             st = os.fstat(f.fileno())
             if (st.st_size, st.st_mtime_ns) != expect:
-                raise CheckpointError(f"{loc.shard_url}: file changed since the checkpoint was opened "
-                                      f"(size/mtime differ); reopen it")
+                raise CheckpointError(
+                    f"{loc.shard_url}: file changed since the checkpoint was opened (size/mtime differ); reopen it"
+                )
         view = memoryview(out.numpy()) if loc.nbytes else memoryview(b"")
         got = 0
         while got < loc.nbytes:
@@ -126,8 +134,10 @@ def _read_local(path: str, loc: TensorLocation, expect: tuple[int, int] | None =
                 break
             got += n
     if got != loc.nbytes:
-        raise CheckpointError(f"{loc.shard_url}: tensor {loc.name!r}: file ends after {got} of "
-                              f"{loc.nbytes} bytes (truncated since it was opened?)")
+        raise CheckpointError(
+            f"{loc.shard_url}: tensor {loc.name!r}: file ends after {got} of "
+            f"{loc.nbytes} bytes (truncated since it was opened?)"
+        )
     return out.view(dtype).reshape(loc.shape)
 
 
@@ -143,8 +153,7 @@ def read_tensor(location: TensorLocation, storage_options: Mapping[str, Any] | N
 
 def _raise_pickle(source: str, names: Iterable[str] = ()) -> None:
     found = ", ".join(names)
-    raise CheckpointError(f"{source}: pickle checkpoint{' (' + found + ')' if found else ''} refused. "
-                          + CONVERT_HINT)
+    raise CheckpointError(f"{source}: pickle checkpoint{' (' + found + ')' if found else ''} refused. " + CONVERT_HINT)
 
 
 def read_safetensors_header(fs: AbstractFileSystem, path: str, size: int, source: str) -> Header:
@@ -162,15 +171,21 @@ def _read_headers(fs: AbstractFileSystem, files: list[tuple[str, int, str]]) -> 
     lengths = [header_length(b, size, src) for b, (_, size, src) in zip(first, files, strict=True)]
     todo = [i for i, n in enumerate(lengths) if 8 + n > len(first[i])]
     if todo:
-        rest = _cat_ranges(fs, [paths[i] for i in todo], [len(first[i]) for i in todo],
-                           [8 + lengths[i] for i in todo], [files[i][2] for i in todo])
+        rest = _cat_ranges(
+            fs,
+            [paths[i] for i in todo],
+            [len(first[i]) for i in todo],
+            [8 + lengths[i] for i in todo],
+            [files[i][2] for i in todo],
+        )
         for i, more in zip(todo, rest, strict=True):
             first[i] = first[i] + more
     return [parse_header(b, size, src) for b, (_, size, src) in zip(first, files, strict=True)]
 
 
-def _cat_ranges(fs: AbstractFileSystem, paths: list[str], starts: list[int], ends: list[int],
-                sources: list[str]) -> list[bytes]:
+def _cat_ranges(
+    fs: AbstractFileSystem, paths: list[str], starts: list[int], ends: list[int], sources: list[str]
+) -> list[bytes]:
     if len(paths) == 1 or is_local(fs):
         out = []
         for p, s, e, src in zip(paths, starts, ends, sources, strict=True):
@@ -214,9 +229,16 @@ class Checkpoint:
     fingerprint: str
     index: dict[str, Any] | None
 
-    def __init__(self, url: str, fs: AbstractFileSystem, storage_options: Mapping[str, Any] | None,
-                 folder_url: str | None, shards: list[_Shard], index: dict[str, Any] | None,
-                 extra_files: tuple[str, ...]):
+    def __init__(
+        self,
+        url: str,
+        fs: AbstractFileSystem,
+        storage_options: Mapping[str, Any] | None,
+        folder_url: str | None,
+        shards: list[_Shard],
+        index: dict[str, Any] | None,
+        extra_files: tuple[str, ...],
+    ):
         self.url = url
         self.storage_options = dict(storage_options or {})
         self.folder_url = folder_url
@@ -231,10 +253,18 @@ class Checkpoint:
             base = shard.header.data_offset
             for entry in shard.header.entries.values():
                 self.tensors[entry.name] = TensorLocation(
-                    entry.name, shard.url, entry.dtype, entry.shape, base + entry.start, base + entry.end,
-                    tensor_fingerprint(shard.fingerprint, entry))
-        names = {posixpath.basename(s.url) if folder_url is None else s.url[len(folder_url) + 1:]: s.fingerprint
-                 for s in shards}
+                    entry.name,
+                    shard.url,
+                    entry.dtype,
+                    entry.shape,
+                    base + entry.start,
+                    base + entry.end,
+                    tensor_fingerprint(shard.fingerprint, entry),
+                )
+        names = {
+            posixpath.basename(s.url) if folder_url is None else s.url[len(folder_url) + 1 :]: s.fingerprint
+            for s in shards
+        }
         self.fingerprint = checkpoint_fingerprint(names, index)
         #: bytes read to open it: each shard's header (one speculative range read, a second one for
         #: a longer header) and the index document (added by the index opener)
@@ -242,15 +272,15 @@ class Checkpoint:
 
     # ----------------------------------------------------------------------------------- opening
     @classmethod
-    def open(cls, url: str | os.PathLike[str], storage_options: Mapping[str, Any] | None = None
-             ) -> Checkpoint:
+    def open(cls, url: str | os.PathLike[str], storage_options: Mapping[str, Any] | None = None) -> Checkpoint:
         """Open the checkpoint at `url` (folder, index file or single safetensors file)."""
         url = os.fspath(url).rstrip("/") or "/"
         try:
             return cls._open(url, storage_options)
         except PermissionError as exc:
-            raise CheckpointError(f"{url}: access denied ({exc}); check the storage options "
-                                  f"(key/secret, profile, endpoint_url)") from exc
+            raise CheckpointError(
+                f"{url}: access denied ({exc}); check the storage options (key/secret, profile, endpoint_url)"
+            ) from exc
 
     @classmethod
     def _open(cls, url: str, storage_options: Mapping[str, Any] | None) -> Checkpoint:
@@ -258,8 +288,15 @@ class Checkpoint:
         lower = path.lower()
         if lower.endswith(".index.json"):
             files = _list_files(fs, path.rsplit("/", 1)[0]) if "/" in path else {}
-            return cls._open_index(url, fs, path, storage_options, folder_url=parent_url(url),
-                                   listing=files, extra=tuple(sorted(n for n in files if _is_extra_file(n))))
+            return cls._open_index(
+                url,
+                fs,
+                path,
+                storage_options,
+                folder_url=parent_url(url),
+                listing=files,
+                extra=tuple(sorted(n for n in files if _is_extra_file(n))),
+            )
         if lower.endswith(PICKLE_SUFFIXES):
             _raise_pickle(url)
         if lower.endswith(".safetensors"):
@@ -269,8 +306,11 @@ class Checkpoint:
             listing = fs.ls(path, detail=True)
         except (FileNotFoundError, NotADirectoryError):
             listing = []
-        if len(listing) == 1 and listing[0]["name"].rstrip("/") == path.rstrip("/") \
-                and listing[0].get("type") == "file":
+        if (
+            len(listing) == 1
+            and listing[0]["name"].rstrip("/") == path.rstrip("/")
+            and listing[0].get("type") == "file"
+        ):
             # `ls` of a file lists the file: a single file without the .safetensors suffix.
             return cls._open_file(url, fs, path, storage_options, info=listing[0])
         files = {posixpath.basename(e["name"].rstrip("/")): e for e in listing if e.get("type") == "file"}
@@ -281,41 +321,83 @@ class Checkpoint:
         extra = tuple(sorted(n for n in files if _is_extra_file(n)))
         if WEIGHTS_NAME in files:
             if INDEX_NAME in files:
-                log.warning("%s: both %s and %s present; using %s as transformers does",
-                            url, WEIGHTS_NAME, INDEX_NAME, WEIGHTS_NAME)
-            return cls._open_file(join_url(url, WEIGHTS_NAME), fs, files[WEIGHTS_NAME]["name"],
-                                  storage_options, folder_url=url, info=files[WEIGHTS_NAME], extra=extra)
+                log.warning(
+                    "%s: both %s and %s present; using %s as transformers does",
+                    url,
+                    WEIGHTS_NAME,
+                    INDEX_NAME,
+                    WEIGHTS_NAME,
+                )
+            return cls._open_file(
+                join_url(url, WEIGHTS_NAME),
+                fs,
+                files[WEIGHTS_NAME]["name"],
+                storage_options,
+                folder_url=url,
+                info=files[WEIGHTS_NAME],
+                extra=extra,
+            )
         if INDEX_NAME in files:
-            return cls._open_index(join_url(url, INDEX_NAME), fs, files[INDEX_NAME]["name"],
-                                   storage_options, folder_url=url, listing=files, extra=extra)
+            return cls._open_index(
+                join_url(url, INDEX_NAME),
+                fs,
+                files[INDEX_NAME]["name"],
+                storage_options,
+                folder_url=url,
+                listing=files,
+                extra=extra,
+            )
         safetensors = sorted(n for n in files if n.endswith(".safetensors"))
         if len(safetensors) == 1:
             name = safetensors[0]
             log.info("%s: using the only safetensors file, %s", url, name)
-            return cls._open_file(join_url(url, name), fs, files[name]["name"], storage_options,
-                                  folder_url=url, info=files[name], extra=extra)
+            return cls._open_file(
+                join_url(url, name),
+                fs,
+                files[name]["name"],
+                storage_options,
+                folder_url=url,
+                info=files[name],
+                extra=extra,
+            )
         if len(safetensors) > 1:
-            raise CheckpointError(f"{url}: {len(safetensors)} safetensors files ({', '.join(safetensors)}) "
-                                  f"and no {INDEX_NAME}: point at one file or add an index")
+            raise CheckpointError(
+                f"{url}: {len(safetensors)} safetensors files ({', '.join(safetensors)}) "
+                f"and no {INDEX_NAME}: point at one file or add an index"
+            )
         pickles = sorted(n for n in files if n.lower().endswith(PICKLE_SUFFIXES))
         if pickles:
             _raise_pickle(url, pickles)
-        raise CheckpointError(f"{url}: no weights found (no {WEIGHTS_NAME}, {INDEX_NAME} or *.safetensors; "
-                              f"files: {', '.join(sorted(files))})")
+        raise CheckpointError(
+            f"{url}: no weights found (no {WEIGHTS_NAME}, {INDEX_NAME} or *.safetensors; "
+            f"files: {', '.join(sorted(files))})"
+        )
 
     @classmethod
-    def _open_file(cls, url: str, fs: AbstractFileSystem, path: str,
-                   storage_options: Mapping[str, Any] | None, folder_url: str | None = None,
-                   info: Mapping[str, Any] | None = None, extra: tuple[str, ...] = ()) -> Checkpoint:
+    def _open_file(
+        cls,
+        url: str,
+        fs: AbstractFileSystem,
+        path: str,
+        storage_options: Mapping[str, Any] | None,
+        folder_url: str | None = None,
+        info: Mapping[str, Any] | None = None,
+        extra: tuple[str, ...] = (),
+    ) -> Checkpoint:
         shard = _open_shard(fs, url, path, info)
-        return cls(url if folder_url is None else folder_url, fs, storage_options, folder_url, [shard],
-                   None, extra)
+        return cls(url if folder_url is None else folder_url, fs, storage_options, folder_url, [shard], None, extra)
 
     @classmethod
-    def _open_index(cls, index_url: str, fs: AbstractFileSystem, index_path: str,
-                    storage_options: Mapping[str, Any] | None, folder_url: str,
-                    listing: Mapping[str, Mapping[str, Any]] | None, extra: tuple[str, ...] = ()
-                    ) -> Checkpoint:
+    def _open_index(
+        cls,
+        index_url: str,
+        fs: AbstractFileSystem,
+        index_path: str,
+        storage_options: Mapping[str, Any] | None,
+        folder_url: str,
+        listing: Mapping[str, Mapping[str, Any]] | None,
+        extra: tuple[str, ...] = (),
+    ) -> Checkpoint:
         try:
             raw = fs.cat_file(index_path)
         except FileNotFoundError:
@@ -323,8 +405,9 @@ class Checkpoint:
         try:
             index = json.loads(raw, object_pairs_hook=reject_duplicate_keys)
         except DuplicateKeyError as exc:
-            raise CheckpointError(f"{index_url}: key {exc.key!r} appears twice "
-                                  "(the same tensor listed twice?)") from None
+            raise CheckpointError(
+                f"{index_url}: key {exc.key!r} appears twice (the same tensor listed twice?)"
+            ) from None
         except ValueError as exc:
             raise CheckpointError(f"{index_url}: not valid JSON: {exc}") from None
         weight_map = index.get("weight_map") if isinstance(index, dict) else None
@@ -339,12 +422,14 @@ class Checkpoint:
                 try:
                     info = fs.info(shard_path)
                 except FileNotFoundError:
-                    raise CheckpointError(f"{index_url}: shard {name!r} listed in weight_map not found "
-                                          f"at {join_url(folder_url, name)}") from None
+                    raise CheckpointError(
+                        f"{index_url}: shard {name!r} listed in weight_map not found at {join_url(folder_url, name)}"
+                    ) from None
             infos.append((name, shard_path, info))
         headers = _read_headers(fs, [(p, int(i["size"]), join_url(folder_url, n)) for n, p, i in infos])
-        shards = [_shard_from(fs, join_url(folder_url, n), p, i, h)
-                  for (n, p, i), h in zip(infos, headers, strict=True)]
+        shards = [
+            _shard_from(fs, join_url(folder_url, n), p, i, h) for (n, p, i), h in zip(infos, headers, strict=True)
+        ]
 
         # Cross-check the index against the headers.
         owner: dict[str, str] = {}
@@ -368,8 +453,7 @@ class Checkpoint:
         total = (index.get("metadata") or {}).get("total_size") if isinstance(index.get("metadata"), dict) else None
         actual = sum(e.nbytes for s in shards for e in s.header.entries.values())
         if total is not None and total != actual:
-            log.warning("%s: metadata.total_size is %s but the shards hold %d tensor bytes", index_url, total,
-                        actual)
+            log.warning("%s: metadata.total_size is %s but the shards hold %d tensor bytes", index_url, total, actual)
         checkpoint = cls(folder_url, fs, storage_options, folder_url, shards, index, extra)
         checkpoint.header_bytes += len(raw)
         return checkpoint
@@ -418,8 +502,7 @@ class Checkpoint:
             return {loc.name: self.read(loc.name) for loc in wanted}
         out = {loc.name: self.read(loc.name) for loc in wanted if loc.nbytes == 0}
         paths = [self._shards[loc.shard_url].path for loc in locs]
-        blobs = self._fs.cat_ranges(paths, [loc.start for loc in locs], [loc.end for loc in locs],
-                                    on_error="return")
+        blobs = self._fs.cat_ranges(paths, [loc.start for loc in locs], [loc.end for loc in locs], on_error="return")
         for loc, blob in zip(locs, blobs, strict=True):
             if isinstance(blob, BaseException):
                 raise CheckpointError(f"{loc.shard_url}: tensor {loc.name!r}: read failed: {blob}") from blob
@@ -447,8 +530,12 @@ def _is_file(fs: AbstractFileSystem, path: str) -> bool:
 
 
 def _is_extra_file(name: str) -> bool:
-    return not (name.startswith(".") or name in _NOT_EXTRA or name.lower().endswith(_OTHER_WEIGHT_SUFFIXES)
-                or name.lower().endswith(".index.json"))
+    return not (
+        name.startswith(".")
+        or name in _NOT_EXTRA
+        or name.lower().endswith(_OTHER_WEIGHT_SUFFIXES)
+        or name.lower().endswith(".index.json")
+    )
 
 
 def _open_shard(fs: AbstractFileSystem, url: str, path: str, info: Mapping[str, Any] | None) -> _Shard:

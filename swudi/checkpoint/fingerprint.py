@@ -32,8 +32,17 @@ __all__ = ["digest", "shard_fingerprint", "tensor_fingerprint", "checkpoint_fing
 log = logging.getLogger(__name__)
 
 # Keys of fsspec `info()` dicts derived from the content or its version (S3, GCS, Azure, ...).
-_CONTENT_KEYS = ("ETag", "etag", "VersionId", "version_id", "md5Hash", "crc32c", "generation",
-                 "content_md5", "checksum")
+_CONTENT_KEYS = (
+    "ETag",
+    "etag",
+    "VersionId",
+    "version_id",
+    "md5Hash",
+    "crc32c",
+    "generation",
+    "content_md5",
+    "checksum",
+)
 # Otherwise, modification times.
 _TIME_KEYS = ("LastModified", "last_modified", "mtime", "updated", "created")
 
@@ -47,8 +56,9 @@ def digest(*parts: Any) -> str:
     return h.hexdigest()
 
 
-def shard_fingerprint(fs: AbstractFileSystem, path: str, info: Mapping[str, Any] | None = None,
-                      url: str | None = None) -> str:
+def shard_fingerprint(
+    fs: AbstractFileSystem, path: str, info: Mapping[str, Any] | None = None, url: str | None = None
+) -> str:
     """Fingerprint of one stored file. `info` (from `fs.info`/`fs.ls(detail=True)`) saves a request."""
     location = url or fs.unstrip_protocol(path)
     if is_local(fs):
@@ -65,8 +75,11 @@ def shard_fingerprint(fs: AbstractFileSystem, path: str, info: Mapping[str, Any]
         if isinstance(when, _dt.datetime):
             when = when.timestamp()  # ls and info may report the same time in different time zones
         if when is None:
-            log.warning("%s: the storage reports no ETag, checksum or modification time; the fingerprint "
-                        "uses the size only and may miss a same-sized rewrite", location)
+            log.warning(
+                "%s: the storage reports no ETag, checksum or modification time; the fingerprint "
+                "uses the size only and may miss a same-sized rewrite",
+                location,
+            )
         markers["time"] = when
     return digest("remote", location, markers)
 

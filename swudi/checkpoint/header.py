@@ -13,10 +13,10 @@ from __future__ import annotations
 import json
 import math
 import struct
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
-from collections.abc import Mapping
 
 import torch
 
@@ -38,20 +38,42 @@ __all__ = [
 MAX_HEADER_SIZE = 100_000_000
 
 #: Bytes per element of each safetensors dtype that swudi reads and writes.
-DTYPE_SIZES: Mapping[str, int] = MappingProxyType({
-    "F64": 8, "F32": 4, "F16": 2, "BF16": 2,
-    "I64": 8, "I32": 4, "I16": 2, "I8": 1,
-    "U64": 8, "U32": 4, "U16": 2, "U8": 1,
-    "BOOL": 1,
-    "F8_E4M3": 1, "F8_E5M2": 1,
-})
+DTYPE_SIZES: Mapping[str, int] = MappingProxyType(
+    {
+        "F64": 8,
+        "F32": 4,
+        "F16": 2,
+        "BF16": 2,
+        "I64": 8,
+        "I32": 4,
+        "I16": 2,
+        "I8": 1,
+        "U64": 8,
+        "U32": 4,
+        "U16": 2,
+        "U8": 1,
+        "BOOL": 1,
+        "F8_E4M3": 1,
+        "F8_E5M2": 1,
+    }
+)
 
 _TORCH = {
-    "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
-    "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8",
-    "U64": "uint64", "U32": "uint32", "U16": "uint16", "U8": "uint8",
+    "F64": "float64",
+    "F32": "float32",
+    "F16": "float16",
+    "BF16": "bfloat16",
+    "I64": "int64",
+    "I32": "int32",
+    "I16": "int16",
+    "I8": "int8",
+    "U64": "uint64",
+    "U32": "uint32",
+    "U16": "uint16",
+    "U8": "uint8",
     "BOOL": "bool",
-    "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2",
+    "F8_E4M3": "float8_e4m3fn",
+    "F8_E5M2": "float8_e5m2",
 }
 #: safetensors dtype name -> torch dtype (only those this torch build has).
 TORCH_DTYPES: Mapping[str, torch.dtype] = MappingProxyType(
@@ -87,8 +109,9 @@ def dtype_name(dtype: torch.dtype | str) -> str:
     if isinstance(dtype, str):
         if dtype in TORCH_DTYPES:
             return dtype
-        raise CheckpointError(f"dtype {dtype!r} is not a supported safetensors dtype "
-                              f"(supported: {', '.join(TORCH_DTYPES)})")
+        raise CheckpointError(
+            f"dtype {dtype!r} is not a supported safetensors dtype (supported: {', '.join(TORCH_DTYPES)})"
+        )
     try:
         return _NAMES[dtype]
     except KeyError:
@@ -145,8 +168,11 @@ def header_length(prefix: bytes, file_size: int, source: str) -> int:
     if n > MAX_HEADER_SIZE:
         raise _fail(source, f"header length {n} bytes exceeds the {MAX_HEADER_SIZE}-byte limit{hint}")
     if 8 + n > file_size:
-        raise _fail(source, f"header length {n} bytes runs past the end of the {file_size}-byte file "
-                            f"(truncated or not safetensors){hint}")
+        raise _fail(
+            source,
+            f"header length {n} bytes runs past the end of the {file_size}-byte file "
+            f"(truncated or not safetensors){hint}",
+        )
     if n < 2:
         raise _fail(source, f"header length {n} is too small to hold a JSON object")
     return n
@@ -182,7 +208,7 @@ def parse_header(raw: bytes, file_size: int, source: str) -> Header:
     n = header_length(raw, file_size, source)
     if len(raw) < 8 + n:
         raise _fail(source, f"need {8 + n} header bytes, got {len(raw)}")
-    blob = bytes(raw[8:8 + n])
+    blob = bytes(raw[8 : 8 + n])
     if blob[:1] != b"{":
         raise _fail(source, "header does not start with '{': not a safetensors file")
     try:
@@ -198,7 +224,8 @@ def parse_header(raw: bytes, file_size: int, source: str) -> Header:
     if metadata is None:
         metadata = {}
     if not isinstance(metadata, dict) or not all(
-            isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+        isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
+    ):
         raise _fail(source, "__metadata__ must be an object of string keys to string values")
 
     data_size = file_size - 8 - n
@@ -214,36 +241,49 @@ def parse_header(raw: bytes, file_size: int, source: str) -> Header:
             raise _fail(source, f"{where}: entry lacks {', '.join(missing)}")
         dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
         if not isinstance(dtype, str) or dtype not in DTYPE_SIZES or dtype not in TORCH_DTYPES:
-            raise _fail(source, f"{where}: unknown dtype {dtype!r} "
-                                f"(supported: {', '.join(TORCH_DTYPES)})")
+            raise _fail(source, f"{where}: unknown dtype {dtype!r} (supported: {', '.join(TORCH_DTYPES)})")
         if not _int_list(shape):
             raise _fail(source, f"{where}: shape must be a list of non-negative integers, got {shape!r}")
         if not _int_list(offsets) or len(offsets) != 2 or offsets[0] > offsets[1]:
-            raise _fail(source, f"{where}: data_offsets must be [begin, end] with 0 <= begin <= end, "
-                                f"got {offsets!r}")
+            raise _fail(source, f"{where}: data_offsets must be [begin, end] with 0 <= begin <= end, got {offsets!r}")
         start, end = offsets
         expected = DTYPE_SIZES[dtype] * math.prod(shape)
         if end - start != expected:
-            raise _fail(source, f"{where}: byte size {end - start} does not match dtype {dtype} x shape "
-                                f"{tuple(shape)} = {expected} bytes")
+            raise _fail(
+                source,
+                f"{where}: byte size {end - start} does not match dtype {dtype} x shape "
+                f"{tuple(shape)} = {expected} bytes",
+            )
         if end > data_size:
-            raise _fail(source, f"{where}: data_offsets [{start}, {end}] lie outside the "
-                                f"{data_size}-byte data section (file truncated or header corrupt)")
+            raise _fail(
+                source,
+                f"{where}: data_offsets [{start}, {end}] lie outside the "
+                f"{data_size}-byte data section (file truncated or header corrupt)",
+            )
         entries[name] = TensorEntry(name, dtype, tuple(shape), start, end)
 
     # The tensors must tile the data section: no overlap, no gap, nothing after the last one.
     cursor, previous = 0, None
     for entry in sorted(entries.values(), key=lambda e: (e.start, e.end)):
         if entry.start < cursor:
-            raise _fail(source, f"tensor {entry.name!r}: data_offsets [{entry.start}, {entry.end}] overlap "
-                                f"tensor {previous!r} (which ends at {cursor})")
+            raise _fail(
+                source,
+                f"tensor {entry.name!r}: data_offsets [{entry.start}, {entry.end}] overlap "
+                f"tensor {previous!r} (which ends at {cursor})",
+            )
         if entry.start > cursor:
-            raise _fail(source, f"tensor {entry.name!r}: gap of {entry.start - cursor} unused bytes before it "
-                                f"(data_offsets must be contiguous)")
+            raise _fail(
+                source,
+                f"tensor {entry.name!r}: gap of {entry.start - cursor} unused bytes before it "
+                f"(data_offsets must be contiguous)",
+            )
         cursor, previous = entry.end, entry.name
     if cursor != data_size:
-        raise _fail(source, f"data section is {data_size} bytes but the tensors cover {cursor}: "
-                            f"{data_size - cursor} trailing bytes (file corrupt or header stale)")
+        raise _fail(
+            source,
+            f"data section is {data_size} bytes but the tensors cover {cursor}: "
+            f"{data_size - cursor} trailing bytes (file corrupt or header stale)",
+        )
 
     ordered = dict(sorted(entries.items(), key=lambda kv: (kv[1].start, kv[1].end)))
     return Header(ordered, dict(metadata), n, file_size, source)

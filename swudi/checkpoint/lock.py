@@ -111,9 +111,14 @@ def _protocols(fs: Any) -> tuple[str, ...]:
     return (protocol,) if isinstance(protocol, str) else tuple(protocol)
 
 
-def acquire_lock(output_url: str, owner: str | None = None, ttl_s: float = 3600.0,
-                 storage_options: Mapping[str, Any] | None = None, wait_s: float = 0.0,
-                 poll_s: float = 1.0) -> Lock:
+def acquire_lock(
+    output_url: str,
+    owner: str | None = None,
+    ttl_s: float = 3600.0,
+    storage_options: Mapping[str, Any] | None = None,
+    wait_s: float = 0.0,
+    poll_s: float = 1.0,
+) -> Lock:
     """Take the lock of `output_url`, waiting up to `wait_s`; raise `PublishError` if it stays held."""
     owner = owner or _default_owner()
     url = join_url(output_url, LOCK_NAME)
@@ -138,8 +143,9 @@ def acquire_lock(output_url: str, owner: str | None = None, ttl_s: float = 3600.
         if time.monotonic() >= deadline:
             holder = (current or {}).get("owner", "?")
             until = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(float((current or {}).get("expires_at", 0))))
-            raise PublishError(f"{output_url}: locked by {holder} until {until} "
-                               f"(another refresh is running; the lock is {url})")
+            raise PublishError(
+                f"{output_url}: locked by {holder} until {until} (another refresh is running; the lock is {url})"
+            )
         time.sleep(max(0.0, min(poll_s, deadline - time.monotonic())))
 
 
@@ -157,8 +163,7 @@ def release_lock(lock: Lock) -> None:
     """Remove the lock if it is still ours (check then delete)."""
     current = read_lock(lock.url, lock.storage_options)
     if not current or current.get("token") != lock.token:
-        log.warning("%s: lock was no longer ours at release (held by %s)", lock.url,
-                    (current or {}).get("owner"))
+        log.warning("%s: lock was no longer ours at release (held by %s)", lock.url, (current or {}).get("owner"))
         return
     fs, path = resolve(join_url(lock.url, LOCK_NAME), lock.storage_options)
     with contextlib.suppress(FileNotFoundError):
@@ -166,8 +171,13 @@ def release_lock(lock: Lock) -> None:
 
 
 @contextlib.contextmanager
-def output_lock(output_url: str, owner: str | None = None, ttl_s: float = 3600.0,
-                storage_options: Mapping[str, Any] | None = None, wait_s: float = 0.0) -> Iterator[Lock]:
+def output_lock(
+    output_url: str,
+    owner: str | None = None,
+    ttl_s: float = 3600.0,
+    storage_options: Mapping[str, Any] | None = None,
+    wait_s: float = 0.0,
+) -> Iterator[Lock]:
     """`with output_lock(url): publish...` — held for the block, released after it."""
     lock = acquire_lock(output_url, owner, ttl_s, storage_options, wait_s)
     try:

@@ -67,8 +67,10 @@ def _now() -> str:
 def check_version_id(version_id: str) -> str:
     """Version ids are folder names: letters, digits, `.`, `_`, `-`; at most 128 characters."""
     if not isinstance(version_id, str) or not _VERSION_ID.fullmatch(version_id) or ".." in version_id:
-        raise PublishError(f"invalid version id {version_id!r}: use letters, digits, '.', '_' and '-' "
-                           f"(starting with a letter or digit, at most 128 characters)")
+        raise PublishError(
+            f"invalid version id {version_id!r}: use letters, digits, '.', '_' and '-' "
+            f"(starting with a letter or digit, at most 128 characters)"
+        )
     return version_id
 
 
@@ -88,7 +90,7 @@ def _files(fs: AbstractFileSystem, folder: str) -> dict[str, dict[str, Any]]:
     for name, info in found.items():
         if info.get("type") != "file" or not name.startswith(prefix):
             continue
-        rel = name[len(prefix):]
+        rel = name[len(prefix) :]
         if _TMP_MARK in posixpath.basename(rel):
             continue
         out[rel] = info
@@ -109,8 +111,9 @@ def _read_json(fs: AbstractFileSystem, path: str, what: str) -> dict[str, Any] |
     return doc
 
 
-def read_manifest(output_url: str, version_id: str, storage_options: Mapping[str, Any] | None = None
-                  ) -> dict[str, Any] | None:
+def read_manifest(
+    output_url: str, version_id: str, storage_options: Mapping[str, Any] | None = None
+) -> dict[str, Any] | None:
     """The manifest of a version, or None if the version never completed."""
     url = join_url(version_url(output_url, version_id), MANIFEST_NAME)
     fs, path = resolve(url, storage_options)
@@ -121,12 +124,12 @@ def _is_complete(fs: AbstractFileSystem, folder: str, manifest: Mapping[str, Any
     if not manifest or not isinstance(manifest.get("files"), dict):
         return False
     present = _files(fs, folder)
-    return all(name in present and int(present[name].get("size", -1)) == size
-               for name, size in manifest["files"].items())
+    return all(
+        name in present and int(present[name].get("size", -1)) == size for name, size in manifest["files"].items()
+    )
 
 
-def is_version_complete(output_url: str, version_id: str,
-                        storage_options: Mapping[str, Any] | None = None) -> bool:
+def is_version_complete(output_url: str, version_id: str, storage_options: Mapping[str, Any] | None = None) -> bool:
     """True if the version's manifest exists and every file it lists is present with its size."""
     manifest = read_manifest(output_url, version_id, storage_options)
     if manifest is None:
@@ -135,10 +138,15 @@ def is_version_complete(output_url: str, version_id: str,
     return _is_complete(fs, path, manifest)
 
 
-def publish_version(output_url: str, version_id: str, write_files: Callable[[str], Any], *,
-                    storage_options: Mapping[str, Any] | None = None,
-                    report: Mapping[str, Any] | None = None,
-                    pointer_extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+def publish_version(
+    output_url: str,
+    version_id: str,
+    write_files: Callable[[str], Any],
+    *,
+    storage_options: Mapping[str, Any] | None = None,
+    report: Mapping[str, Any] | None = None,
+    pointer_extra: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
     """Publish a version: `write_files(version_url)` writes the model files, then the manifest, then
     `latest.json` is pointed at it. Returns the pointer written (plus `url`, the version's URL).
 
@@ -153,24 +161,31 @@ def publish_version(output_url: str, version_id: str, write_files: Callable[[str
         log.info("%s: version %s is already complete; not rewritten", output_url, version_id)
     else:
         if manifest is not None:
-            log.warning("%s: version %s has a manifest but files are missing or changed; rewriting it",
-                        output_url, version_id)
+            log.warning(
+                "%s: version %s has a manifest but files are missing or changed; rewriting it", output_url, version_id
+            )
         if fs.exists(vpath):
             log.info("%s: clearing leftovers of an unfinished publish of %s", output_url, version_id)
             fs.rm(vpath, recursive=True)
         write_files(vurl)
         if report is not None:
-            write_bytes_atomic(join_url(vurl, REPORT_NAME),
-                               (json.dumps(report, indent=2, sort_keys=True, default=str) + "\n").encode(),
-                               storage_options)
+            write_bytes_atomic(
+                join_url(vurl, REPORT_NAME),
+                (json.dumps(report, indent=2, sort_keys=True, default=str) + "\n").encode(),
+                storage_options,
+            )
         files = _files(fs, vpath)
         files.pop(MANIFEST_NAME, None)
         if not any(name != REPORT_NAME for name in files):
             raise PublishError(f"{vurl}: write_files wrote no files; nothing to publish")
-        manifest = {"version": version_id, "completed_at": _now(),
-                    "files": {name: int(info["size"]) for name, info in sorted(files.items())}}
-        write_bytes_atomic(join_url(vurl, MANIFEST_NAME),
-                           (json.dumps(manifest, indent=2) + "\n").encode(), storage_options)
+        manifest = {
+            "version": version_id,
+            "completed_at": _now(),
+            "files": {name: int(info["size"]) for name, info in sorted(files.items())},
+        }
+        write_bytes_atomic(
+            join_url(vurl, MANIFEST_NAME), (json.dumps(manifest, indent=2) + "\n").encode(), storage_options
+        )
 
     previous = read_latest(output_url, storage_options)
     if previous is not None and previous.get("version") == version_id:
@@ -184,8 +199,9 @@ def publish_version(output_url: str, version_id: str, write_files: Callable[[str
         "previous": previous.get("version") if previous else None,
         **dict(pointer_extra or {}),
     }
-    write_bytes_atomic(join_url(output_url, LATEST_NAME),
-                       (json.dumps(pointer, indent=2, default=str) + "\n").encode(), storage_options)
+    write_bytes_atomic(
+        join_url(output_url, LATEST_NAME), (json.dumps(pointer, indent=2, default=str) + "\n").encode(), storage_options
+    )
     log.info("%s: published version %s", output_url, version_id)
     return {**pointer, "url": vurl}
 
@@ -207,8 +223,9 @@ def read_latest(output_url: str, storage_options: Mapping[str, Any] | None = Non
     return {**pointer, "url": version_url(output_url, version)}
 
 
-def list_versions(output_url: str, storage_options: Mapping[str, Any] | None = None,
-                  include_incomplete: bool = False) -> list[dict[str, Any]]:
+def list_versions(
+    output_url: str, storage_options: Mapping[str, Any] | None = None, include_incomplete: bool = False
+) -> list[dict[str, Any]]:
     """Versions under `output_url`, oldest first: `{"version", "url", "complete", "completed_at", "files"}`.
 
     Complete means the manifest exists; use `include_incomplete` to see folders of unfinished publishes.
@@ -228,10 +245,15 @@ def list_versions(output_url: str, storage_options: Mapping[str, Any] | None = N
         manifest = _read_json(fs, f"{entry['name'].rstrip('/')}/{MANIFEST_NAME}", version)
         if manifest is None and not include_incomplete:
             continue
-        out.append({"version": version, "url": version_url(output_url, version),
-                    "complete": manifest is not None,
-                    "completed_at": (manifest or {}).get("completed_at"),
-                    "files": (manifest or {}).get("files")})
+        out.append(
+            {
+                "version": version,
+                "url": version_url(output_url, version),
+                "complete": manifest is not None,
+                "completed_at": (manifest or {}).get("completed_at"),
+                "files": (manifest or {}).get("files"),
+            }
+        )
     out.sort(key=lambda v: (not v["complete"], v["completed_at"] or "", v["version"]))
     return out
 
@@ -257,8 +279,14 @@ def _files_with_tmp(fs: AbstractFileSystem, folder: str) -> dict[str, dict[str, 
         return {}
 
 
-def prune_versions(output_url: str, keep: int, storage_options: Mapping[str, Any] | None = None, *,
-                   incomplete_older_than_s: float | None = None, dry_run: bool = False) -> list[str]:
+def prune_versions(
+    output_url: str,
+    keep: int,
+    storage_options: Mapping[str, Any] | None = None,
+    *,
+    incomplete_older_than_s: float | None = None,
+    dry_run: bool = False,
+) -> list[str]:
     """Delete all but the `keep` newest complete versions; never the one `latest.json` names.
 
     Folders of unfinished publishes are kept (another process may be writing them) unless

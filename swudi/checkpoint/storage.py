@@ -25,8 +25,16 @@ import fsspec
 from fsspec import AbstractFileSystem
 from fsspec.implementations.local import LocalFileSystem
 
-__all__ = ["resolve", "join_url", "is_local", "parent_url", "url_name", "open_atomic", "write_bytes_atomic",
-           "S3_DEFAULTS"]
+__all__ = [
+    "resolve",
+    "join_url",
+    "is_local",
+    "parent_url",
+    "url_name",
+    "open_atomic",
+    "write_bytes_atomic",
+    "S3_DEFAULTS",
+]
 
 #: Defaults for s3fs filesystems; any key given in storage_options wins.
 S3_DEFAULTS: dict[str, Any] = {
@@ -59,8 +67,9 @@ def _layer_options(url: str, storage_options: Mapping[str, Any] | None) -> dict[
     return per_layer
 
 
-def resolve(url: str | os.PathLike[str], storage_options: Mapping[str, Any] | None = None
-            ) -> tuple[AbstractFileSystem, str]:
+def resolve(
+    url: str | os.PathLike[str], storage_options: Mapping[str, Any] | None = None
+) -> tuple[AbstractFileSystem, str]:
     """Return `(fs, path)` for `url`; `path` is what `fs` methods take."""
     url = os.fspath(url)
     if not url:
@@ -124,7 +133,7 @@ def open_atomic(fs: AbstractFileSystem, path: str) -> Iterator[IO[bytes]]:
         folder = os.path.dirname(path) or "."
         os.makedirs(folder, exist_ok=True)
         tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex[:12]}")
-        f = open(tmp, "wb")
+        f = open(tmp, "wb")  # noqa: SIM115 - closed by hand: before os.replace, or before the unlink on error
         try:
             yield f
             f.flush()

@@ -40,22 +40,26 @@ def validate_checkpoints(base: Checkpoint, experts: Sequence[Checkpoint]) -> lis
             if other is None:
                 continue
             if other.shape != loc.shape:
-                problems.append(f"{expert.url}: tensor {name!r} has shape {list(other.shape)}, "
-                                f"the base {base.url} has {list(loc.shape)}")
+                problems.append(
+                    f"{expert.url}: tensor {name!r} has shape {list(other.shape)}, "
+                    f"the base {base.url} has {list(loc.shape)}"
+                )
             if other.dtype != loc.dtype:
                 dtype_diffs.append(f"{name} {other.dtype} (base {loc.dtype})")
         if dtype_diffs:
             shown = ", ".join(dtype_diffs[:_DTYPE_EXAMPLES])
             more = f" and {len(dtype_diffs) - _DTYPE_EXAMPLES} more" if len(dtype_diffs) > _DTYPE_EXAMPLES else ""
-            warnings.append(f"{expert.url}: {len(dtype_diffs)} tensor(s) differ in dtype from the base: "
-                            f"{shown}{more}; compute is upcast to float32, the output keeps the base dtype")
+            warnings.append(
+                f"{expert.url}: {len(dtype_diffs)} tensor(s) differ in dtype from the base: "
+                f"{shown}{more}; compute is upcast to float32, the output keeps the base dtype"
+            )
         if expert.fingerprint in seen:
-            warnings.append(f"{expert.url}: same fingerprint as {seen[expert.fingerprint]} "
-                            f"(same files listed twice?)")
+            warnings.append(f"{expert.url}: same fingerprint as {seen[expert.fingerprint]} (same files listed twice?)")
         seen.setdefault(expert.fingerprint, expert.url)
     if problems:
         error = CheckpointMismatchError(
-            f"{len(problems)} mismatch(es) between the base and the experts:\n  " + "\n  ".join(problems))
+            f"{len(problems)} mismatch(es) between the base and the experts:\n  " + "\n  ".join(problems)
+        )
         error.problems = problems  # type: ignore[attr-defined]
         raise error
     for warning in warnings:

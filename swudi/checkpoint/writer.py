@@ -44,8 +44,18 @@ __all__ = [
 #: transformers' historical default (5 GB, decimal).
 DEFAULT_MAX_SHARD_SIZE = 5_000_000_000
 _COPY_CHUNK = 8 * 2**20
-_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+_UNITS = {
+    "": 1,
+    "B": 1,
+    "KB": 10**3,
+    "MB": 10**6,
+    "GB": 10**9,
+    "TB": 10**12,
+    "KIB": 2**10,
+    "MIB": 2**20,
+    "GIB": 2**30,
+    "TIB": 2**40,
+}
 
 
 @dataclass(frozen=True)
@@ -139,8 +149,11 @@ def _header_bytes(specs: list[TensorSpec], metadata: Mapping[str, str] | None) -
         doc["__metadata__"] = dict(metadata)
     offset = 0
     for spec in specs:
-        doc[spec.name] = {"dtype": spec.dtype, "shape": list(spec.shape),
-                          "data_offsets": [offset, offset + spec.nbytes]}
+        doc[spec.name] = {
+            "dtype": spec.dtype,
+            "shape": list(spec.shape),
+            "data_offsets": [offset, offset + spec.nbytes],
+        }
         offset += spec.nbytes
     blob = json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
     blob += b" " * (-len(blob) % 8)  # data section starts 8-byte aligned, as the reference pads
@@ -157,9 +170,14 @@ def _tensor_bytes(tensor: torch.Tensor) -> memoryview:
     return memoryview(t.view(torch.uint8).numpy())
 
 
-def write_safetensors(fs: AbstractFileSystem, path: str, specs: Sequence[Sequence[Any] | TensorSpec],
-                      read_fn: Callable[[str], torch.Tensor], metadata: Mapping[str, str] | None = None,
-                      source: str | None = None) -> int:
+def write_safetensors(
+    fs: AbstractFileSystem,
+    path: str,
+    specs: Sequence[Sequence[Any] | TensorSpec],
+    read_fn: Callable[[str], torch.Tensor],
+    metadata: Mapping[str, str] | None = None,
+    source: str | None = None,
+) -> int:
     """Stream one safetensors file to `path`; return its size in bytes.
 
     Tensors are laid out by decreasing element size (then in the given order) so that every tensor
@@ -181,7 +199,8 @@ def write_safetensors(fs: AbstractFileSystem, path: str, specs: Sequence[Sequenc
             if tensor.dtype != torch_dtype(spec.dtype) or tuple(tensor.shape) != spec.shape:
                 raise CheckpointError(
                     f"{source}: tensor {spec.name!r}: read_fn returned {tensor.dtype} {list(tensor.shape)}, "
-                    f"planned {spec.dtype} {list(spec.shape)}")
+                    f"planned {spec.dtype} {list(spec.shape)}"
+                )
             n = _write(f, _tensor_bytes(tensor))
             if n != spec.nbytes:
                 raise CheckpointError(f"{source}: tensor {spec.name!r}: wrote {n} bytes, expected {spec.nbytes}")
@@ -197,11 +216,14 @@ def _write(f: IO[bytes], data: bytes | memoryview) -> int:
     return n
 
 
-def write_sharded(url: str, specs: Sequence[Sequence[Any] | TensorSpec],
-                  read_fn: Callable[[str], torch.Tensor],
-                  max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
-                  storage_options: Mapping[str, Any] | None = None,
-                  metadata: Mapping[str, str] | None = None) -> WrittenModel:
+def write_sharded(
+    url: str,
+    specs: Sequence[Sequence[Any] | TensorSpec],
+    read_fn: Callable[[str], torch.Tensor],
+    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+    storage_options: Mapping[str, Any] | None = None,
+    metadata: Mapping[str, str] | None = None,
+) -> WrittenModel:
     """Write a model folder at `url` in the Hugging Face layout; tensors come from `read_fn(name)`.
 
     Writes shards in order, then the index (several shards only). Other files already in the folder
@@ -218,19 +240,22 @@ def write_sharded(url: str, specs: Sequence[Sequence[Any] | TensorSpec],
         shard_url = join_url(url, file_name)
         _, path = resolve(shard_url, storage_options)
         write_safetensors(fs, path, [by_name[m] for m in members], read_fn, shard_metadata, shard_url)
-        weight_map.update({m: file_name for m in members})
+        weight_map.update(dict.fromkeys(members, file_name))
     total = sum(s.nbytes for s in specs)
     files = list(names)
     if len(plan) > 1:
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-        write_bytes_atomic(join_url(url, INDEX_NAME), (json.dumps(index, indent=2) + "\n").encode(),
-                           storage_options)
+        write_bytes_atomic(join_url(url, INDEX_NAME), (json.dumps(index, indent=2) + "\n").encode(), storage_options)
         files.append(INDEX_NAME)
     return WrittenModel(url, files, total, weight_map)
 
 
-def copy_extra_files(checkpoint: Checkpoint, dest_url: str, storage_options: Mapping[str, Any] | None = None,
-                     names: Sequence[str] | None = None) -> list[str]:
+def copy_extra_files(
+    checkpoint: Checkpoint,
+    dest_url: str,
+    storage_options: Mapping[str, Any] | None = None,
+    names: Sequence[str] | None = None,
+) -> list[str]:
     """Copy the checkpoint's non-weight files (config, tokenizer, ...) into `dest_url`.
 
     The source is read with the checkpoint's own storage options, the destination written with
