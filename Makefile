@@ -1,7 +1,8 @@
 # The two commands of the README: `make demo` (main job) and `make test` (the test suite).
 # Both install what they need first (scripts/bootstrap.sh, idempotent).
+# `make lint`: ruff (lint + format check) and mypy, as .ci/run runs them after the tests.
 
-.PHONY: setup demo test lock
+.PHONY: setup demo test lint lock
 
 setup:
 	./scripts/bootstrap.sh
@@ -11,6 +12,9 @@ demo: setup
 
 test: setup
 	.venv/bin/python -m pytest
+
+lint: setup
+	.venv/bin/ruff check swudi tasks flows deployments && .venv/bin/ruff format --check swudi tasks flows deployments && .venv/bin/mypy swudi tasks flows
 
 lock:
 	uv pip compile pyproject.toml --extra dev --find-links "$$(python3 -m pip config get global.find-links)" -o requirements.lock

@@ -50,7 +50,8 @@ def refresh_deployment(
     strategy = {"enqueue": ConcurrencyLimitStrategy.ENQUEUE, "cancel_new": ConcurrencyLimitStrategy.CANCEL_NEW}[
         collision
     ]
-    return refresh.to_deployment(
+    # prefect's async_dispatch types this call as RunnerDeployment | Coroutine; from sync code it is the former
+    return refresh.to_deployment(  # type: ignore[return-value]
         name=name,
         schedules=[Cron(cron, timezone=timezone)] if cron else None,
         parameters=parameters,

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from prefect import flow, get_run_logger, unmapped
-from prefect.context import get_run_context
+from prefect.context import FlowRunContext, get_run_context
 from prefect.futures import PrefectFuture, as_completed
 from prefect.task_runners import ThreadPoolTaskRunner
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -141,7 +141,10 @@ def _size(n: int) -> str:
 
 
 def _flow_run_id() -> str:
-    return str(get_run_context().flow_run.id)
+    context = get_run_context()
+    if not isinstance(context, FlowRunContext) or context.flow_run is None:
+        raise RuntimeError("the merge flow's run id is asked for outside a flow run")
+    return str(context.flow_run.id)
 
 
 def run_merge(config: MergeConfig) -> dict[str, Any]:

@@ -244,21 +244,22 @@ def refresh(
     with refresh_lock(cfg, _owner(), wait_s, logger=logger) as waited:
         before = complete_versions(cfg)
         check = detect_changes(cfg)
-        previous = check.latest["version"] if check.latest else None
-        if check.up_to_date:
+        latest = check.latest
+        previous = latest["version"] if latest else None
+        if latest is not None and check.up_to_date:  # (up to date implies a latest)
             logger.info(
                 "already up to date: inputs and settings of %s match published version %s "
                 "(published %s); nothing merged",
                 cfg.output,
                 check.version,
-                check.latest.get("published_at"),
+                latest.get("published_at"),
             )
             apply_retention(cfg)
             result = {
                 "status": "unchanged",
                 "version": check.version,
                 "previous": previous,
-                "url": check.latest["url"],
+                "url": latest["url"],
                 "changes": [],
                 "new_version": False,
             }

@@ -51,15 +51,14 @@ def sweep(config: dict[str, Any], grid: list[str], storage_options_ref: str | No
             }
         )
     root = sweep_root(cfg, parsed)
+    url = join_url(root, SWEEP_FILE)
     summary = {
         "grid": [[k, v] for k, v in parsed],
         "base_config": redacted(cfg),
         "points": rows,
-        "url": join_url(root, SWEEP_FILE),
+        "url": url,
     }
-    write_bytes_atomic(
-        summary["url"], (json.dumps(summary, indent=2, default=str) + "\n").encode(), cfg.storage_options
-    )
+    write_bytes_atomic(url, (json.dumps(summary, indent=2, default=str) + "\n").encode(), cfg.storage_options)
     create_table_artifact(
         [
             {

@@ -11,7 +11,7 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, NoReturn
 
 import typer
 import yaml
@@ -52,7 +52,7 @@ def _load(config: Path, method: str | None, overrides: list[str]) -> MergeConfig
     return load_config(config, [*extra, *overrides])
 
 
-def _fail(error: Exception) -> None:
+def _fail(error: Exception) -> NoReturn:
     console.print(f"[red]error:[/red] {error}")
     raise typer.Exit(2)
 
@@ -312,6 +312,7 @@ def serve(
     prepare_prefect_environment()
     if collision not in ("enqueue", "cancel_new"):
         _fail(SwudiError(f"--collision must be enqueue or cancel_new, not {collision!r}"))
+    strategy: Literal["enqueue", "cancel_new"] = "cancel_new" if collision == "cancel_new" else "enqueue"
     try:
         load_config(config, overrides)
     except SwudiError as error:
@@ -327,7 +328,7 @@ def serve(
         )
     from deployments.serve import serve_refresh
 
-    serve_refresh(config, None if no_schedule else cron, name, overrides, timezone, collision, wait)  # type: ignore[arg-type]
+    serve_refresh(config, None if no_schedule else cron, name, overrides, timezone, strategy, wait)
 
 
 @app.command()

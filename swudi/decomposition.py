@@ -326,6 +326,7 @@ def _decompose(
     if d_full is not None:
         dq = d_full @ q
     else:
+        assert xs is not None  # the scaled task vectors exist whenever D was not fused with C
         if u_sigma is not None:
             u_sigma[:, :r].mul_(signs)  # keep X Q = U Sigma consistent with the sign-fixed Q
         dq, const = _dq_and_const(xs, c32, q, u_sigma=u_sigma)
@@ -442,6 +443,7 @@ def _dq_with_order(
             dq.addmm_(xi, xi.T @ (xi @ q), alpha=ci)
             gram = xi @ xi.T if m <= d else xi.T @ xi
         elif order == "full_d":
+            assert d_full is not None
             if m <= d:
                 gram = xi @ xi.T
                 d_full.addmm_(gram, xi, alpha=ci)

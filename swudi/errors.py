@@ -21,6 +21,8 @@ class CheckpointError(SwudiError):
 class CheckpointMismatchError(CheckpointError):
     """Base and experts do not fit together (missing tensors, different shapes)."""
 
+    problems: list[str]  # one line per mismatch (set by validate_checkpoints)
+
 
 class ConfigError(SwudiError, ValueError):
     """A merge configuration that is invalid (unknown key, unknown method, bad value)."""

@@ -32,7 +32,7 @@ def load_run(run: str, storage_options: Mapping[str, Any] | None = None) -> tupl
     """``("sweep", sweep.json)`` or ``("merge", merge_report.json)`` for a sweep file/folder, a
     version folder, or an output folder with ``latest.json``."""
     fs, path = resolve(run, storage_options)
-    candidates = [(run, None)]
+    candidates: list[tuple[str, str | None]] = [(run, None)]  # (url, kind; None: from the content)
     if not path.endswith(".json"):
         candidates = [(join_url(run, "sweep.json"), "sweep"), (join_url(run, "merge_report.json"), "merge")]
         latest = read_latest(run, storage_options) if fs.exists(join_url(path, "latest.json")) else None

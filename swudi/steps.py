@@ -333,6 +333,8 @@ def merge_layer(job: TensorJob, config: MergeConfig, run_id: str = "") -> Merged
     rank: RankChoice | None = None
     dec_url: str | None = None
     decompose_seconds = 0.0
+    inputs: tuple[torch.Tensor, torch.Tensor | None] | None  # (base, task vectors) when in memory
+    interference: dict[str, Any]  # {"total": float | None, "per_task": list[float | None] | None}
     if spec.kind == "spectral":
         dec, dec_url, inputs, decompose_seconds = decompose_layer(job, config, reads)
         rank = rank_choice(dec, config)
@@ -398,7 +400,8 @@ def _delta(jobs: Sequence[TensorJob], config: MergeConfig, reads: _Reads) -> _De
     if stored is not None:
         tensors, info = stored
         return _Delta([tensors[name] for name in names], info, url)
-    out = _Delta([], {}, url, bases=[])
+    bases: list[torch.Tensor] = []
+    out = _Delta([], {}, url, bases=bases)
     for job in jobs:
         base, task_vectors = read_task_vectors(job, config, reads)
         if job.is_matrix:
@@ -410,7 +413,7 @@ def _delta(jobs: Sequence[TensorJob], config: MergeConfig, reads: _Reads) -> _De
             method, params = (config.method, config.params) if job.route == "method" else ("mean", {})
             theta = merge_elementwise(task_vectors, method, name=job.name, **params).to(torch.float32)
         out.thetas.append(theta.contiguous())
-        out.bases.append(base)
+        bases.append(base)
         out.task_vectors = task_vectors if len(jobs) == 1 else None
     metadata = {
         "format": DELTA_FORMAT,
@@ -501,7 +504,7 @@ def summarize_layers(merged: Sequence[MergedRecord]) -> dict[str, Any]:
 
     per_task = [list(r.task_interference) for r in layers if r.task_interference]
     num_tasks = max((len(t) for t in per_task), default=0)
-    task_means = [mean([t[i] for t in per_task if t[i] is not None]) for i in range(num_tasks)]
+    task_means = [mean([v for t in per_task if (v := t[i]) is not None]) for i in range(num_tasks)]
 
     return {
         "layers": len(layers),

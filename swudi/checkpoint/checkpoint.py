@@ -126,7 +126,7 @@ def _read_local(path: str, loc: TensorLocation, expect: tuple[int, int] | None =
                 raise CheckpointError(
                     f"{loc.shard_url}: file changed since the checkpoint was opened (size/mtime differ); reopen it"
                 )
-        view = memoryview(out.numpy()) if loc.nbytes else memoryview(b"")
+        view = out.numpy().data if loc.nbytes else memoryview(b"")  # .data: a writable memoryview of the buffer
         got = 0
         while got < loc.nbytes:
             n = os.preadv(f.fileno(), [view[got:]], loc.start + got)

@@ -64,7 +64,7 @@ def _now() -> str:
     return _dt.datetime.now(_dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def check_version_id(version_id: str) -> str:
+def check_version_id(version_id: object) -> str:
     """Version ids are folder names: letters, digits, `.`, `_`, `-`; at most 128 characters."""
     if not isinstance(version_id, str) or not _VERSION_ID.fullmatch(version_id) or ".." in version_id:
         raise PublishError(
@@ -157,7 +157,7 @@ def publish_version(
     vurl = version_url(output_url, version_id)
     fs, vpath = resolve(vurl, storage_options)
     manifest = read_manifest(output_url, version_id, storage_options)
-    if _is_complete(fs, vpath, manifest):
+    if manifest is not None and _is_complete(fs, vpath, manifest):
         log.info("%s: version %s is already complete; not rewritten", output_url, version_id)
     else:
         if manifest is not None:
@@ -213,11 +213,11 @@ def read_latest(output_url: str, storage_options: Mapping[str, Any] | None = Non
     pointer = _read_json(fs, path, url)
     if pointer is None:
         return None
-    version = pointer.get("version")
+    named = pointer.get("version")
     try:
-        check_version_id(version)  # type: ignore[arg-type]
+        version = check_version_id(named)
     except PublishError:
-        raise PublishError(f"{url}: names an invalid version {version!r}") from None
+        raise PublishError(f"{url}: names an invalid version {named!r}") from None
     if pointer.get("path") != f"{VERSIONS_DIR}/{version}":
         raise PublishError(f"{url}: path {pointer.get('path')!r} does not match version {version!r}")
     return {**pointer, "url": version_url(output_url, version)}

@@ -60,7 +60,7 @@ def validate_checkpoints(base: Checkpoint, experts: Sequence[Checkpoint]) -> lis
         error = CheckpointMismatchError(
             f"{len(problems)} mismatch(es) between the base and the experts:\n  " + "\n  ".join(problems)
         )
-        error.problems = problems  # type: ignore[attr-defined]
+        error.problems = problems
         raise error
     for warning in warnings:
         log.warning(warning)

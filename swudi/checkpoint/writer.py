@@ -167,7 +167,7 @@ def _tensor_bytes(tensor: torch.Tensor) -> memoryview:
     t = t.contiguous().reshape(-1)
     if t.numel() == 0:
         return memoryview(b"")
-    return memoryview(t.view(torch.uint8).numpy())
+    return t.view(torch.uint8).numpy().data  # a memoryview of the tensor's bytes
 
 
 def write_safetensors(
@@ -229,9 +229,9 @@ def write_sharded(
     Writes shards in order, then the index (several shards only). Other files already in the folder
     are left alone: write into a fresh folder (see `publish.publish_version`).
     """
-    specs = [TensorSpec.of(s) for s in specs]
-    by_name = {s.name: s for s in specs}
-    plan = plan_shards(specs, max_shard_size)
+    tensors = [TensorSpec.of(s) for s in specs]
+    by_name = {s.name: s for s in tensors}
+    plan = plan_shards(tensors, max_shard_size)
     names = shard_names(len(plan))
     fs, _ = resolve(url, storage_options)
     shard_metadata = {"format": "pt", **(metadata or {})}
@@ -241,7 +241,7 @@ def write_sharded(
         _, path = resolve(shard_url, storage_options)
         write_safetensors(fs, path, [by_name[m] for m in members], read_fn, shard_metadata, shard_url)
         weight_map.update(dict.fromkeys(members, file_name))
-    total = sum(s.nbytes for s in specs)
+    total = sum(s.nbytes for s in tensors)
     files = list(names)
     if len(plan) > 1:
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
