@@ -81,6 +81,7 @@ def test_splits_are_deterministic_and_seeded():
     assert c.test.texts != a.test.texts
 
 
+@pytest.mark.slow
 @needs_data
 def test_task_contents_look_right():
     noun = data.load_task("wn_noun_category")
@@ -153,6 +154,7 @@ def tiny_build(tmp_path_factory):
             "seconds": time.perf_counter() - t0}
 
 
+@pytest.mark.slow
 def test_experts_are_ordinary_hf_checkpoints(tiny_build):
     from safetensors import safe_open
     from transformers import AutoModel, AutoTokenizer
@@ -176,6 +178,7 @@ def test_experts_are_ordinary_hf_checkpoints(tiny_build):
             assert tuple(f.get_slice("weight").get_shape()) == (len(labels), 384)
 
 
+@pytest.mark.slow
 def test_only_the_trained_layers_moved(tiny_build):
     from safetensors.torch import load_file
 
@@ -189,6 +192,7 @@ def test_only_the_trained_layers_moved(tiny_build):
         assert sum(k.startswith("encoder.layer.5.") for k in moved) >= 10
 
 
+@pytest.mark.slow
 def test_experts_learned_their_task(tiny_build):
     from benchmarks.retention.model import Head, load_encoder, mean_loss
 
@@ -206,6 +210,7 @@ def test_experts_learned_their_task(tiny_build):
         assert after < 0.9 * before, (task, before, after)
 
 
+@pytest.mark.slow
 def test_evaluate_encoder_reproduces_the_build(tiny_build):
     from benchmarks.retention.evaluate import evaluate_encoder
 
@@ -230,6 +235,7 @@ def _publish_like_the_pipeline(src: Path, output: Path) -> None:
                                                     "path": f"versions/{version.name}"}))
 
 
+@pytest.mark.slow
 def test_user_evaluator_follows_latest_json(tiny_build, tmp_path):
     from benchmarks.retention.evaluate import evaluate
 
@@ -251,6 +257,7 @@ def test_user_evaluator_follows_latest_json(tiny_build, tmp_path):
         evaluate(str(tmp_path / "output"), heads_dir=str(out / "heads"), head_dir="typo")
 
 
+@pytest.mark.slow
 def test_evaluator_reads_fsspec_urls(tiny_build):
     import fsspec
 
@@ -272,6 +279,7 @@ def test_evaluator_reads_fsspec_urls(tiny_build):
     assert res[task]["accuracy"] == pytest.approx(expert, abs=1e-4)
 
 
+@pytest.mark.slow
 def test_evaluator_rejects_incomplete_checkpoints(tiny_build, tmp_path):
     from safetensors.torch import load_file, save_file
 
@@ -286,6 +294,7 @@ def test_evaluator_rejects_incomplete_checkpoints(tiny_build, tmp_path):
         evaluate_encoder(tmp_path, out / "heads", [TINY_TASKS[0]], max_examples=10)
 
 
+@pytest.mark.slow
 def test_build_is_cached_and_invalidated_by_settings(tiny_build, monkeypatch):
     import dataclasses
 
@@ -308,6 +317,7 @@ def test_build_is_cached_and_invalidated_by_settings(tiny_build, monkeypatch):
     assert built == [TINY_TASKS[0]] * 2
 
 
+@pytest.mark.slow
 def test_expert_build_is_reproducible(tiny_build, tmp_path):
     from safetensors.torch import load_file
 
@@ -346,6 +356,7 @@ def test_settings_are_validated():
         ExpertSettings(lr=-1.0)
 
 
+@pytest.mark.slow
 def test_pipeline_merges_the_experts_and_scores_them(tiny_build, prefect_api, tmp_path):
     """CI smoke of the benchmark: the real merge flow on the experts' checkpoints, the benchmark
     evaluator as the flow's user evaluator, the results table."""

@@ -146,6 +146,7 @@ def test_prune_leaves_recent_incomplete_folders(store):
     assert [v["version"] for v in list_versions(out, store.storage_options, include_incomplete=True)] == ["v1"]
 
 
+@pytest.mark.slow
 def test_publish_killed_half_way_leaves_the_old_version(store, tmp_path):
     out = store.url("out")
     publish_version(out, "v1", _writer(1.0, storage_options=store.storage_options),

@@ -144,6 +144,7 @@ def test_copy_extra_files_between_stores(store, tmp_path):
         assert fs.cat_file(path.split("://", 1)[1] if store.kind == "s3" else path) == data
 
 
+@pytest.mark.slow  # importing transformers alone takes ~10 s
 def test_merged_folder_loads_with_transformers(store, tmp_path):
     transformers = pytest.importorskip("transformers")
     config = transformers.BertConfig(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,

@@ -81,6 +81,7 @@ def test_local_merge_equals_in_memory_merge(prefect_api: str, tmp_path: Path, lo
     assert 1 <= layer["rank"] <= MODEL.hidden
 
 
+@pytest.mark.slow
 def test_rerun_computes_nothing_and_new_t_reuses_decompositions(prefect_api: str, tmp_path: Path,
                                                                 local_inputs) -> None:
     base, experts = local_inputs
@@ -112,7 +113,7 @@ def test_s3_inputs_work_folder_and_output(prefect_api: str, s3_bucket) -> None:
     assert again["computed"] == 0 and again["decompositions_computed"] == 0
 
 
-@pytest.mark.parametrize("method", ["ties", "wudi"])
+@pytest.mark.parametrize("method", ["ties", pytest.param("wudi", marks=pytest.mark.slow)])
 def test_non_spectral_methods(prefect_api: str, tmp_path: Path, local_inputs, method: str) -> None:
     base, experts = local_inputs
     params = {"iterations": 5} if method == "wudi" else {}
@@ -121,6 +122,7 @@ def test_non_spectral_methods(prefect_api: str, tmp_path: Path, local_inputs, me
     _assert_close(_published(cfg.output), _expected(method, **params))
 
 
+@pytest.mark.slow
 def test_dask_runner_equals_thread_runner(prefect_api: str, tmp_path: Path, local_inputs) -> None:
     base, experts = local_inputs
     threads = _config(tmp_path / "threads", base, experts)
@@ -166,7 +168,8 @@ def _sign_mean(tv: torch.Tensor, p: _SignMeanParams) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("spec", [
-    MethodSpec("tmp_keep_top", "spectral", _KeepTopParams, "test: f = level on the top k", filter=_keep_top),
+    pytest.param(MethodSpec("tmp_keep_top", "spectral", _KeepTopParams, "test: f = level on the top k",
+                            filter=_keep_top), marks=pytest.mark.slow),
     MethodSpec("tmp_sign_mean", "elementwise", _SignMeanParams, "test: elected sign x mean |tau|",
                merge=_sign_mean),
 ], ids=lambda s: s.name)

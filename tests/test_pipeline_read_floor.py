@@ -19,6 +19,8 @@ from swudi.checkpoint import Checkpoint, read_latest
 from swudi.config import config_from_mapping
 from swudi.synthetic import SyntheticModel, write_synthetic_models
 
+pytestmark = pytest.mark.slow  # each test runs two or three merges end to end
+
 # Big enough that HTTP framing is far below 1% of the tensor bytes (the largest tensors are 1 MiB).
 BIG = SyntheticModel(layers=2, hidden=256, intermediate=1024, vocab=64, positions=16)
 SMALL = SyntheticModel(layers=3, hidden=32, intermediate=64, vocab=40, positions=8)

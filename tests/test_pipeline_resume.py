@@ -9,12 +9,15 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import yaml
 
 from flows.merge import run_merge
 from swudi.checkpoint import read_latest
 from swudi.config import load_config
 from swudi.synthetic import SyntheticModel, write_synthetic_models
+
+pytestmark = pytest.mark.slow  # kills a merge subprocess and resumes it
 
 MODEL = SyntheticModel(layers=6, hidden=48, intermediate=96, vocab=32, positions=16)
 

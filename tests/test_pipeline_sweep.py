@@ -29,6 +29,7 @@ def test_grid_parsing() -> None:
         parse_grid(["params.t=1", "params.t=2"])
 
 
+@pytest.mark.slow
 def test_sweep_reuses_decompositions_and_reports(prefect_api: str, tmp_path: Path) -> None:
     base, experts = write_synthetic_models(str(tmp_path / "in"), 3, MODEL)
     cfg = config_from_mapping({"base": base, "experts": experts, "output": str(tmp_path / "out"),

@@ -35,6 +35,7 @@ def setup(tmp_path: Path):
     return path
 
 
+@pytest.mark.slow
 def test_gc_keeps_the_current_setting_and_kept_versions_and_frees_the_rest(prefect_api: str, setup: Path) -> None:
     cfg_a = load_config(setup, ["params.t=100"])
     cfg_b = load_config(setup, ["params.t=900"])

@@ -72,6 +72,7 @@ def _assert_clean_output(config: dict[str, Any]) -> list[str]:
     return [v["version"] for v in folders]
 
 
+@pytest.mark.slow
 def test_same_inputs_at_once_one_publishes_the_other_finds_it_published(prefect_api: str, store,
                                                                          monkeypatch) -> None:
     config = _config(store.root, store.storage_options)
@@ -83,6 +84,7 @@ def test_same_inputs_at_once_one_publishes_the_other_finds_it_published(prefect_
     assert _assert_clean_output(config) == [published["version"]]
 
 
+@pytest.mark.slow
 def test_different_settings_at_once_publish_one_after_the_other(prefect_api: str, tmp_path,
                                                                monkeypatch) -> None:
     config = _config(str(tmp_path))

@@ -18,6 +18,8 @@ from flows.refresh import refresh
 from swudi.checkpoint import Checkpoint, list_versions, read_latest
 from swudi.synthetic import SyntheticModel, base_state_dict, expert_state_dict, write_checkpoint, write_synthetic_models
 
+pytestmark = pytest.mark.slow  # several refresh flow runs per test
+
 MODEL = SyntheticModel(layers=1, hidden=16, intermediate=32, vocab=16, positions=8)
 
 
