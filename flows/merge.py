@@ -22,10 +22,10 @@ from flows.parameters import config_parameter, hold_storage_options
 from swudi.config import MergeConfig
 from swudi.evaluators import check_evaluators
 from swudi.methods import get_method
-from swudi.plan import check_inputs_exist
+from swudi.plan import TensorJob, block_of, check_inputs_exist
 from swudi.steps import MergedRecord, artefact_keys, bytes_read, group_merge_key, layer_merge_key
 from swudi.workdir import remove_lease, write_lease
-from tasks import evaluate_merge, fetch_checkpoints, find_completed, merge_group, merge_layer, publish_model
+from tasks import evaluate_merge, fetch_checkpoints, find_completed, merge_block, merge_group, publish_model
 
 
 def task_runner(config: MergeConfig) -> Any:
@@ -46,8 +46,8 @@ def task_runner(config: MergeConfig) -> Any:
     return ThreadPoolTaskRunner(max_workers=config.workers)
 
 
-def _wait(futures: Sequence[PrefectFuture], label: str) -> list[MergedRecord]:
-    """Results of ``futures`` in their order, with a progress bar of tensors merged per second."""
+def _wait(futures: Sequence[PrefectFuture], label: str) -> list[MergedRecord | list[MergedRecord]]:
+    """Results of ``futures`` in their order, with a progress bar of tasks finished per second."""
     progress = Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -85,16 +85,20 @@ def merge(config: dict[str, Any], storage_options_ref: str | None = None) -> dic
     done = find_completed(keys, cfg)
     todo_layers = [job for job, key in zip(layers, keys[: len(layers)], strict=True) if key not in done]
     todo_groups = [group for group, key in zip(groups, keys[len(layers) :], strict=True) if key not in done]
-    futures = [
-        *(merge_layer.map(todo_layers, unmapped(cfg), unmapped(run_id)) if todo_layers else []),
-        *(merge_group.map(todo_groups, unmapped(cfg), unmapped(run_id)) if todo_groups else []),
-    ]
-    computed = iter(
-        _wait(
-            futures, f"merging {len(todo_layers)} of {len(layers)} layers + {len(todo_groups)} of {len(groups)} groups"
-        )
-    )
-    records = [done[key] if key in done else next(computed) for key in keys]
+    blocks: dict[str, list[TensorJob]] = {}
+    for job in todo_layers:  # one task per transformer block: the orchestration cost is per block
+        blocks.setdefault(block_of(job.name), []).append(job)
+    futures: list[PrefectFuture[Any]] = []
+    if blocks:
+        futures.extend(merge_block.map(list(blocks), list(blocks.values()), unmapped(cfg), unmapped(run_id)))
+    if todo_groups:
+        futures.extend(merge_group.map(todo_groups, unmapped(cfg), unmapped(run_id)))
+    label = f"merging {len(todo_layers)} of {len(layers)} layers + {len(todo_groups)} of {len(groups)} groups"
+    results = _wait(futures, label)
+    computed = {
+        record.key: record for result in results for record in (result if isinstance(result, list) else [result])
+    }
+    records = [done[key] if key in done else computed[key] for key in keys]
     merged_seconds = time.perf_counter() - started
     diagnostics = evaluate_merge(records)
     now = [r for r in records if r.computed_in == run_id]
@@ -123,6 +127,7 @@ def merge(config: dict[str, Any], storage_options_ref: str | None = None) -> dic
         "version": published["version"],
         "url": published["url"],
         "flow_run_id": run_id,
+        "task_runs": len(futures) + 4,  # fetch, find-completed, the merges, evaluate, publish
         "layers": len(layers),
         "groups": len(groups),
         "computed": len(now),

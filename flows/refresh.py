@@ -276,6 +276,8 @@ def refresh(
                 "computed": merged["computed"],
                 "reused": merged["reused"],
                 "decompositions_computed": merged["decompositions_computed"],
+                "merge_flow_run_id": merged["flow_run_id"],
+                "merge_task_runs": merged["task_runs"],
             }
             logger.info(
                 "published version %s at %s (previous: %s; %d steps computed, %d reused)",

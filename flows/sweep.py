@@ -43,6 +43,8 @@ def sweep(config: dict[str, Any], grid: list[str], storage_options_ref: str | No
                 "scale": point_cfg.scale,
                 "version": result["version"],
                 "url": result["url"],
+                "flow_run_id": result["flow_run_id"],
+                "task_runs": result["task_runs"],
                 "computed": result["computed"],
                 "decompositions_computed": result.get("decompositions_computed", 0),
                 "seconds": result["seconds"],

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import time
 from pathlib import Path
 from typing import Any, Literal, NoReturn
 
@@ -19,6 +18,7 @@ from rich.console import Console
 from rich.table import Table
 
 from swudi.config import MergeConfig, load_config
+from swudi.evaluators import check_evaluators
 from swudi.errors import SwudiError
 from swudi.registry import method_choices
 
@@ -58,8 +58,8 @@ def _fail(error: Exception) -> NoReturn:
 
 
 def run_flow_and_settle(config: MergeConfig, grid: list[str] | None = None) -> dict[str, Any]:
-    """Run the merge flow (or, with a ``grid``, the sweep flow); give an embedded server a moment
-    to flush its events before the process exits."""
+    """Run the merge flow (or, with a ``grid``, the sweep flow), then wait until every task run it
+    submitted is in the run history (:mod:`flows.history`), before the process exits."""
     prepare_prefect_environment()
     if grid is None:
         from flows.merge import run_merge
@@ -69,8 +69,10 @@ def run_flow_and_settle(config: MergeConfig, grid: list[str] | None = None) -> d
         from flows.sweep import run_sweep
 
         result = run_sweep(config, grid)
-    if not os.environ.get("PREFECT_API_URL"):
-        time.sleep(1.5)  # the embedded server drops events still in flight when the process exits
+    from flows.history import wait_for_run_history
+
+    points = [result] if grid is None else result["points"]
+    wait_for_run_history({p["flow_run_id"]: p["task_runs"] for p in points})
     return result
 
 
@@ -96,15 +98,45 @@ def merge(
     overrides: list[str] = typer.Option([], "--set", help="key=value override (dotted keys)"),
     verbose: bool = typer.Option(False, "-v", "--verbose"),
 ) -> None:
-    """Merge base + experts as configured and publish a new version; print its location."""
+    """Merge base + experts as configured and publish a new version; print its location.
+
+    When the version these inputs and settings give is already published, complete and `latest`,
+    nothing runs (not even Prefect): the command says so and prints its location.
+    """
     if verbose:
         logging.getLogger("swudi").setLevel(logging.DEBUG)
     try:
         cfg = _load(config, method, overrides)
+        check_evaluators(cfg.evaluators)
+        published = published_version(cfg)
+        if published is not None:
+            console.print(
+                f"[green]up to date[/green]: version {published['version']} is published, complete "
+                f"and latest; nothing to merge"
+            )
+            out.print(published["url"], soft_wrap=True)
+            return
         result = run_flow_and_settle(cfg)
     except SwudiError as error:
         _fail(error)
     print_result(result)
+
+
+def published_version(cfg: MergeConfig) -> dict[str, Any] | None:
+    """``latest.json`` (with ``url``) when it names the complete version of this config's inputs and
+    settings (from headers and object metadata alone), else None."""
+    from swudi.checkpoint import read_latest
+    from swudi.checkpoint.publish import is_version_complete
+    from swudi.plan import build_plan, check_inputs_exist, version_id
+
+    check_inputs_exist(cfg)
+    latest = read_latest(cfg.output, cfg.storage_options)
+    if latest is None:
+        return None
+    version = version_id(cfg, build_plan(cfg))
+    if latest["version"] != version or not is_version_complete(cfg.output, version, cfg.storage_options):
+        return None
+    return latest
 
 
 @app.command()
@@ -274,8 +306,10 @@ def refresh(
         result = refresh_flow(str(config.resolve()), overrides, wait)
     except SwudiError as error:
         _fail(error)
-    if not os.environ.get("PREFECT_API_URL"):
-        time.sleep(1.5)  # let an embedded server flush its events (see run_flow_and_settle)
+    from flows.history import wait_for_run_history
+
+    merge_run = {result["merge_flow_run_id"]: result["merge_task_runs"]} if "merge_flow_run_id" in result else {}
+    wait_for_run_history(merge_run)  # every task run reaches the run history before the process exits
     if result["status"] == "unchanged":
         console.print(
             f"[green]up to date[/green]: version {result['version']} already published; nothing changed, nothing merged"

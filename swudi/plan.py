@@ -10,6 +10,7 @@ they need without reopening a checkpoint.
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -74,6 +75,14 @@ class MergePlan:
         return [job for job in self.jobs if job.is_matrix]
 
     @property
+    def layer_blocks(self) -> list[list[TensorJob]]:
+        """The 2-D weights grouped by transformer block, one merge task each (:func:`block_of`)."""
+        blocks: dict[str, list[TensorJob]] = {}
+        for job in self.layer_jobs:
+            blocks.setdefault(block_of(job.name), []).append(job)
+        return list(blocks.values())
+
+    @property
     def group_jobs(self) -> list[list[TensorJob]]:
         """The other merged tensors (mean, or an elementwise method), in groups of <= GROUP_BYTES."""
         groups: list[list[TensorJob]] = []
@@ -102,6 +111,16 @@ class MergePlan:
             elif not job.is_matrix:
                 out["mean_or_elementwise"] += 1
         return out
+
+
+_BLOCK = re.compile(r"^(.*?\.\d+)\.")
+
+
+def block_of(name: str) -> str:
+    """The transformer block of a tensor: its name up to the first numeric component
+    (``model.layers.3.mlp.up_proj.weight`` -> ``model.layers.3``); a name without one is its own block."""
+    match = _BLOCK.match(name)
+    return match.group(1) if match else name
 
 
 def check_inputs_exist(config: MergeConfig) -> None:

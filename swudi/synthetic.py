@@ -1,7 +1,8 @@
-"""Generated checkpoints for the demo and the tests: a small transformer-shaped base and experts.
+"""Generated checkpoints for the demo, tests and benchmarks: a transformer-shaped base and experts.
 
-The base has the tensor names and shapes of a BERT-style encoder (embeddings, attention and MLP
-weights, biases, layer norms, an integer buffer). Each expert adds to every weight a task-specific
+:class:`SyntheticModel` has the tensor names and shapes of a BERT-style encoder (embeddings,
+attention and MLP weights, biases, layer norms, an integer buffer); :class:`SyntheticLlama` those
+of a Llama decoder (grouped-query k/v, gate/up/down, RMSNorm, tied or untied embeddings). Each expert adds to every weight a task-specific
 low-rank update plus small dense noise, as fine-tuning does, so the task vectors have the spectral
 structure SWUDI-A is built for. Everything is seeded: the same arguments give the same bytes.
 """
@@ -73,22 +74,81 @@ class SyntheticModel:
             "layer_norm_eps": 1e-12,
         }
 
+    def buffers(self) -> dict[str, torch.Tensor]:
+        """Integer buffers stored with the weights (never merged)."""
+        return {"embeddings.position_ids": torch.arange(self.positions, dtype=torch.int64).unsqueeze(0)}
+
+
+@dataclass(frozen=True)
+class SyntheticLlama:
+    """Shape of a generated Llama decoder (``LlamaForCausalLM`` names; k/v have ``kv_heads`` heads)."""
+
+    layers: int = 2
+    hidden: int = 64
+    intermediate: int = 172
+    heads: int = 4
+    kv_heads: int = 2
+    vocab: int = 256
+    tie_embeddings: bool = False
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        """Tensor name -> shape, in checkpoint order."""
+        h, m = self.hidden, self.intermediate
+        kv = self.kv_heads * (h // self.heads)
+        shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (self.vocab, h)}
+        for i in range(self.layers):
+            p = f"model.layers.{i}."
+            shapes[p + "self_attn.q_proj.weight"] = (h, h)
+            shapes[p + "self_attn.k_proj.weight"] = (kv, h)
+            shapes[p + "self_attn.v_proj.weight"] = (kv, h)
+            shapes[p + "self_attn.o_proj.weight"] = (h, h)
+            shapes[p + "mlp.gate_proj.weight"] = (m, h)
+            shapes[p + "mlp.up_proj.weight"] = (m, h)
+            shapes[p + "mlp.down_proj.weight"] = (h, m)
+            shapes[p + "input_layernorm.weight"] = (h,)
+            shapes[p + "post_attention_layernorm.weight"] = (h,)
+        shapes["model.norm.weight"] = (h,)
+        if not self.tie_embeddings:
+            shapes["lm_head.weight"] = (self.vocab, h)
+        return shapes
+
+    def config_json(self) -> dict[str, object]:
+        """A Hugging Face ``config.json`` for the generated decoder."""
+        return {
+            "model_type": "llama",
+            "architectures": ["LlamaForCausalLM"],
+            "hidden_size": self.hidden,
+            "intermediate_size": self.intermediate,
+            "num_hidden_layers": self.layers,
+            "num_attention_heads": self.heads,
+            "num_key_value_heads": self.kv_heads,
+            "vocab_size": self.vocab,
+            "max_position_embeddings": 2048,
+            "rms_norm_eps": 1e-5,
+            "tie_word_embeddings": self.tie_embeddings,
+            "hidden_act": "silu",
+        }
+
+    def buffers(self) -> dict[str, torch.Tensor]:
+        """No buffers are stored in a Llama checkpoint."""
+        return {}
+
 
 def base_state_dict(
-    model: SyntheticModel, seed: int = 0, dtype: torch.dtype = torch.float32
+    model: SyntheticModel | SyntheticLlama, seed: int = 0, dtype: torch.dtype = torch.float32
 ) -> dict[str, torch.Tensor]:
     """The base weights: scaled Gaussian matrices, unit layer norms, small biases, a position buffer."""
     generator = torch.Generator().manual_seed(seed)
     state: dict[str, torch.Tensor] = {}
     for name, shape in model.shapes().items():
-        if name.endswith("LayerNorm.weight"):
+        if name.endswith(("LayerNorm.weight", "norm.weight")):
             tensor = torch.ones(shape)
         elif len(shape) == 1:
             tensor = 0.02 * torch.randn(shape, generator=generator)
         else:
             tensor = torch.randn(shape, generator=generator) / shape[-1] ** 0.5
         state[name] = tensor.to(dtype)
-    state["embeddings.position_ids"] = torch.arange(model.positions, dtype=torch.int64).unsqueeze(0)
+    state.update(model.buffers())
     return state
 
 
@@ -118,7 +178,7 @@ def expert_state_dict(
 def write_checkpoint(
     url: str,
     state: dict[str, torch.Tensor],
-    model: SyntheticModel,
+    model: SyntheticModel | SyntheticLlama,
     storage_options: dict | None = None,
     max_shard_size: int | str = "10GB",
 ) -> str:
@@ -134,7 +194,7 @@ def write_checkpoint(
 def write_synthetic_models(
     root: str,
     num_experts: int = 4,
-    model: SyntheticModel | None = None,
+    model: SyntheticModel | SyntheticLlama | None = None,
     seed: int = 0,
     dtype: torch.dtype = torch.float32,
     storage_options: dict | None = None,

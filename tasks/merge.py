@@ -1,6 +1,7 @@
-"""Merge tasks: one per 2-D weight (decompose, select rank, filter and merge), one per group of
-small tensors. The work folder's artefacts are the cache (:mod:`swudi.steps`): Prefect stores no
-result, so nothing is pickled to storage and no credentials reach Prefect's database."""
+"""Merge tasks: one per transformer block (for each 2-D weight of it: decompose, select rank,
+filter and merge), one per group of small tensors. The work folder's artefacts are the cache
+(:mod:`swudi.steps`): Prefect stores no result, so nothing is pickled to storage and no
+credentials reach Prefect's database."""
 
 from __future__ import annotations
 
@@ -14,13 +15,26 @@ from swudi.config import MergeConfig
 from swudi.plan import TensorJob
 
 
-@task(name="merge-layer", cache_policy=NO_CACHE, persist_result=False, retries=1)
-def merge_layer(job: TensorJob, config: MergeConfig, run_id: str) -> steps.MergedRecord:
-    """Decompose (or load the decomposition), select the rank, filter and store W = W0 + scale * theta."""
-    return steps.merge_layer(job, config, run_id)
+@task(
+    name="decompose-select-rank-merge",
+    task_run_name="decompose-select-rank-merge[{block}]",
+    cache_policy=NO_CACHE,
+    persist_result=False,
+    retries=1,
+)
+def merge_block(block: str, jobs: Sequence[TensorJob], config: MergeConfig, run_id: str) -> list[steps.MergedRecord]:
+    """For each 2-D weight of one block: decompose (or load the decomposition), select the rank, filter
+    and store W = W0 + scale * theta. Each weight is its own artefact: a killed merge resumes per weight."""
+    return [steps.merge_layer(job, config, run_id) for job in jobs]
 
 
-@task(name="merge-other-tensors", cache_policy=NO_CACHE, persist_result=False, retries=1)
+@task(
+    name="merge-other-tensors",
+    task_run_name="merge-other-tensors[{jobs[0].name}]",
+    cache_policy=NO_CACHE,
+    persist_result=False,
+    retries=1,
+)
 def merge_group(jobs: Sequence[TensorJob], config: MergeConfig, run_id: str) -> steps.MergedRecord:
     """Mean (or the elementwise method) for biases, norms and excluded weights."""
     return steps.merge_group(jobs, config, run_id)
