@@ -18,8 +18,8 @@ from rich.console import Console
 from rich.table import Table
 
 from swudi.config import MergeConfig, load_config
-from swudi.evaluators import check_evaluators
 from swudi.errors import SwudiError
+from swudi.evaluators import check_evaluators
 from swudi.registry import method_choices
 
 app = typer.Typer(

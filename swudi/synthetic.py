@@ -2,9 +2,10 @@
 
 :class:`SyntheticModel` has the tensor names and shapes of a BERT-style encoder (embeddings,
 attention and MLP weights, biases, layer norms, an integer buffer); :class:`SyntheticLlama` those
-of a Llama decoder (grouped-query k/v, gate/up/down, RMSNorm, tied or untied embeddings). Each expert adds to every weight a task-specific
-low-rank update plus small dense noise, as fine-tuning does, so the task vectors have the spectral
-structure SWUDI-A is built for. Everything is seeded: the same arguments give the same bytes.
+of a Llama decoder (grouped-query k/v, gate/up/down, RMSNorm, tied or untied embeddings). Each
+expert adds to every weight a task-specific low-rank update plus small dense noise, as fine-tuning
+does, so the task vectors have the spectral structure SWUDI-A is built for. Everything is seeded:
+the same arguments give the same bytes.
 """
 
 from __future__ import annotations
