@@ -22,7 +22,7 @@ from flows.parameters import config_parameter, hold_storage_options
 from swudi.config import MergeConfig
 from swudi.evaluators import check_evaluators
 from swudi.methods import get_method
-from swudi.plan import TensorJob, block_of, check_inputs_exist
+from swudi.plan import TensorJob, batch_blocks, block_of, check_inputs_exist
 from swudi.steps import MergedRecord, artefact_keys, bytes_read, group_merge_key, layer_merge_key
 from swudi.workdir import remove_lease, write_lease
 from tasks import evaluate_merge, fetch_checkpoints, find_completed, merge_block, merge_group, publish_model
@@ -85,12 +85,12 @@ def merge(config: dict[str, Any], storage_options_ref: str | None = None) -> dic
     done = find_completed(keys, cfg)
     todo_layers = [job for job, key in zip(layers, keys[: len(layers)], strict=True) if key not in done]
     todo_groups = [group for group, key in zip(groups, keys[len(layers) :], strict=True) if key not in done]
-    blocks: dict[str, list[TensorJob]] = {}
-    for job in todo_layers:  # one task per transformer block: the orchestration cost is per block
-        blocks.setdefault(block_of(job.name), []).append(job)
+    # whole transformer blocks per task, small blocks packed together: orchestration stays cheap
+    batches = batch_blocks(todo_layers, len(plan.expert_urls), cfg.workers)
     futures: list[PrefectFuture[Any]] = []
-    if blocks:
-        futures.extend(merge_block.map(list(blocks), list(blocks.values()), unmapped(cfg), unmapped(run_id)))
+    if batches:
+        names = [_span(batch) for batch in batches]
+        futures.extend(merge_block.map(names, batches, unmapped(cfg), unmapped(run_id)))
     if todo_groups:
         futures.extend(merge_group.map(todo_groups, unmapped(cfg), unmapped(run_id)))
     label = f"merging {len(todo_layers)} of {len(layers)} layers + {len(todo_groups)} of {len(groups)} groups"
@@ -139,6 +139,12 @@ def merge(config: dict[str, Any], storage_options_ref: str | None = None) -> dic
         "diagnostics": {k: v for k, v in diagnostics.items() if k != "per_layer"},
         "records": [r.__dict__ for r in records],
     }
+
+
+def _span(jobs: Sequence[TensorJob]) -> str:
+    """``first..last`` block of a batch (the task run's name)."""
+    first, last = block_of(jobs[0].name), block_of(jobs[-1].name)
+    return first if first == last else f"{first}..{last}"
 
 
 def _size(n: int) -> str:

@@ -75,14 +75,6 @@ class MergePlan:
         return [job for job in self.jobs if job.is_matrix]
 
     @property
-    def layer_blocks(self) -> list[list[TensorJob]]:
-        """The 2-D weights grouped by transformer block, one merge task each (:func:`block_of`)."""
-        blocks: dict[str, list[TensorJob]] = {}
-        for job in self.layer_jobs:
-            blocks.setdefault(block_of(job.name), []).append(job)
-        return list(blocks.values())
-
-    @property
     def group_jobs(self) -> list[list[TensorJob]]:
         """The other merged tensors (mean, or an elementwise method), in groups of <= GROUP_BYTES."""
         groups: list[list[TensorJob]] = []
@@ -121,6 +113,35 @@ def block_of(name: str) -> str:
     (``model.layers.3.mlp.up_proj.weight`` -> ``model.layers.3``); a name without one is its own block."""
     match = _BLOCK.match(name)
     return match.group(1) if match else name
+
+
+def layer_cost(job: TensorJob, num_experts: int) -> float:
+    """Rough multiply-adds of merging one 2-D weight: C (or the thin SVD) plus its eigensolver."""
+    m, d = job.shape
+    k = min(d, num_experts * m)
+    return 2.0 * num_experts * m * d * k + 9.0 * k**3
+
+
+def batch_blocks(jobs: list[TensorJob], num_experts: int, workers: int, per_worker: int = 4) -> list[list[TensorJob]]:
+    """The 2-D weights to merge, as task batches: whole transformer blocks (:func:`block_of`), and
+    consecutive blocks packed together until a batch reaches 1 / (``per_worker`` x ``workers``) of
+    the total cost (so about ``per_worker`` tasks per worker). Large layers get one task per block; a model of tiny layers gets a handful of
+    tasks instead of one per block, so orchestration stays a small part of the wall time. Resuming
+    is per weight whatever the batching (each weight is its own artefact)."""
+    blocks: dict[str, list[TensorJob]] = {}
+    for job in jobs:
+        blocks.setdefault(block_of(job.name), []).append(job)
+    costs = {name: sum(layer_cost(job, num_experts) for job in block) for name, block in blocks.items()}
+    target = sum(costs.values()) / max(1, per_worker * workers)
+    batches: list[list[TensorJob]] = []
+    cost = 0.0
+    for name, block in blocks.items():
+        if not batches or cost >= target:
+            batches.append([])
+            cost = 0.0
+        batches[-1].extend(block)
+        cost += costs[name]
+    return batches
 
 
 def check_inputs_exist(config: MergeConfig) -> None:

@@ -19,3 +19,28 @@ def test_groups_are_bounded_skip_layers_and_base_and_keep_order() -> None:
     groups = [[j.name for j in g] for g in plan.group_jobs]
     assert groups == [["a", "b"], ["c"], ["big"], ["d"]]
     assert [j.name for j in plan.layer_jobs] == ["w"]
+
+
+def test_layers_are_batched_by_whole_blocks_in_order() -> None:
+    from swudi.plan import batch_blocks, block_of, build_plan
+
+    import tempfile
+
+    from swudi.config import config_from_mapping
+    from swudi.synthetic import SyntheticLlama, write_synthetic_models
+
+    with tempfile.TemporaryDirectory() as tmp:
+        base, experts = write_synthetic_models(tmp, 2, SyntheticLlama(layers=12, hidden=16, intermediate=32,
+                                                                     heads=2, kv_heads=1, vocab=16))
+        plan = build_plan(config_from_mapping({"base": base, "experts": experts, "output": f"{tmp}/out"}))
+    jobs = plan.layer_jobs
+    assert block_of(jobs[0].name) == "model.layers.0" and block_of("lm_head.weight") == "lm_head.weight"
+    batches = batch_blocks(jobs, 2, workers=2)
+    assert [job for batch in batches for job in batch] == jobs  # every weight once, in order
+    seen: set[str] = set()
+    for batch in batches:  # a block is never split across tasks
+        blocks = {block_of(job.name) for job in batch}
+        assert not blocks & seen
+        seen |= blocks
+    assert len(batches) == 6  # 12 equal blocks, 2 workers x 4 tasks: 1.5 blocks a task -> pairs
+    assert len(batch_blocks(jobs, 2, workers=4)) == 12  # enough workers: one task per block
