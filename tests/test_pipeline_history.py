@@ -13,9 +13,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 from swudi.synthetic import SyntheticModel, write_synthetic_models
+
+pytestmark = pytest.mark.slow  # two CLI merges, each starting its own embedded Prefect server
 
 MODEL = SyntheticModel(layers=16, hidden=16, intermediate=32, vocab=16, positions=8)
 
