@@ -125,9 +125,10 @@ def layer_cost(job: TensorJob, num_experts: int) -> float:
 def batch_blocks(jobs: list[TensorJob], num_experts: int, workers: int, per_worker: int = 4) -> list[list[TensorJob]]:
     """The 2-D weights to merge, as task batches: whole transformer blocks (:func:`block_of`), and
     consecutive blocks packed together until a batch reaches 1 / (``per_worker`` x ``workers``) of
-    the total cost (so about ``per_worker`` tasks per worker). Large layers get one task per block; a model of tiny layers gets a handful of
-    tasks instead of one per block, so orchestration stays a small part of the wall time. Resuming
-    is per weight whatever the batching (each weight is its own artefact)."""
+    the total cost (so about ``per_worker`` tasks per worker). Large layers get one task per block; a
+    model of tiny layers gets a handful of tasks instead of one per block, so orchestration stays a
+    small part of the wall time. Resuming is per weight whatever the batching (each weight is its own
+    artefact)."""
     blocks: dict[str, list[TensorJob]] = {}
     for job in jobs:
         blocks.setdefault(block_of(job.name), []).append(job)
