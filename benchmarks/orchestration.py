@@ -8,7 +8,8 @@ negligible and what is left is orchestration; 3 experts) is merged:
 3. in this process against a long-running ``prefect server start`` (started here on loopback),
    into a new output: flow wall time, the library's own compute time inside the tasks (summed from
    the records), and the server process's CPU seconds; per layer: (wall - compute / workers) and
-   server CPU divided by the number of 2-D weights.
+   server CPU divided by the number of 2-D weights; the flow's own time split (plan, read, decompose,
+   merge, diagnostics, write, publish, orchestration).
 
 Usage::
 
@@ -112,7 +113,8 @@ def main() -> None:
 
     layers = result["layers"]
     compute = sum(r["seconds"] for r in result["records"])
-    overhead = max(0.0, wall - compute / args.workers)
+    split = result["time_split"]
+    overhead = split["orchestration"]
     print(f"model: Llama-shaped, {args.layers} layers ({layers} 2-D weights, {result['groups']} groups), "
           f"{args.experts} experts, {args.workers} workers; {result['task_runs']} task runs")
     print("| measurement | value |")
@@ -121,7 +123,10 @@ def main() -> None:
     print(f"| no-op `swudi merge` re-run (nothing changed), wall | {noop_wall:.1f} s |")
     print(f"| merge on a running server: flow wall | {wall:.2f} s |")
     print(f"| library compute inside the tasks (sum) | {compute:.2f} s |")
-    print(f"| orchestration per 2-D weight: (wall - compute / workers) / weights | {1000 * overhead / layers:.1f} ms |")
+    print(f"| flow time split (task phases summed over workers) | "
+          f"{', '.join(f'{k} {v:.2f} s' for k, v in split.items())} |")
+    print(f"| orchestration per 2-D weight (flow wall - plan - publish - task work / workers) | "
+          f"{1000 * overhead / layers:.1f} ms |")
     print(f"| server CPU per 2-D weight | {1000 * server_cpu / layers:.1f} ms |")
     print(f"| orchestration share of the flow wall | {overhead / wall:.0%} |")
     print(f"first run: {first_line}\nno-op run: {noop_line}", file=sys.stderr)

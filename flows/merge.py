@@ -23,7 +23,7 @@ from swudi.config import MergeConfig
 from swudi.evaluators import check_evaluators
 from swudi.methods import get_method
 from swudi.plan import TensorJob, batch_blocks, block_of, check_inputs_exist
-from swudi.steps import MergedRecord, artefact_keys, bytes_read, group_merge_key, layer_merge_key
+from swudi.steps import PHASES, MergedRecord, artefact_keys, bytes_read, group_merge_key, layer_merge_key
 from swudi.workdir import remove_lease, write_lease
 from tasks import evaluate_merge, fetch_checkpoints, find_completed, merge_block, merge_group, publish_model
 
@@ -78,11 +78,16 @@ def merge(config: dict[str, Any], storage_options_ref: str | None = None) -> dic
     cfg = config_parameter(config, storage_options_ref)
     started = time.perf_counter()
     run_id = _flow_run_id()
+    stages: dict[str, float] = {}  # wall seconds of each stage, as the flow sees them
     plan = fetch_checkpoints(cfg)
+    stages["plan"] = time.perf_counter() - started
     layers, groups = plan.layer_jobs, plan.group_jobs
     keys = [layer_merge_key(job, cfg) for job in layers] + [group_merge_key(group, cfg) for group in groups]
     write_lease(cfg, run_id, artefact_keys(layers, groups, cfg))  # `swudi gc` keeps what this run needs
+    mark = time.perf_counter()
     done = find_completed(keys, cfg)
+    stages["find_completed"] = time.perf_counter() - mark
+    mark = time.perf_counter()
     todo_layers = [job for job, key in zip(layers, keys[: len(layers)], strict=True) if key not in done]
     todo_groups = [group for group, key in zip(groups, keys[len(layers) :], strict=True) if key not in done]
     # whole transformer blocks per task, small blocks packed together: orchestration stays cheap
@@ -99,20 +104,36 @@ def merge(config: dict[str, Any], storage_options_ref: str | None = None) -> dic
         record.key: record for result in results for record in (result if isinstance(result, list) else [result])
     }
     records = [done[key] if key in done else computed[key] for key in keys]
-    merged_seconds = time.perf_counter() - started
+    stages["merge"] = time.perf_counter() - mark
+    mark = time.perf_counter()
     diagnostics = evaluate_merge(records)
+    stages["evaluate"] = time.perf_counter() - mark
     now = [r for r in records if r.computed_in == run_id]
     spectral = get_method(cfg.method).kind == "spectral"
     layer_records = records[: len(layers)]
     decomposed_now = sum(1 for r in layer_records if r.computed_in == run_id and r.decomposed) if spectral else 0
     io = bytes_read(records, run_id, len(plan.expert_urls))
     io["headers"] = list(plan.header_bytes)
+    phases = {phase: round(sum(r.phases.get(phase, 0.0) for r in now), 3) for phase in PHASES}
     timings = {
-        "merge_wall_seconds": merged_seconds,
+        "stage_wall_seconds": {k: round(v, 3) for k, v in stages.items()},
+        "task_phase_seconds": phases,  # summed over this run's merge tasks (they run in parallel)
         "decompose_seconds_computed": sum(r.decompose_seconds for r in now),
     }
+    mark = time.perf_counter()
     published = publish_model(cfg, plan, records, diagnostics, timings, io)
     remove_lease(cfg, run_id)  # the published version's report now names its artefacts
+    stages["publish"] = time.perf_counter() - mark
+    wall = time.perf_counter() - started
+    parallel = min(max(1, len(futures)), _parallelism(cfg))
+    work = stages["plan"] + sum(r.seconds for r in now) / parallel + published["seconds"]
+    split = {
+        **phases,
+        "publish": round(published["seconds"], 3),
+        "plan": round(stages["plan"], 3),
+        "orchestration": round(max(0.0, wall - work), 3),
+        "wall": round(wall, 3),
+    }
     get_run_logger().info(
         "merged %d layers and %d groups (%d merges and %d decompositions computed in this run, the rest "
         "reused; read %s of the inputs) -> %s",
@@ -136,9 +157,17 @@ def merge(config: dict[str, Any], storage_options_ref: str | None = None) -> dic
         "decompositions_reused": (len(layers) - decomposed_now) if spectral else 0,
         "io": published["io"],
         "seconds": round(time.perf_counter() - started, 3),
+        "time_split": split,
         "diagnostics": {k: v for k, v in diagnostics.items() if k != "per_layer"},
         "records": [r.__dict__ for r in records],
     }
+
+
+def _parallelism(config: MergeConfig) -> int:
+    """How many merge tasks run at once."""
+    if config.task_runner.kind == "dask":
+        return config.task_runner.n_workers * config.task_runner.threads_per_worker
+    return config.workers
 
 
 def _span(jobs: Sequence[TensorJob]) -> str:

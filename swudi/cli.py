@@ -86,9 +86,21 @@ def print_result(result: dict[str, Any]) -> None:
         f"reused: {result['reused']} merges, {result.get('decompositions_reused', 0)} decompositions\n"
         f"  mean rank {diag.get('mean_rank')}, mean kept eigenvalue mass {diag.get('mean_kept_mass')}, "
         f"mean WUDI interference vs sum {diag.get('mean_interference_vs_sum')}\n"
-        f"  {result['seconds']} s in the flow"
+        f"  {result['seconds']} s in the flow: {_split(result.get('time_split', {}))}\n"
+        f"  read {_mb(result['io']['input_bytes'])} of the inputs ({_mb(result['io']['header_bytes'])} headers) "
+        f"and {_mb(result['io']['work_bytes'])} of the work folder"
     )
     out.print(result["url"], soft_wrap=True)
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.1f} MB"
+
+
+def _split(split: dict[str, float]) -> str:
+    """``read 1.2 s, decompose 3.4 s, ...`` (task phases are summed over parallel tasks)."""
+    order = ("plan", "read", "decompose", "merge", "diagnostics", "write", "publish", "orchestration")
+    return ", ".join(f"{k} {split[k]:.1f} s" for k in order if k in split) or "-"
 
 
 @app.command()

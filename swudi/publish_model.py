@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -42,7 +43,7 @@ def publish_merged_model(
     plan: MergePlan,
     merged: Sequence[MergedRecord],
     diagnostics: Mapping[str, Any],
-    timings: Mapping[str, float] | None = None,
+    timings: Mapping[str, Any] | None = None,
     io: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Write (or find) this merge's version under ``config.output`` and point ``latest.json`` at it.
@@ -52,6 +53,7 @@ def publish_merged_model(
     ``url``...) plus ``report``, the merge report of the version (that of the earlier publish when
     the version was already complete) and ``io``, this run's bytes read (:func:`io_summary`).
     """
+    started = time.perf_counter()
     version = version_id(config, plan)
     report: dict[str, Any] = {}
     reads = {"base": 0, "experts": [0] * len(plan.expert_urls), "work": 0, "headers": [], **(io or {})}
@@ -96,6 +98,7 @@ def publish_merged_model(
         **pointer,
         "url": pointer.get("url") or join_url(config.output, pointer["path"]),
         "report": report,
+        "seconds": time.perf_counter() - started,
         "io": io_summary(plan, reads),
     }
 

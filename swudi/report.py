@@ -23,7 +23,7 @@ def build_report(
     merged: Sequence[MergedRecord],
     diagnostics: Mapping[str, Any],
     evaluations: Mapping[str, Any] | None = None,
-    timings: Mapping[str, float] | None = None,
+    timings: Mapping[str, Any] | None = None,
     io: Mapping[str, Any] | None = None,
     work_folder: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
@@ -55,7 +55,7 @@ def build_report(
         "evaluations": dict(evaluations or {}),
         "timings": {
             "merge_seconds_computed": round(sum(r.seconds for r in merged), 3),
-            **{k: round(v, 3) for k, v in (timings or {}).items()},
+            **{k: round(v, 3) if isinstance(v, float) else v for k, v in (timings or {}).items()},
         },
         "io": dict(io or {}),
         "work_folder": dict(work_folder or {}),

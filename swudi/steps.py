@@ -22,11 +22,12 @@ A missing or damaged artefact is recomputed, never handed on.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -78,6 +79,7 @@ class MergedRecord:
     decompose_seconds: float = 0.0
     bytes_read: tuple[int, ...] = ()
     work_bytes_read: int = 0
+    phases: dict[str, float] = field(default_factory=dict)  # seconds per phase (PHASES)
     computed_in: str = ""
 
     def to_json(self) -> str:
@@ -104,17 +106,32 @@ class RankChoice:
     kept_mass: float
 
 
+#: The phases a step's time is split into (``MergedRecord.phases``).
+PHASES = ("read", "decompose", "merge", "diagnostics", "write")
+
+
 @dataclass
-class _Reads:
-    """Bytes read by one step: tensor bytes per input checkpoint and artefact bytes."""
+class _Cost:
+    """What one step costs: tensor bytes read per input checkpoint, artefact bytes read, and
+    seconds per phase (:data:`PHASES`)."""
 
     inputs: list[int]
     work: int = 0
     started: float = field(default_factory=time.perf_counter)
+    phases: dict[str, float] = field(default_factory=dict)
+
+    @contextlib.contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.phases[name] = self.phases.get(name, 0.0) + time.perf_counter() - start
 
     def tensor(self, index: int, location: Any, storage_options: Mapping[str, Any]) -> torch.Tensor:
         self.inputs[index] += location.nbytes
-        return read_tensor(location, storage_options)
+        with self.phase("read"):
+            return read_tensor(location, storage_options)
 
 
 # ------------------------------------------------------------------------------------------ keys
@@ -236,12 +253,13 @@ def _save_merged(record: MergedRecord, tensors: Mapping[str, torch.Tensor], conf
     save_tensors(record.url, tensors, metadata, config.storage_options)
 
 
-def _load_decomposition(url: str, key: str, config: MergeConfig, reads: _Reads) -> Decomposition | None:
+def _load_decomposition(url: str, key: str, config: MergeConfig, reads: _Cost) -> Decomposition | None:
     artefact = _open_artefact(url, config, None, key)
     if artefact is None:
         return None
     try:
-        tensors = artefact.state_dict()
+        with reads.phase("read"):
+            tensors = artefact.state_dict()
         reads.work += sum(loc.nbytes for loc in artefact.tensors.values())
         return Decomposition.from_tensors(tensors, dict(artefact.metadata))
     except (CheckpointError, InputError) as error:
@@ -250,7 +268,7 @@ def _load_decomposition(url: str, key: str, config: MergeConfig, reads: _Reads) 
 
 
 def _load_delta(
-    url: str, key: str, names: Sequence[str], config: MergeConfig, reads: _Reads
+    url: str, key: str, names: Sequence[str], config: MergeConfig, reads: _Cost
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
     artefact = _open_artefact(url, config, DELTA_FORMAT, key)
     if artefact is None:
@@ -260,7 +278,8 @@ def _load_delta(
         return None
     try:
         info = json.loads(artefact.metadata.get("diagnostics", "{}"))
-        tensors = artefact.state_dict()
+        with reads.phase("read"):
+            tensors = artefact.state_dict()
     except (CheckpointError, ValueError) as error:
         log.warning("damaged delta %s is recomputed: %s", url, error)
         return None
@@ -270,10 +289,10 @@ def _load_delta(
 
 # ------------------------------------------------------------------------------------------ reads
 def read_task_vectors(
-    job: TensorJob, config: MergeConfig, reads: _Reads | None = None
+    job: TensorJob, config: MergeConfig, reads: _Cost | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(base weight, task vectors ``[N, ...]`` float32): one range read per checkpoint."""
-    reads = reads or _Reads([0] * (len(job.experts) + 1))
+    reads = reads or _Cost([0] * (len(job.experts) + 1))
     base = reads.tensor(0, job.base, config.storage_options)
     experts = [reads.tensor(i + 1, loc, config.storage_options) for i, loc in enumerate(job.experts)]
     return base, stack_task_vectors(base, experts, job.name)
@@ -290,7 +309,7 @@ def rank_choice(dec: Decomposition, config: MergeConfig) -> RankChoice:
 
 
 def decompose_layer(
-    job: TensorJob, config: MergeConfig, reads: _Reads
+    job: TensorJob, config: MergeConfig, reads: _Cost
 ) -> tuple[Decomposition, str, tuple[torch.Tensor, torch.Tensor] | None, float]:
     """The layer's decomposition: the stored one, or read the inputs once, decompose and store it.
 
@@ -303,15 +322,17 @@ def decompose_layer(
         return dec, url, None, 0.0
     start = time.perf_counter()
     base, task_vectors = read_task_vectors(job, config, reads)
-    dec = decompose(
-        task_vectors,
-        name=job.name,
-        max_rank=config.decomposition.max_rank,
-        device=config.device,
-        route=config.decomposition.route,
-    )
+    with reads.phase("decompose"):
+        dec = decompose(
+            task_vectors,
+            name=job.name,
+            max_rank=config.decomposition.max_rank,
+            device=config.device,
+            route=config.decomposition.route,
+        )
     tensors, metadata = dec.to_tensors()
-    save_tensors(url, tensors, {**metadata, "key": key}, config.storage_options)
+    with reads.phase("write"):
+        save_tensors(url, tensors, {**metadata, "key": key}, config.storage_options)
     return dec, url, (base, task_vectors), time.perf_counter() - start
 
 
@@ -328,7 +349,7 @@ def merge_layer(job: TensorJob, config: MergeConfig, run_id: str = "") -> Merged
     done = load_merged_record(url, key, config)
     if done is not None:
         return done
-    reads = _Reads([0] * (len(job.experts) + 1))
+    reads = _Cost([0] * (len(job.experts) + 1))
     spec = get_method(config.method)
     rank: RankChoice | None = None
     dec_url: str | None = None
@@ -337,13 +358,15 @@ def merge_layer(job: TensorJob, config: MergeConfig, run_id: str = "") -> Merged
     interference: dict[str, Any]  # {"total": float | None, "per_task": list[float | None] | None}
     if spec.kind == "spectral":
         dec, dec_url, inputs, decompose_seconds = decompose_layer(job, config, reads)
-        rank = rank_choice(dec, config)
         init = str(config.params.get("init", "sum"))
-        theta = apply_filter(dec, rank.filter, init, device=config.device)
-        interference = {
-            "total": interference_from_decomposition(dec, rank.filter, init, config.device),
-            "per_task": None,
-        }
+        with reads.phase("merge"):
+            rank = rank_choice(dec, config)
+            theta = apply_filter(dec, rank.filter, init, device=config.device)
+        with reads.phase("diagnostics"):
+            interference = {
+                "total": interference_from_decomposition(dec, rank.filter, init, config.device),
+                "per_task": None,
+            }
     else:
         delta = _delta([job], config, reads)
         theta, interference = delta.thetas[0], dict(delta.diagnostics)
@@ -351,9 +374,11 @@ def merge_layer(job: TensorJob, config: MergeConfig, run_id: str = "") -> Merged
     if inputs is not None and inputs[1] is not None and interference.get("per_task") is None:
         # the per-task values need the task vectors: only while they are in memory; the total
         # stays the decomposition's, so a layer reports the same total however it was computed
-        interference["per_task"] = interference_vs_sum(theta, inputs[1], config.device)["per_task"]
+        with reads.phase("diagnostics"):
+            interference["per_task"] = interference_vs_sum(theta, inputs[1], config.device)["per_task"]
     base = inputs[0] if inputs is not None else reads.tensor(0, job.base, config.storage_options)
-    merged = merged_weight(base, theta, config.scale, torch_dtype(output_dtype(config, job)))
+    with reads.phase("merge"):
+        merged = merged_weight(base, theta, config.scale, torch_dtype(output_dtype(config, job)))
     per_task = interference.get("per_task")
     record = MergedRecord(
         key,
@@ -370,9 +395,11 @@ def merge_layer(job: TensorJob, config: MergeConfig, run_id: str = "") -> Merged
         decompose_seconds=decompose_seconds,
         bytes_read=tuple(reads.inputs),
         work_bytes_read=reads.work,
+        phases=reads.phases,
         computed_in=run_id,
     )
-    _save_merged(record, {job.name: merged}, config)
+    with reads.phase("write"):
+        _save_merged(record, {job.name: merged}, config)
     return record
 
 
@@ -387,7 +414,7 @@ class _Delta:
     task_vectors: torch.Tensor | None = None  # of a single job, when read
 
 
-def _delta(jobs: Sequence[TensorJob], config: MergeConfig, reads: _Reads) -> _Delta:
+def _delta(jobs: Sequence[TensorJob], config: MergeConfig, reads: _Cost) -> _Delta:
     """theta of each job (float32, before the scale): the stored delta, or computed and stored.
 
     Route "method" tensors get the method (2-D weights: iterative and elementwise methods; other
@@ -405,13 +432,16 @@ def _delta(jobs: Sequence[TensorJob], config: MergeConfig, reads: _Reads) -> _De
     for job in jobs:
         base, task_vectors = read_task_vectors(job, config, reads)
         if job.is_matrix:
-            theta = merge_matrix(task_vectors, config.method, name=job.name, device=config.device, **config.params).to(
-                torch.float32
-            )
-            out.diagnostics = interference_vs_sum(theta, task_vectors, config.device)
+            with reads.phase("merge"):
+                theta = merge_matrix(
+                    task_vectors, config.method, name=job.name, device=config.device, **config.params
+                ).to(torch.float32)
+            with reads.phase("diagnostics"):
+                out.diagnostics = interference_vs_sum(theta, task_vectors, config.device)
         else:
             method, params = (config.method, config.params) if job.route == "method" else ("mean", {})
-            theta = merge_elementwise(task_vectors, method, name=job.name, **params).to(torch.float32)
+            with reads.phase("merge"):
+                theta = merge_elementwise(task_vectors, method, name=job.name, **params).to(torch.float32)
         out.thetas.append(theta.contiguous())
         bases.append(base)
         out.task_vectors = task_vectors if len(jobs) == 1 else None
@@ -421,7 +451,8 @@ def _delta(jobs: Sequence[TensorJob], config: MergeConfig, reads: _Reads) -> _De
         "key": key,
         "diagnostics": json.dumps(out.diagnostics),
     }
-    save_tensors(url, dict(zip(names, out.thetas, strict=True)), metadata, config.storage_options)
+    with reads.phase("write"):
+        save_tensors(url, dict(zip(names, out.thetas, strict=True)), metadata, config.storage_options)
     return out
 
 
@@ -436,13 +467,14 @@ def merge_group(jobs: Sequence[TensorJob], config: MergeConfig, run_id: str = ""
     done = load_merged_record(url, key, config)
     if done is not None:
         return done
-    reads = _Reads([0] * (len(jobs[0].experts) + 1))
+    reads = _Cost([0] * (len(jobs[0].experts) + 1))
     delta = _delta(jobs, config, reads)
     bases = delta.bases or [reads.tensor(0, job.base, config.storage_options) for job in jobs]
-    merged = {
-        job.name: merged_weight(base, theta, config.scale, torch_dtype(output_dtype(config, job)))
-        for job, base, theta in zip(jobs, bases, delta.thetas, strict=True)
-    }
+    with reads.phase("merge"):
+        merged = {
+            job.name: merged_weight(base, theta, config.scale, torch_dtype(output_dtype(config, job)))
+            for job, base, theta in zip(jobs, bases, delta.thetas, strict=True)
+        }
     record = MergedRecord(
         key,
         url,
@@ -452,9 +484,11 @@ def merge_group(jobs: Sequence[TensorJob], config: MergeConfig, run_id: str = ""
         seconds=time.perf_counter() - reads.started,
         bytes_read=tuple(reads.inputs),
         work_bytes_read=reads.work,
+        phases=reads.phases,
         computed_in=run_id,
     )
-    _save_merged(record, merged, config)
+    with reads.phase("write"):
+        _save_merged(record, merged, config)
     return record
 
 

@@ -21,7 +21,7 @@ def publish_model(
     plan: MergePlan,
     merged: Sequence[MergedRecord],
     diagnostics: Mapping[str, Any],
-    timings: Mapping[str, float] | None = None,
+    timings: Mapping[str, Any] | None = None,
     io: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Write the version folder (shards, config files, evaluations, report), then the pointer."""
