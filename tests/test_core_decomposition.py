@@ -285,3 +285,13 @@ def test_huge_finite_values_are_not_mistaken_for_non_finite():
     from swudi.task_vectors import squared_norms
 
     assert torch.allclose(squared_norms(tv), torch.tensor([9e76, 9e76 + 1.0], dtype=torch.float64), rtol=1e-6)
+
+
+def test_task_vector_norms_are_summed_in_float64() -> None:
+    """||tau_i||^2 of float32 task vectors equals the float64 sum to 1e-12 (a float32 sum is off by
+    ~1e-4 at this size), so trace(C) = N holds to float32 rounding of C, not of the norms."""
+    from swudi.task_vectors import squared_norms
+
+    tv = torch.randn((2, 2048, 2048), generator=torch.Generator().manual_seed(5)) * 1e-3
+    want = tv.double().reshape(2, -1).square().sum(dim=1)
+    torch.testing.assert_close(squared_norms(tv), want, rtol=1e-12, atol=0.0)
