@@ -74,6 +74,9 @@ class MergeConfig(_Strict):
     max_shard_size: int = Field(5 * 10**9, description="bytes per output shard ('5GB' accepted)")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     workers: int = Field(2, ge=1, description="parallel per-layer tasks")
+    torch_threads: int | None = Field(
+        None, ge=1, description="torch threads per worker; None: available cores // workers"
+    )
     task_runner: TaskRunnerConfig = Field(default_factory=TaskRunnerConfig)
     decomposition: DecompositionConfig = Field(default_factory=DecompositionConfig)
     storage_options: dict[str, Any] = Field(default_factory=dict, description="fsspec options for remote URLs")
