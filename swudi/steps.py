@@ -46,7 +46,7 @@ from swudi.errors import CheckpointError, InputError
 from swudi.methods import get_method, merge_elementwise, merge_matrix, spectral_filter
 from swudi.plan import TensorJob, output_dtype
 from swudi.spectral import apply_filter
-from swudi.task_vectors import merged_weight, stack_task_vectors
+from swudi.task_vectors import MeanAccumulator, merged_weight, stack_task_vectors
 
 log = logging.getLogger(__name__)
 
@@ -430,6 +430,18 @@ def _delta(jobs: Sequence[TensorJob], config: MergeConfig, reads: _Cost) -> _Del
     bases: list[torch.Tensor] = []
     out = _Delta([], {}, url, bases=bases)
     for job in jobs:
+        if job.route == "mean" and not job.is_matrix:
+            # one expert at a time: memory of two tensors whatever the number of experts (embeddings)
+            base = reads.tensor(0, job.base, config.storage_options)
+            acc = MeanAccumulator(base, job.name)
+            for i, location in enumerate(job.experts):
+                expert = reads.tensor(i + 1, location, config.storage_options)
+                with reads.phase("merge"):
+                    acc.add(i, expert)
+                del expert
+            out.thetas.append(acc.mean())
+            bases.append(base)
+            continue
         base, task_vectors = read_task_vectors(job, config, reads)
         if job.is_matrix:
             with reads.phase("merge"):

@@ -15,6 +15,7 @@ __all__ = [
     "squared_norms",
     "is_all_zero",
     "merged_weight",
+    "MeanAccumulator",
 ]
 
 #: A layer whose task vectors all have squared Frobenius norm below this is "all zero" and every
@@ -135,3 +136,43 @@ def merged_weight(base: torch.Tensor, theta: torch.Tensor, scale: float, dtype: 
     """The merged weight ``W = W0 + scale * theta``, computed in float32 and cast to ``dtype``."""
     merged = base.to(torch.float32) + float(scale) * theta.to(device=base.device, dtype=torch.float32)
     return merged.to(dtype).contiguous()
+
+
+class MeanAccumulator:
+    """theta = (1/N) sum_i (E_i - W0), one expert at a time (memory of two tensors, whatever N).
+
+    ``add(i, expert)`` validates expert ``i`` as :func:`stack_task_vectors` does (shape, floating
+    dtype, finite task vector) and adds its task vector; ``mean()`` divides by the number added.
+    """
+
+    def __init__(self, base: torch.Tensor, name: str = ""):
+        if not base.is_floating_point():
+            raise InputError(
+                f"{_label(name)}: base tensor has non-floating dtype {base.dtype}; cannot form task vectors"
+            )
+        self.name = name
+        self.base = base.to(torch.float32)
+        self.total = torch.zeros_like(self.base)
+        self.count = 0
+
+    def add(self, index: int, expert: torch.Tensor) -> None:
+        if tuple(expert.shape) != tuple(self.base.shape):
+            raise InputError(
+                f"{_label(self.name)}: expert {index} has shape {tuple(expert.shape)}, "
+                f"base has {tuple(self.base.shape)}"
+            )
+        if not expert.is_floating_point():
+            raise InputError(f"{_label(self.name)}: expert {index} has non-floating dtype {expert.dtype}")
+        tau = expert.to(torch.float32) - self.base
+        if not _all_finite(tau):
+            raise InputError(
+                f"{_label(self.name)}: non-finite values (NaN or inf) in the task vector(s) of "
+                f"expert(s) [{index}]; check those checkpoints"
+            )
+        self.total += tau
+        self.count += 1
+
+    def mean(self) -> torch.Tensor:
+        if self.count == 0:
+            raise InputError(f"{_label(self.name)}: no experts given (N = 0); merging needs at least one expert")
+        return self.total / self.count

@@ -97,3 +97,24 @@ def test_iterative_methods_fall_back_to_mean_on_zero_task_vectors():
     for method in ["wudi", "optmerge"]:
         out = merge_matrix(tv, method, device="cpu")
         assert torch.allclose(out, tv.mean(0)), method
+
+
+def test_streamed_mean_equals_the_stacked_mean_and_names_a_bad_expert() -> None:
+    from swudi import InputError
+    from swudi.task_vectors import MeanAccumulator, stack_task_vectors
+
+    g = torch.Generator().manual_seed(3)
+    base = torch.randn(40, 8, generator=g).to(torch.bfloat16)
+    experts = [(base.float() + 0.01 * torch.randn(40, 8, generator=g)).to(torch.bfloat16) for _ in range(5)]
+    acc = MeanAccumulator(base, "embed")
+    for i, expert in enumerate(experts):
+        acc.add(i, expert)
+    torch.testing.assert_close(acc.mean(), stack_task_vectors(base, experts, "embed").mean(dim=0))
+    bad = experts[2].clone()
+    bad[3, 1] = float("nan")
+    acc = MeanAccumulator(base, "embed")
+    with pytest.raises(InputError, match=r"'embed'.*expert\(s\) \[2\]"):
+        for i, expert in enumerate([experts[0], experts[1], bad]):
+            acc.add(i, expert)
+    with pytest.raises(InputError, match="expert 1 has shape"):
+        MeanAccumulator(base, "embed").add(1, torch.zeros(3, 3))
