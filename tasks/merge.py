@@ -13,6 +13,7 @@ from prefect.cache_policies import NO_CACHE
 from swudi import steps
 from swudi.config import MergeConfig
 from swudi.plan import TensorJob
+from swudi.threads import apply_torch_threads, threads_per_task
 
 
 @task(
@@ -25,6 +26,7 @@ from swudi.plan import TensorJob
 def merge_block(block: str, jobs: Sequence[TensorJob], config: MergeConfig, run_id: str) -> list[steps.MergedRecord]:
     """For each 2-D weight of one block: decompose (or load the decomposition), select the rank, filter
     and store W = W0 + scale * theta. Each weight is its own artefact: a killed merge resumes per weight."""
+    apply_torch_threads(threads_per_task(config))  # workers x torch threads <= cores
     return [steps.merge_layer(job, config, run_id) for job in jobs]
 
 
@@ -37,6 +39,7 @@ def merge_block(block: str, jobs: Sequence[TensorJob], config: MergeConfig, run_
 )
 def merge_group(jobs: Sequence[TensorJob], config: MergeConfig, run_id: str) -> steps.MergedRecord:
     """Mean (or the elementwise method) for biases, norms and excluded weights."""
+    apply_torch_threads(threads_per_task(config))
     return steps.merge_group(jobs, config, run_id)
 
 
