@@ -133,6 +133,20 @@ class _Cost:
         with self.phase("read"):
             return read_tensor(location, storage_options)
 
+    def tensors(self, locations: Sequence[Any], storage_options: Mapping[str, Any]) -> list[torch.Tensor]:
+        """One tensor from each checkpoint (base first): remote reads run concurrently, one range
+        request each, so reading a weight from N + 1 checkpoints costs about one round trip."""
+        for index, location in enumerate(locations):
+            self.inputs[index] += location.nbytes
+        with self.phase("read"):
+            if not any("://" in location.shard_url or "::" in location.shard_url for location in locations):
+                return [read_tensor(location, storage_options) for location in locations]  # local: pread
+            return list(_READ_POOL.map(lambda location: read_tensor(location, storage_options), locations))
+
+
+#: Concurrent range reads of remote tensors (shared by the tasks of a process; I/O bound).
+_READ_POOL = ThreadPoolExecutor(max_workers=16, thread_name_prefix="swudi-read")
+
 
 # ------------------------------------------------------------------------------------------ keys
 def decomposition_key(job: TensorJob, config: MergeConfig) -> str:
@@ -291,10 +305,10 @@ def _load_delta(
 def read_task_vectors(
     job: TensorJob, config: MergeConfig, reads: _Cost | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(base weight, task vectors ``[N, ...]`` float32): one range read per checkpoint."""
+    """(base weight, task vectors ``[N, ...]`` float32): one range read per checkpoint, concurrent
+    for remote checkpoints."""
     reads = reads or _Cost([0] * (len(job.experts) + 1))
-    base = reads.tensor(0, job.base, config.storage_options)
-    experts = [reads.tensor(i + 1, loc, config.storage_options) for i, loc in enumerate(job.experts)]
+    base, *experts = reads.tensors([job.base, *job.experts], config.storage_options)
     return base, stack_task_vectors(base, experts, job.name)
 
 
