@@ -35,6 +35,7 @@ from typing import Any
 import torch
 
 from swudi.checkpoint import Checkpoint, join_url, read_tensor, save_tensors
+from swudi.checkpoint.artifacts import exists as artefact_exists
 from swudi.checkpoint.fingerprint import digest
 from swudi.checkpoint.header import torch_dtype
 from swudi.checkpoint.storage import is_local, resolve
@@ -323,10 +324,11 @@ def rank_choice(dec: Decomposition, config: MergeConfig) -> RankChoice:
 
 
 def decompose_layer(
-    job: TensorJob, config: MergeConfig, reads: _Cost
+    job: TensorJob, config: MergeConfig, reads: _Cost, prefetched: Sequence[torch.Tensor] | None = None
 ) -> tuple[Decomposition, str, tuple[torch.Tensor, torch.Tensor] | None, float]:
     """The layer's decomposition: the stored one, or read the inputs once, decompose and store it.
 
+    ``prefetched``: the weight from (base, expert 0, ...), already read (:func:`merge_layers`).
     Returns (decomposition, its URL, (base, task vectors) when they were read, seconds spent).
     """
     key = decomposition_key(job, config)
@@ -335,7 +337,11 @@ def decompose_layer(
     if dec is not None:
         return dec, url, None, 0.0
     start = time.perf_counter()
-    base, task_vectors = read_task_vectors(job, config, reads)
+    if prefetched is not None:
+        base, *experts = prefetched
+        task_vectors = stack_task_vectors(base, experts, job.name)
+    else:
+        base, task_vectors = read_task_vectors(job, config, reads)
     with reads.phase("decompose"):
         dec = decompose(
             task_vectors,
@@ -350,7 +356,45 @@ def decompose_layer(
     return dec, url, (base, task_vectors), time.perf_counter() - start
 
 
-def merge_layer(job: TensorJob, config: MergeConfig, run_id: str = "") -> MergedRecord:
+@dataclass
+class _Prefetched:
+    """A weight read from every checkpoint ahead of its turn, with what reading it cost."""
+
+    cost: _Cost
+    tensors: list[torch.Tensor]
+
+
+def _prefetch(job: TensorJob, config: MergeConfig) -> _Prefetched | None:
+    """Read the weight from every checkpoint if its merge will need the inputs (spectral method,
+    neither the merged tensor nor the decomposition stored); None otherwise."""
+    if get_method(config.method).kind != "spectral":
+        return None
+    for url in (
+        artefact_url(config, MERGED, layer_merge_key(job, config)),
+        artefact_url(config, DECOMPOSITIONS, decomposition_key(job, config)),
+    ):
+        if artefact_exists(url, config.storage_options):
+            return None
+    cost = _Cost([0] * (len(job.experts) + 1))
+    return _Prefetched(cost, cost.tensors([job.base, *job.experts], config.storage_options))
+
+
+def merge_layers(jobs: Sequence[TensorJob], config: MergeConfig, run_id: str = "") -> list[MergedRecord]:
+    """:func:`merge_layer` for each weight, in order, reading the next weight's inputs while the
+    current one is decomposed and merged (one weight ahead: at most two weights' inputs in memory)."""
+    records: list[MergedRecord] = []
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="swudi-prefetch") as pool:
+        ahead = pool.submit(_prefetch, jobs[0], config) if jobs else None
+        for i, job in enumerate(jobs):
+            prefetched = ahead.result() if ahead is not None else None
+            ahead = pool.submit(_prefetch, jobs[i + 1], config) if i + 1 < len(jobs) else None
+            records.append(merge_layer(job, config, run_id, prefetched))
+    return records
+
+
+def merge_layer(
+    job: TensorJob, config: MergeConfig, run_id: str = "", prefetched: _Prefetched | None = None
+) -> MergedRecord:
     """Merge one 2-D weight: W = W0 + scale * theta, stored in the output dtype (see the module doc).
 
     Spectral methods: decompose (or load the decomposition), select the rank, apply that filter;
@@ -363,7 +407,7 @@ def merge_layer(job: TensorJob, config: MergeConfig, run_id: str = "") -> Merged
     done = load_merged_record(url, key, config)
     if done is not None:
         return done
-    reads = _Cost([0] * (len(job.experts) + 1))
+    reads = prefetched.cost if prefetched is not None else _Cost([0] * (len(job.experts) + 1))
     spec = get_method(config.method)
     rank: RankChoice | None = None
     dec_url: str | None = None
@@ -371,7 +415,9 @@ def merge_layer(job: TensorJob, config: MergeConfig, run_id: str = "") -> Merged
     inputs: tuple[torch.Tensor, torch.Tensor | None] | None  # (base, task vectors) when in memory
     interference: dict[str, Any]  # {"total": float | None, "per_task": list[float | None] | None}
     if spec.kind == "spectral":
-        dec, dec_url, inputs, decompose_seconds = decompose_layer(job, config, reads)
+        dec, dec_url, inputs, decompose_seconds = decompose_layer(
+            job, config, reads, prefetched.tensors if prefetched is not None else None
+        )
         init = str(config.params.get("init", "sum"))
         with reads.phase("merge"):
             rank = rank_choice(dec, config)

@@ -27,7 +27,7 @@ def merge_block(block: str, jobs: Sequence[TensorJob], config: MergeConfig, run_
     """For each 2-D weight of one block: decompose (or load the decomposition), select the rank, filter
     and store W = W0 + scale * theta. Each weight is its own artefact: a killed merge resumes per weight."""
     apply_torch_threads(threads_per_task(config))  # workers x torch threads <= cores
-    return [steps.merge_layer(job, config, run_id) for job in jobs]
+    return steps.merge_layers(jobs, config, run_id)
 
 
 @task(
