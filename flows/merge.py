@@ -7,6 +7,7 @@ merged artefact is missing.
 
 from __future__ import annotations
 
+import logging
 import sys
 import time
 from collections.abc import Sequence
@@ -22,7 +23,7 @@ from flows.parameters import config_parameter, hold_storage_options
 from swudi.config import MergeConfig
 from swudi.evaluators import check_evaluators
 from swudi.methods import get_method
-from swudi.plan import TensorJob, batch_blocks, block_of, check_inputs_exist
+from swudi.plan import TensorJob, batch_blocks, block_of, build_plan, check_inputs_exist, workers_within_budget
 from swudi.steps import PHASES, MergedRecord, artefact_keys, bytes_read, group_merge_key, layer_merge_key
 from swudi.workdir import remove_lease, write_lease
 from tasks import evaluate_merge, fetch_checkpoints, find_completed, merge_block, merge_group, publish_model
@@ -188,8 +189,14 @@ def _flow_run_id() -> str:
 
 
 def run_merge(config: MergeConfig) -> dict[str, Any]:
-    """Run the merge flow with the runner the config asks for (inputs are checked to exist first)."""
+    """Run the merge flow with the runner the config asks for (inputs are checked to exist first;
+    with a ``memory_budget``, ``workers`` is lowered to what fits it, from the checkpoint headers)."""
     check_inputs_exist(config)
     check_evaluators(config.evaluators)
+    if config.memory_budget is not None:  # fewer tasks in flight when the budget asks for it
+        workers = workers_within_budget(build_plan(config), config)
+        if workers < config.workers:
+            logging.getLogger(__name__).info("memory_budget: %d tasks in flight instead of %d", workers, config.workers)
+            config = config.model_copy(update={"workers": workers})
     with hold_storage_options(config) as (parameter, ref):
         return merge.with_options(task_runner=task_runner(config))(parameter, ref)

@@ -74,6 +74,9 @@ class MergeConfig(_Strict):
     max_shard_size: int = Field(5 * 10**9, description="bytes per output shard ('5GB' accepted)")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     workers: int = Field(2, ge=1, description="parallel per-layer tasks")
+    memory_budget: int | None = Field(
+        None, description="bytes the merge tasks may hold at once ('16GB' accepted): bounds the tasks in flight"
+    )
     torch_threads: int | None = Field(
         None, ge=1, description="torch threads per worker; None: available cores // workers"
     )
@@ -87,6 +90,11 @@ class MergeConfig(_Strict):
     @classmethod
     def _size(cls, value: int | str) -> int:
         return parse_size(value)
+
+    @field_validator("memory_budget", mode="before")
+    @classmethod
+    def _budget(cls, value: int | str | None) -> int | None:
+        return None if value is None else parse_size(value)
 
     @field_validator("experts")
     @classmethod

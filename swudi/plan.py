@@ -145,6 +145,37 @@ def batch_blocks(jobs: list[TensorJob], num_experts: int, workers: int, per_work
     return batches
 
 
+def task_memory_bytes(job: TensorJob, num_experts: int) -> int:
+    """Rough peak bytes of merging one 2-D weight in a task: its raw inputs twice (this weight and
+    the next one, read ahead), the float32 task vectors, C's eigen-pieces (3 x k x d floats,
+    k = min(d, N m)) and a few m x d float32 results (S, D, theta, W)."""
+    m, d = job.shape
+    raw = (num_experts + 1) * job.base.nbytes
+    k = min(d, num_experts * m)
+    return 2 * raw + 4 * (num_experts * m * d + 3 * k * d + 4 * m * d)
+
+
+def workers_within_budget(plan: MergePlan, config: MergeConfig) -> int:
+    """``workers``, lowered so that the tasks in flight fit ``memory_budget`` (never below 1).
+
+    A group of small tensors holds its base tensors, one expert at a time and the float32 results.
+    """
+    if config.memory_budget is None:
+        return config.workers
+    n = len(plan.expert_urls)
+    peaks = [task_memory_bytes(job, n) for job in plan.layer_jobs]
+    peaks += [sum(job.base.nbytes + 3 * 4 * job.base.numel for job in group) for group in plan.group_jobs]
+    peak = max(peaks, default=0)
+    if peak > config.memory_budget:
+        log.warning(
+            "memory_budget %d B is below the largest task's estimate (%d B): one task at a time",
+            config.memory_budget,
+            peak,
+        )
+    fit = max(1, config.memory_budget // max(peak, 1))
+    return min(config.workers, fit)
+
+
 def check_inputs_exist(config: MergeConfig) -> None:
     """Fail fast, naming every checkpoint URL of the config that does not exist."""
     missing = []

@@ -44,3 +44,27 @@ def test_layers_are_batched_by_whole_blocks_in_order() -> None:
         seen |= blocks
     assert len(batches) == 6  # 12 equal blocks, 2 workers x 4 tasks: 1.5 blocks a task -> pairs
     assert len(batch_blocks(jobs, 2, workers=4)) == 12  # enough workers: one task per block
+
+
+def test_memory_budget_bounds_the_tasks_in_flight(tmp_path) -> None:
+    from swudi.config import config_from_mapping
+    from swudi.plan import build_plan, task_memory_bytes, workers_within_budget
+    from swudi.synthetic import SyntheticLlama, write_synthetic_models
+
+    base, experts = write_synthetic_models(str(tmp_path), 3, SyntheticLlama(layers=1, hidden=64, intermediate=128,
+                                                                           heads=4, kv_heads=2, vocab=32))
+
+    def cfg(**extra):
+        return config_from_mapping({"base": base, "experts": experts, "output": str(tmp_path / "out"),
+                                    "workers": 4, **extra})
+
+    plan = build_plan(cfg())
+    gate = next(job for job in plan.layer_jobs if job.name.endswith("gate_proj.weight"))  # 128 x 64, N = 3
+    # inputs twice (4 x 128 x 64 x 4 B each), task vectors, 3 k d with k = min(64, 384), 4 m d results
+    assert task_memory_bytes(gate, 3) == 2 * 4 * 128 * 64 * 4 + 4 * (3 * 128 * 64 + 3 * 64 * 64 + 4 * 128 * 64)
+    peak = max(task_memory_bytes(job, 3) for job in plan.layer_jobs)
+    assert workers_within_budget(plan, cfg()) == 4  # no budget: the configured workers
+    assert workers_within_budget(plan, cfg(memory_budget=10 * peak)) == 4
+    assert workers_within_budget(plan, cfg(memory_budget=2 * peak + 1)) == 2
+    assert workers_within_budget(plan, cfg(memory_budget=1)) == 1  # never below one task
+    assert cfg(memory_budget="2GB").memory_budget == 2 * 10**9
