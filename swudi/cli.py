@@ -120,18 +120,24 @@ def merge(
     try:
         cfg = _load(config, method, overrides)
         check_evaluators(cfg.evaluators)
-        published = published_version(cfg)
-        if published is not None:
-            console.print(
-                f"[green]up to date[/green]: version {published['version']} is published, complete "
-                f"and latest; nothing to merge"
-            )
-            out.print(published["url"], soft_wrap=True)
+        if _report_up_to_date(cfg):
             return
         result = run_flow_and_settle(cfg)
     except SwudiError as error:
         _fail(error)
     print_result(result)
+
+
+def _report_up_to_date(cfg: MergeConfig) -> bool:
+    """Say so and print the location when this config's version is already published (no Prefect)."""
+    published = published_version(cfg)
+    if published is None:
+        return False
+    console.print(
+        f"[green]up to date[/green]: version {published['version']} is published, complete and latest; nothing to merge"
+    )
+    out.print(published["url"], soft_wrap=True)
+    return True
 
 
 def published_version(cfg: MergeConfig) -> dict[str, Any] | None:
@@ -295,6 +301,8 @@ def demo(
     console.print(f"config written to {config_path}; merging with {method} (Prefect, embedded server)")
     try:
         cfg = load_config(config_path)
+        if _report_up_to_date(cfg):
+            return
         result = run_flow_and_settle(cfg)
     except SwudiError as error:
         _fail(error)
