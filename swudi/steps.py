@@ -469,7 +469,6 @@ class _Delta:
 
     thetas: list[torch.Tensor]
     diagnostics: dict[str, Any]  # interference of a single 2-D weight ({} otherwise)
-    url: str
     bases: list[torch.Tensor] | None = None  # read with the experts (None: loaded from storage)
     task_vectors: torch.Tensor | None = None  # of a single job, when read
 
@@ -486,9 +485,9 @@ def _delta(jobs: Sequence[TensorJob], config: MergeConfig, reads: _Cost) -> _Del
     stored = _load_delta(url, key, names, config, reads)
     if stored is not None:
         tensors, info = stored
-        return _Delta([tensors[name] for name in names], info, url)
+        return _Delta([tensors[name] for name in names], info)
     bases: list[torch.Tensor] = []
-    out = _Delta([], {}, url, bases=bases)
+    out = _Delta([], {}, bases=bases)
     for job in jobs:
         if job.route == "mean" and not job.is_matrix:
             # one expert at a time: memory of two tensors whatever the number of experts (embeddings)
