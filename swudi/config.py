@@ -74,6 +74,11 @@ class MergeConfig(_Strict):
     max_shard_size: int = Field(5 * 10**9, description="bytes per output shard ('5GB' accepted)")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     workers: int = Field(2, ge=1, description="parallel per-layer tasks")
+    per_task_diagnostics: bool = Field(
+        True,
+        description="per-task WUDI interference of spectral merges, computed while the task vectors are in "
+        "memory (2N products of m x d x min(m, d) per layer); the total comes from the decomposition anyway",
+    )
     memory_budget: int | None = Field(
         None, description="bytes the merge tasks may hold at once ('16GB' accepted): bounds the tasks in flight"
     )

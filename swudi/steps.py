@@ -431,7 +431,12 @@ def merge_layer(
         delta = _delta([job], config, reads)
         theta, interference = delta.thetas[0], dict(delta.diagnostics)
         inputs = (delta.bases[0], delta.task_vectors) if delta.bases else None
-    if inputs is not None and inputs[1] is not None and interference.get("per_task") is None:
+    if (
+        config.per_task_diagnostics
+        and inputs is not None
+        and inputs[1] is not None
+        and interference.get("per_task") is None
+    ):
         # the per-task values need the task vectors: only while they are in memory; the total
         # stays the decomposition's, so a layer reports the same total however it was computed
         with reads.phase("diagnostics"):

@@ -182,3 +182,12 @@ def test_report_diagnostics_from_the_decomposition_match_the_task_vectors(
         assert after[name]["interference"] == pytest.approx(record["interference"], rel=1e-4, abs=1e-7), name
     assert again["io"]["per_checkpoint"][1]["tensor_bytes"] == 0
     torch.manual_seed(0)
+
+
+def test_per_task_diagnostics_can_be_skipped(prefect_api: str, tmp_path: Path) -> None:
+    base, experts = write_synthetic_models(str(tmp_path / "in"), NUM_EXPERTS, SMALL)
+    result = run_merge(_config(base, experts, tmp_path, per_task_diagnostics=False))
+    layers = [r for r in result["records"] if r["rank"] is not None]
+    assert layers and all(r["task_interference"] is None and r["interference"] is not None for r in layers)
+    default = run_merge(_config(base, experts, tmp_path / "default"))
+    assert all(r["task_interference"] is not None for r in default["records"] if r["rank"] is not None)
