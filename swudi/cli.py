@@ -41,10 +41,32 @@ PREFECT_DEFAULTS = {
 }
 
 
-def prepare_prefect_environment() -> None:
-    """Apply :data:`PREFECT_DEFAULTS` where the user has not set them (before importing Prefect)."""
+#: Where ``prefect server start`` listens by default.
+LOCAL_PREFECT_API = "http://127.0.0.1:4200/api"
+
+
+def local_prefect_server(api_url: str = LOCAL_PREFECT_API, timeout_s: float = 0.3) -> str | None:
+    """``api_url`` when a Prefect server answers its health check there, else None (fast: loopback)."""
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"{api_url}/health", timeout=timeout_s) as response:
+            return api_url if response.read(16).strip() == b"true" else None
+    except (OSError, ValueError):
+        return None
+
+
+def prepare_prefect_environment(local_api: str = LOCAL_PREFECT_API) -> None:
+    """Apply :data:`PREFECT_DEFAULTS` where the user has not set them (before importing Prefect).
+
+    Without ``PREFECT_API_URL``, a Prefect server already running on this machine's default port
+    (``prefect server start``) is used instead of starting an embedded one for every command.
+    """
     for key, value in PREFECT_DEFAULTS.items():
         os.environ.setdefault(key, value)
+    if not os.environ.get("PREFECT_API_URL") and (found := local_prefect_server(local_api)):
+        os.environ["PREFECT_API_URL"] = found
+        console.print(f"using the Prefect server at {found} (runs are kept in its history)")
 
 
 def _load(config: Path, method: str | None, overrides: list[str]) -> MergeConfig:
@@ -377,7 +399,7 @@ def serve(
         _fail(
             SwudiError(
                 "swudi serve needs a Prefect server (an embedded one runs no schedules): "
-                "run `prefect server start` and set PREFECT_API_URL=http://127.0.0.1:4200/api"
+                "run `prefect server start` (found on 127.0.0.1:4200 by itself) or set PREFECT_API_URL"
             )
         )
     from deployments.serve import serve_refresh

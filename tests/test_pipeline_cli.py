@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -111,3 +112,41 @@ def test_unimportable_evaluator_fails_before_any_work(tmp_path: Path, inputs) ->
     result = _run("merge", str(path))
     assert result.exit_code == 2 and "no_such_module.sub" in result.output
     assert not (tmp_path / "out").exists()
+
+
+def test_a_running_local_prefect_server_is_used_instead_of_an_embedded_one(monkeypatch) -> None:
+    """A real HTTP server on loopback answers Prefect's health check; a closed port does not."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from swudi.cli import local_prefect_server, prepare_prefect_environment
+
+    class Health(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+            body = b"true" if self.path == "/api/health" else b"no"
+            self.send_response(200 if body == b"true" else 404)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Health)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    api = f"http://127.0.0.1:{server.server_address[1]}/api"
+    try:
+        assert local_prefect_server(api) == api
+        assert local_prefect_server(f"http://127.0.0.1:{server.server_address[1]}/other") is None
+        monkeypatch.delenv("PREFECT_API_URL", raising=False)
+        prepare_prefect_environment(api)
+        assert os.environ["PREFECT_API_URL"] == api
+        monkeypatch.setenv("PREFECT_API_URL", "http://example.invalid/api")  # an explicit setting wins
+        prepare_prefect_environment(api)
+        assert os.environ["PREFECT_API_URL"] == "http://example.invalid/api"
+    finally:
+        server.shutdown()
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    assert local_prefect_server(api) is None  # nothing listens there any more
+    prepare_prefect_environment(api)
+    assert "PREFECT_API_URL" not in os.environ
