@@ -73,7 +73,8 @@ def main() -> None:
     config.write_text(yaml.safe_dump({**settings, "output": str(root / "out")}))
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
     env.update({"PREFECT_HOME": str(root / "prefect-home"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-                "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "90", "PREFECT_LOGGING_LEVEL": "WARNING"})
+                "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "90", "PREFECT_LOGGING_LEVEL": "WARNING",
+                "SWUDI_LOCAL_PREFECT_API": ""})
     first_wall, first_line = _cli(config, env)
     noop_wall, noop_line = _cli(config, env)
 

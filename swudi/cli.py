@@ -56,15 +56,19 @@ def local_prefect_server(api_url: str = LOCAL_PREFECT_API, timeout_s: float = 0.
         return None
 
 
-def prepare_prefect_environment(local_api: str = LOCAL_PREFECT_API) -> None:
+def prepare_prefect_environment(local_api: str | None = None) -> None:
     """Apply :data:`PREFECT_DEFAULTS` where the user has not set them (before importing Prefect).
 
     Without ``PREFECT_API_URL``, a Prefect server already running on this machine's default port
     (``prefect server start``) is used instead of starting an embedded one for every command.
+    ``SWUDI_LOCAL_PREFECT_API`` names another address to look at; set to an empty string, it
+    turns the look-up off (always the embedded server).
     """
     for key, value in PREFECT_DEFAULTS.items():
         os.environ.setdefault(key, value)
-    if not os.environ.get("PREFECT_API_URL") and (found := local_prefect_server(local_api)):
+    if local_api is None:
+        local_api = os.environ.get("SWUDI_LOCAL_PREFECT_API", LOCAL_PREFECT_API)
+    if local_api and not os.environ.get("PREFECT_API_URL") and (found := local_prefect_server(local_api)):
         os.environ["PREFECT_API_URL"] = found
         console.print(f"using the Prefect server at {found} (runs are kept in its history)")
 

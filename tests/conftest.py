@@ -27,6 +27,7 @@ _TEST_ENV = {
     "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
     "HF_HUB_OFFLINE": "1",
     "TRANSFORMERS_OFFLINE": "1",
+    "SWUDI_LOCAL_PREFECT_API": "",  # never a developer's own Prefect server on port 4200
 }
 os.environ.update(_TEST_ENV)
 

@@ -31,7 +31,8 @@ def test_cli_merge_records_every_task_run_on_the_embedded_server(tmp_path: Path)
     home = tmp_path / "prefect-home"
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
     env.update({"PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-                "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "90", "PREFECT_LOGGING_LEVEL": "WARNING"})
+                "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "90", "PREFECT_LOGGING_LEVEL": "WARNING",
+                "SWUDI_LOCAL_PREFECT_API": ""})  # the embedded server, even if one runs on port 4200
     done = subprocess.run([sys.executable, "-m", "swudi.cli", "merge", str(config)], env=env,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
