@@ -25,21 +25,30 @@ def task_interference(
     theta: torch.Tensor, task_vectors: torch.Tensor, device: str | torch.device = "auto"
 ) -> torch.Tensor:
     """``[N]`` float64: L_i(theta) for every task (0 for an all-zero task vector)."""
+    return _task_losses([theta], task_vectors, device)[0]
+
+
+def _task_losses(
+    thetas: list[torch.Tensor], task_vectors: torch.Tensor, device: str | torch.device = "auto"
+) -> list[torch.Tensor]:
+    """L_i(theta) for several thetas, each task's Gram G_i = tau_i^T tau_i formed once for all."""
     dev = resolve_device(device)
     tv = task_vectors.to(device=dev, dtype=torch.float32)
-    th = theta.to(device=dev, dtype=torch.float32)
-    m, d = th.shape
-    out = torch.zeros(tv.shape[0], dtype=torch.float64)
+    ths = [theta.to(device=dev, dtype=torch.float32) for theta in thetas]
+    m, d = ths[0].shape
+    out = [torch.zeros(tv.shape[0], dtype=torch.float64) for _ in ths]
     for i, tau in enumerate(tv):
         norm2 = float(tau.double().square().sum())
         if norm2 == 0.0:
             continue
-        diff = th - tau
-        if m * m * d <= 2 * m * d * d:
-            value = (diff @ tau.T).double().square().sum()
-        else:
-            value = ((diff @ (tau.T @ tau)) * diff).double().sum()
-        out[i] = float(value) / norm2
+        gram = tau.T @ tau if m * m * d > 2 * m * d * d else None  # the cheaper order when m > 2 d
+        for values, th in zip(out, ths, strict=True):
+            diff = th - tau
+            if gram is None:
+                value = (diff @ tau.T).double().square().sum()
+            else:
+                value = ((diff @ gram) * diff).double().sum()
+            values[i] = float(value) / norm2
     return out
 
 
@@ -51,8 +60,7 @@ def interference_vs_sum(
     Returns ``{"per_task": [L_i(theta) / L_i(sum)], "total": sum L_i(theta) / sum L_i(sum)}``;
     a ratio is None where the reference is 0.
     """
-    merged = task_interference(theta, task_vectors, device)
-    reference = task_interference(task_vectors.sum(dim=0), task_vectors, device)
+    merged, reference = _task_losses([theta, task_vectors.sum(dim=0)], task_vectors, device)
     per_task = [float(a / b) if b > 0 else None for a, b in zip(merged, reference, strict=True)]
     total = float(merged.sum() / reference.sum()) if float(reference.sum()) > 0 else None
     return {"per_task": per_task, "total": total}

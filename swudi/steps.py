@@ -408,6 +408,9 @@ def merge_layer(
     if done is not None:
         return done
     reads = prefetched.cost if prefetched is not None else _Cost([0] * (len(job.experts) + 1))
+    # a prefetched weight was read while the previous one was computed: its time is its read phase
+    # plus what happens from here on, not the wait since the read was queued
+    started = time.perf_counter() - (reads.phases.get("read", 0.0) if prefetched is not None else 0.0)
     spec = get_method(config.method)
     rank: RankChoice | None = None
     dec_url: str | None = None
@@ -456,7 +459,7 @@ def merge_layer(
         task_interference=tuple(per_task) if per_task is not None else None,
         decomposition_url=dec_url,
         decomposed=inputs is not None,
-        seconds=time.perf_counter() - reads.started,
+        seconds=time.perf_counter() - started,
         decompose_seconds=decompose_seconds,
         bytes_read=tuple(reads.inputs),
         work_bytes_read=reads.work,
