@@ -23,7 +23,15 @@ from flows.parameters import config_parameter, hold_storage_options
 from swudi.config import MergeConfig
 from swudi.evaluators import check_evaluators
 from swudi.methods import get_method
-from swudi.plan import TensorJob, batch_blocks, block_of, build_plan, check_inputs_exist, workers_within_budget
+from swudi.plan import (
+    MergePlan,
+    TensorJob,
+    batch_blocks,
+    block_of,
+    build_plan,
+    check_inputs_exist,
+    workers_within_budget,
+)
 from swudi.steps import PHASES, MergedRecord, artefact_keys, bytes_read, group_merge_key, layer_merge_key
 from swudi.workdir import remove_lease, write_lease
 from tasks import evaluate_merge, fetch_checkpoints, find_completed, merge_block, merge_group, publish_model
@@ -109,12 +117,9 @@ def merge(config: dict[str, Any], storage_options_ref: str | None = None) -> dic
     mark = time.perf_counter()
     diagnostics = evaluate_merge(records)
     stages["evaluate"] = time.perf_counter() - mark
-    now = [r for r in records if r.computed_in == run_id]
-    spectral = get_method(cfg.method).kind == "spectral"
-    layer_records = records[: len(layers)]
-    decomposed_now = sum(1 for r in layer_records if r.computed_in == run_id and r.decomposed) if spectral else 0
     io = bytes_read(records, run_id, len(plan.expert_urls))
     io["headers"] = list(plan.header_bytes)
+    now = [r for r in records if r.computed_in == run_id]
     phases = {phase: round(sum(r.phases.get(phase, 0.0) for r in now), 3) for phase in PHASES}
     timings = {
         "stage_wall_seconds": {k: round(v, 3) for k, v in stages.items()},
@@ -125,41 +130,62 @@ def merge(config: dict[str, Any], storage_options_ref: str | None = None) -> dic
     published = publish_model(cfg, plan, records, diagnostics, timings, io)
     remove_lease(cfg, run_id)  # the published version's report now names its artefacts
     stages["publish"] = time.perf_counter() - mark
-    wall = time.perf_counter() - started
-    parallel = min(max(1, len(futures)), _parallelism(cfg))
-    work = stages["plan"] + sum(r.seconds for r in now) / parallel + published["seconds"]
-    split = {
-        **phases,
-        "publish": round(published["seconds"], 3),
-        "plan": round(stages["plan"], 3),
-        "orchestration": round(max(0.0, wall - work), 3),
-        "wall": round(wall, 3),
-    }
+    summary = _run_summary(cfg, plan, records, run_id, published, stages, phases, len(futures), started)
     get_run_logger().info(
         "merged %d layers and %d groups (%d merges and %d decompositions computed in this run, the rest "
         "reused; read %s of the inputs) -> %s",
-        len(layers),
-        len(groups),
-        len(now),
-        decomposed_now,
+        summary["layers"],
+        summary["groups"],
+        summary["computed"],
+        summary["decompositions_computed"],
         _size(published["io"]["input_bytes"]),
         published["url"],
     )
+    return {**summary, "diagnostics": {k: v for k, v in diagnostics.items() if k != "per_layer"}}
+
+
+def _run_summary(
+    cfg: MergeConfig,
+    plan: MergePlan,
+    records: Sequence[MergedRecord],
+    run_id: str,
+    published: dict[str, Any],
+    stages: dict[str, float],
+    phases: dict[str, float],
+    submitted: int,
+    started: float,
+) -> dict[str, Any]:
+    """What a run did: the version, what was computed or reused, bytes read and the time split.
+
+    orchestration = wall - plan - publish - (seconds of this run's merge tasks) / parallel tasks.
+    """
+    layers = len(plan.layer_jobs)
+    now = [r for r in records if r.computed_in == run_id]
+    spectral = get_method(cfg.method).kind == "spectral"
+    decomposed_now = sum(1 for r in records[:layers] if r.computed_in == run_id and r.decomposed) if spectral else 0
+    wall = time.perf_counter() - started
+    parallel = min(max(1, submitted), _parallelism(cfg))
+    work = stages["plan"] + sum(r.seconds for r in now) / parallel + published["seconds"]
     return {
         "version": published["version"],
         "url": published["url"],
         "flow_run_id": run_id,
-        "task_runs": len(futures) + 4,  # fetch, find-completed, the merges, evaluate, publish
-        "layers": len(layers),
-        "groups": len(groups),
+        "task_runs": submitted + 4,  # fetch, find-completed, the merges, evaluate, publish
+        "layers": layers,
+        "groups": len(records) - layers,
         "computed": len(now),
         "reused": len(records) - len(now),
         "decompositions_computed": decomposed_now,
-        "decompositions_reused": (len(layers) - decomposed_now) if spectral else 0,
+        "decompositions_reused": (layers - decomposed_now) if spectral else 0,
         "io": published["io"],
-        "seconds": round(time.perf_counter() - started, 3),
-        "time_split": split,
-        "diagnostics": {k: v for k, v in diagnostics.items() if k != "per_layer"},
+        "seconds": round(wall, 3),
+        "time_split": {
+            **phases,
+            "publish": round(published["seconds"], 3),
+            "plan": round(stages["plan"], 3),
+            "orchestration": round(max(0.0, wall - work), 3),
+            "wall": round(wall, 3),
+        },
         "records": [r.__dict__ for r in records],
     }
 
