@@ -38,7 +38,7 @@ from swudi.checkpoint import Checkpoint, join_url, read_tensor, save_tensors
 from swudi.checkpoint.artifacts import exists as artefact_exists
 from swudi.checkpoint.fingerprint import digest
 from swudi.checkpoint.header import torch_dtype
-from swudi.checkpoint.storage import is_local, resolve
+from swudi.checkpoint.storage import is_local, is_local_url, resolve
 from swudi.code_version import decomposition_code, merge_code
 from swudi.config import MergeConfig
 from swudi.decomposition import Decomposition, decompose
@@ -140,7 +140,7 @@ class _Cost:
         for index, location in enumerate(locations):
             self.inputs[index] += location.nbytes
         with self.phase("read"):
-            if not any("://" in location.shard_url or "::" in location.shard_url for location in locations):
+            if all(is_local_url(location.shard_url) for location in locations):
                 return [read_tensor(location, storage_options) for location in locations]  # local: pread
             return list(_READ_POOL.map(lambda location: read_tensor(location, storage_options), locations))
 
@@ -234,24 +234,40 @@ def load_merged_record(url: str, key: str, config: MergeConfig) -> MergedRecord 
     return dataclasses.replace(record, url=url)
 
 
+def list_artefacts(config: MergeConfig, kind: str) -> dict[str, dict[str, Any]]:
+    """``{key: {"size": bytes, "mtime": seconds or None}}`` of one kind of artefact (one listing)."""
+    fs, path = resolve(join_url(config.resolved_work_dir, kind), config.storage_options)
+    try:
+        entries = fs.ls(path, detail=True)
+    except (FileNotFoundError, NotADirectoryError):
+        return {}
+    out = {}
+    for entry in entries:
+        name = entry["name"].rstrip("/").rsplit("/", 1)[-1]
+        if entry.get("type") != "file" or not name.endswith(".safetensors"):
+            continue
+        when = entry.get("mtime", entry.get("LastModified"))
+        out[name.removesuffix(".safetensors")] = {
+            "size": int(entry.get("size") or 0),
+            "mtime": when.timestamp() if hasattr(when, "timestamp") else (float(when) if when else None),
+        }
+    return out
+
+
 def find_merged(keys: Iterable[str], config: MergeConfig) -> dict[str, MergedRecord]:
     """Records of the merged artefacts that already exist for ``keys`` (one listing, then headers).
 
     This is what makes a re-run cheap: work whose artefact is complete is never submitted.
     """
     wanted = set(keys)
-    folder = join_url(config.resolved_work_dir, MERGED)
-    fs, path = resolve(folder, config.storage_options)
-    try:
-        listing = fs.ls(path, detail=False)
-    except (FileNotFoundError, NotADirectoryError):
+    present = [key for key in list_artefacts(config, MERGED) if key in wanted]
+    if not present:
         return {}
-    present = [name.rstrip("/").rsplit("/", 1)[-1].removesuffix(".safetensors") for name in listing]
-    present = [key for key in present if key in wanted]
 
     def load(key: str) -> tuple[str, MergedRecord | None]:
         return key, load_merged_record(artefact_url(config, MERGED, key), key, config)
 
+    fs, _ = resolve(config.resolved_work_dir, config.storage_options)
     workers = 1 if is_local(fs) else 16
     with ThreadPoolExecutor(max_workers=workers) as pool:
         found = dict(pool.map(load, present))

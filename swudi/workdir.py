@@ -30,7 +30,7 @@ from swudi.checkpoint import join_url
 from swudi.checkpoint.publish import REPORT_NAME, VERSIONS_DIR
 from swudi.checkpoint.storage import resolve, write_bytes_atomic
 from swudi.config import MergeConfig
-from swudi.steps import ARTEFACT_KINDS
+from swudi.steps import ARTEFACT_KINDS, list_artefacts
 
 log = logging.getLogger(__name__)
 
@@ -51,26 +51,6 @@ LEASES = "runs"
 LEASE_TTL_S = 24 * 3600.0
 LEGACY_FOLDERS = ("prefect-results",)
 Keys = dict[str, set[str]]
-
-
-def list_artefacts(config: MergeConfig, kind: str) -> dict[str, dict[str, Any]]:
-    """``{key: {"size": bytes, "mtime": seconds or None}}`` of one kind of artefact (one listing)."""
-    fs, path = resolve(join_url(config.resolved_work_dir, kind), config.storage_options)
-    try:
-        entries = fs.ls(path, detail=True)
-    except (FileNotFoundError, NotADirectoryError):
-        return {}
-    out = {}
-    for entry in entries:
-        name = entry["name"].rstrip("/").rsplit("/", 1)[-1]
-        if entry.get("type") != "file" or not name.endswith(".safetensors"):
-            continue
-        when = entry.get("mtime", entry.get("LastModified"))
-        out[name.removesuffix(".safetensors")] = {
-            "size": int(entry.get("size") or 0),
-            "mtime": when.timestamp() if hasattr(when, "timestamp") else (float(when) if when else None),
-        }
-    return out
 
 
 def usage(config: MergeConfig) -> dict[str, Any]:
