@@ -15,6 +15,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from swudi.checkpoint.storage import is_local_url
 from swudi.checkpoint.writer import parse_size
 from swudi.errors import ConfigError
 
@@ -207,13 +208,9 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> MergeCo
     return config_from_mapping(data, str(path))
 
 
-def _is_local(url: str) -> bool:
-    return "://" not in url and "::" not in url
-
-
 def _resolve_local_paths(data: dict[str, Any], root: Path) -> dict[str, Any]:
     def fix(url: Any) -> Any:
-        if isinstance(url, str) and _is_local(url) and not Path(url).is_absolute():
+        if isinstance(url, str) and is_local_url(url) and not Path(url).is_absolute():
             return str((root / url).resolve())
         return url
 

@@ -29,6 +29,7 @@ __all__ = [
     "resolve",
     "join_url",
     "is_local",
+    "is_local_url",
     "parent_url",
     "url_name",
     "open_atomic",
@@ -76,6 +77,11 @@ def resolve(
         raise ValueError("empty URL")
     fs, path = fsspec.core.url_to_fs(url, **_layer_options(url, storage_options))
     return fs, path
+
+
+def is_local_url(url: str) -> bool:
+    """True for a plain local path (no fsspec protocol and no ``::`` chain)."""
+    return "://" not in url and "::" not in url
 
 
 def is_local(fs: AbstractFileSystem) -> bool:
