@@ -17,6 +17,9 @@ Cases (``--cases``, default all):
   peak RSS ratio 16/4 (target <= 1.2), wall, CPU.
 - ``experts``: 2 / 4 / 8 / 16 experts at vocab 32000 (h 256, 2 layers, untied): peak RSS against N
   (embeddings and lm_head are merged as the mean one expert at a time, so RSS should be ~flat in N).
+- ``vocab``: vocab 32000 vs 128000 (h 256, 2 layers, 3 experts, untied) under ``memory_budget:
+  256MB``: embeddings and lm_head stream in row chunks sized by the budget, so peak RSS should not
+  grow with the vocabulary (one [128000, 256] float32 tensor is 125 MiB).
 - ``width``: 4 layers at h 2048 (m 5504, 16 heads, 4 kv heads, vocab 8000, tied embeddings,
   3 experts; ``--width-layers``): per-layer cost, per-weight decomposition seconds, and a projection
   to a Llama-3.2-3B-shaped merge (28 layers, h 3072, m 8192, 3 experts): each weight's measured
@@ -79,7 +82,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-CASES = ("depth", "experts", "width", "naive")
+CASES = ("depth", "experts", "vocab", "width", "naive")
 SPLIT_KEYS = ("plan", "read", "decompose", "merge", "diagnostics", "write", "publish", "orchestration", "wall")
 WEIGHTS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 MiB = 1024 * 1024
@@ -136,6 +139,8 @@ class Sizes:
     width: Shape
     width_experts: int
     shard: dict[str, str]
+    vocabs: tuple[Shape, Shape]
+    vocab_budget: str
 
 
 FULL = Sizes(
@@ -145,7 +150,9 @@ FULL = Sizes(
     experts_counts=(2, 4, 8, 16),
     width=Shape(4, 2048, 5504, 16, 4, 8000, tie_embeddings=True),
     width_experts=3,
-    shard={"depth": "8MB", "experts": "16MB", "width": "200MB"},
+    shard={"depth": "8MB", "experts": "16MB", "width": "200MB", "vocab": "64MB"},
+    vocabs=(Shape(2, 256, 688, 8, 2, 32000), Shape(2, 256, 688, 8, 2, 128000)),
+    vocab_budget="256MB",
 )
 QUICK = Sizes(
     depth=(Shape(2, 64, 172, 4, 2, 512), Shape(8, 64, 172, 4, 2, 512)),
@@ -154,7 +161,9 @@ QUICK = Sizes(
     experts_counts=(2, 4),
     width=Shape(1, 256, 688, 8, 2, 512, tie_embeddings=True),
     width_experts=3,
-    shard={"depth": "200KB", "experts": "400KB", "width": "1MB"},
+    shard={"depth": "200KB", "experts": "400KB", "width": "1MB", "vocab": "1MB"},
+    vocabs=(Shape(1, 64, 172, 4, 2, 4000), Shape(1, 64, 172, 4, 2, 16000)),
+    vocab_budget="8MB",
 )
 
 
@@ -195,6 +204,7 @@ def child_pipeline(spec: dict[str, Any]) -> dict[str, Any]:
             "device": "cpu",
             "workers": 2,
             "output": spec["output"],
+            "memory_budget": spec.get("memory_budget"),
         }
     )
     before, rss_imports = _usage(), _rss_now_mib()
@@ -445,8 +455,11 @@ def _folder_bytes(folder: str) -> int:
     return sum(p.stat().st_size for p in Path(folder).rglob("*.safetensors"))
 
 
-def _pipeline(h: Harness, base: str, experts: list[str], out: Path) -> dict[str, Any]:
-    return h.run_child("pipeline", {"base": base, "experts": experts, "output": str(out)})
+def _pipeline(
+    h: Harness, base: str, experts: list[str], out: Path, memory_budget: str | None = None
+) -> dict[str, Any]:
+    spec = {"base": base, "experts": experts, "output": str(out), "memory_budget": memory_budget}
+    return h.run_child("pipeline", spec)
 
 
 # ------------------------------------------------------------------------------------- formatting
@@ -571,6 +584,38 @@ def case_experts(h: Harness, sizes: Sizes, out: dict[str, Any]) -> None:
             f"peak RSS growth: {slope:.1f} MiB per expert (least squares over N = "
             f"{', '.join(map(str, ns))}); one [vocab, h] float32 tensor is {emb_mib:.1f} MiB; "
             f"N={ns[-1]} vs N={ns[0]}: {rss[-1] / rss[0]:.2f}x",
+            "",
+            *_split_table(rows),
+        ]
+    )
+
+
+def case_vocab(h: Harness, sizes: Sizes, out: dict[str, Any]) -> None:
+    """Peak RSS at two vocabularies under one ``memory_budget``: embeddings and lm_head stream in
+    row chunks, so the merge's peak should not grow with the vocabulary."""
+    rows = []
+    for shape in sizes.vocabs:
+        root = h.root / f"vocab-{shape.vocab}"
+        base, experts, gen = _generate(h, root / "in", shape, 3, sizes.shard["vocab"])
+        r = _pipeline(h, base, experts, root / "out", memory_budget=sizes.vocab_budget)
+        r.update(vocab=shape.vocab, generate_seconds=gen)
+        rows.append((f"vocab {shape.vocab}", r))
+    small, large = rows[0][1], rows[1][1]
+    emb = [s.vocab * s.hidden * 4 / MiB for s in sizes.vocabs]
+    ratio = (large["peak_rss_mib"] - large["rss_after_imports_mib"]) / max(
+        1e-9, small["peak_rss_mib"] - small["rss_after_imports_mib"]
+    )
+    out["vocab"] = {"runs": dict(rows), "budget": sizes.vocab_budget, "merge_rss_ratio": ratio}
+    _emit(
+        [
+            "",
+            f"## vocab: {sizes.vocabs[0].label()} vs vocab {sizes.vocabs[1].vocab}, 3 experts, "
+            f"memory_budget {sizes.vocab_budget}",
+            "",
+            *_run_table(rows),
+            "",
+            f"one [vocab, h] float32 tensor: {emb[0]:.1f} vs {emb[1]:.1f} MiB; peak RSS "
+            f"{large['peak_rss_mib'] / small['peak_rss_mib']:.2f}x, peak - imports {ratio:.2f}x",
             "",
             *_split_table(rows),
         ]
@@ -834,6 +879,8 @@ def main() -> None:
                 case_depth(h, sizes, out)
             elif case == "experts":
                 case_experts(h, sizes, out)
+            elif case == "vocab":
+                case_vocab(h, sizes, out)
             elif case == "width":
                 case_width(h, sizes, out)
             else:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -155,16 +156,53 @@ def task_memory_bytes(job: TensorJob, num_experts: int) -> int:
     return 2 * raw + 4 * (num_experts * m * d + 3 * k * d + 4 * m * d)
 
 
+#: Largest working set of one row chunk of a streamed tensor (inputs, float32 sums, results).
+MAX_CHUNK_BYTES = 512 * 2**20
+
+
+def row_chunks(shape: Sequence[int], bytes_per_row: int, max_bytes: int = MAX_CHUNK_BYTES) -> list[tuple[int, int]]:
+    """``[start, stop)`` row ranges (dim 0) covering a tensor of ``shape``, each with a working set
+    of at most ``max_bytes`` (``bytes_per_row`` per row; at least one row per chunk). A 0-d tensor,
+    or one without rows, is a single chunk ``(0, 0)`` meaning "the whole tensor"."""
+    rows = shape[0] if len(shape) else 0
+    if rows == 0:
+        return [(0, 0)]
+    step = max(1, max_bytes // max(bytes_per_row, 1))
+    return [(start, min(rows, start + step)) for start in range(0, rows, step)]
+
+
+def chunk_budget(config: MergeConfig) -> int:
+    """Working-set bytes of one row chunk: half of ``memory_budget`` shared by the ``workers`` in
+    flight, at most :data:`MAX_CHUNK_BYTES` and at least 1 MiB."""
+    if config.memory_budget is None:
+        return MAX_CHUNK_BYTES
+    return max(2**20, min(MAX_CHUNK_BYTES, config.memory_budget // (2 * max(1, config.workers))))
+
+
+def group_row_bytes(job: TensorJob, num_experts: int) -> int:
+    """Working-set bytes per row of merging a group tensor: the row in every checkpoint (raw dtype),
+    and four float32 copies (base, running sum, task vector, theta), plus the merged row."""
+    rows = job.shape[0] if job.shape else 1
+    raw = job.base.nbytes // max(rows, 1)
+    elems = job.base.numel // max(rows, 1)
+    return (num_experts + 2) * raw + 4 * 4 * elems
+
+
 def workers_within_budget(plan: MergePlan, config: MergeConfig) -> int:
     """``workers``, lowered so that the tasks in flight fit ``memory_budget`` (never below 1).
 
-    A group of small tensors holds its base tensors, one expert at a time and the float32 results.
+    A group streams its tensors in row chunks (:func:`chunk_budget`), whatever their size.
     """
     if config.memory_budget is None:
         return config.workers
     n = len(plan.expert_urls)
     peaks = [task_memory_bytes(job, n) for job in plan.layer_jobs]
-    peaks += [sum(job.base.nbytes + 3 * 4 * job.base.numel for job in group) for group in plan.group_jobs]
+    # a group streams its tensors in row chunks: its peak is one chunk's working set
+    peaks += [
+        min(chunk_budget(config), group_row_bytes(job, n) * max(1, job.shape[0] if job.shape else 1))
+        for group in plan.group_jobs
+        for job in group
+    ]
     peak = max(peaks, default=0)
     if peak > config.memory_budget:
         log.warning(

@@ -34,18 +34,19 @@ from typing import Any
 
 import torch
 
-from swudi.checkpoint import Checkpoint, join_url, read_tensor, save_tensors
+from swudi.checkpoint import Checkpoint, TensorLocation, join_url, read_tensor, save_tensors
 from swudi.checkpoint.artifacts import exists as artefact_exists
 from swudi.checkpoint.fingerprint import digest
 from swudi.checkpoint.header import torch_dtype
 from swudi.checkpoint.storage import is_local, is_local_url, resolve
+from swudi.checkpoint.writer import TensorData, TensorSpec, safetensors_stream
 from swudi.code_version import decomposition_code, merge_code
 from swudi.config import MergeConfig
 from swudi.decomposition import Decomposition, decompose
 from swudi.diagnostics import interference_from_decomposition, interference_vs_sum
 from swudi.errors import CheckpointError, InputError
 from swudi.methods import get_method, merge_elementwise, merge_matrix, spectral_filter
-from swudi.plan import TensorJob, output_dtype
+from swudi.plan import TensorJob, chunk_budget, group_row_bytes, output_dtype, row_chunks
 from swudi.spectral import apply_filter
 from swudi.task_vectors import MeanAccumulator, merged_weight, stack_task_vectors
 
@@ -298,14 +299,20 @@ def _load_decomposition(url: str, key: str, config: MergeConfig, reads: _Cost) -
         return None
 
 
+def _open_delta(url: str, key: str, names: Sequence[str], config: MergeConfig) -> Checkpoint | None:
+    """The delta artefact at ``url`` opened from its header, if complete and holding ``names``."""
+    artefact = _open_artefact(url, config, DELTA_FORMAT, key)
+    if artefact is not None and set(artefact.tensors) != set(names):
+        log.warning("delta %s does not hold the expected tensors; it is recomputed", url)
+        return None
+    return artefact
+
+
 def _load_delta(
     url: str, key: str, names: Sequence[str], config: MergeConfig, reads: _Cost
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
-    artefact = _open_artefact(url, config, DELTA_FORMAT, key)
+    artefact = _open_delta(url, key, names, config)
     if artefact is None:
-        return None
-    if set(artefact.tensors) != set(names):
-        log.warning("delta %s does not hold the expected tensors; it is recomputed", url)
         return None
     try:
         info = json.loads(artefact.metadata.get("diagnostics", "{}"))
@@ -447,9 +454,9 @@ def merge_layer(
                 "per_task": None,
             }
     else:
-        delta = _delta([job], config, reads)
-        theta, interference = delta.thetas[0], dict(delta.diagnostics)
-        inputs = (delta.bases[0], delta.task_vectors) if delta.bases else None
+        delta = _delta(job, config, reads)
+        theta, interference = delta.theta, dict(delta.diagnostics)
+        inputs = (delta.base, delta.task_vectors) if delta.base is not None else None
     if (
         config.per_task_diagnostics
         and inputs is not None
@@ -489,111 +496,168 @@ def merge_layer(
 
 @dataclass
 class _Delta:
-    """Merged task vectors of some jobs, and the inputs still in memory when they were just read."""
+    """theta of one 2-D weight (float32, before the scale), and the inputs still in memory when
+    they were just read (None when theta was loaded from storage)."""
 
-    thetas: list[torch.Tensor]
-    diagnostics: dict[str, Any]  # interference of a single 2-D weight ({} otherwise)
-    bases: list[torch.Tensor] | None = None  # read with the experts (None: loaded from storage)
-    task_vectors: torch.Tensor | None = None  # of a single job, when read
+    theta: torch.Tensor
+    diagnostics: dict[str, Any]  # interference of the weight
+    base: torch.Tensor | None = None
+    task_vectors: torch.Tensor | None = None
 
 
-def _delta(jobs: Sequence[TensorJob], config: MergeConfig, reads: _Cost) -> _Delta:
-    """theta of each job (float32, before the scale): the stored delta, or computed and stored.
-
-    Route "method" tensors get the method (2-D weights: iterative and elementwise methods; other
-    tensors: elementwise methods), the rest the mean of the task vectors.
-    """
-    key = delta_key(jobs, config)
+def _delta(job: TensorJob, config: MergeConfig, reads: _Cost) -> _Delta:
+    """theta of a 2-D weight under a non-spectral method: the stored delta, or computed and stored."""
+    key = delta_key([job], config)
     url = artefact_url(config, DELTAS, key)
-    names = [job.name for job in jobs]
-    stored = _load_delta(url, key, names, config, reads)
+    stored = _load_delta(url, key, [job.name], config, reads)
     if stored is not None:
         tensors, info = stored
-        return _Delta([tensors[name] for name in names], info)
-    bases: list[torch.Tensor] = []
-    out = _Delta([], {}, bases=bases)
-    for job in jobs:
-        if job.route == "mean" and not job.is_matrix:
-            # one expert at a time: memory of two tensors whatever the number of experts (embeddings)
-            base = reads.tensor(0, job.base, config.storage_options)
-            acc = MeanAccumulator(base, job.name)
-            for i, location in enumerate(job.experts):
-                expert = reads.tensor(i + 1, location, config.storage_options)
-                with reads.phase("merge"):
-                    acc.add(i, expert)
-                del expert
-            out.thetas.append(acc.mean())
-            bases.append(base)
-            continue
-        base, task_vectors = read_task_vectors(job, config, reads)
-        if job.is_matrix:
-            with reads.phase("merge"):
-                theta = merge_matrix(
-                    task_vectors, config.method, name=job.name, device=config.device, **config.params
-                ).to(torch.float32)
-            with reads.phase("diagnostics"):
-                out.diagnostics = interference_vs_sum(theta, task_vectors, config.device)
-        else:
-            method, params = (config.method, config.params) if job.route == "method" else ("mean", {})
-            with reads.phase("merge"):
-                theta = merge_elementwise(task_vectors, method, name=job.name, **params).to(torch.float32)
-        out.thetas.append(theta.contiguous())
-        bases.append(base)
-        out.task_vectors = task_vectors if len(jobs) == 1 else None
+        return _Delta(tensors[job.name], info)
+    base, task_vectors = read_task_vectors(job, config, reads)
+    with reads.phase("merge"):
+        theta = merge_matrix(task_vectors, config.method, name=job.name, device=config.device, **config.params)
+        theta = theta.to(torch.float32).contiguous()
+    with reads.phase("diagnostics"):
+        diagnostics = interference_vs_sum(theta, task_vectors, config.device)
     metadata = {
         "format": DELTA_FORMAT,
         "format_version": RECORD_FORMAT_VERSION,
         "key": key,
-        "diagnostics": json.dumps(out.diagnostics),
+        "diagnostics": json.dumps(diagnostics),
     }
     with reads.phase("write"):
-        save_tensors(url, dict(zip(names, out.thetas, strict=True)), metadata, config.storage_options)
-    return out
+        save_tensors(url, {job.name: theta}, metadata, config.storage_options)
+    return _Delta(theta, diagnostics, base, task_vectors)
+
+
+def _group_theta_rows(
+    job: TensorJob, config: MergeConfig, reads: _Cost, stored: Checkpoint | None
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(base rows, theta rows float32) of one group tensor, row chunk by row chunk.
+
+    Route "mean": theta = (1/N) sum_i (E_i - W0), computed per row chunk (exact: the rule is
+    elementwise), so a tensor of any size (embeddings, lm_head) and any N streams through a bounded
+    working set (:func:`swudi.plan.chunk_budget`). Route "method" (an elementwise method's own rule,
+    which may look at the whole tensor, e.g. TIES' magnitude threshold): one chunk, the whole tensor.
+    ``stored``: the group's delta artefact, whose theta rows are read instead of the experts.
+    """
+    n = len(job.experts)
+    if job.route == "mean":
+        chunks = row_chunks(job.shape, group_row_bytes(job, n), chunk_budget(config))
+    else:
+        chunks = [(0, 0)]
+
+    def rows(location: TensorLocation, start: int, stop: int) -> TensorLocation:
+        return location if stop == 0 else location.rows(start, stop)
+
+    for start, stop in chunks:
+        if stored is not None:
+            base = reads.tensor(0, rows(job.base, start, stop), config.storage_options)
+            where = rows(stored.location(job.name), start, stop)
+            reads.work += where.nbytes
+            with reads.phase("read"):
+                theta = read_tensor(where, config.storage_options)
+            yield base, theta
+            continue
+        base, *experts = reads.tensors(
+            [rows(loc, start, stop) for loc in (job.base, *job.experts)], config.storage_options
+        )
+        with reads.phase("merge"):
+            if job.route == "mean":
+                acc = MeanAccumulator(base, job.name)
+                for i, expert in enumerate(experts):
+                    acc.add(i, expert)
+                theta = acc.mean()
+            else:
+                task_vectors = stack_task_vectors(base, experts, job.name)
+                theta = merge_elementwise(task_vectors, config.method, name=job.name, **config.params)
+        del experts
+        yield base, theta.to(torch.float32).contiguous()
 
 
 def merge_group(jobs: Sequence[TensorJob], config: MergeConfig, run_id: str = "") -> MergedRecord:
-    """Merge a group of tensors that are not 2-D layer weights (biases, norms, excluded weights).
+    """Merge a group of tensors that are not 2-D layer weights (biases, norms, embeddings, lm_head,
+    excluded weights): W = W0 + scale * theta per tensor, in the output dtype.
 
     theta: route "mean" gives the mean of the task vectors; route "method" (elementwise methods
-    only) the method's own rule. Stored as a delta, so a new scale reads no expert tensor.
+    only) the method's own rule. Each tensor streams in row chunks (:func:`_group_theta_rows`):
+    theta goes to the group's delta artefact and W to its merged artefact as they are computed, so
+    memory is bounded whatever the vocabulary or the number of experts. A stored delta is reused: a
+    new scale reads no expert tensor. Both files appear only when complete (delta first).
+
+    The stored record is written in the merged artefact's header, before its data: it carries what
+    was read, not the seconds spent (the record this function returns has both).
     """
     key = group_merge_key(jobs, config)
     url = artefact_url(config, MERGED, key)
     done = load_merged_record(url, key, config)
     if done is not None:
         return done
-    reads = _Cost([0] * (len(jobs[0].experts) + 1))
-    delta = _delta(jobs, config, reads)
-    bases = delta.bases or [reads.tensor(0, job.base, config.storage_options) for job in jobs]
-    with reads.phase("merge"):
-        merged = {
-            job.name: merged_weight(base, theta, config.scale, torch_dtype(output_dtype(config, job)))
-            for job, base, theta in zip(jobs, bases, delta.thetas, strict=True)
-        }
+    n = len(jobs[0].experts)
+    reads = _Cost([0] * (n + 1))
+    names = [job.name for job in jobs]
+    dkey = delta_key(jobs, config)
+    durl = artefact_url(config, DELTAS, dkey)
+    stored = _open_delta(durl, dkey, names, config)
+    planned = [sum(job.base.nbytes for job in jobs)] + [
+        0 if stored is not None else sum(job.experts[i].nbytes for job in jobs) for i in range(n)
+    ]
+    planned_work = sum(loc.nbytes for loc in stored.tensors.values()) if stored is not None else 0
     record = MergedRecord(
         key,
         url,
-        tuple(merged),
+        tuple(names),
         config.method,
-        decomposed=delta.bases is not None,
-        seconds=time.perf_counter() - reads.started,
-        bytes_read=tuple(reads.inputs),
-        work_bytes_read=reads.work,
-        phases=reads.phases,
+        decomposed=stored is None,
+        bytes_read=tuple(planned),
+        work_bytes_read=planned_work,
         computed_in=run_id,
     )
-    with reads.phase("write"):
-        _save_merged(record, merged, config)
-    return record
+    merged_metadata = {
+        "format": MERGED_FORMAT,
+        "format_version": RECORD_FORMAT_VERSION,
+        "key": key,
+        "record": record.to_json(),
+    }
+    by_name = {job.name: job for job in jobs}
+    out_specs = [TensorSpec(job.name, output_dtype(config, job), job.shape) for job in jobs]
+    with contextlib.ExitStack() as files:
+        fs, path = resolve(url, config.storage_options)
+        merged_file = files.enter_context(safetensors_stream(fs, path, out_specs, merged_metadata, url))
+        delta_file = None
+        if stored is None:  # entered last, so it is complete (closed) before the merged file
+            dfs, dpath = resolve(durl, config.storage_options)
+            delta_specs = [TensorSpec(spec.name, "F32", spec.shape) for spec in merged_file.order]
+            delta_meta = {"format": DELTA_FORMAT, "format_version": RECORD_FORMAT_VERSION, "key": dkey}
+            delta_file = files.enter_context(safetensors_stream(dfs, dpath, delta_specs, delta_meta, durl))
+        for spec in merged_file.order:
+            job = by_name[spec.name]
+            dtype = torch_dtype(spec.dtype)
+            for base, theta in _group_theta_rows(job, config, reads, stored):
+                with reads.phase("merge"):
+                    merged = merged_weight(base, theta, config.scale, dtype)
+                with reads.phase("write"):
+                    if delta_file is not None:
+                        delta_file.write(job.name, theta)
+                    merged_file.write(job.name, merged)
+                del base, theta, merged
+            if delta_file is not None:
+                delta_file.finish_tensor(job.name)
+            merged_file.finish_tensor(job.name)
+        if tuple(reads.inputs) != record.bytes_read or reads.work != record.work_bytes_read:  # before the commit
+            raise CheckpointError(f"{url}: read {reads.inputs} + {reads.work} B, planned {planned} + {planned_work} B")
+    return dataclasses.replace(record, seconds=time.perf_counter() - reads.started, phases=reads.phases)
 
 
 # ------------------------------------------------------------------------------------ publishing
 class MergedTensorReader:
-    """``read(name) -> Tensor`` over the merged artefacts, falling back to the base tensor.
+    """``read(name) -> Tensor or its row chunks`` over the merged artefacts, falling back to the base
+    tensor.
 
-    Artefacts are opened from their headers once and read one tensor at a time, so publishing a
-    model never holds more than one tensor in memory. ``base_bytes_read`` counts the base tensors
-    read (those kept at the base value); ``work_bytes_read`` the merged tensors.
+    Artefacts are opened from their headers once and read one tensor at a time, a large tensor
+    (embeddings, lm_head) in row chunks, so publishing holds at most one chunk in memory.
+    ``base_bytes_read`` counts the base tensors read (those kept at the base value);
+    ``work_bytes_read`` the merged tensors.
     """
 
     def __init__(self, records: Sequence[MergedRecord], jobs: Sequence[TensorJob], config: MergeConfig):
@@ -604,11 +668,11 @@ class MergedTensorReader:
         self.base_bytes_read = 0
         self.work_bytes_read = 0
 
-    def __call__(self, name: str) -> torch.Tensor:
+    def __call__(self, name: str) -> TensorData:
         url = self._where.get(name)
         if url is None:
             self.base_bytes_read += self._base[name].nbytes
-            return read_tensor(self._base[name], self._options)
+            return _read_rows(self._base[name], self._options)
         if url not in self._opened:
             try:
                 self._opened[url] = Checkpoint.open(url, self._options)
@@ -616,9 +680,18 @@ class MergedTensorReader:
                 raise CheckpointError(
                     f"merged artefact of {name!r} is missing or damaged ({error}); run the merge again to recompute it"
                 ) from None
-        artefact = self._opened[url]
-        self.work_bytes_read += artefact.location(name).nbytes
-        return artefact.read(name)
+        location = self._opened[url].location(name)
+        self.work_bytes_read += location.nbytes
+        return _read_rows(location, self._options)
+
+
+def _read_rows(location: TensorLocation, storage_options: Mapping[str, Any]) -> TensorData:
+    """The tensor at ``location``: whole, or as row chunks of at most :data:`swudi.plan.MAX_CHUNK_BYTES`."""
+    rows = location.shape[0] if location.shape else 0
+    chunks = row_chunks(location.shape, location.nbytes // max(1, rows))
+    if len(chunks) == 1:
+        return read_tensor(location, storage_options)
+    return (read_tensor(location.rows(start, stop), storage_options) for start, stop in chunks)
 
 
 def summarize_layers(merged: Sequence[MergedRecord]) -> dict[str, Any]:

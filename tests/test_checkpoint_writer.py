@@ -123,7 +123,7 @@ def test_bad_read_fn_leaves_no_partial_shard(store):
     out = store.url("bad")
     specs = [("a", torch.float32, (4,)), ("b", torch.float32, (4,))]
     values = {"a": torch.ones(4), "b": torch.ones(5)}  # b has the wrong shape
-    with pytest.raises(CheckpointError, match=r"'b': read_fn returned torch.float32 \[5\], planned F32 \[4\]"):
+    with pytest.raises(CheckpointError, match=r"'b': got torch.float32 \[5\] after 0 bytes, planned F32 \[4\]"):
         write_sharded(out, specs, values.__getitem__, storage_options=store.storage_options)
     fs = store.fs()
     path = out.split("://", 1)[1] if store.kind == "s3" else out
@@ -175,3 +175,50 @@ def test_merged_folder_loads_with_transformers(store, tmp_path):
     got = loaded.state_dict()
     for name in base.tensors:
         assert bit_equal(got[name], expected[name]), name
+
+
+def test_row_chunks_stream_into_a_file_that_every_reader_agrees_with(store, tmp_path):
+    """A tensor given as row chunks (any split along dim 0) is the same file as given whole, and
+    each row range reads back through ``TensorLocation.rows`` as the matching slice."""
+    torch.manual_seed(0)
+    tensors = {"emb": random_tensor(torch.bfloat16, (37, 6)), "norm": torch.randn(6), "scalar": torch.tensor(2.5)}
+    whole = store.url("whole")
+    chunked = store.url("chunked")
+    write_sharded(whole, _specs(tensors), tensors.__getitem__, storage_options=store.storage_options)
+
+    def in_pieces(name):
+        t = tensors[name]
+        if t.dim() == 0:
+            return t
+        return iter([t[0:5], t[5:5], t[5:30], t[30:]])  # uneven, with an empty piece
+
+    write_sharded(chunked, _specs(tensors), in_pieces, storage_options=store.storage_options)
+    fs = store.fs()
+    strip = (lambda u: u.split("://", 1)[1]) if store.kind == "s3" else (lambda u: u)
+    assert fs.cat_file(strip(whole) + "/model.safetensors") == fs.cat_file(strip(chunked) + "/model.safetensors")
+    ckpt = Checkpoint.open(chunked, store.storage_options)
+    loc = ckpt.location("emb")
+    from swudi.checkpoint import read_tensor
+
+    for start, stop in [(0, 37), (3, 4), (10, 37), (36, 37), (5, 5)]:
+        assert bit_equal(read_tensor(loc.rows(start, stop), store.storage_options), tensors["emb"][start:stop])
+    for bad in [(-1, 3), (4, 3), (0, 38)]:
+        with pytest.raises(ValueError, match="'emb': rows"):
+            loc.rows(*bad)
+
+
+def test_an_incomplete_or_misshapen_chunk_stream_leaves_no_file(store):
+    specs = [("emb", torch.float32, (10, 4))]
+    cases = {
+        "short": (lambda name: iter([torch.zeros(4, 4), torch.zeros(5, 4)]), r"'emb' incomplete \(144 of 160 bytes"),
+        "long": (lambda name: iter([torch.zeros(8, 4), torch.zeros(4, 4)]), r"got torch.float32 \[4, 4\] after 128"),
+        "columns": (lambda name: iter([torch.zeros(10, 3)]), r"planned F32 \[10, 4\] \(whole, or row chunks"),
+        "dtype": (lambda name: iter([torch.zeros(10, 4, dtype=torch.float16)]), r"got torch.float16"),
+    }
+    fs = store.fs()
+    for label, (read_fn, message) in cases.items():
+        out = store.url(label)
+        with pytest.raises(CheckpointError, match=message):
+            write_sharded(out, specs, read_fn, storage_options=store.storage_options)
+        path = out.split("://", 1)[1] if store.kind == "s3" else out
+        assert (fs.find(path) if fs.exists(path) else []) == [], label

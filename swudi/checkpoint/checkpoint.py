@@ -14,6 +14,7 @@ Opening reads only the headers, with range reads (one per shard, two when a head
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -90,6 +91,20 @@ class TensorLocation:
         for s in self.shape:
             n *= s
         return n
+
+    def rows(self, start: int, stop: int) -> TensorLocation:
+        """Where rows ``[start, stop)`` (along dim 0) are: one contiguous byte range of this tensor,
+        read like a tensor of shape ``(stop - start, *shape[1:])``."""
+        if not self.shape or not 0 <= start <= stop <= self.shape[0]:
+            raise ValueError(f"{self.name!r}: rows [{start}, {stop}) outside shape {list(self.shape)}")
+        row = self.nbytes // self.shape[0] if self.shape[0] else 0
+        return dataclasses.replace(
+            self,
+            shape=(stop - start, *self.shape[1:]),
+            start=self.start + start * row,
+            end=self.start + stop * row,
+            fingerprint=f"{self.fingerprint}[{start}:{stop}]",
+        )
 
 
 @dataclass(frozen=True)

@@ -12,11 +12,12 @@ Each file appears complete or not at all (`open_atomic`).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import re
 import struct
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import IO, Any
 
@@ -36,10 +37,17 @@ __all__ = [
     "tensor_nbytes",
     "plan_shards",
     "shard_names",
+    "TensorData",
+    "layout_order",
+    "SafetensorsStream",
+    "safetensors_stream",
     "write_safetensors",
     "write_sharded",
     "copy_extra_files",
 ]
+
+#: What a writer takes for one tensor: the tensor, or its row chunks (along dim 0) in order.
+TensorData = torch.Tensor | Iterable[torch.Tensor]
 
 #: transformers' historical default (5 GB, decimal).
 DEFAULT_MAX_SHARD_SIZE = 5_000_000_000
@@ -170,43 +178,126 @@ def _tensor_bytes(tensor: torch.Tensor) -> memoryview:
     return t.view(torch.uint8).numpy().data  # a memoryview of the tensor's bytes
 
 
+def layout_order(specs: Sequence[Sequence[Any] | TensorSpec]) -> list[TensorSpec]:
+    """The order tensors are laid out in a file: by decreasing element size, then as given, so that
+    every tensor starts aligned to its element size (as the reference writer does)."""
+    return sorted(map(TensorSpec.of, specs), key=lambda s: -DTYPE_SIZES[s.dtype])
+
+
+class SafetensorsStream:
+    """Push-style writer of one safetensors file whose header is already written.
+
+    ``write(name, data)`` appends the bytes of tensor ``name`` — the whole tensor or its next row
+    chunk (a slice along dim 0) — in :attr:`order`; each piece is checked against the planned dtype
+    and trailing shape, and a tensor is complete when its planned bytes are written. Only the piece
+    passed is ever held, so a tensor of any size streams through in chunks.
+    """
+
+    def __init__(self, f: IO[bytes], order: list[TensorSpec], source: str):
+        self.order = order
+        self.source = source
+        self.written = 0
+        self._f = f
+        self._next = 0  # index in order of the tensor being written
+        self._done = 0  # its bytes written so far
+
+    def _raw(self, data: bytes | memoryview) -> None:
+        self.written += _write(self._f, data)
+
+    def write(self, name: str, data: torch.Tensor) -> None:
+        if isinstance(data, torch.Tensor) and data.dim() >= 1 and data.shape[0] == 0 and data.numel() == 0:
+            planned = next((s for s in self.order if s.name == name and s.shape), None)
+            if planned is not None and tuple(data.shape[1:]) == planned.shape[1:]:
+                return  # an empty row chunk adds no bytes (it may come after its tensor is complete)
+        if self._next >= len(self.order):
+            raise CheckpointError(f"{self.source}: tensor {name!r} written after the last planned tensor")
+        spec = self.order[self._next]
+        where = f"{self.source}: tensor {spec.name!r}"
+        if name != spec.name:
+            raise CheckpointError(f"{where} is due next, got {name!r}")
+        if not isinstance(data, torch.Tensor):
+            raise CheckpointError(f"{where}: got {type(data).__name__}, not a torch.Tensor")
+        whole = tuple(data.shape) == spec.shape and self._done == 0
+        rows = len(spec.shape) >= 1 and data.dim() == len(spec.shape) and tuple(data.shape[1:]) == spec.shape[1:]
+        if data.dtype != torch_dtype(spec.dtype) or not (whole or rows):
+            raise CheckpointError(
+                f"{where}: got {data.dtype} {list(data.shape)}, planned {spec.dtype} {list(spec.shape)} "
+                "(whole, or row chunks along dim 0)"
+            )
+        n = data.numel() * data.element_size()
+        if self._done + n > spec.nbytes:
+            raise CheckpointError(
+                f"{where}: got {data.dtype} {list(data.shape)} after {self._done} bytes, planned {spec.dtype} "
+                f"{list(spec.shape)} ({spec.nbytes} bytes)"
+            )
+        self._raw(_tensor_bytes(data))
+        self._done += n
+        if self._done == spec.nbytes:
+            self._next, self._done = self._next + 1, 0
+
+    def finish_tensor(self, name: str) -> None:
+        """Check that tensor `name` is complete (an empty tensor needs no bytes)."""
+        if self._next < len(self.order) and self.order[self._next].name == name:
+            spec = self.order[self._next]
+            if spec.nbytes or self._done:
+                raise CheckpointError(
+                    f"{self.source}: tensor {name!r} incomplete ({self._done} of {spec.nbytes} bytes written)"
+                )
+            self._next += 1
+
+    def finish(self) -> None:
+        """Check that every planned tensor was written in full."""
+        while self._next < len(self.order):
+            self.finish_tensor(self.order[self._next].name)
+
+
+@contextlib.contextmanager
+def safetensors_stream(
+    fs: AbstractFileSystem,
+    path: str,
+    specs: Sequence[Sequence[Any] | TensorSpec],
+    metadata: Mapping[str, str] | None = None,
+    source: str | None = None,
+) -> Iterator[SafetensorsStream]:
+    """Open one safetensors file at `path` for streaming: the header (from the planned dtypes and
+    shapes, :func:`layout_order`) is written first, the caller then writes each tensor's bytes in
+    that order. The file appears only if every tensor was written in full (`open_atomic`); on an
+    error or an incomplete write nothing is left at `path`."""
+    source = source or path
+    order = layout_order(specs)
+    names = [s.name for s in order]
+    if len(set(names)) != len(names):
+        raise CheckpointError(f"{source}: duplicate tensor names")
+    head = _header_bytes(order, metadata)
+    with open_atomic(fs, path) as f:
+        stream = SafetensorsStream(f, order, source)
+        stream._raw(head)
+        yield stream
+        stream.finish()
+
+
 def write_safetensors(
     fs: AbstractFileSystem,
     path: str,
     specs: Sequence[Sequence[Any] | TensorSpec],
-    read_fn: Callable[[str], torch.Tensor],
+    read_fn: Callable[[str], TensorData],
     metadata: Mapping[str, str] | None = None,
     source: str | None = None,
 ) -> int:
     """Stream one safetensors file to `path`; return its size in bytes.
 
-    Tensors are laid out by decreasing element size (then in the given order) so that every tensor
-    starts aligned to its element size, as the reference writer does; `read_fn` is called in that order.
+    `read_fn(name)` is called in :func:`layout_order` and returns the tensor, or an iterable of its
+    row chunks (dim 0, in order) so that a tensor larger than memory passes through in pieces.
     """
-    source = source or path
-    ordered = sorted(map(TensorSpec.of, specs), key=lambda s: -DTYPE_SIZES[s.dtype])
-    names = [s.name for s in ordered]
-    if len(set(names)) != len(names):
-        raise CheckpointError(f"{source}: duplicate tensor names")
-    head = _header_bytes(ordered, metadata)
-    written = 0
-    with open_atomic(fs, path) as f:
-        written += _write(f, head)
-        for spec in ordered:
-            tensor = read_fn(spec.name)
-            if not isinstance(tensor, torch.Tensor):
-                raise CheckpointError(f"{source}: tensor {spec.name!r}: read_fn returned {type(tensor).__name__}")
-            if tensor.dtype != torch_dtype(spec.dtype) or tuple(tensor.shape) != spec.shape:
-                raise CheckpointError(
-                    f"{source}: tensor {spec.name!r}: read_fn returned {tensor.dtype} {list(tensor.shape)}, "
-                    f"planned {spec.dtype} {list(spec.shape)}"
-                )
-            n = _write(f, _tensor_bytes(tensor))
-            if n != spec.nbytes:
-                raise CheckpointError(f"{source}: tensor {spec.name!r}: wrote {n} bytes, expected {spec.nbytes}")
-            written += n
-            del tensor
-    return written
+    with safetensors_stream(fs, path, specs, metadata, source) as stream:
+        for spec in stream.order:
+            data = read_fn(spec.name)
+            for piece in [data] if isinstance(data, torch.Tensor) else data:
+                stream.write(spec.name, piece)
+                del piece
+            stream.finish_tensor(spec.name)
+            del data
+    return stream.written
 
 
 def _write(f: IO[bytes], data: bytes | memoryview) -> int:
@@ -219,7 +310,7 @@ def _write(f: IO[bytes], data: bytes | memoryview) -> int:
 def write_sharded(
     url: str,
     specs: Sequence[Sequence[Any] | TensorSpec],
-    read_fn: Callable[[str], torch.Tensor],
+    read_fn: Callable[[str], TensorData],
     max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
     storage_options: Mapping[str, Any] | None = None,
     metadata: Mapping[str, str] | None = None,
