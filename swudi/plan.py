@@ -180,12 +180,13 @@ def chunk_budget(config: MergeConfig) -> int:
 
 
 def group_row_bytes(job: TensorJob, num_experts: int) -> int:
-    """Working-set bytes per row of merging a group tensor: the row in every checkpoint (raw dtype),
-    and four float32 copies (base, running sum, task vector, theta), plus the merged row."""
+    """Working-set bytes per row of merging a group tensor: the row in every checkpoint (raw dtype)
+    plus the merged row, and eight float32 rows (base, running sum, an expert and its task vector,
+    theta, and the temporaries of W = W0 + scale * theta)."""
     rows = job.shape[0] if job.shape else 1
     raw = job.base.nbytes // max(rows, 1)
     elems = job.base.numel // max(rows, 1)
-    return (num_experts + 2) * raw + 4 * 4 * elems
+    return (num_experts + 2) * raw + 8 * 4 * elems
 
 
 def workers_within_budget(plan: MergePlan, config: MergeConfig) -> int:

@@ -664,6 +664,7 @@ class MergedTensorReader:
         self._where = {name: record.url for record in records for name in record.names}
         self._base = {job.name: job.base for job in jobs}
         self._options = config.storage_options
+        self._chunk = chunk_budget(config)
         self._opened: dict[str, Checkpoint] = {}
         self.base_bytes_read = 0
         self.work_bytes_read = 0
@@ -672,7 +673,7 @@ class MergedTensorReader:
         url = self._where.get(name)
         if url is None:
             self.base_bytes_read += self._base[name].nbytes
-            return _read_rows(self._base[name], self._options)
+            return _read_rows(self._base[name], self._options, self._chunk)
         if url not in self._opened:
             try:
                 self._opened[url] = Checkpoint.open(url, self._options)
@@ -682,13 +683,13 @@ class MergedTensorReader:
                 ) from None
         location = self._opened[url].location(name)
         self.work_bytes_read += location.nbytes
-        return _read_rows(location, self._options)
+        return _read_rows(location, self._options, self._chunk)
 
 
-def _read_rows(location: TensorLocation, storage_options: Mapping[str, Any]) -> TensorData:
-    """The tensor at ``location``: whole, or as row chunks of at most :data:`swudi.plan.MAX_CHUNK_BYTES`."""
+def _read_rows(location: TensorLocation, storage_options: Mapping[str, Any], max_bytes: int) -> TensorData:
+    """The tensor at ``location``: whole, or as row chunks of at most ``max_bytes``."""
     rows = location.shape[0] if location.shape else 0
-    chunks = row_chunks(location.shape, location.nbytes // max(1, rows))
+    chunks = row_chunks(location.shape, location.nbytes // max(1, rows), max_bytes)
     if len(chunks) == 1:
         return read_tensor(location, storage_options)
     return (read_tensor(location.rows(start, stop), storage_options) for start, stop in chunks)
