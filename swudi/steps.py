@@ -8,8 +8,9 @@ step's inputs, the settings it depends on and the code that computes it,
 - ``WORK/decompositions/<key>.safetensors``: a :class:`~swudi.decomposition.Decomposition` of one
   2-D weight (spectral methods). Hyperparameter-free: every t, rank rule, init and scale reuses it.
 - ``WORK/deltas/<key>.safetensors``: merged task vectors theta (float32, before the scale) of the
-  tensors that are not filtered from a decomposition: groups of small tensors (mean, elementwise
-  methods) and the 2-D weights of iterative and elementwise methods.
+  tensors that are not filtered from a decomposition: groups of tensors outside the matrix method
+  (mean, elementwise methods; embeddings and lm_head stream through in row chunks) and the 2-D
+  weights of iterative and elementwise methods.
 - ``WORK/merged/<key>.safetensors``: the merged tensors ``W = W0 + scale * theta`` in the output
   dtype, plus the :class:`MergedRecord` (ranks, diagnostics, bytes read) in the metadata.
 
