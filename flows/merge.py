@@ -29,9 +29,9 @@ from swudi.plan import (
     batch_blocks,
     block_of,
     build_plan,
-    check_inputs_exist,
     workers_within_budget,
 )
+from swudi.preflight import check_before_merge
 from swudi.steps import PHASES, MergedRecord, artefact_keys, bytes_read, group_merge_key, layer_merge_key
 from swudi.workdir import remove_lease, write_lease
 from tasks import evaluate_merge, fetch_checkpoints, find_completed, merge_block, merge_group, publish_model
@@ -215,9 +215,9 @@ def _flow_run_id() -> str:
 
 
 def run_merge(config: MergeConfig) -> dict[str, Any]:
-    """Run the merge flow with the runner the config asks for (inputs are checked to exist first;
+    """Run the merge flow with the runner the config asks for (:func:`swudi.preflight.check_before_merge` first;
     with a ``memory_budget``, ``workers`` is lowered to what fits it, from the checkpoint headers)."""
-    check_inputs_exist(config)
+    check_before_merge(config)  # inputs, output and work folder, device, scheduler: before Prefect starts
     check_evaluators(config.evaluators)
     if config.memory_budget is not None:  # fewer tasks in flight when the budget asks for it
         workers = workers_within_budget(build_plan(config), config)

@@ -319,6 +319,11 @@ def _load_delta(
 
 
 # ------------------------------------------------------------------------------------------ reads
+def sources_of(job: TensorJob) -> tuple[str, ...]:
+    """The files holding ``job``'s tensor: base first, then each expert (named in input errors)."""
+    return (job.base.shard_url, *(location.shard_url for location in job.experts))
+
+
 def read_task_vectors(
     job: TensorJob, config: MergeConfig, reads: _Cost | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -326,7 +331,7 @@ def read_task_vectors(
     for remote checkpoints."""
     reads = reads or _Cost([0] * (len(job.experts) + 1))
     base, *experts = reads.tensors([job.base, *job.experts], config.storage_options)
-    return base, stack_task_vectors(base, experts, job.name)
+    return base, stack_task_vectors(base, experts, job.name, sources=sources_of(job))
 
 
 # ------------------------------------------------------------------------------------------ steps
@@ -355,7 +360,7 @@ def decompose_layer(
     start = time.perf_counter()
     if prefetched is not None:
         base, *experts = prefetched
-        task_vectors = stack_task_vectors(base, experts, job.name)
+        task_vectors = stack_task_vectors(base, experts, job.name, sources=sources_of(job))
     else:
         base, task_vectors = read_task_vectors(job, config, reads)
     with reads.phase("decompose"):
@@ -462,7 +467,7 @@ def merge_layer(
             interference["per_task"] = interference_vs_sum(theta, inputs[1], config.device)["per_task"]
     base = inputs[0] if inputs is not None else reads.tensor(0, job.base, config.storage_options)
     with reads.phase("merge"):
-        merged = merged_weight(base, theta, config.scale, torch_dtype(output_dtype(config, job)))
+        merged = merged_weight(base, theta, config.scale, torch_dtype(output_dtype(config, job)), name=job.name)
     per_task = interference.get("per_task")
     record = MergedRecord(
         key,
@@ -516,7 +521,7 @@ def _delta(jobs: Sequence[TensorJob], config: MergeConfig, reads: _Cost) -> _Del
         if job.route == "mean" and not job.is_matrix:
             # one expert at a time: memory of two tensors whatever the number of experts (embeddings)
             base = reads.tensor(0, job.base, config.storage_options)
-            acc = MeanAccumulator(base, job.name)
+            acc = MeanAccumulator(base, job.name, sources=sources_of(job))
             for i, location in enumerate(job.experts):
                 expert = reads.tensor(i + 1, location, config.storage_options)
                 with reads.phase("merge"):
@@ -567,7 +572,7 @@ def merge_group(jobs: Sequence[TensorJob], config: MergeConfig, run_id: str = ""
     bases = delta.bases or [reads.tensor(0, job.base, config.storage_options) for job in jobs]
     with reads.phase("merge"):
         merged = {
-            job.name: merged_weight(base, theta, config.scale, torch_dtype(output_dtype(config, job)))
+            job.name: merged_weight(base, theta, config.scale, torch_dtype(output_dtype(config, job)), name=job.name)
             for job, base, theta in zip(jobs, bases, delta.thetas, strict=True)
         }
     record = MergedRecord(
