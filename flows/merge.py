@@ -19,6 +19,7 @@ from prefect.futures import PrefectFuture, as_completed
 from prefect.task_runners import ThreadPoolTaskRunner
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from flows.log_filters import install as quiet_input_error_tracebacks
 from flows.parameters import config_parameter, hold_storage_options
 from swudi.config import MergeConfig
 from swudi.evaluators import check_evaluators
@@ -217,6 +218,7 @@ def _flow_run_id() -> str:
 def run_merge(config: MergeConfig) -> dict[str, Any]:
     """Run the merge flow with the runner the config asks for (:func:`swudi.preflight.check_before_merge` first;
     with a ``memory_budget``, ``workers`` is lowered to what fits it, from the checkpoint headers)."""
+    quiet_input_error_tracebacks()  # an input error is logged as one line, not with its traceback
     check_before_merge(config)  # inputs, output and work folder, device, scheduler: before Prefect starts
     check_evaluators(config.evaluators)
     if config.memory_budget is not None:  # fewer tasks in flight when the budget asks for it
