@@ -19,6 +19,7 @@ from prefect.futures import PrefectFuture, as_completed
 from prefect.task_runners import ThreadPoolTaskRunner
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from flows.log_filters import install as quiet_input_error_tracebacks
 from flows.parameters import config_parameter, hold_storage_options
 from swudi.config import MergeConfig
 from swudi.evaluators import check_evaluators
@@ -29,9 +30,9 @@ from swudi.plan import (
     batch_blocks,
     block_of,
     build_plan,
-    check_inputs_exist,
     workers_within_budget,
 )
+from swudi.preflight import check_before_merge
 from swudi.steps import PHASES, MergedRecord, artefact_keys, bytes_read, group_merge_key, layer_merge_key
 from swudi.workdir import remove_lease, write_lease
 from tasks import evaluate_merge, fetch_checkpoints, find_completed, merge_block, merge_group, publish_model
@@ -215,9 +216,10 @@ def _flow_run_id() -> str:
 
 
 def run_merge(config: MergeConfig) -> dict[str, Any]:
-    """Run the merge flow with the runner the config asks for (inputs are checked to exist first;
+    """Run the merge flow with the runner the config asks for (:func:`swudi.preflight.check_before_merge` first;
     with a ``memory_budget``, ``workers`` is lowered to what fits it, from the checkpoint headers)."""
-    check_inputs_exist(config)
+    quiet_input_error_tracebacks()  # an input error is logged as one line, not with its traceback
+    check_before_merge(config)  # inputs, output and work folder, device, scheduler: before Prefect starts
     check_evaluators(config.evaluators)
     if config.memory_budget is not None:  # fewer tasks in flight when the budget asks for it
         workers = workers_within_budget(build_plan(config), config)

@@ -43,6 +43,7 @@ from swudi.config import MergeConfig, apply_overrides, config_from_mapping, load
 from swudi.errors import PublishError
 from swudi.plan import build_plan, check_inputs_exist, version_id
 from swudi.publish_model import LOCK_WAIT_S, read_report
+from tasks.retry import retry_unless_input_error
 
 #: Folder under the output that holds the refresh lock (the output lock is ``OUTPUT/.lock``).
 REFRESH_LOCK_DIR = ".refresh"
@@ -141,10 +142,16 @@ def _describe_changes(
     old_code, new_code = report.get("software", {}).get("merge_code"), merge_code(config.method)
     if old_code != new_code:
         changes.append(f"merge code {old_code} -> {new_code}")
-    return changes or ["settings changed (routing, shard size or decomposition options)"]
+    return changes or ["settings changed (routing, shard size, decomposition options or evaluators)"]
 
 
-@task(name="check-for-changes", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5)
+@task(
+    name="check-for-changes",
+    cache_policy=NO_CACHE,
+    retries=2,
+    retry_condition_fn=retry_unless_input_error,
+    retry_delay_seconds=5,
+)
 def detect_changes(config: MergeConfig) -> RefreshCheck:
     """Fingerprint inputs (headers, object metadata) -> version id; compare with ``latest.json``."""
     return check_for_changes(config)

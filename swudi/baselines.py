@@ -31,35 +31,68 @@ def mean(task_vectors: torch.Tensor) -> torch.Tensor:
     return task_vectors.to(torch.float32).sum(dim=0) / task_vectors.shape[0]
 
 
-def ties(task_vectors: torch.Tensor, density: float = 0.2, scale: float = 1.0) -> torch.Tensor:
-    """TIES-merging (Yadav et al. 2023).
+def ties(
+    task_vectors: torch.Tensor,
+    density: float = 0.2,
+    scale: float = 1.0,
+    *,
+    trim: str = "exact_k",
+    zero_sign: str = "zero",
+    empty_trim: str = "keep_one",
+) -> torch.Tensor:
+    """TIES-merging (Yadav et al. 2023), with its three conventions as options.
 
-    1. Trim: per task keep the k = floor(density * numel) entries of largest magnitude
-       (entries tied with the k-th largest are kept too), zero the rest.
-    2. Elect: sign of the sum of the trimmed task vectors, per entry.
-    3. Disjoint mean: average the non-zero trimmed entries whose sign agrees with the elected one
-       (0 where none agrees or the elected sign is 0).
+    1. Trim: per task keep the k = floor(density * numel) entries of largest magnitude, zero the rest.
+       ``trim="exact_k"``: exactly k, entries tied at the threshold taken in index order (mergekit
+       also keeps exactly k); ``"keep_tied"``: every entry tied with the k-th largest is kept too
+       (can keep far more than k on bf16 weights, where equal magnitudes are common).
+       k = 0 for a density > 0 (a small tensor): ``empty_trim="keep_one"`` keeps the largest entry,
+       ``"base"`` leaves the tensor at the base (theta = 0), ``"error"`` raises :class:`InputError`
+       (mergekit refuses too). Density 0 is theta = 0; density >= 1 trims nothing.
+    2. Elect: sign of the sum of the trimmed task vectors, per entry. Where the sum is exactly 0,
+       ``zero_sign="zero"`` (the paper's sgn) elects nothing and theta is 0 there; ``"positive"``
+       elects + (mergekit).
+    3. Disjoint mean: average the non-zero trimmed entries whose sign agrees with the elected one.
     4. theta = scale * that mean.
     """
     tv = task_vectors.to(torch.float32)
     n = tv.shape[0]
     flat = tv.reshape(n, -1)
     numel = flat.shape[1]
-    k = int(float(density) * numel)
-    if k <= 0 or numel == 0:
-        return torch.zeros(tv.shape[1:], dtype=torch.float32, device=tv.device)
-    mag = flat.abs()
-    if k < numel:
-        threshold = mag.kthvalue(numel - k + 1, dim=1, keepdim=True).values  # k-th largest
-        trimmed = torch.where(mag >= threshold, flat, torch.zeros((), dtype=flat.dtype, device=flat.device))
-    else:
-        trimmed = flat
-    elected = torch.sign(trimmed.sum(dim=0))
+    zero = torch.zeros(tv.shape[1:], dtype=torch.float32, device=tv.device)
+    if numel == 0 or float(density) <= 0.0:
+        return zero
+    k = numel if float(density) >= 1.0 else int(float(density) * numel)
+    if k == 0:
+        if empty_trim == "error":
+            raise InputError(
+                f"TIES: density {density} keeps no entry of a tensor of {numel} entries; raise the density "
+                "or set params.empty_trim to keep_one or base"
+            )
+        if empty_trim == "base":
+            return zero
+        k = 1
+    trimmed = flat if k >= numel else _trim(flat, k, trim)
+    total = trimmed.sum(dim=0)
+    elected = torch.sign(total)
+    if zero_sign == "positive":
+        elected = torch.where(total == 0, torch.ones_like(elected), elected)
     agree = (torch.sign(trimmed) == elected) & (trimmed != 0)
     selected = torch.where(agree, trimmed, torch.zeros((), dtype=flat.dtype, device=flat.device))
     counts = agree.sum(dim=0).clamp(min=1)
     merged = selected.sum(dim=0) / counts
     return (merged * float(scale)).reshape(tv.shape[1:])
+
+
+def _trim(flat: torch.Tensor, k: int, trim: str) -> torch.Tensor:
+    """Each row of ``flat`` with all but its top-``k`` magnitudes zeroed (:func:`ties`' ``trim``)."""
+    mag = flat.abs()
+    if trim == "keep_tied":
+        threshold = mag.kthvalue(flat.shape[1] - k + 1, dim=1, keepdim=True).values  # k-th largest
+        return torch.where(mag >= threshold, flat, torch.zeros((), dtype=flat.dtype, device=flat.device))
+    order = torch.sort(mag, dim=1, descending=True, stable=True).indices[:, :k]  # ties: lower index first
+    mask = torch.zeros_like(flat, dtype=torch.bool).scatter_(1, order, True)
+    return torch.where(mask, flat, torch.zeros((), dtype=flat.dtype, device=flat.device))
 
 
 def _wudi_weights(task_vectors: torch.Tensor) -> torch.Tensor:

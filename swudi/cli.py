@@ -6,6 +6,7 @@ Without ``PREFECT_API_URL`` the flows run on Prefect's embedded (ephemeral) serv
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -18,7 +19,7 @@ from rich.console import Console
 from rich.table import Table
 
 from swudi.config import MergeConfig, load_config
-from swudi.errors import SwudiError
+from swudi.errors import SwudiError, is_input_error
 from swudi.evaluators import check_evaluators
 from swudi.registry import method_choices
 
@@ -79,8 +80,35 @@ def _load(config: Path, method: str | None, overrides: list[str]) -> MergeConfig
 
 
 def _fail(error: Exception) -> NoReturn:
-    console.print(f"[red]error:[/red] {error}")
+    """One line (or one line per problem) on stderr, exit code 2."""
+    message = _os_message(error) if isinstance(error, OSError) else str(error)
+    console.print(f"[red]error:[/red] {message}", markup=True, highlight=False, soft_wrap=True)
     raise typer.Exit(2)
+
+
+def _os_message(error: OSError) -> str:
+    """An operating-system error as one line naming the file and what to do."""
+    where = f" {error.filename}" if error.filename else ""
+    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return (
+            f"no space left on the device of{where or ' the work folder or output'}: "
+            "free space there, or point work_dir / output elsewhere"
+        )
+    if isinstance(error, PermissionError) or error.errno in (errno.EACCES, errno.EPERM):
+        return (
+            f"access denied to{where or ' a location of the config'}: "
+            "check the permissions or storage_options credentials"
+        )
+    if error.errno == errno.EROFS:
+        return f"read-only file system at{where}: choose a writable work_dir / output"
+    return f"{error.strerror or error}{':' + where if where else ''}"
+
+
+def _refuse(error: BaseException) -> NoReturn:
+    """Exit 2 with one line for an input error (:func:`swudi.errors.is_input_error`); re-raise a fault."""
+    if isinstance(error, SwudiError) or is_input_error(error):
+        _fail(error)  # type: ignore[arg-type]
+    raise error
 
 
 def run_flow_and_settle(config: MergeConfig, grid: list[str] | None = None) -> dict[str, Any]:
@@ -149,8 +177,8 @@ def merge(
         if _report_up_to_date(cfg):
             return
         result = run_flow_and_settle(cfg)
-    except SwudiError as error:
-        _fail(error)
+    except (SwudiError, OSError) as error:
+        _refuse(error)
     print_result(result)
 
 
@@ -171,9 +199,10 @@ def published_version(cfg: MergeConfig) -> dict[str, Any] | None:
     settings (from headers and object metadata alone), else None."""
     from swudi.checkpoint import read_latest
     from swudi.checkpoint.publish import is_version_complete
-    from swudi.plan import build_plan, check_inputs_exist, version_id
+    from swudi.plan import build_plan, version_id
+    from swudi.preflight import check_before_merge
 
-    check_inputs_exist(cfg)
+    check_before_merge(cfg)
     latest = read_latest(cfg.output, cfg.storage_options)
     if latest is None:
         return None
@@ -197,8 +226,8 @@ def plan(
     try:
         cfg = _load(config, method, overrides)
         plan_ = build_plan(cfg)
-    except SwudiError as error:
-        _fail(error)
+    except (SwudiError, OSError) as error:
+        _refuse(error)
     summary = describe_plan(cfg, plan_)
     summary["work_folder"] = work_folder_state(cfg, plan_)
     if as_json:
@@ -236,8 +265,8 @@ def list_methods(
 
     try:
         import_method_modules()  # methods registered by $SWUDI_METHOD_MODULES
-    except SwudiError as error:
-        _fail(error)
+    except (SwudiError, OSError) as error:
+        _refuse(error)
     if markdown:
         typer.echo(methods_markdown())
         return
@@ -279,8 +308,8 @@ def gc(
     try:
         cfg = _load(config, None, overrides)
         result = collect_garbage(cfg, min_age_s=min_age, dry_run=dry_run)
-    except SwudiError as error:
-        _fail(error)
+    except (SwudiError, OSError) as error:
+        _refuse(error)
     verb = "would remove" if dry_run else "removed"
     console.print(
         f"{verb} {len(result.removed)} artefacts ({result.freed_bytes / 1e6:.1f} MB); kept "
@@ -330,8 +359,8 @@ def demo(
         if _report_up_to_date(cfg):
             return
         result = run_flow_and_settle(cfg)
-    except SwudiError as error:
-        _fail(error)
+    except (SwudiError, OSError) as error:
+        _refuse(error)
     print_result(result)
 
 
@@ -350,8 +379,8 @@ def refresh(
         from flows.refresh import refresh as refresh_flow
 
         result = refresh_flow(str(config.resolve()), overrides, wait)
-    except SwudiError as error:
-        _fail(error)
+    except (SwudiError, OSError) as error:
+        _refuse(error)
     from flows.history import wait_for_run_history
 
     merge_run = {result["merge_flow_run_id"]: result["merge_task_runs"]} if "merge_flow_run_id" in result else {}
@@ -395,8 +424,8 @@ def serve(
     strategy: Literal["enqueue", "cancel_new"] = "cancel_new" if collision == "cancel_new" else "enqueue"
     try:
         load_config(config, overrides)
-    except SwudiError as error:
-        _fail(error)
+    except (SwudiError, OSError) as error:
+        _refuse(error)
     from prefect.settings import PREFECT_API_URL
 
     if not PREFECT_API_URL.value():
@@ -424,8 +453,8 @@ def sweep(
         cfg = _load(config, None, overrides)
         points = point_configs(cfg, parse_grid(grid))
         summary = run_flow_and_settle(cfg, grid)
-    except SwudiError as error:
-        _fail(error)
+    except (SwudiError, OSError) as error:
+        _refuse(error)
     table = Table(title=f"swudi sweep: {len(points)} points")
     for column in ("point", "version", "mean rank", "interference vs sum", "decompositions computed", "s"):
         table.add_column(column)
@@ -454,14 +483,27 @@ def report(
     config: Path | None = typer.Option(None, "--config", help="config whose storage_options to use"),
 ) -> None:
     """Write PNG plots (retention vs t / rank_ratio, rank per layer, spectra) and summary tables."""
-    from swudi.plots import write_report
+    from swudi.plots import plotting_missing, write_report
 
-    options = load_config(config).storage_options if config else None
     target = out_dir or Path("swudi-report")
     try:
+        options = load_config(config).storage_options if config else None
         written = write_report(run, target, options)
     except (SwudiError, FileNotFoundError) as error:
         _fail(error)
+    except OSError as error:
+        hint = "" if config else " (a remote location needs its storage options: pass --config merge.yaml)"
+        _fail(SwudiError(f"{run}: cannot be read: {_os_message(error)}{hint}"))
+    except Exception as error:  # e.g. botocore's NoCredentialsError for an S3 URL without --config
+        if config or "://" not in run:
+            raise
+        _fail(
+            SwudiError(
+                f"{run}: cannot be read ({type(error).__name__}): pass --config merge.yaml for its storage options"
+            )
+        )
+    if note := plotting_missing():
+        console.print(f"[yellow]note:[/yellow] {note}")
     for path in written:
         out.print(str(path), soft_wrap=True)
 

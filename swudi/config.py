@@ -3,32 +3,63 @@
 A config names the base checkpoint, the experts, the method and its parameters, where the merged
 model is published and how the work is run. Every field has one meaning; unknown keys are refused
 with the valid ones listed, and method parameters are checked against the method registry, so a bad
-config fails before any checkpoint is opened.
+config fails before any checkpoint is opened. Also refused: a key given twice in the YAML file
+(:mod:`swudi.strict_yaml`), NaN or infinite numbers, ``true``/``false`` where a number is expected,
+empty locations, ``scale: 0`` (it would publish the base), and inputs that repeat or overlap the
+output or the work folder (:mod:`swudi.locations`).
+
+Switching the method on the command line (``--method`` or ``--set method=...``) drops the config
+file's ``params``: they were chosen for the file's method (``t`` of ``swudi_a`` is not ``t`` of
+``swudi``). The dropped names are logged; ``params`` given on the command line must all be valid
+for the new method.
 """
 
 from __future__ import annotations
 
+import logging
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from swudi.checkpoint.storage import is_local_url
 from swudi.checkpoint.writer import parse_size
 from swudi.errors import ConfigError
+from swudi.locations import check_locations
+from swudi.strict_yaml import load_yaml
+from swudi.validation import refuse_bool_for_number
+
+log = logging.getLogger(__name__)
+
+#: A location (path or URL): surrounding blanks stripped, never empty.
+Location = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1)]
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        assert info.field_name is not None
+        return refuse_bool_for_number(cls.model_fields[info.field_name].annotation, value)
 
 
 class TaskRunnerConfig(_Strict):
     """How per-layer tasks run: a bounded thread pool, or Dask (local cluster or a scheduler)."""
 
     kind: Literal["threads", "dask"] = "threads"
-    address: str | None = Field(None, description="Dask scheduler address; None starts a local cluster")
+    address: Location | None = Field(None, description="Dask scheduler address; None starts a local cluster")
     n_workers: int = Field(2, ge=1, description="worker processes of a local Dask cluster")
     threads_per_worker: int = Field(1, ge=1)
 
@@ -57,13 +88,13 @@ class EvaluatorConfig(_Strict):
 class MergeConfig(_Strict):
     """A complete merge: inputs, method, output and execution settings."""
 
-    base: str = Field(description="base checkpoint: local path or fsspec URL")
-    experts: list[str] = Field(min_length=1, description="fine-tuned checkpoints of the same base")
+    base: Location = Field(description="base checkpoint: local path or fsspec URL")
+    experts: list[Location] = Field(min_length=1, description="fine-tuned checkpoints of the same base")
     method: str = "swudi_a"
     params: dict[str, Any] = Field(default_factory=dict, description="method parameters")
     scale: float = Field(1.0, description="alpha in W = W0 + alpha * theta")
-    output: str = Field(description="where versions are published (with a latest.json pointer)")
-    work_dir: str | None = Field(
+    output: Location = Field(description="where versions are published (with a latest.json pointer)")
+    work_dir: Location | None = Field(
         None, description="cache of decompositions and merged tensors; default: OUTPUT/.swudi-work"
     )
     include: list[str] = Field(default_factory=list, description="glob patterns forced to the matrix method")
@@ -94,22 +125,19 @@ class MergeConfig(_Strict):
 
     @field_validator("max_shard_size", mode="before")
     @classmethod
-    def _size(cls, value: int | str) -> int:
-        return parse_size(value)
+    def _size(cls, value: Any) -> int:
+        return parse_size(_size_value(value))
 
     @field_validator("memory_budget", mode="before")
     @classmethod
-    def _budget(cls, value: int | str | None) -> int | None:
-        return None if value is None else parse_size(value)
+    def _budget(cls, value: Any) -> int | None:
+        return None if value is None else parse_size(_size_value(value))
 
-    @field_validator("experts")
+    @field_validator("scale")
     @classmethod
-    def _distinct_experts(cls, value: list[str]) -> list[str]:
-        seen = set()
-        for url in value:
-            if url in seen:
-                raise ValueError(f"expert {url!r} is listed twice")
-            seen.add(url)
+    def _nonzero_scale(cls, value: float) -> float:
+        if value == 0:
+            raise ValueError("scale 0 would publish the base model unchanged; use a non-zero alpha")
         return value
 
     @model_validator(mode="after")
@@ -117,6 +145,7 @@ class MergeConfig(_Strict):
         from swudi.methods import validate_params  # the registry owns the parameter models
 
         object.__setattr__(self, "params", validate_params(self.method, self.params))
+        check_locations(self.base, self.experts, self.output, self.resolved_work_dir)
         return self
 
     @property
@@ -125,6 +154,13 @@ class MergeConfig(_Strict):
         if self.work_dir:
             return self.work_dir
         return self.output.rstrip("/") + "/.swudi-work"
+
+
+def _size_value(value: Any) -> Any:
+    """A size must be a whole number of bytes or a string such as '5GB' (not a boolean or a fraction)."""
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise ValueError(f"expected a size in bytes or a string such as '5GB', got {value!r}")
+    return value
 
 
 def _describe(error: ValidationError, source: str) -> str:
@@ -138,7 +174,8 @@ def _describe(error: ValidationError, source: str) -> str:
         elif item["type"] == "missing":
             lines.append(f"missing required key {where!r}")
         else:
-            lines.append(f"{where}: {item['msg']}")
+            message = str(item["msg"]).removeprefix("Value error, ")
+            lines.append(message if not item["loc"] else f"{where}: {message}")
     return f"invalid config {source}:\n  " + "\n  ".join(lines)
 
 
@@ -168,14 +205,45 @@ def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply ``key.sub=value`` overrides (values parsed as YAML) to a raw config mapping."""
+    """Apply ``key.sub=value`` overrides (values parsed as YAML) to a raw config mapping.
+
+    A value that is not valid YAML, or a key given twice among the overrides, is a
+    :class:`ConfigError` naming the override.
+    """
     merged = dict(data)
+    given: set[str] = set()
     for item in overrides:
         key, sep, raw = item.partition("=")
-        if not sep or not key.strip():
-            raise ConfigError(f"override {item!r} is not of the form key=value")
-        _set_dotted(merged, key.strip(), yaml.safe_load(raw))
+        key = key.strip()
+        if not sep or not key or any(not part for part in key.split(".")):
+            raise ConfigError(f"override {item!r} is not of the form key=value (dotted keys, e.g. params.t=300)")
+        if key in given:
+            raise ConfigError(f"--set {key} is given twice; give each key once")
+        given.add(key)
+        _set_dotted(merged, key, load_yaml(raw, f"--set {item!r}: the value") if raw.strip() else None)
     return merged
+
+
+def _switch_method(file_data: dict[str, Any], data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Drop the file's ``params`` when the overrides change the method (module doc)."""
+    if data.get("method", "swudi_a") == file_data.get("method", "swudi_a"):
+        return data
+    file_params = file_data.get("params") or {}
+    from_overrides = apply_overrides({}, [o for o in overrides if o.split("=", 1)[0].strip().startswith("params.")])
+    kept = from_overrides.get("params", {})
+    if isinstance(data.get("params"), dict) and not any(o.split("=", 1)[0].strip() == "params" for o in overrides):
+        dropped = sorted(set(file_params) - set(kept)) if isinstance(file_params, dict) else []
+        if dropped:
+            log.warning(
+                "method switched from %s to %s on the command line: the config file's params %s are dropped "
+                "(they belong to %s); give the new method's params with --set params.NAME=VALUE",
+                file_data.get("method", "swudi_a"),
+                data.get("method"),
+                ", ".join(dropped),
+                file_data.get("method", "swudi_a"),
+            )
+        data = {**data, "params": kept}
+    return data
 
 
 def config_from_mapping(data: dict[str, Any], source: str = "<mapping>") -> MergeConfig:
@@ -198,19 +266,21 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> MergeCo
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as error:
-        raise ConfigError(f"config {path} is not valid YAML: {error}") from None
-    if not isinstance(data, dict):
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as error:
+        raise ConfigError(f"config {path} cannot be read: {error}") from None
+    file_data = load_yaml(text, f"config {path}") or {}
+    if not isinstance(file_data, dict):
         raise ConfigError(f"config {path} must be a mapping at the top level")
-    data = apply_overrides(data, overrides or [])
+    data = apply_overrides(file_data, overrides or [])
+    data = _switch_method(file_data, data, overrides or [])
     data = _resolve_local_paths(data, path.parent.resolve())
     return config_from_mapping(data, str(path))
 
 
 def _resolve_local_paths(data: dict[str, Any], root: Path) -> dict[str, Any]:
     def fix(url: Any) -> Any:
-        if isinstance(url, str) and is_local_url(url) and not Path(url).is_absolute():
+        if isinstance(url, str) and url.strip() and is_local_url(url) and not Path(url).is_absolute():
             return str((root / url).resolve())
         return url
 

@@ -5,6 +5,8 @@ Every error names the file, tensor or key at fault and, where possible, what to 
 
 from __future__ import annotations
 
+import errno
+
 
 class SwudiError(Exception):
     """Base class of all swudi errors."""
@@ -30,3 +32,26 @@ class ConfigError(SwudiError, ValueError):
 
 class PublishError(SwudiError):
     """Publishing a merged model failed or the output location is in an unexpected state."""
+
+
+#: errno values of storage that will not take the write however often it is tried.
+_FULL_OR_READ_ONLY = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
+
+
+def is_input_error(exc: BaseException) -> bool:
+    """True for an error that the same inputs would raise again: a retry cannot help.
+
+    :class:`InputError` and :class:`ConfigError`; a :class:`CheckpointError` raised by swudi's own
+    checks (no underlying cause) or caused by such an error; access denied; a full or read-only
+    disk. A connection reset, a timeout or an S3 5xx is a fault and may be retried.
+    """
+    if isinstance(exc, (InputError, ConfigError)):
+        return True
+    if isinstance(exc, PermissionError):
+        return True
+    if isinstance(exc, OSError) and exc.errno in _FULL_OR_READ_ONLY:
+        return True
+    if isinstance(exc, CheckpointError):
+        cause = exc.__cause__
+        return cause is None or is_input_error(cause)
+    return False

@@ -211,16 +211,24 @@ def _merge_task_arithmetic(tv: torch.Tensor, p: TaskArithmeticParams) -> torch.T
 
 
 class TiesParams(MethodParams):
-    """TIES: keep the top ``density`` fraction per task, elect signs, disjoint mean, ``scale``."""
+    """TIES: keep the top ``density`` fraction per task, elect signs, disjoint mean, ``scale``.
+
+    Conventions (:func:`swudi.baselines.ties`; mergekit's in brackets): ``trim`` exact_k
+    [exact k], ``zero_sign`` zero [positive], ``empty_trim`` keep_one [error]. Defaults that differ
+    from mergekit's: ``density`` 0.2, the paper's [1.0: no trimming].
+    """
 
     density: float = Field(0.2, ge=0.0, le=1.0)
     scale: float = 1.0
+    trim: Literal["exact_k", "keep_tied"] = "exact_k"
+    zero_sign: Literal["zero", "positive"] = "zero"
+    empty_trim: Literal["keep_one", "base", "error"] = "keep_one"
 
 
 @elementwise_method("ties", TiesParams, "TIES: trim, elect sign, disjoint mean")
 def _merge_ties(tv: torch.Tensor, p: TiesParams) -> torch.Tensor:
     """Trim each tau_i to its top ``density`` magnitudes, elect signs, disjoint mean, times scale."""
-    return baselines.ties(tv, p.density, p.scale)
+    return baselines.ties(tv, p.density, p.scale, trim=p.trim, zero_sign=p.zero_sign, empty_trim=p.empty_trim)
 
 
 class MeanParams(MethodParams):

@@ -282,7 +282,9 @@ def version_id(config: MergeConfig, plan: MergePlan) -> str:
     """Identity of a merged model: inputs + method + parameters + treatment + the merge code.
 
     The same inputs merged with the same settings always get the same id, so a refresh with nothing
-    changed finds its version already published.
+    changed finds its version already published. The evaluators (function and options) are part of
+    the identity when there are any: their results are in the version's report, so adding one to an
+    unchanged config publishes a version that carries them (the merged tensors are reused).
     """
     settings = {
         "method": config.method,
@@ -295,6 +297,8 @@ def version_id(config: MergeConfig, plan: MergePlan) -> str:
         "max_shard_size": config.max_shard_size,
         "max_rank": config.decomposition.max_rank,
     }
+    if config.evaluators:  # the version's report holds their results: another set is another version
+        settings["evaluators"] = [e.model_dump() for e in config.evaluators]
     return digest(merge_code(config.method), plan.inputs_fingerprint, settings)[:16]
 
 

@@ -200,11 +200,32 @@ def write_tables(rows: Sequence[Mapping[str, Any]], out: Path) -> tuple[Path, Pa
     return out / "summary.md", out / "summary.html"
 
 
+def plotting_missing() -> str | None:
+    """None when matplotlib can be imported, else a one-line note saying how to install it."""
+    try:
+        _pyplot()
+    except ImportError as error:
+        return (
+            f"plots skipped: {error.name or 'matplotlib'} is not installed "
+            "(pip install matplotlib, or the swudi[bench] extra); the summary tables are written"
+        )
+    return None
+
+
 def write_report(run: str, out: Path, storage_options: Mapping[str, Any] | None = None) -> list[Path]:
-    """All pictures and tables for a sweep or a merged version, written under ``out``."""
-    out.mkdir(parents=True, exist_ok=True)
+    """All pictures and tables for a sweep or a merged version, written under ``out``.
+
+    Without matplotlib (an optional extra) only the tables are written, with one warning
+    (:func:`plotting_missing`).
+    """
     kind, data = load_run(run, storage_options)
+    out.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
+    missing = plotting_missing()
+    if missing:
+        log.warning("%s", missing)
+        written += list(write_tables(summary_rows(kind, data), out))
+        return written
     if kind == "sweep":
         written += plot_sweep(data, out)
         first = data["points"][0] if data["points"] else None

@@ -31,9 +31,10 @@ from dataclasses import dataclass
 from typing import Any, Literal, TypeVar, get_args
 
 import torch
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError, ValidationInfo, field_validator
 
 from swudi.errors import ConfigError
+from swudi.validation import refuse_bool_for_number
 
 __all__ = [
     "METHODS",
@@ -79,7 +80,14 @@ class MethodParams(BaseModel):
     Every field needs a default (a method must run with ``params: {}``).
     """
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        """NaN and infinities are refused (``allow_inf_nan``), and so is ``true`` for a number."""
+        assert info.field_name is not None
+        return refuse_bool_for_number(cls.model_fields[info.field_name].annotation, value)
 
 
 @dataclass(frozen=True)

@@ -327,6 +327,11 @@ def _load_delta(
 
 
 # ------------------------------------------------------------------------------------------ reads
+def sources_of(job: TensorJob) -> tuple[str, ...]:
+    """The files holding ``job``'s tensor: base first, then each expert (named in input errors)."""
+    return (job.base.shard_url, *(location.shard_url for location in job.experts))
+
+
 def read_task_vectors(
     job: TensorJob, config: MergeConfig, reads: _Cost | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -334,7 +339,7 @@ def read_task_vectors(
     for remote checkpoints."""
     reads = reads or _Cost([0] * (len(job.experts) + 1))
     base, *experts = reads.tensors([job.base, *job.experts], config.storage_options)
-    return base, stack_task_vectors(base, experts, job.name)
+    return base, stack_task_vectors(base, experts, job.name, sources=sources_of(job))
 
 
 # ------------------------------------------------------------------------------------------ steps
@@ -363,7 +368,7 @@ def decompose_layer(
     start = time.perf_counter()
     if prefetched is not None:
         base, *experts = prefetched
-        task_vectors = stack_task_vectors(base, experts, job.name)
+        task_vectors = stack_task_vectors(base, experts, job.name, sources=sources_of(job))
     else:
         base, task_vectors = read_task_vectors(job, config, reads)
     with reads.phase("decompose"):
@@ -470,7 +475,7 @@ def merge_layer(
             interference["per_task"] = interference_vs_sum(theta, inputs[1], config.device)["per_task"]
     base = inputs[0] if inputs is not None else reads.tensor(0, job.base, config.storage_options)
     with reads.phase("merge"):
-        merged = merged_weight(base, theta, config.scale, torch_dtype(output_dtype(config, job)))
+        merged = merged_weight(base, theta, config.scale, torch_dtype(output_dtype(config, job)), name=job.name)
     per_task = interference.get("per_task")
     record = MergedRecord(
         key,
@@ -565,12 +570,12 @@ def _group_theta_rows(
         )
         with reads.phase("merge"):
             if job.route == "mean":
-                acc = MeanAccumulator(base, job.name)
+                acc = MeanAccumulator(base, job.name, sources=sources_of(job))
                 for i, expert in enumerate(experts):
                     acc.add(i, expert)
                 theta = acc.mean()
             else:
-                task_vectors = stack_task_vectors(base, experts, job.name)
+                task_vectors = stack_task_vectors(base, experts, job.name, sources=sources_of(job))
                 theta = merge_elementwise(task_vectors, config.method, name=job.name, **config.params)
         del experts
         yield base, theta.to(torch.float32).contiguous()
@@ -636,7 +641,7 @@ def merge_group(jobs: Sequence[TensorJob], config: MergeConfig, run_id: str = ""
             dtype = torch_dtype(spec.dtype)
             for base, theta in _group_theta_rows(job, config, reads, stored):
                 with reads.phase("merge"):
-                    merged = merged_weight(base, theta, config.scale, dtype)
+                    merged = merged_weight(base, theta, config.scale, dtype, name=job.name)
                 with reads.phase("write"):
                     if delta_file is not None:
                         delta_file.write(job.name, theta)

@@ -18,6 +18,7 @@ from swudi.checkpoint import join_url
 from swudi.checkpoint.fingerprint import digest
 from swudi.config import MergeConfig, apply_overrides, config_from_mapping
 from swudi.errors import ConfigError
+from swudi.strict_yaml import load_yaml
 
 Grid = list[tuple[str, list[Any]]]
 
@@ -29,7 +30,7 @@ def parse_grid(specs: Sequence[str]) -> Grid:
         key, sep, raw = spec.partition("=")
         if not sep or not key.strip() or not raw.strip():
             raise ConfigError(f"grid {spec!r} is not of the form key=v1,v2,...")
-        values = [yaml.safe_load(v) for v in raw.split(",")]
+        values = [load_yaml(v, f"--grid {spec!r}: the value {v!r}") for v in raw.split(",")]
         if key.strip() in {k for k, _ in grid}:
             raise ConfigError(f"grid key {key.strip()!r} given twice")
         grid.append((key.strip(), values))

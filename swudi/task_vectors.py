@@ -15,6 +15,7 @@ __all__ = [
     "squared_norms",
     "is_all_zero",
     "merged_weight",
+    "check_base_finite",
     "MeanAccumulator",
 ]
 
@@ -28,16 +29,46 @@ def _label(name: str) -> str:
     return f"weight {name!r}" if name else "weight"
 
 
-def stack_task_vectors(base: torch.Tensor, experts: Sequence[torch.Tensor], name: str = "") -> torch.Tensor:
+def _where(sources: Sequence[str] | None, index: int) -> str:
+    """`` in FILE`` for checkpoint ``index`` (0: the base, i + 1: expert i) when sources are known."""
+    return f" in {sources[index]}" if sources and index < len(sources) else ""
+
+
+def check_base_finite(base: torch.Tensor, name: str = "", sources: Sequence[str] | None = None) -> None:
+    """:class:`InputError` blaming the base when the base tensor holds NaN or inf (every task vector
+    would be non-finite, and the experts are not at fault)."""
+    if base.is_floating_point() and not _all_finite(base):
+        raise InputError(
+            f"{_label(name)}: the base checkpoint holds non-finite values (NaN or inf){_where(sources, 0)}; "
+            "every task vector would be non-finite: repair or replace the base checkpoint"
+        )
+
+
+def _blame_experts(tv: torch.Tensor, name: str, sources: Sequence[str] | None) -> None:
+    """:class:`InputError` naming the experts (and their files) whose task vectors are not finite."""
+    if _all_finite(tv):
+        return
+    bad = (~torch.isfinite(tv)).reshape(tv.shape[0], -1).any(dim=1).nonzero().flatten().tolist()
+    files = "; ".join(f"expert {i}{_where(sources, i + 1)}" for i in bad)
+    raise InputError(
+        f"{_label(name)}: non-finite values (NaN or inf) in the weights of {files}; check those checkpoints"
+    )
+
+
+def stack_task_vectors(
+    base: torch.Tensor, experts: Sequence[torch.Tensor], name: str = "", *, sources: Sequence[str] | None = None
+) -> torch.Tensor:
     """Return ``stack([E_i - base])`` as float32 ``[N, *base.shape]`` (on the base's device).
 
     Raises :class:`InputError` naming the weight and the expert index for no experts,
-    a shape mismatch, a non-floating dtype or non-finite values.
+    a shape mismatch, a non-floating dtype or non-finite values; ``sources`` (the files of the base
+    and of each expert, in that order) are named too. NaN or inf in the base blames the base.
     """
     if len(experts) == 0:
         raise InputError(f"{_label(name)}: no experts given (N = 0); merging needs at least one expert")
     if not base.is_floating_point():
         raise InputError(f"{_label(name)}: base tensor has non-floating dtype {base.dtype}; cannot form task vectors")
+    check_base_finite(base, name, sources)
     for i, expert in enumerate(experts):
         if tuple(expert.shape) != tuple(base.shape):
             raise InputError(
@@ -49,6 +80,7 @@ def stack_task_vectors(base: torch.Tensor, experts: Sequence[torch.Tensor], name
     out = torch.empty((len(experts), *base.shape), dtype=torch.float32, device=base.device)
     for i, expert in enumerate(experts):
         torch.sub(expert.to(device=base.device, dtype=torch.float32), base32, out=out[i])
+    _blame_experts(out, name, sources)
     return check_task_vectors(out, name)
 
 
@@ -132,10 +164,30 @@ def is_all_zero(sq_norms: torch.Tensor) -> bool:
     return bool(sq_norms.max() < ZERO_NORM_SQ)
 
 
-def merged_weight(base: torch.Tensor, theta: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
-    """The merged weight ``W = W0 + scale * theta``, computed in float32 and cast to ``dtype``."""
+def merged_weight(
+    base: torch.Tensor, theta: torch.Tensor, scale: float, dtype: torch.dtype, *, name: str = ""
+) -> torch.Tensor:
+    """The merged weight ``W = W0 + scale * theta``, computed in float32 and cast to ``dtype``.
+
+    Raises :class:`InputError` naming the weight when a merged value is beyond the range of
+    ``dtype`` (float16: 65504): the cast would store inf, a model that cannot run. Nothing is
+    clamped silently; the message says what to change (output dtype or scale).
+    """
     merged = base.to(torch.float32) + float(scale) * theta.to(device=base.device, dtype=torch.float32)
-    return merged.to(dtype).contiguous()
+    out = merged.to(dtype).contiguous()
+    if out.is_floating_point() and not _all_finite(out):
+        if not _all_finite(merged):
+            raise InputError(
+                f"{_label(name)}: W0 + {scale:g} * theta is not finite in float32; lower the scale "
+                "(or check the method's parameters)"
+            )
+        peak = float(merged.abs().max())
+        raise InputError(
+            f"{_label(name)}: merged values up to {peak:.4g} exceed the range of {dtype} "
+            f"(largest finite value {torch.finfo(dtype).max:.4g}) and would be written as inf; "
+            "use output_dtype: float32 or bfloat16, or a smaller scale"
+        )
+    return out
 
 
 class MeanAccumulator:
@@ -143,14 +195,17 @@ class MeanAccumulator:
 
     ``add(i, expert)`` validates expert ``i`` as :func:`stack_task_vectors` does (shape, floating
     dtype, finite task vector) and adds its task vector; ``mean()`` divides by the number added.
+    A base holding NaN or inf is refused when the accumulator is made (the base is blamed).
     """
 
-    def __init__(self, base: torch.Tensor, name: str = ""):
+    def __init__(self, base: torch.Tensor, name: str = "", *, sources: Sequence[str] | None = None):
         if not base.is_floating_point():
             raise InputError(
                 f"{_label(name)}: base tensor has non-floating dtype {base.dtype}; cannot form task vectors"
             )
+        check_base_finite(base, name, sources)
         self.name = name
+        self.sources = sources
         self.base = base.to(torch.float32)
         self.total = torch.zeros_like(self.base)
         self.count = 0
@@ -166,8 +221,8 @@ class MeanAccumulator:
         tau = expert.to(torch.float32) - self.base
         if not _all_finite(tau):
             raise InputError(
-                f"{_label(self.name)}: non-finite values (NaN or inf) in the task vector(s) of "
-                f"expert(s) [{index}]; check those checkpoints"
+                f"{_label(self.name)}: non-finite values (NaN or inf) in the weights of "
+                f"expert {index}{_where(self.sources, index + 1)}; check that checkpoint"
             )
         self.total += tau
         self.count += 1

@@ -28,6 +28,7 @@ from typing import Any
 
 from swudi.checkpoint import join_url
 from swudi.checkpoint.publish import REPORT_NAME, VERSIONS_DIR
+from swudi.checkpoint.readers import hold_versions, input_versions, release_versions
 from swudi.checkpoint.storage import resolve, write_bytes_atomic
 from swudi.config import MergeConfig
 from swudi.steps import ARTEFACT_KINDS, list_artefacts
@@ -73,16 +74,24 @@ def _lease_url(config: MergeConfig, run_id: str) -> str:
 
 
 def write_lease(config: MergeConfig, run_id: str, keys: Mapping[str, set[str]]) -> None:
-    """Declare the artefacts a running merge needs (before it writes or relies on any)."""
+    """Declare the artefacts a running merge needs (before it writes or relies on any), and hold
+    the published versions it reads as inputs (:mod:`swudi.checkpoint.readers`: retention keeps them)."""
+    hold_versions(_input_versions(config), run_id, config.storage_options)
     body = {"run": run_id, "created": time.time(), "keys": {k: sorted(v) for k, v in keys.items()}}
     write_bytes_atomic(_lease_url(config, run_id), json.dumps(body).encode(), config.storage_options)
 
 
 def remove_lease(config: MergeConfig, run_id: str) -> None:
-    """The merge has published: its artefacts are protected by its version from now on."""
+    """The merge has published: its artefacts are protected by its version from now on, and the
+    versions it read may be pruned again."""
     fs, path = resolve(_lease_url(config, run_id), config.storage_options)
     with contextlib.suppress(FileNotFoundError):
         fs.rm_file(path)
+    release_versions(_input_versions(config), run_id, config.storage_options)
+
+
+def _input_versions(config: MergeConfig) -> list[tuple[str, str]]:
+    return input_versions([config.base, *config.experts], config.storage_options)
 
 
 def _leases(config: MergeConfig, now: float) -> Keys:

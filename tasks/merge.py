@@ -14,6 +14,7 @@ from swudi import steps
 from swudi.config import MergeConfig
 from swudi.plan import TensorJob
 from swudi.threads import apply_torch_threads, threads_per_task
+from tasks.retry import retry_unless_input_error
 
 
 @task(
@@ -22,6 +23,7 @@ from swudi.threads import apply_torch_threads, threads_per_task
     cache_policy=NO_CACHE,
     persist_result=False,
     retries=1,
+    retry_condition_fn=retry_unless_input_error,
 )
 def merge_block(block: str, jobs: Sequence[TensorJob], config: MergeConfig, run_id: str) -> list[steps.MergedRecord]:
     """For each 2-D weight of one block: decompose (or load the decomposition), select the rank, filter
@@ -36,6 +38,7 @@ def merge_block(block: str, jobs: Sequence[TensorJob], config: MergeConfig, run_
     cache_policy=NO_CACHE,
     persist_result=False,
     retries=1,
+    retry_condition_fn=retry_unless_input_error,
 )
 def merge_group(jobs: Sequence[TensorJob], config: MergeConfig, run_id: str) -> steps.MergedRecord:
     """Mean (or the elementwise method) for biases, norms and excluded weights."""
@@ -43,7 +46,14 @@ def merge_group(jobs: Sequence[TensorJob], config: MergeConfig, run_id: str) -> 
     return steps.merge_group(jobs, config, run_id)
 
 
-@task(name="find-completed", cache_policy=NO_CACHE, persist_result=False, retries=2, retry_delay_seconds=5)
+@task(
+    name="find-completed",
+    cache_policy=NO_CACHE,
+    persist_result=False,
+    retries=2,
+    retry_condition_fn=retry_unless_input_error,
+    retry_delay_seconds=5,
+)
 def find_completed(keys: Sequence[str], config: MergeConfig) -> dict[str, steps.MergedRecord]:
     """Records of the merged artefacts that already exist (one listing of the work folder + headers)."""
     return steps.find_merged(keys, config)

@@ -13,9 +13,16 @@ from swudi.config import MergeConfig
 from swudi.plan import MergePlan
 from swudi.publish_model import publish_merged_model
 from swudi.steps import MergedRecord
+from tasks.retry import retry_unless_input_error
 
 
-@task(name="publish", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=10)
+@task(
+    name="publish",
+    cache_policy=NO_CACHE,
+    retries=1,
+    retry_condition_fn=retry_unless_input_error,
+    retry_delay_seconds=10,
+)
 def publish_model(
     config: MergeConfig,
     plan: MergePlan,

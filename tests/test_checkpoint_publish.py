@@ -97,8 +97,8 @@ def test_failed_write_is_never_pointed_to_and_is_cleared_on_retry(store):
     assert read_latest(out, store.storage_options)["version"] == "v1"
     assert [v["version"] for v in list_versions(out, store.storage_options)] == ["v1"]
     incomplete = list_versions(out, store.storage_options, include_incomplete=True)
-    assert [(v["version"], v["complete"]) for v in incomplete] == [("v1", True), ("v2", False)]
-    # A stray file of the failed attempt must not survive the retry.
+    assert [(v["version"], v["complete"]) for v in incomplete] == [("v1", True)]  # the failed attempt is removed
+    # A stray file (e.g. left by a killed attempt) must not survive the retry.
     stray = version_url(out, "v2") + "/stray.bin"
     put_bytes(stray, b"junk", store.storage_options)
     publish_version(out, "v2", _writer(2.0, n=2, storage_options=store.storage_options),

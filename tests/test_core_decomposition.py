@@ -248,7 +248,9 @@ def test_registry_and_parameter_validation():
         "init": "sum",
     }
     assert validate_params("wudi", {})["iterations"] == 300
-    assert validate_params("ties", {}) == {"density": 0.2, "scale": 1.0}
+    assert validate_params("ties", {}) == {
+        "density": 0.2, "scale": 1.0, "trim": "exact_k", "zero_sign": "zero", "empty_trim": "keep_one"
+    }
     with pytest.raises(ConfigError, match="unknown merge method 'swud'.*swudi_a"):
         get_method("swud")
     with pytest.raises(ConfigError, match=r"unknown parameter 'rank'.*Valid parameters: t, rank_ratio, init"):

@@ -65,7 +65,7 @@ def test_missing_expert_fails_before_any_task(tmp_path: Path, inputs) -> None:
     missing = str(tmp_path / "no-such-expert")
     path = _config(tmp_path, base=base, experts=[experts[0], missing], output=str(tmp_path / "out"))
     result = _run("merge", str(path))
-    assert result.exit_code == 2 and "expert 1" in result.output and "no-such-expert" in result.output
+    assert result.exit_code == 2 and "experts[1]" in result.output and "no-such-expert" in result.output
     assert not (tmp_path / "out").exists()
 
 

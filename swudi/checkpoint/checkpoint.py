@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import posixpath
+import stat
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -318,7 +319,7 @@ class Checkpoint:
             return cls._open_file(url, fs, path, storage_options)
 
         try:
-            listing = fs.ls(path, detail=True)
+            listing = _followed(fs, fs.ls(path, detail=True))
         except (FileNotFoundError, NotADirectoryError):
             listing = []
         if (
@@ -435,7 +436,7 @@ class Checkpoint:
             info = (listing or {}).get(name) if "/" not in name else None
             if info is None:
                 try:
-                    info = fs.info(shard_path)
+                    info = _info(fs, shard_path)
                 except FileNotFoundError:
                     raise CheckpointError(
                         f"{index_url}: shard {name!r} listed in weight_map not found at {join_url(folder_url, name)}"
@@ -531,15 +532,45 @@ class Checkpoint:
 
 def _list_files(fs: AbstractFileSystem, folder: str) -> dict[str, dict[str, Any]]:
     try:
-        listing = fs.ls(folder, detail=True)
+        listing = _followed(fs, fs.ls(folder, detail=True))
     except (FileNotFoundError, NotADirectoryError):
         return {}
     return {posixpath.basename(e["name"].rstrip("/")): e for e in listing if e.get("type") == "file"}
 
 
+def _followed(fs: AbstractFileSystem, entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Local listing entries with symbolic links described by their targets.
+
+    A Hugging Face hub cache snapshot (``models--org--name/snapshots/<sha>/``) holds only links into
+    ``../../blobs/``; fsspec's local listing resolves a relative link against the working directory
+    and reports it as type ``other``. Links made by whoever owns the folder are legitimate: the
+    target's type, size and time are used (escapes are only paths written inside an index). A link
+    to a missing target is an error naming it.
+    """
+    if not is_local(fs):
+        return entries
+    return [_follow(e) if e.get("islink") else e for e in entries]
+
+
+def _follow(entry: dict[str, Any]) -> dict[str, Any]:
+    try:
+        st = os.stat(entry["name"])  # follows the link from its own folder
+    except OSError:
+        raise CheckpointError(
+            f"{entry['name']}: broken symbolic link (its target {entry.get('destination')!r} does not exist)"
+        ) from None
+    kind = "directory" if stat.S_ISDIR(st.st_mode) else "file" if stat.S_ISREG(st.st_mode) else "other"
+    return {**entry, "type": kind, "size": st.st_size, "mtime": st.st_mtime}
+
+
+def _info(fs: AbstractFileSystem, path: str) -> dict[str, Any]:
+    """``fs.info(path)``, a local symbolic link described by its target (:func:`_followed`)."""
+    return _followed(fs, [fs.info(path)])[0]
+
+
 def _is_file(fs: AbstractFileSystem, path: str) -> bool:
     try:
-        return fs.info(path).get("type") == "file"
+        return _info(fs, path).get("type") == "file"
     except FileNotFoundError:
         return False
 
@@ -556,7 +587,7 @@ def _is_extra_file(name: str) -> bool:
 def _open_shard(fs: AbstractFileSystem, url: str, path: str, info: Mapping[str, Any] | None) -> _Shard:
     if info is None:
         try:
-            info = fs.info(path)
+            info = _info(fs, path)
         except FileNotFoundError:
             raise CheckpointError(f"{url}: file not found") from None
     if info.get("type") != "file":

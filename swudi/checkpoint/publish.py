@@ -21,6 +21,7 @@ On S3, multipart uploads cut short by a crash are left for a bucket lifecycle ru
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import json
 import logging
@@ -32,6 +33,7 @@ from typing import Any
 
 from fsspec import AbstractFileSystem
 
+from swudi.checkpoint.readers import read_versions
 from swudi.checkpoint.storage import join_url, resolve, write_bytes_atomic
 from swudi.errors import PublishError
 
@@ -150,6 +152,7 @@ def publish_version(
     """Publish a version: `write_files(version_url)` writes the model files, then the manifest, then
     `latest.json` is pointed at it. Returns the pointer written (plus `url`, the version's URL).
 
+    When `write_files` raises, what it wrote is removed before the error is raised again.
     `report` (JSON-serialisable) is written as `merge_report.json` in the version folder;
     `pointer_extra` adds keys to `latest.json`. If the version is already complete, `write_files`
     is not called and only the pointer is (re)written.
@@ -167,7 +170,15 @@ def publish_version(
         if fs.exists(vpath):
             log.info("%s: clearing leftovers of an unfinished publish of %s", output_url, version_id)
             fs.rm(vpath, recursive=True)
-        write_files(vurl)
+        try:
+            write_files(vurl)
+        except Exception:
+            # a refused tensor or a failed write: no half-written version stays behind (the lock
+            # holder owns this folder; latest.json still names the previous version)
+            with contextlib.suppress(Exception):
+                if fs.exists(vpath):
+                    fs.rm(vpath, recursive=True)
+            raise
         if report is not None:
             write_bytes_atomic(
                 join_url(vurl, REPORT_NAME),
@@ -287,7 +298,8 @@ def prune_versions(
     incomplete_older_than_s: float | None = None,
     dry_run: bool = False,
 ) -> list[str]:
-    """Delete all but the `keep` newest complete versions; never the one `latest.json` names.
+    """Delete all but the `keep` newest complete versions; never the one `latest.json` names, nor
+    one that a running merge reads as an input (:mod:`swudi.checkpoint.readers`).
 
     Folders of unfinished publishes are kept (another process may be writing them) unless
     `incomplete_older_than_s` is given and none of their files changed for that long.
@@ -300,12 +312,15 @@ def prune_versions(
     latest_id = latest["version"] if latest else None
     versions = list_versions(output_url, storage_options, include_incomplete=True)
     complete = [v for v in versions if v["complete"]]
-    keep_ids = {v["version"] for v in complete[-keep:]} | {latest_id}
+    read_now = read_versions(output_url, storage_options)  # inputs of running merges
+    keep_ids = {v["version"] for v in complete[-keep:]} | {latest_id} | read_now
     doomed = [v["version"] for v in complete if v["version"] not in keep_ids]
+    for version in sorted(read_now & {v["version"] for v in complete[:-keep]}):
+        log.info("%s: version %s is kept beyond keep=%d: a running merge reads it", output_url, version, keep)
     if incomplete_older_than_s is not None:
         now = time.time()
         for v in versions:
-            if v["complete"] or v["version"] == latest_id:
+            if v["complete"] or v["version"] == latest_id or v["version"] in read_now:
                 continue
             fs, path = resolve(v["url"], storage_options)
             mtime = _newest_mtime(fs, path)

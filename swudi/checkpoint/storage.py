@@ -15,6 +15,7 @@ listings cache (a re-written object must show its new ETag, or fingerprints woul
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import posixpath
 import uuid
@@ -146,10 +147,13 @@ def open_atomic(fs: AbstractFileSystem, path: str) -> Iterator[IO[bytes]]:
             os.fsync(f.fileno())
             f.close()
             os.replace(tmp, path)
-        except BaseException:
-            f.close()
+        except BaseException as exc:
+            with contextlib.suppress(OSError):  # closing flushes, which fails again on a full disk
+                f.close()
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
+            if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT) and not exc.filename:
+                raise OSError(exc.errno, exc.strerror, path) from exc  # name the file that did not fit
             raise
         _fsync_dir(folder)
         return

@@ -1,0 +1,23 @@
+"""Value checks shared by the config models and the method parameter models."""
+
+from __future__ import annotations
+
+import types
+import typing
+from typing import Any
+
+__all__ = ["refuse_bool_for_number"]
+
+
+def refuse_bool_for_number(annotation: Any, value: Any) -> Any:
+    """``value``, unless it is a boolean given for a numeric field.
+
+    pydantic would take YAML ``true`` as 1 for an ``int`` or ``float`` field (``max_shard_size:
+    true`` would be one byte per shard); raises ``ValueError`` instead.
+    """
+    if isinstance(value, bool):
+        origin = typing.get_origin(annotation)
+        members = typing.get_args(annotation) if origin in (typing.Union, types.UnionType) else (annotation,)
+        if bool not in members and any(m in (int, float) for m in members):
+            raise ValueError(f"expected a number, got the boolean {str(value).lower()}")
+    return value
