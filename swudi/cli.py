@@ -6,21 +6,27 @@ Without ``PREFECT_API_URL`` the flows run on Prefect's embedded (ephemeral) serv
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal, NoReturn
+from typing import Any, Literal, NoReturn, ParamSpec, TypeVar
 
 import typer
 import yaml
 from rich.console import Console
 from rich.table import Table
 
+from swudi.checkpoint.faults import mask_credentials, storage_fault
 from swudi.config import MergeConfig, load_config
 from swudi.errors import SwudiError
 from swudi.evaluators import check_evaluators
 from swudi.registry import method_choices
+
+P = ParamSpec("P")
+R = TypeVar("R")
 
 app = typer.Typer(
     add_completion=False,
@@ -79,8 +85,28 @@ def _load(config: Path, method: str | None, overrides: list[str]) -> MergeConfig
 
 
 def _fail(error: Exception) -> NoReturn:
-    console.print(f"[red]error:[/red] {error}")
+    from rich.text import Text
+
+    console.print(Text.assemble(("error:", "red"), " ", mask_credentials(str(error))), soft_wrap=True)
     raise typer.Exit(2)
+
+
+def storage_faults_fail_cleanly(command: Callable[P, R]) -> Callable[P, R]:
+    """A command whose storage faults (after every retry) end in one line and exit code 2."""
+
+    @functools.wraps(command)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return command(*args, **kwargs)
+        except (typer.Exit, KeyboardInterrupt):
+            raise
+        except Exception as error:
+            fault = storage_fault(error)
+            if fault is None:
+                raise
+            _fail(fault)
+
+    return wrapper
 
 
 def run_flow_and_settle(config: MergeConfig, grid: list[str] | None = None) -> dict[str, Any]:
@@ -130,6 +156,7 @@ def _split(split: dict[str, float]) -> str:
 
 
 @app.command()
+@storage_faults_fail_cleanly
 def merge(
     config: Path = typer.Argument(..., help="YAML merge config"),
     method: str | None = typer.Option(None, "--method", help=f"override the config's {METHOD_HELP}"),
@@ -184,6 +211,7 @@ def published_version(cfg: MergeConfig) -> dict[str, Any] | None:
 
 
 @app.command()
+@storage_faults_fail_cleanly
 def plan(
     config: Path = typer.Argument(..., help="YAML merge config"),
     method: str | None = typer.Option(None, "--method", help=f"override the config's {METHOD_HELP}"),
@@ -267,6 +295,7 @@ def work_folder_state(cfg: MergeConfig, plan_: Any) -> dict[str, Any]:
 
 
 @app.command()
+@storage_faults_fail_cleanly
 def gc(
     config: Path = typer.Argument(..., help="YAML merge config (its output, work folder and setting)"),
     min_age: float = typer.Option(3600.0, "--min-age", min=0, help="seconds: younger unneeded artefacts are kept too"),
@@ -295,6 +324,7 @@ def gc(
 
 
 @app.command()
+@storage_faults_fail_cleanly
 def demo(
     folder: Path = typer.Option(Path(".swudi-demo"), "--dir", help="where models are written"),
     experts: int = typer.Option(4, min=2, help="number of generated experts"),
@@ -336,6 +366,7 @@ def demo(
 
 
 @app.command()
+@storage_faults_fail_cleanly
 def refresh(
     config: Path = typer.Argument(..., help="YAML merge config"),
     overrides: list[str] = typer.Option([], "--set", help="key=value override (dotted keys)"),
@@ -412,6 +443,7 @@ def serve(
 
 
 @app.command()
+@storage_faults_fail_cleanly
 def sweep(
     config: Path = typer.Argument(..., help="YAML merge config (the grid's base settings)"),
     grid: list[str] = typer.Option(..., "--grid", help="key=v1,v2,... (repeatable; cartesian product)"),
@@ -448,6 +480,7 @@ def _num(value: Any) -> str:
 
 
 @app.command()
+@storage_faults_fail_cleanly
 def report(
     run: str = typer.Argument(..., help="sweep folder/sweep.json, version folder, or output folder"),
     out_dir: Path | None = typer.Option(None, "--out", help="where the files go (default: ./swudi-report)"),

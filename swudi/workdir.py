@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from swudi.checkpoint import join_url
+from swudi.checkpoint.killpoints import storage_event
 from swudi.checkpoint.publish import REPORT_NAME, VERSIONS_DIR
 from swudi.checkpoint.storage import resolve, write_bytes_atomic
 from swudi.config import MergeConfig
@@ -83,6 +84,7 @@ def remove_lease(config: MergeConfig, run_id: str) -> None:
     fs, path = resolve(_lease_url(config, run_id), config.storage_options)
     with contextlib.suppress(FileNotFoundError):
         fs.rm_file(path)
+        storage_event("deleted", path)
 
 
 def _leases(config: MergeConfig, now: float) -> Keys:
