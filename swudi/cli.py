@@ -79,6 +79,17 @@ def prepare_prefect_environment(local_api: str | None = None) -> None:
         console.print(f"using the Prefect server at {found} (runs are kept in its history)")
 
 
+def ensure_prefect_api() -> None:
+    """:func:`prepare_prefect_environment`, then, if no Prefect API is named or found, start an embedded
+    server for this command (:mod:`swudi.prefect_server`: bounded start-up, stopped with the command)."""
+    prepare_prefect_environment()
+    if not os.environ.get("PREFECT_API_URL"):
+        from swudi.prefect_server import start_embedded_server
+
+        console.print("starting an embedded Prefect server for this command (`prefect server start` avoids it)")
+        start_embedded_server()
+
+
 def _load(config: Path, method: str | None, overrides: list[str]) -> MergeConfig:
     extra = [f"method={method}"] if method else []
     return load_config(config, [*extra, *overrides])
@@ -112,7 +123,7 @@ def storage_faults_fail_cleanly(command: Callable[P, R]) -> Callable[P, R]:
 def run_flow_and_settle(config: MergeConfig, grid: list[str] | None = None) -> dict[str, Any]:
     """Run the merge flow (or, with a ``grid``, the sweep flow), then wait until every task run it
     submitted is in the run history (:mod:`flows.history`), before the process exits."""
-    prepare_prefect_environment()
+    ensure_prefect_api()
     if grid is None:
         from flows.merge import run_merge
 
@@ -375,9 +386,9 @@ def refresh(
 ) -> None:
     """Publish a new version if an input or a setting changed since `latest`; otherwise do nothing."""
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING)
-    prepare_prefect_environment()
     try:
         load_config(config, overrides)  # a bad config fails here, before Prefect starts
+        ensure_prefect_api()
         from flows.refresh import refresh as refresh_flow
 
         result = refresh_flow(str(config.resolve()), overrides, wait)
