@@ -23,6 +23,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -131,9 +132,13 @@ def test_killed_at_a_sample_of_points_the_rerun_is_bit_identical(scenario: dict,
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(4 * 3600)  # about 20 s per kill point on 2 idle cores, several times that under load
 def test_killed_at_every_storage_mutation_the_rerun_is_bit_identical(scenario: dict, prefect_api: str) -> None:
     total = len(scenario["phases"])
     assert total >= 50, f"only {total} kill points"
     for k in range(1, total + 1):
+        started = time.monotonic()
         _check_kill_point(scenario, prefect_api, k)
+        print(f"kill point {k}/{total} ({scenario['phases'][k - 1]}: {scenario['trace'][k - 1].split(' ', 1)[1]}) "
+              f"survived in {time.monotonic() - started:.1f} s", flush=True)
     print(f"kill points survived: {total} {dict(Counter(scenario['phases']))}")
