@@ -10,6 +10,7 @@ import functools
 import json
 import logging
 import os
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal, NoReturn, ParamSpec, TypeVar
@@ -83,11 +84,21 @@ def ensure_prefect_api() -> None:
     """:func:`prepare_prefect_environment`, then, if no Prefect API is named or found, start an embedded
     server for this command (:mod:`swudi.prefect_server`: bounded start-up, stopped with the command)."""
     prepare_prefect_environment()
-    if not os.environ.get("PREFECT_API_URL"):
+    if not os.environ.get("PREFECT_API_URL") and not _prefect_api_in_settings():
         from swudi.prefect_server import start_embedded_server
 
         console.print("starting an embedded Prefect server for this command (`prefect server start` avoids it)")
         start_embedded_server()
+
+
+def _prefect_api_in_settings() -> bool:
+    """True when Prefect is already imported in this process and its settings name an API (an
+    in-process caller such as a test harness); never imports Prefect itself."""
+    if "prefect.settings" not in sys.modules:
+        return False
+    from prefect.settings import PREFECT_API_URL
+
+    return bool(PREFECT_API_URL.value())
 
 
 def _load(config: Path, method: str | None, overrides: list[str]) -> MergeConfig:
