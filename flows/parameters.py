@@ -14,6 +14,8 @@ import uuid
 from collections.abc import Iterator
 from typing import Any
 
+from swudi.checkpoint.retry import RETRY_KEY
+from swudi.checkpoint.secrets import is_secret_ref
 from swudi.config import MergeConfig, config_from_mapping
 from swudi.errors import ConfigError
 
@@ -25,7 +27,8 @@ def hold_storage_options(config: MergeConfig) -> Iterator[tuple[dict[str, Any], 
     """(the config as a mapping with empty ``storage_options``, a reference to the held options)."""
     data = config.model_dump()
     options = data.pop("storage_options")
-    data["storage_options"] = {}
+    data["storage_options"] = {}  # the retry policy is rebuilt from ``storage_retry`` on validation
+    options.pop(RETRY_KEY, None)
     if not options:
         yield data, None
         return
@@ -43,7 +46,7 @@ def config_parameter(config: dict[str, Any] | MergeConfig, storage_options_ref: 
     if storage_options_ref is None:
         return cfg
     try:
-        options = _HELD[storage_options_ref]
+        options = {**_HELD[storage_options_ref], RETRY_KEY: cfg.storage_retry.model_dump()}
     except KeyError:
         raise ConfigError(
             "the storage options of this run were held by the process that started it; "
@@ -56,5 +59,8 @@ def config_parameter(config: dict[str, Any] | MergeConfig, storage_options_ref: 
 def redacted(config: MergeConfig) -> dict[str, Any]:
     """The config as a mapping for files and logs: storage option values replaced by a marker."""
     data = config.model_dump()
-    data["storage_options"] = dict.fromkeys(config.storage_options, "<redacted>")
+    data["storage_options"] = {
+        key: value if key == RETRY_KEY or is_secret_ref(value) else "<redacted>"
+        for key, value in config.storage_options.items()
+    }
     return data

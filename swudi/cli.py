@@ -7,21 +7,28 @@ Without ``PREFECT_API_URL`` the flows run on Prefect's embedded (ephemeral) serv
 from __future__ import annotations
 
 import errno
+import functools
 import json
 import logging
 import os
+import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal, NoReturn
+from typing import Any, Literal, NoReturn, ParamSpec, TypeVar
 
 import typer
 import yaml
 from rich.console import Console
 from rich.table import Table
 
+from swudi.checkpoint.faults import mask_credentials, storage_fault
 from swudi.config import MergeConfig, load_config
 from swudi.errors import SwudiError, is_input_error
 from swudi.evaluators import check_evaluators
 from swudi.registry import method_choices
+
+P = ParamSpec("P")
+R = TypeVar("R")
 
 app = typer.Typer(
     add_completion=False,
@@ -74,6 +81,27 @@ def prepare_prefect_environment(local_api: str | None = None) -> None:
         console.print(f"using the Prefect server at {found} (runs are kept in its history)")
 
 
+def ensure_prefect_api() -> None:
+    """:func:`prepare_prefect_environment`, then, if no Prefect API is named or found, start an embedded
+    server for this command (:mod:`swudi.prefect_server`: bounded start-up, stopped with the command)."""
+    prepare_prefect_environment()
+    if not os.environ.get("PREFECT_API_URL") and not _prefect_api_in_settings():
+        from swudi.prefect_server import start_embedded_server
+
+        console.print("starting an embedded Prefect server for this command (`prefect server start` avoids it)")
+        start_embedded_server()
+
+
+def _prefect_api_in_settings() -> bool:
+    """True when Prefect is already imported in this process and its settings name an API (an
+    in-process caller such as a test harness); never imports Prefect itself."""
+    if "prefect.settings" not in sys.modules:
+        return False
+    from prefect.settings import PREFECT_API_URL
+
+    return bool(PREFECT_API_URL.value())
+
+
 def _load(config: Path, method: str | None, overrides: list[str]) -> MergeConfig:
     extra = [f"method={method}"] if method else []
     return load_config(config, [*extra, *overrides])
@@ -81,8 +109,10 @@ def _load(config: Path, method: str | None, overrides: list[str]) -> MergeConfig
 
 def _fail(error: Exception) -> NoReturn:
     """One line (or one line per problem) on stderr, exit code 2."""
+    from rich.text import Text
+
     message = _os_message(error) if isinstance(error, OSError) else str(error)
-    console.print(f"[red]error:[/red] {message}", markup=True, highlight=False, soft_wrap=True)
+    console.print(Text.assemble(("error:", "red"), " ", mask_credentials(message)), soft_wrap=True)
     raise typer.Exit(2)
 
 
@@ -111,10 +141,28 @@ def _refuse(error: BaseException) -> NoReturn:
     raise error
 
 
+def storage_faults_fail_cleanly(command: Callable[P, R]) -> Callable[P, R]:
+    """A command whose storage faults (after every retry) end in one line and exit code 2."""
+
+    @functools.wraps(command)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return command(*args, **kwargs)
+        except (typer.Exit, KeyboardInterrupt):
+            raise
+        except Exception as error:
+            fault = storage_fault(error)
+            if fault is None:
+                raise
+            _fail(fault)
+
+    return wrapper
+
+
 def run_flow_and_settle(config: MergeConfig, grid: list[str] | None = None) -> dict[str, Any]:
     """Run the merge flow (or, with a ``grid``, the sweep flow), then wait until every task run it
     submitted is in the run history (:mod:`flows.history`), before the process exits."""
-    prepare_prefect_environment()
+    ensure_prefect_api()
     if grid is None:
         from flows.merge import run_merge
 
@@ -158,6 +206,7 @@ def _split(split: dict[str, float]) -> str:
 
 
 @app.command()
+@storage_faults_fail_cleanly
 def merge(
     config: Path = typer.Argument(..., help="YAML merge config"),
     method: str | None = typer.Option(None, "--method", help=f"override the config's {METHOD_HELP}"),
@@ -213,6 +262,7 @@ def published_version(cfg: MergeConfig) -> dict[str, Any] | None:
 
 
 @app.command()
+@storage_faults_fail_cleanly
 def plan(
     config: Path = typer.Argument(..., help="YAML merge config"),
     method: str | None = typer.Option(None, "--method", help=f"override the config's {METHOD_HELP}"),
@@ -296,6 +346,7 @@ def work_folder_state(cfg: MergeConfig, plan_: Any) -> dict[str, Any]:
 
 
 @app.command()
+@storage_faults_fail_cleanly
 def gc(
     config: Path = typer.Argument(..., help="YAML merge config (its output, work folder and setting)"),
     min_age: float = typer.Option(3600.0, "--min-age", min=0, help="seconds: younger unneeded artefacts are kept too"),
@@ -324,6 +375,7 @@ def gc(
 
 
 @app.command()
+@storage_faults_fail_cleanly
 def demo(
     folder: Path = typer.Option(Path(".swudi-demo"), "--dir", help="where models are written"),
     experts: int = typer.Option(4, min=2, help="number of generated experts"),
@@ -365,6 +417,7 @@ def demo(
 
 
 @app.command()
+@storage_faults_fail_cleanly
 def refresh(
     config: Path = typer.Argument(..., help="YAML merge config"),
     overrides: list[str] = typer.Option([], "--set", help="key=value override (dotted keys)"),
@@ -373,9 +426,9 @@ def refresh(
 ) -> None:
     """Publish a new version if an input or a setting changed since `latest`; otherwise do nothing."""
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING)
-    prepare_prefect_environment()
     try:
         load_config(config, overrides)  # a bad config fails here, before Prefect starts
+        ensure_prefect_api()
         from flows.refresh import refresh as refresh_flow
 
         result = refresh_flow(str(config.resolve()), overrides, wait)
@@ -441,6 +494,7 @@ def serve(
 
 
 @app.command()
+@storage_faults_fail_cleanly
 def sweep(
     config: Path = typer.Argument(..., help="YAML merge config (the grid's base settings)"),
     grid: list[str] = typer.Option(..., "--grid", help="key=v1,v2,... (repeatable; cartesian product)"),
@@ -477,6 +531,7 @@ def _num(value: Any) -> str:
 
 
 @app.command()
+@storage_faults_fail_cleanly
 def report(
     run: str = typer.Argument(..., help="sweep folder/sweep.json, version folder, or output folder"),
     out_dir: Path | None = typer.Option(None, "--out", help="where the files go (default: ./swudi-report)"),

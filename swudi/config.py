@@ -32,6 +32,7 @@ from pydantic import (
     model_validator,
 )
 
+from swudi.checkpoint.retry import RETRY_KEY
 from swudi.checkpoint.storage import is_local_url
 from swudi.checkpoint.writer import parse_size
 from swudi.errors import ConfigError
@@ -85,6 +86,19 @@ class EvaluatorConfig(_Strict):
         return value
 
 
+class StorageRetryConfig(_Strict):
+    """How each storage request is retried before the merge fails (:mod:`swudi.checkpoint.retry`).
+
+    One S3 call makes at most ``2 x attempts`` requests, each waiting at most the connect and read
+    timeouts, with exponential backoff between them; then the merge stops with a one-line error
+    and publishes nothing.
+    """
+
+    attempts: int = Field(5, ge=1, le=20, description="requests per call (botocore standard retry mode)")
+    connect_timeout_s: float = Field(10.0, gt=0, le=600, description="seconds to open a connection")
+    read_timeout_s: float = Field(60.0, gt=0, le=3600, description="seconds without a byte of the response")
+
+
 class MergeConfig(_Strict):
     """A complete merge: inputs, method, output and execution settings."""
 
@@ -120,6 +134,7 @@ class MergeConfig(_Strict):
     task_runner: TaskRunnerConfig = Field(default_factory=TaskRunnerConfig)
     decomposition: DecompositionConfig = Field(default_factory=DecompositionConfig)
     storage_options: dict[str, Any] = Field(default_factory=dict, description="fsspec options for remote URLs")
+    storage_retry: StorageRetryConfig = Field(default_factory=StorageRetryConfig)
     evaluators: list[EvaluatorConfig] = Field(default_factory=list)
     keep_versions: int | None = Field(None, ge=1, description="published versions kept; None keeps all")
 
@@ -139,6 +154,13 @@ class MergeConfig(_Strict):
         if value == 0:
             raise ValueError("scale 0 would publish the base model unchanged; use a non-zero alpha")
         return value
+
+    @model_validator(mode="after")
+    def _retry_in_storage_options(self) -> MergeConfig:
+        """The retry policy travels with the storage options to every filesystem built from them."""
+        options = {**self.storage_options, RETRY_KEY: self.storage_retry.model_dump()}
+        object.__setattr__(self, "storage_options", options)
+        return self
 
     @model_validator(mode="after")
     def _method_and_params(self) -> MergeConfig:

@@ -80,15 +80,17 @@ def publish_merged_model(
             config.storage_options,
         )
 
-    with output_lock(config.output, storage_options=config.storage_options, wait_s=LOCK_WAIT_S):
+    with output_lock(config.output, storage_options=config.storage_options, wait_s=LOCK_WAIT_S) as lock:
         pointer = publish_version(
             config.output,
             version,
             write_files,
             storage_options=config.storage_options,
             pointer_extra={"method": config.method},
+            guard=lock.check,
         )
         if config.keep_versions:
+            lock.check()
             removed = prune_versions(config.output, config.keep_versions, config.storage_options)
             if removed:
                 log.info("%s: pruned versions %s", config.output, ", ".join(removed))

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from swudi.checkpoint import join_url
+from swudi.checkpoint.killpoints import storage_event
 from swudi.checkpoint.publish import REPORT_NAME, VERSIONS_DIR
 from swudi.checkpoint.readers import hold_versions, input_versions, release_versions
 from swudi.checkpoint.storage import resolve, write_bytes_atomic
@@ -87,6 +88,7 @@ def remove_lease(config: MergeConfig, run_id: str) -> None:
     fs, path = resolve(_lease_url(config, run_id), config.storage_options)
     with contextlib.suppress(FileNotFoundError):
         fs.rm_file(path)
+        storage_event("deleted", path)
     release_versions(_input_versions(config), run_id, config.storage_options)
 
 

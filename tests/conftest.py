@@ -120,8 +120,10 @@ def store(request: pytest.FixtureRequest, tmp_path) -> Store:
 # ------------------------------------------------------------------------------------- Prefect
 @pytest.fixture(scope="session")
 def prefect_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A real Prefect API (Prefect's test harness: a server subprocess on SQLite) for the session.
+    """A real Prefect API (a server subprocess on SQLite in a temporary PREFECT_HOME) for the session.
 
+    Started by swudi's own embedded-server code (`swudi/prefect_server.py`: waits up to 600 s,
+    where Prefect's test harness gives up after 90 s, which a loaded 2-core machine exceeds).
     Yields its URL; subprocesses that should report to the same API get it as PREFECT_API_URL.
     """
     home = tmp_path_factory.mktemp("prefect-home")
@@ -131,8 +133,14 @@ def prefect_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "90",
         "PREFECT_LOGGING_LEVEL": "WARNING",
     })
-    from prefect.settings import PREFECT_API_URL
-    from prefect.testing.utilities import prefect_test_harness
+    from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    with prefect_test_harness(server_startup_timeout=90):
-        yield str(PREFECT_API_URL.value())
+    from swudi.prefect_server import EmbeddedServer
+
+    server = EmbeddedServer()
+    url = server.start()
+    try:
+        with temporary_settings(updates={PREFECT_API_URL: url}):
+            yield url
+    finally:
+        server.stop()

@@ -33,6 +33,7 @@ from typing import Any
 
 from fsspec import AbstractFileSystem
 
+from swudi.checkpoint.killpoints import storage_event
 from swudi.checkpoint.readers import read_versions
 from swudi.checkpoint.storage import join_url, resolve, write_bytes_atomic
 from swudi.errors import PublishError
@@ -148,6 +149,7 @@ def publish_version(
     storage_options: Mapping[str, Any] | None = None,
     report: Mapping[str, Any] | None = None,
     pointer_extra: Mapping[str, Any] | None = None,
+    guard: Callable[[], None] | None = None,
 ) -> dict[str, Any]:
     """Publish a version: `write_files(version_url)` writes the model files, then the manifest, then
     `latest.json` is pointed at it. Returns the pointer written (plus `url`, the version's URL).
@@ -155,8 +157,10 @@ def publish_version(
     When `write_files` raises, what it wrote is removed before the error is raised again.
     `report` (JSON-serialisable) is written as `merge_report.json` in the version folder;
     `pointer_extra` adds keys to `latest.json`. If the version is already complete, `write_files`
-    is not called and only the pointer is (re)written.
+    is not called and only the pointer is (re)written. `guard()` is called before the manifest and
+    before the pointer are written (e.g. `Lock.check`: raise if the output lock was lost).
     """
+    guard = guard or (lambda: None)
     vurl = version_url(output_url, version_id)
     fs, vpath = resolve(vurl, storage_options)
     manifest = read_manifest(output_url, version_id, storage_options)
@@ -170,6 +174,7 @@ def publish_version(
         if fs.exists(vpath):
             log.info("%s: clearing leftovers of an unfinished publish of %s", output_url, version_id)
             fs.rm(vpath, recursive=True)
+            storage_event("deleted", vpath)
         try:
             write_files(vurl)
         except Exception:
@@ -189,6 +194,7 @@ def publish_version(
         files.pop(MANIFEST_NAME, None)
         if not any(name != REPORT_NAME for name in files):
             raise PublishError(f"{vurl}: write_files wrote no files; nothing to publish")
+        guard()
         manifest = {
             "version": version_id,
             "completed_at": _now(),
@@ -202,6 +208,7 @@ def publish_version(
     if previous is not None and previous.get("version") == version_id:
         log.info("%s: latest already names %s", output_url, version_id)
         return previous
+    guard()
     pointer = {
         "version": version_id,
         "path": f"{VERSIONS_DIR}/{version_id}",
@@ -334,7 +341,9 @@ def prune_versions(
         mpath = resolve(join_url(vurl, MANIFEST_NAME), storage_options)[1]
         if fs.exists(mpath):
             fs.rm_file(mpath)
+            storage_event("deleted", mpath)
         if fs.exists(path):
             fs.rm(path, recursive=True)
+            storage_event("deleted", path)
         log.info("%s: pruned version %s", output_url, version)
     return doomed

@@ -7,7 +7,8 @@ For a chained URL, plain options are given to the innermost (storage) layer, the
 endpoint and credentials; options keyed by protocol (`{"s3": {...}, "simplecache": {...}}`) are
 passed as they are.
 
-S3 filesystems get defaults suited to range reads: no read-ahead cache for files opened with
+S3 filesystems get a bounded retry policy (attempts, connect and read timeouts:
+:mod:`swudi.checkpoint.retry`) and defaults suited to range reads: no read-ahead cache for files opened with
 `fs.open` (s3fs reads 50 MiB ahead by default, so an 8-byte header read would fetch 50 MiB) and no
 listings cache (a re-written object must show its new ETag, or fingerprints would be stale).
 """
@@ -25,6 +26,10 @@ from typing import IO, Any
 import fsspec
 from fsspec import AbstractFileSystem
 from fsspec.implementations.local import LocalFileSystem
+
+from swudi.checkpoint.killpoints import storage_event
+from swudi.checkpoint.retry import RETRY_KEY, bound_body_retries, s3_layer_options
+from swudi.checkpoint.secrets import resolve_secret_refs
 
 __all__ = [
     "resolve",
@@ -44,7 +49,8 @@ S3_DEFAULTS: dict[str, Any] = {
     "use_listings_cache": False,
 }
 
-_DEFAULTS_BY_PROTOCOL: dict[str, dict[str, Any]] = {"s3": S3_DEFAULTS, "s3a": S3_DEFAULTS}
+_S3_PROTOCOLS = ("s3", "s3a")
+_DEFAULTS_BY_PROTOCOL: dict[str, dict[str, Any]] = dict.fromkeys(_S3_PROTOCOLS, S3_DEFAULTS)
 
 
 def _protocol(bit: str, last: bool) -> str:
@@ -54,6 +60,17 @@ def _protocol(bit: str, last: bool) -> str:
     return "file" if last else bit  # in a chain, a bare word is a protocol ("simplecache::s3://...")
 
 
+def _storage_layer(protocol: str, options: Mapping[str, Any]) -> dict[str, Any]:
+    """Options of the storage layer: defaults, the retry policy (S3), the user's options, and any
+    secret references resolved (:mod:`swudi.checkpoint.secrets`)."""
+    options = resolve_secret_refs(options)
+    defaults = _DEFAULTS_BY_PROTOCOL.get(protocol, {})
+    if protocol in _S3_PROTOCOLS:
+        return s3_layer_options(defaults, options)
+    options.pop(RETRY_KEY, None)  # a policy for S3 requests: nothing to tell other filesystems
+    return {**defaults, **options}
+
+
 def _layer_options(url: str, storage_options: Mapping[str, Any] | None) -> dict[str, Any]:
     """Keyword arguments for `fsspec.core.url_to_fs`: defaults + user options on the right layer."""
     options = dict(storage_options or {})
@@ -61,11 +78,10 @@ def _layer_options(url: str, storage_options: Mapping[str, Any] | None) -> dict[
     protocols = [_protocol(b, i == len(bits) - 1) for i, b in enumerate(bits)]
     target = protocols[-1]
     if len(bits) == 1:
-        return {**_DEFAULTS_BY_PROTOCOL.get(target, {}), **options}
+        return _storage_layer(target, options)
     # Chained: options keyed by a protocol in the chain go to that layer; the rest to the storage layer.
     per_layer = {p: dict(options.pop(p)) for p in set(protocols) if isinstance(options.get(p), Mapping)}
-    inner = {**_DEFAULTS_BY_PROTOCOL.get(target, {}), **options, **per_layer.get(target, {})}
-    per_layer[target] = inner
+    per_layer[target] = _storage_layer(target, {**options, **per_layer.get(target, {})})
     return per_layer
 
 
@@ -77,7 +93,7 @@ def resolve(
     if not url:
         raise ValueError("empty URL")
     fs, path = fsspec.core.url_to_fs(url, **_layer_options(url, storage_options))
-    return fs, path
+    return bound_body_retries(fs), path
 
 
 def is_local_url(url: str) -> bool:
@@ -146,6 +162,7 @@ def open_atomic(fs: AbstractFileSystem, path: str) -> Iterator[IO[bytes]]:
             f.flush()
             os.fsync(f.fileno())
             f.close()
+            storage_event("staged", tmp)
             os.replace(tmp, path)
         except BaseException as exc:
             with contextlib.suppress(OSError):  # closing flushes, which fails again on a full disk
@@ -156,6 +173,7 @@ def open_atomic(fs: AbstractFileSystem, path: str) -> Iterator[IO[bytes]]:
                 raise OSError(exc.errno, exc.strerror, path) from exc  # name the file that did not fit
             raise
         _fsync_dir(folder)
+        storage_event("committed", path)
         return
     f = fs.open(path, "wb")
     try:
@@ -169,7 +187,9 @@ def open_atomic(fs: AbstractFileSystem, path: str) -> Iterator[IO[bytes]]:
         with contextlib.suppress(Exception):
             f.closed = True
         raise
+    storage_event("staged", path)
     f.close()
+    storage_event("committed", path)
 
 
 def _fsync_dir(folder: str) -> None:
@@ -193,3 +213,4 @@ def write_bytes_atomic(url: str, data: bytes, storage_options: Mapping[str, Any]
             f.write(data)
     else:
         fs.pipe_file(path, data)
+        storage_event("committed", path)

@@ -1,0 +1,122 @@
+"""Storage faults: a merge through a fault-injecting proxy in front of the moto S3 server.
+
+Every storage request of these merges (inputs, work folder, output, lock) crosses
+`helpers.faults.FaultProxy`, which resets connections, answers 500 and 503 SlowDown, stalls past
+the read timeout and cuts bodies short. A merge must survive them and publish exactly the bytes
+of a clean run; a store that goes silent must end the command with one line and exit code 2
+within the retry policy's deadline, with nothing published.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from urllib.parse import urlparse
+
+import pytest
+import yaml
+from helpers.faults import FAULT_KINDS, EveryNth, FaultProxy, silent_from
+
+from flows.merge import run_merge
+from swudi.checkpoint import read_latest
+from swudi.checkpoint.faults import StorageFault, storage_fault
+from swudi.checkpoint.publish import list_versions
+from swudi.checkpoint.retry import RETRY_KEY, RetryPolicy
+from swudi.checkpoint.storage import resolve
+from swudi.config import config_from_mapping
+from swudi.synthetic import SyntheticModel, write_synthetic_models
+
+MODEL = SyntheticModel(layers=2, hidden=32, intermediate=64, vocab=32, positions=16)
+#: Short timeouts so that a stall (3 s) outlasts the read timeout and the tests stay quick.
+FAST_RETRY = {"attempts": 4, "connect_timeout_s": 2.0, "read_timeout_s": 1.0}
+
+
+def _target(bucket) -> tuple[str, int]:
+    endpoint = urlparse(bucket.endpoint_url)
+    return endpoint.hostname, endpoint.port
+
+
+def _config_data(bucket, base: str, experts: list[str], out: str, endpoint: str, retry=FAST_RETRY) -> dict:
+    return {"base": base, "experts": experts, "output": f"{bucket.url}/{out}", "method": "swudi_a",
+            "device": "cpu", "workers": 2, "storage_retry": dict(retry),
+            "storage_options": {**bucket.storage_options, "endpoint_url": endpoint}}
+
+
+def _version_files(bucket, out: str) -> dict[str, bytes]:
+    """Files of the version `latest` names, except the two that hold times."""
+    latest = read_latest(f"{bucket.url}/{out}", bucket.storage_options)
+    assert latest is not None, f"{out}: nothing published"
+    root = f"{bucket.name}/{out}/{latest['path']}"
+    names = [p for p in bucket.fs.find(root) if not p.endswith(("swudi_version.json", "merge_report.json"))]
+    return {p[len(root):]: bucket.fs.cat_file(p) for p in names}
+
+
+def test_the_proxy_injects_faults_and_retries_get_through_them(s3_bucket) -> None:
+    """One request of each fault kind: no retries -> a one-line StorageFault; the policy -> success."""
+    host, port = _target(s3_bucket)
+    s3_bucket.fs.pipe_file(f"{s3_bucket.name}/blob", os.urandom(4096))
+    with FaultProxy(host, port, EveryNth(1, ["500"], limit=1)) as proxy:
+        options = {**s3_bucket.storage_options, "endpoint_url": proxy.endpoint_url,
+                   RETRY_KEY: {"attempts": 1, "connect_timeout_s": 2, "read_timeout_s": 2}}
+        fs, path = resolve(f"{s3_bucket.url}/blob", options)
+        with pytest.raises(Exception) as caught:
+            fs.cat_file(path, start=0, end=4096)  # one GET (no HEAD first)
+        fault = storage_fault(caught.value)
+        assert isinstance(fault, StorageFault) and "\n" not in str(fault), caught.value
+        assert proxy.injected["500"] == 1
+    for kind in FAULT_KINDS:
+        with FaultProxy(host, port, EveryNth(1, [kind], limit=1), stall_s=3.0) as proxy:
+            options = {**s3_bucket.storage_options, "endpoint_url": proxy.endpoint_url, RETRY_KEY: FAST_RETRY}
+            fs, path = resolve(f"{s3_bucket.url}/blob", options)
+            assert len(fs.cat_file(path, start=0, end=4096)) == 4096, kind
+            assert proxy.injected[kind] == 1, (kind, proxy.injected)
+
+
+@pytest.mark.slow
+def test_a_merge_through_resets_5xx_throttling_stalls_and_truncation_is_bit_identical(
+    prefect_api: str, s3_bucket
+) -> None:
+    host, port = _target(s3_bucket)
+    base, experts = write_synthetic_models(f"{s3_bucket.url}/in", 2, MODEL, storage_options=s3_bucket.storage_options)
+    clean = config_from_mapping(_config_data(s3_bucket, base, experts, "clean", s3_bucket.endpoint_url))
+    run_merge(clean)
+    with FaultProxy(host, port, EveryNth(4), stall_s=3.0) as proxy:
+        faulty = config_from_mapping(_config_data(s3_bucket, base, experts, "faulty", proxy.endpoint_url))
+        result = run_merge(faulty)
+    assert result["computed"] == result["layers"] + result["groups"]
+    assert set(proxy.injected) == set(FAULT_KINDS), proxy.injected
+    assert proxy.faults >= 40, (proxy.requests, proxy.injected)
+    print(f"faults injected and survived: {proxy.faults} of {proxy.requests} requests {dict(proxy.injected)}")
+    assert _version_files(s3_bucket, "faulty") == _version_files(s3_bucket, "clean")
+
+
+@pytest.mark.slow
+def test_a_silent_store_fails_in_one_line_within_its_deadline_and_publishes_nothing(
+    prefect_api: str, s3_bucket, tmp_path: Path
+) -> None:
+    host, port = _target(s3_bucket)
+    base, experts = write_synthetic_models(f"{s3_bucket.url}/in", 2, MODEL, storage_options=s3_bucket.storage_options)
+    retry = {"attempts": 2, "connect_timeout_s": 1.0, "read_timeout_s": 1.0}
+    with FaultProxy(host, port, silent_from(40)) as proxy:  # silent after the plan, mid-merge
+        data = _config_data(s3_bucket, base, experts, "out", proxy.endpoint_url, retry)
+        config = tmp_path / "merge.yaml"
+        config.write_text(yaml.safe_dump(data))
+        env = {**os.environ, "PREFECT_API_URL": prefect_api, "PREFECT_LOGGING_LEVEL": "WARNING"}
+        started = time.monotonic()
+        done = subprocess.run([sys.executable, "-m", "swudi.cli", "merge", str(config)], env=env,
+                              capture_output=True, text=True, timeout=300)
+        wall = time.monotonic() - started
+    # Each storage call gives up after RetryPolicy.deadline_s(); a Prefect task retry repeats it
+    # once (tasks/merge.py: retries=1); the rest is Python and Prefect start-up.
+    deadline = 2 * RetryPolicy(**retry).deadline_s() + 60
+    assert done.returncode == 2, done.stderr[-3000:]
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: storage fault"), done.stderr[-3000:]
+    assert wall < deadline, (wall, deadline)
+    print(f"silent store: exit 2 after {wall:.1f} s (deadline {deadline:.0f} s): {last}")
+    assert proxy.injected["silent"] > 0
+    assert read_latest(f"{s3_bucket.url}/out", s3_bucket.storage_options) is None
+    assert list_versions(f"{s3_bucket.url}/out", s3_bucket.storage_options) == []
