@@ -153,9 +153,37 @@ def test_swudi_push_refuses_without_target_or_version_with_exit_code_2(tmp_path:
     no_target = tmp_path / "plain.yaml"
     no_target.write_text(yaml.safe_dump(data))
     result = CliRunner().invoke(app, ["push", str(no_target)])
-    assert result.exit_code == 2 and "push_to_hub is not set" in result.output
+    assert result.exit_code == 2 and "plain.yaml: push_to_hub is not set" in " ".join(result.output.split())
     target = tmp_path / "hub.yaml"
     target.write_text(yaml.safe_dump({**data, "push_to_hub": {"repo_id": "acme/merged"}}))
     result = CliRunner().invoke(app, ["push", str(target)])
-    assert result.exit_code == 2 and "nothing published yet" in result.output
+    assert result.exit_code == 2 and "nothing published yet" in " ".join(result.output.split())
     assert not (tmp_path / "out").exists()  # no partial output
+
+
+def test_model_card_names_the_base_by_hub_id_when_known_and_parses_with_huggingface_hub() -> None:
+    from huggingface_hub import ModelCard
+
+    from swudi.model_card import base_model_id, front_matter, render_card
+
+    report = {
+        "version": "abc123", "method": "ties", "params": {"density": 0.2, "scale": 1.0}, "scale": 0.5,
+        "output_dtype": "auto", "routing": {"exclude": ["*embed*"]}, "diagnostics": {}, "evaluations": {},
+        "inputs": {"base": {"url": "s3://models/base", "fingerprint": "f0"}, "fingerprint": "ff",
+                   "experts": [{"url": "s3://models/a", "fingerprint": "fa"}, {"url": "s3://models/b", "fingerprint": "fb"}]},
+        "software": {"swudi": "0.1.0", "merge_code": "mc", "torch": "2.13.0"},
+    }
+    assert base_model_id(report, None, {"_name_or_path": "google-bert/bert-base-uncased"}) == \
+        "google-bert/bert-base-uncased"
+    assert base_model_id(report, None, {"_name_or_path": "/home/me/base"}) == "s3://models/base"
+    assert base_model_id(report, "acme/base", {"_name_or_path": "google-bert/bert-base-uncased"}) == "acme/base"
+    metadata = front_matter(report, "acme/base", "transformers", ["legal"], language=["en", "de"])
+    card = ModelCard(render_card(report, metadata, title="Legal + medical BERT"))
+    assert card.data.base_model == "acme/base" and card.data.base_model_relation == "merge"
+    assert card.data.tags == ["merge", "model-merging", "swudi", "ties", "legal"]
+    assert card.data.language == ["en", "de"] and card.data.license is None
+    assert card.text.startswith("\n# Legal + medical BERT") or card.text.startswith("# Legal + medical BERT")
+    assert "| `density` | `0.2` |" in card.text and "| `scale` | `0.5` |" in card.text
+    assert "| `exclude` | `*embed*` |" in card.text
+    assert "| expert 1 | `s3://models/b` | `fb` |" in card.text
+    assert "No weight was merged with a matrix method" in card.text and "No evaluator was configured" in card.text

@@ -188,8 +188,8 @@ def test_work_pool_worker_runs_the_deployments_from_prefect_yaml(prefect: Prefec
     assert {row["layer"] for row in rows} >= {"encoder.layer.0.attention.self.query.weight"}
     assert all(1 <= row["rank"] <= MODEL.hidden for row in rows)
     link = _artifacts(prefect, "swudi-merge-report")
-    assert len(link) == 1 and link[0].type == "link"
-    assert f"versions/{version}/merge_report.json" in link[0].data
+    assert len(link) == 1  # Prefect stores a link artifact as Markdown: [text](url)
+    assert link[0].data == f"[merge report of version {version}]({output}/versions/{version}/merge_report.json)"
     assert json.loads((output / "versions" / version / "merge_report.json").read_text())["version"] == version
     progress = _artifacts(prefect, "swudi-merge-progress")
     assert len(progress) == 1 and progress[0].type == "progress" and float(progress[0].data) == 100.0
