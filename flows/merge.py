@@ -21,7 +21,7 @@ from flows.parameters import config_parameter, hold_storage_options
 from flows.progress import MergeProgress
 from swudi.config import MergeConfig
 from swudi.evaluators import check_evaluators
-from swudi.held_options import without_secrets
+from swudi.held_options import without_secrets, worker_environment
 from swudi.methods import get_method
 from swudi.plan import (
     MergePlan,
@@ -58,12 +58,15 @@ def task_runner(config: MergeConfig) -> Any:
                 cluster_kwargs=dict(config.task_runner.cluster_kwargs),
                 adapt_kwargs=config.task_runner.adapt_kwargs,
             )
+        # the local workers are this process's children: they get its S3 credentials through their
+        # environment, never with a task
         return DaskTaskRunner(
             cluster_kwargs={
                 "n_workers": config.task_runner.n_workers,
                 "threads_per_worker": config.task_runner.threads_per_worker,
                 "processes": True,
                 "dashboard_address": None,
+                "env": worker_environment(config.storage_options),
             }
         )
     return ThreadPoolTaskRunner(max_workers=config.workers)

@@ -44,6 +44,16 @@ SECRET_KEYS = frozenset(
     }
 )
 
+#: s3fs options (top level, or botocore's names in ``client_kwargs``) -> the variable botocore reads.
+_S3_ENVIRONMENT = {
+    "key": "AWS_ACCESS_KEY_ID",
+    "secret": "AWS_SECRET_ACCESS_KEY",
+    "token": "AWS_SESSION_TOKEN",
+    "aws_access_key_id": "AWS_ACCESS_KEY_ID",
+    "aws_secret_access_key": "AWS_SECRET_ACCESS_KEY",
+    "aws_session_token": "AWS_SESSION_TOKEN",
+}
+
 _HELD: dict[str, dict[str, Any]] = {}
 _Config = TypeVar("_Config", bound=BaseModel)
 
@@ -61,6 +71,22 @@ def public_options(options: Mapping[str, Any]) -> dict[str, Any]:
 def has_secrets(options: Mapping[str, Any]) -> bool:
     """True when ``options`` hold a credential (see :data:`SECRET_KEYS`)."""
     return public_options(options) != dict(options)
+
+
+def worker_environment(options: Mapping[str, Any]) -> dict[str, str]:
+    """Environment variables that give a worker process *started by this process* (a local Dask
+    cluster) the S3 credentials of ``options``: ``key`` / ``secret`` / ``token`` (or their botocore
+    names in ``client_kwargs``) as ``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY`` /
+    ``AWS_SESSION_TOKEN``. Other credentials (GCS, Azure) are not mapped: such workers need their
+    own."""
+    env: dict[str, str] = {}
+    for scope in (options.get("client_kwargs") or {}, options):
+        if not isinstance(scope, Mapping):
+            continue
+        for name, variable in _S3_ENVIRONMENT.items():
+            if scope.get(name) is not None:
+                env[variable] = str(scope[name])
+    return env
 
 
 def hold(options: Mapping[str, Any]) -> str:

@@ -34,3 +34,16 @@ def test_cluster_class_builds_a_dask_runner_that_starts_that_cluster() -> None:
 def test_cluster_settings_that_contradict_are_refused(runner: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         config_from_mapping({**DATA, "task_runner": runner})
+
+
+def test_a_local_cluster_gets_s3_credentials_through_its_workers_environment() -> None:
+    options = {"endpoint_url": "http://minio:9000", "key": "AKIA1", "secret": "s3cr3t",
+               "client_kwargs": {"aws_session_token": "t0k"}}
+    cfg = config_from_mapping({**DATA, "storage_options": options,
+                               "task_runner": {"kind": "dask", "n_workers": 2}})
+    runner = task_runner(cfg)
+    assert runner.cluster_kwargs["env"] == {"AWS_ACCESS_KEY_ID": "AKIA1", "AWS_SECRET_ACCESS_KEY": "s3cr3t",
+                                            "AWS_SESSION_TOKEN": "t0k"}
+    assert runner.cluster_kwargs["n_workers"] == 2 and runner.cluster_kwargs["processes"] is True
+    plain = config_from_mapping({**DATA, "task_runner": {"kind": "dask"}})
+    assert task_runner(plain).cluster_kwargs["env"] == {}
