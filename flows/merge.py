@@ -8,7 +8,6 @@ merged artefact is missing.
 from __future__ import annotations
 
 import logging
-import sys
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -17,61 +16,71 @@ from prefect import flow, get_run_logger, unmapped
 from prefect.context import FlowRunContext, get_run_context
 from prefect.futures import PrefectFuture, as_completed
 from prefect.task_runners import ThreadPoolTaskRunner
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from flows.log_filters import install as quiet_input_error_tracebacks
 from flows.parameters import config_parameter, hold_storage_options
+from flows.progress import MergeProgress
 from swudi.config import MergeConfig
 from swudi.evaluators import check_evaluators
+from swudi.held_options import without_secrets, worker_environment
 from swudi.methods import get_method
 from swudi.plan import (
     MergePlan,
-    TensorJob,
     batch_blocks,
-    block_of,
     build_plan,
     workers_within_budget,
 )
 from swudi.preflight import check_before_merge
 from swudi.steps import PHASES, MergedRecord, artefact_keys, bytes_read, group_merge_key, layer_merge_key
 from swudi.workdir import remove_lease, write_lease
-from tasks import evaluate_merge, fetch_checkpoints, find_completed, merge_block, merge_group, publish_model
+from tasks import (
+    evaluate_merge,
+    fetch_checkpoints,
+    find_completed,
+    merge_block,
+    merge_group,
+    publish_model,
+    push_to_hub,
+)
+from tasks.merge import task_label
 
 
 def task_runner(config: MergeConfig) -> Any:
-    """The configured runner: a thread pool bounded by ``workers``, or a Dask cluster."""
+    """The configured runner: a thread pool bounded by ``workers``, or Dask: a running scheduler
+    (``address``), a cluster started for the run by ``cluster_class``, or a local cluster."""
     if config.task_runner.kind == "dask":
         from prefect_dask import DaskTaskRunner
 
         if config.task_runner.address:
             return DaskTaskRunner(address=config.task_runner.address)
+        if config.task_runner.cluster_class:  # Dask's own deploy tools: KubeCluster, SSHCluster, Coiled...
+            return DaskTaskRunner(
+                cluster_class=config.task_runner.cluster_class,
+                cluster_kwargs=dict(config.task_runner.cluster_kwargs),
+                adapt_kwargs=config.task_runner.adapt_kwargs,
+            )
+        # the local workers are this process's children: they get its S3 credentials through their
+        # environment, never with a task
         return DaskTaskRunner(
             cluster_kwargs={
                 "n_workers": config.task_runner.n_workers,
                 "threads_per_worker": config.task_runner.threads_per_worker,
                 "processes": True,
                 "dashboard_address": None,
+                "env": worker_environment(config.storage_options),
             }
         )
     return ThreadPoolTaskRunner(max_workers=config.workers)
 
 
-def _wait(futures: Sequence[PrefectFuture], label: str) -> list[MergedRecord | list[MergedRecord]]:
-    """Results of ``futures`` in their order, with a progress bar of tasks finished per second."""
-    progress = Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[rate]}"),
-        TimeElapsedColumn(),
-        disable=not sys.stderr.isatty(),
-    )
-    started = time.perf_counter()
-    with progress:
-        bar = progress.add_task(label, total=len(futures), rate="")
-        for done, _ in enumerate(as_completed(list(futures)), start=1):
-            rate = done / max(time.perf_counter() - started, 1e-9)
-            progress.update(bar, advance=1, rate=f"{rate:.2f}/s")
+def _wait(futures: Sequence[PrefectFuture], progress: MergeProgress) -> list[MergedRecord | list[MergedRecord]]:
+    """Results of ``futures`` in their order; ``progress`` counts each task's records as it finishes."""
+    for future in as_completed(list(futures)):
+        try:
+            result = future.result()
+        except Exception:  # noqa: BLE001 - raised again below, in submission order
+            continue
+        progress.finished(result if isinstance(result, list) else [result])
     return [future.result() for future in futures]
 
 
@@ -102,14 +111,23 @@ def merge(config: dict[str, Any], storage_options_ref: str | None = None) -> dic
     todo_groups = [group for group, key in zip(groups, keys[len(layers) :], strict=True) if key not in done]
     # whole transformer blocks per task, small blocks packed together: orchestration stays cheap
     batches = batch_blocks(todo_layers, len(plan.expert_urls), cfg.workers)
+    # tasks get public storage options and a reference to the full ones (no secret travels to a
+    # Dask worker in another process: it takes its credentials from its own environment)
+    public = without_secrets(cfg)
     futures: list[PrefectFuture[Any]] = []
     if batches:
-        names = [_span(batch) for batch in batches]
-        futures.extend(merge_block.map(names, batches, unmapped(cfg), unmapped(run_id)))
+        labels = [task_label(batch) for batch in batches]
+        futures.extend(
+            merge_block.map(labels, batches, unmapped(public), unmapped(run_id), unmapped(storage_options_ref))
+        )
     if todo_groups:
-        futures.extend(merge_group.map(todo_groups, unmapped(cfg), unmapped(run_id)))
-    label = f"merging {len(todo_layers)} of {len(layers)} layers + {len(todo_groups)} of {len(groups)} groups"
-    results = _wait(futures, label)
+        labels = [task_label(group) for group in todo_groups]
+        futures.extend(
+            merge_group.map(labels, todo_groups, unmapped(public), unmapped(run_id), unmapped(storage_options_ref))
+        )
+    total = len(todo_layers) + len(todo_groups)
+    with MergeProgress(total, reused=len(keys) - total, logger=get_run_logger()) as progress:
+        results = _wait(futures, progress)
     computed = {
         record.key: record for result in results for record in (result if isinstance(result, list) else [result])
     }
@@ -131,6 +149,7 @@ def merge(config: dict[str, Any], storage_options_ref: str | None = None) -> dic
     published = publish_model(cfg, plan, records, diagnostics, timings, io)
     remove_lease(cfg, run_id)  # the published version's report now names its artefacts
     stages["publish"] = time.perf_counter() - mark
+    hub_commit = push_to_hub(cfg, published) if cfg.push_to_hub else None
     summary = _run_summary(cfg, plan, records, run_id, published, stages, phases, len(futures), started)
     get_run_logger().info(
         "merged %d layers and %d groups (%d merges and %d decompositions computed in this run, the rest "
@@ -142,7 +161,8 @@ def merge(config: dict[str, Any], storage_options_ref: str | None = None) -> dic
         _size(published["io"]["input_bytes"]),
         published["url"],
     )
-    return {**summary, "diagnostics": {k: v for k, v in diagnostics.items() if k != "per_layer"}}
+    diagnostics_summary = {k: v for k, v in diagnostics.items() if k != "per_layer"}
+    return {**summary, "hub_commit": hub_commit, "diagnostics": diagnostics_summary}
 
 
 def _run_summary(
@@ -171,7 +191,9 @@ def _run_summary(
         "version": published["version"],
         "url": published["url"],
         "flow_run_id": run_id,
-        "task_runs": submitted + 4,  # fetch, find-completed, the merges, evaluate, publish
+        "task_runs": submitted
+        + 4
+        + (1 if cfg.push_to_hub else 0),  # fetch, find-completed, merges, evaluate, publish, push
         "layers": layers,
         "groups": len(records) - layers,
         "computed": len(now),
@@ -196,12 +218,6 @@ def _parallelism(config: MergeConfig) -> int:
     if config.task_runner.kind == "dask":
         return config.task_runner.n_workers * config.task_runner.threads_per_worker
     return config.workers
-
-
-def _span(jobs: Sequence[TensorJob]) -> str:
-    """``first..last`` block of a batch (the task run's name)."""
-    first, last = block_of(jobs[0].name), block_of(jobs[-1].name)
-    return first if first == last else f"{first}..{last}"
 
 
 def _size(n: int) -> str:

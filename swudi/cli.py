@@ -23,7 +23,7 @@ from rich.table import Table
 
 from swudi.checkpoint.faults import mask_credentials, storage_fault
 from swudi.config import MergeConfig, load_config
-from swudi.errors import SwudiError, is_input_error
+from swudi.errors import ConfigError, PublishError, SwudiError, is_input_error
 from swudi.evaluators import check_evaluators
 from swudi.registry import method_choices
 
@@ -561,6 +561,38 @@ def report(
         console.print(f"[yellow]note:[/yellow] {note}")
     for path in written:
         out.print(str(path), soft_wrap=True)
+
+
+@app.command()
+def push(
+    config: Path = typer.Argument(..., help="YAML merge config with push_to_hub"),
+    version: str | None = typer.Option(None, "--version", help="a published version id (default: latest)"),
+    overrides: list[str] = typer.Option([], "--set", help="key=value override (dotted keys)"),
+) -> None:
+    """Upload a published version to the config's push_to_hub repository (again), without merging.
+
+    `swudi merge` pushes each version it publishes; use this after a failed push, or to push an older
+    version. Prints the Hub commit URL.
+    """
+    from swudi.checkpoint import read_latest, version_url
+    from swudi.checkpoint.publish import is_version_complete
+    from swudi.hub import push_version
+
+    try:
+        cfg = _load(config, None, overrides)
+        if cfg.push_to_hub is None:
+            raise ConfigError(f"{config}: push_to_hub is not set (push_to_hub: {{repo_id: owner/name}})")
+        if version is None:
+            latest = read_latest(cfg.output, cfg.storage_options)
+            if latest is None:
+                raise PublishError(f"{cfg.output}: nothing published yet (no latest.json)")
+            version = str(latest["version"])
+        if not is_version_complete(cfg.output, version, cfg.storage_options):
+            raise PublishError(f"{cfg.output}: version {version} is not a complete published version")
+        url = push_version(version_url(cfg.output, version), version, cfg.push_to_hub, cfg.storage_options)
+    except SwudiError as error:
+        _fail(error)
+    console.print(url)
 
 
 def main() -> None:  # pragma: no cover - console entry point

@@ -63,6 +63,23 @@ class TaskRunnerConfig(_Strict):
     address: Location | None = Field(None, description="Dask scheduler address; None starts a local cluster")
     n_workers: int = Field(2, ge=1, description="worker processes of a local Dask cluster")
     threads_per_worker: int = Field(1, ge=1)
+    cluster_class: str | None = Field(
+        None,
+        description="a Dask cluster class started for each run, e.g. dask_kubernetes.operator.KubeCluster, "
+        "coiled.Cluster, distributed.SSHCluster (instead of address or a local cluster)",
+    )
+    cluster_kwargs: dict[str, Any] = Field(default_factory=dict, description="arguments of cluster_class")
+    adapt_kwargs: dict[str, Any] | None = Field(None, description="cluster.adapt(**adapt_kwargs): autoscaling")
+
+    @model_validator(mode="after")
+    def _one_cluster(self) -> TaskRunnerConfig:
+        if self.address and self.cluster_class:
+            raise ValueError("give address (a running scheduler) or cluster_class (a cluster per run), not both")
+        if (self.cluster_kwargs or self.adapt_kwargs) and not self.cluster_class:
+            raise ValueError("cluster_kwargs and adapt_kwargs need cluster_class")
+        if self.cluster_class and not re.fullmatch(r"[A-Za-z_][\w]*(\.[A-Za-z_]\w*)+", self.cluster_class):
+            raise ValueError(f"cluster_class must be a dotted 'module.Class' path, got {self.cluster_class!r}")
+        return self
 
 
 class DecompositionConfig(_Strict):
@@ -97,6 +114,35 @@ class StorageRetryConfig(_Strict):
     attempts: int = Field(5, ge=1, le=20, description="requests per call (botocore standard retry mode)")
     connect_timeout_s: float = Field(10.0, gt=0, le=600, description="seconds to open a connection")
     read_timeout_s: float = Field(60.0, gt=0, le=3600, description="seconds without a byte of the response")
+
+
+class ModelCardConfig(_Strict):
+    """Metadata of the model card (``README.md``) written into every published version."""
+
+    base_model: str | None = Field(
+        None,
+        description="Hub id of the base (front matter base_model); default: the base config.json's "
+        "_name_or_path when it is a Hub id, else the base URL",
+    )
+    title: str | None = Field(None, description="the card's heading; default: 'swudi merge <version>'")
+    license: str | None = None
+    language: str | list[str] | None = None
+    tags: list[str] = Field(default_factory=list, description="added to merge, model-merging, swudi, <method>")
+
+
+class PushToHubConfig(_Strict):
+    """Upload each published version to a Hugging Face Hub model repository (token: HF_TOKEN)."""
+
+    repo_id: str = Field(description="owner/name of the model repository (created if missing)")
+    revision: str = Field("main", description="branch to commit to (created if missing)")
+    private: bool = Field(False, description="create the repository as private")
+
+    @field_validator("repo_id")
+    @classmethod
+    def _hub_id(cls, value: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}", value):
+            raise ValueError(f"repo_id must be 'owner/name', got {value!r}")
+        return value
 
 
 class MergeConfig(_Strict):
@@ -137,6 +183,8 @@ class MergeConfig(_Strict):
     storage_retry: StorageRetryConfig = Field(default_factory=StorageRetryConfig)
     evaluators: list[EvaluatorConfig] = Field(default_factory=list)
     keep_versions: int | None = Field(None, ge=1, description="published versions kept; None keeps all")
+    model_card: ModelCardConfig = Field(default_factory=ModelCardConfig)
+    push_to_hub: PushToHubConfig | None = Field(None, description="upload each published version to the Hub")
 
     @field_validator("max_shard_size", mode="before")
     @classmethod

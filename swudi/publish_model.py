@@ -25,8 +25,10 @@ from swudi.checkpoint import (
 )
 from swudi.checkpoint.publish import REPORT_NAME, version_url
 from swudi.checkpoint.storage import resolve, write_bytes_atomic
+from swudi.checkpoint.writer import nested_extra_files
 from swudi.config import MergeConfig
 from swudi.evaluators import run_evaluators
+from swudi.model_card import CARD_NAME, base_model_id, front_matter, render_card
 from swudi.plan import MergePlan, output_dtype, version_id
 from swudi.report import build_report
 from swudi.steps import MergedRecord, MergedTensorReader, artefact_keys
@@ -65,7 +67,9 @@ def publish_merged_model(
         reads["base"] += reader.base_bytes_read
         reads["work"] += reader.work_bytes_read
         base = Checkpoint.open(config.base, config.storage_options)
-        copy_extra_files(base, version_url, config.storage_options)
+        # config, tokenizer, generation config... and the same in subfolders (never weights)
+        names = [*base.extra_files, *nested_extra_files(base)]
+        copy_extra_files(base, version_url, config.storage_options, names=names)
         evaluations = run_evaluators(config.evaluators, version_url)
         report.update(
             build_report(
@@ -79,6 +83,7 @@ def publish_merged_model(
             (json.dumps(report, indent=2, sort_keys=True) + "\n").encode(),
             config.storage_options,
         )
+        write_model_card(config, base, report, version_url)
 
     with output_lock(config.output, storage_options=config.storage_options, wait_s=LOCK_WAIT_S) as lock:
         pointer = publish_version(
@@ -103,6 +108,34 @@ def publish_merged_model(
         "seconds": time.perf_counter() - started,
         "io": io_summary(plan, reads),
     }
+
+
+def write_model_card(config: MergeConfig, base: Checkpoint, report: Mapping[str, Any], version_url: str) -> str:
+    """Write the version's ``README.md`` (:mod:`swudi.model_card`) from its report; return its URL.
+
+    ``library_name`` is ``transformers`` when the base has a ``config.json`` (the folder then loads
+    with ``from_pretrained``), else ``safetensors``; ``base_model`` as :func:`base_model_id` says.
+    """
+    base_config: dict[str, Any] | None = None
+    if "config.json" in base.extra_files:
+        fs, path = resolve(base.file_url("config.json"), base.storage_options)
+        try:
+            loaded = json.loads(fs.cat_file(path))
+            base_config = loaded if isinstance(loaded, dict) else None
+        except ValueError:
+            log.warning("%s: config.json is not JSON; the model card names the base by its URL", config.base)
+    card = config.model_card
+    metadata = front_matter(
+        report,
+        base_model_id(report, card.base_model, base_config),
+        "transformers" if base_config is not None else "safetensors",
+        card.tags,
+        card.license,
+        card.language,
+    )
+    url = join_url(version_url, CARD_NAME)
+    write_bytes_atomic(url, render_card(report, metadata, card.title).encode(), config.storage_options)
+    return url
 
 
 def io_summary(plan: MergePlan, reads: Mapping[str, Any]) -> dict[str, Any]:

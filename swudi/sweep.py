@@ -58,10 +58,12 @@ def sweep_id(config: MergeConfig, grid: Grid) -> str:
 
 def point_configs(config: MergeConfig, grid: Grid) -> list[tuple[dict[str, Any], MergeConfig]]:
     """One validated config per grid point: published under ``OUTPUT/sweeps/<id>/<label>``, all
-    sharing the base config's work folder. Every point is validated before any merge runs."""
+    sharing the base config's work folder, never pushed to the Hub. Every point is validated
+    before any merge runs."""
     root = join_url(config.output, "sweeps", sweep_id(config, grid))
     base = config.model_dump()
     base["work_dir"] = config.resolved_work_dir
+    base["push_to_hub"] = None  # sweep points are explored, not released: only `swudi merge` pushes
     out = []
     for point in grid_points(grid):
         data = apply_overrides(

@@ -211,7 +211,7 @@ def threads_per_task(config: MergeConfig) -> int:
     - ``task_runner.kind: threads``: the tasks share this process: ``torch_threads_for(workers)``.
     - Dask local cluster: ``n_workers`` processes x ``threads_per_worker`` threads share the
       machine: ``torch_threads_for(n_workers * threads_per_worker)``.
-    - Dask scheduler ``address``: evaluated on the worker at run time with that worker's own cores
+    - Dask scheduler ``address`` or ``cluster_class``: evaluated on the worker at run time with that worker's own cores
       and thread count (``threads_per_worker`` of the config outside a worker).
 
     ``config.torch_threads``, when set, is used as is (with the oversubscription warning).
@@ -219,7 +219,7 @@ def threads_per_task(config: MergeConfig) -> int:
     runner = config.task_runner
     if runner.kind == "threads":
         parallel = config.workers
-    elif runner.address is None:
+    elif runner.address is None and runner.cluster_class is None:
         parallel = runner.n_workers * runner.threads_per_worker
     else:
         parallel = _dask_worker_threads(runner.threads_per_worker)

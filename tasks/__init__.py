@@ -7,6 +7,14 @@ decided by the artefacts in the work folder, not by Prefect's result cache (see 
 from tasks.evaluate import evaluate_merge
 from tasks.fetch import fetch_checkpoints
 from tasks.merge import find_completed, merge_block, merge_group
-from tasks.publish import publish_model
+from tasks.publish import publish_model, push_to_hub
 
-__all__ = ["fetch_checkpoints", "find_completed", "merge_block", "merge_group", "evaluate_merge", "publish_model"]
+__all__ = [
+    "fetch_checkpoints",
+    "find_completed",
+    "merge_block",
+    "merge_group",
+    "evaluate_merge",
+    "publish_model",
+    "push_to_hub",
+]

@@ -6,10 +6,13 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from prefect import task
-from prefect.artifacts import create_markdown_artifact
+from prefect.artifacts import create_link_artifact, create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
+from swudi.checkpoint import join_url
+from swudi.checkpoint.publish import REPORT_NAME
 from swudi.config import MergeConfig
+from swudi.hub import push_version
 from swudi.plan import MergePlan
 from swudi.publish_model import publish_merged_model
 from swudi.steps import MergedRecord
@@ -45,4 +48,28 @@ def publish_model(
         lines += ["", f"## {evaluator}", "", "| task | metric | value |", "|---|---|---|"]
         lines += [f"| {t} | {m} | {v:.4f} |" for t, values in metrics.items() for m, v in values.items()]
     create_markdown_artifact("\n".join(lines), key="swudi-publish", description="swudi merged model")
+    report_url = join_url(published["url"], REPORT_NAME)
+    create_link_artifact(
+        report_url,
+        link_text=f"merge report of version {published['version']}",
+        key="swudi-merge-report",
+        description=f"merge_report.json of swudi version {published['version']} ({config.method})",
+    )
     return published
+
+
+@task(name="push-to-hub", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=30)
+def push_to_hub(config: MergeConfig, published: Mapping[str, Any]) -> str:
+    """Upload the published version to the Hub repository of ``config.push_to_hub`` (a link artifact
+    names the commit); the published version stays as it is if this fails."""
+    target = config.push_to_hub
+    if target is None:
+        raise ValueError("push_to_hub is not configured")
+    url = push_version(published["url"], published["version"], target, config.storage_options)
+    create_link_artifact(
+        url,
+        link_text=f"{target.repo_id}@{target.revision}: version {published['version']}",
+        key="swudi-hub-commit",
+        description=f"Hub commit of swudi version {published['version']}",
+    )
+    return url

@@ -24,7 +24,7 @@ from typing import IO, Any
 import torch
 from fsspec import AbstractFileSystem
 
-from swudi.checkpoint.checkpoint import INDEX_NAME, WEIGHTS_NAME, Checkpoint
+from swudi.checkpoint.checkpoint import _OTHER_WEIGHT_SUFFIXES, INDEX_NAME, WEIGHTS_NAME, Checkpoint
 from swudi.checkpoint.header import DTYPE_SIZES, dtype_name, torch_dtype
 from swudi.checkpoint.storage import join_url, open_atomic, resolve, write_bytes_atomic
 from swudi.errors import CheckpointError
@@ -364,3 +364,27 @@ def copy_extra_files(
             while chunk := fin.read(_COPY_CHUNK):
                 fout.write(chunk)
     return names
+
+
+def nested_extra_files(checkpoint: Checkpoint) -> tuple[str, ...]:
+    """Non-weight files in subfolders of the checkpoint's folder (``1_Pooling/config.json`` of a
+    sentence-transformers model, ``original/params.json``...), as paths relative to the folder.
+
+    Hidden files and folders, weights of any format and index files are left out; a single-file
+    checkpoint has none.
+    """
+    if checkpoint.folder_url is None:
+        return ()
+    fs, root = resolve(checkpoint.folder_url, checkpoint.storage_options)
+    prefix = root.rstrip("/") + "/"
+    names = []
+    for path in fs.find(root):
+        rel = path[len(prefix) :] if path.startswith(prefix) else ""
+        parts = rel.split("/")
+        if len(parts) < 2 or any(part.startswith(".") for part in parts):
+            continue
+        lower = rel.lower()
+        if lower.endswith(_OTHER_WEIGHT_SUFFIXES) or lower.endswith(".index.json"):
+            continue
+        names.append(rel)
+    return tuple(sorted(names))
