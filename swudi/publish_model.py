@@ -23,6 +23,7 @@ from swudi.checkpoint import (
     publish_version,
     write_sharded,
 )
+from swudi.checkpoint.adapter import input_nbytes
 from swudi.checkpoint.publish import REPORT_NAME, version_url
 from swudi.checkpoint.storage import resolve, write_bytes_atomic
 from swudi.config import MergeConfig
@@ -129,7 +130,7 @@ def _needed_tensor_bytes(plan: MergePlan) -> list[int]:
     merged = [job for job in plan.jobs if job.route != "base"]
     return [
         sum(job.base.nbytes for job in plan.jobs),
-        *(sum(job.experts[i].nbytes for job in merged) for i in range(len(plan.expert_urls))),
+        *(sum(input_nbytes(job.experts[i]) for job in merged) for i in range(len(plan.expert_urls))),
     ]
 
 
