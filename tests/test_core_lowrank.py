@@ -131,9 +131,9 @@ def test_zero_and_untrained_adapters() -> None:
 
 def test_bad_factors_are_named() -> None:
     good = make_factors(10, 8, [2], seed=7)[0]
-    with pytest.raises(InputError, match="'w'.*expert 1"):
+    with pytest.raises(InputError, match=r"'w'.*expert 1"):
         decompose_factors([good, LowRank(torch.randn(10, 2), torch.randn(3, 8))], name="w")
-    with pytest.raises(InputError, match="non-finite.*expert 0"):
+    with pytest.raises(InputError, match=r"non-finite.*expert 0"):
         decompose_factors([LowRank(good.b, good.a * float("nan"))], name="w")
-    with pytest.raises(InputError, match="sum of ranks 9 >= min"):
+    with pytest.raises(InputError, match=r"sum of ranks 9 >= min"):
         decompose_factors(make_factors(10, 8, [5, 4], seed=8), name="w")

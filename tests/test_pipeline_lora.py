@@ -28,16 +28,16 @@ from tests.helpers.lora import llama_config, write_adapter, write_base, write_fu
 CONFIG = llama_config()
 #: Three PEFT adapters that differ in target modules, ranks, alphas and scaling rules.
 ADAPTERS = {
-    "patterns": dict(
-        r=4,
-        lora_alpha=8,
-        target_modules=["q_proj", "v_proj", "down_proj"],
-        rank_pattern={"down_proj": 2},
-        alpha_pattern={"v_proj": 3},
-        modules_to_save=["lm_head"],
-    ),
-    "rslora": dict(r=3, lora_alpha=5, use_rslora=True, target_modules=["q_proj", "k_proj", "up_proj"]),
-    "plain": dict(r=2, lora_alpha=2, target_modules=["q_proj", "v_proj"]),
+    "patterns": {
+        "r": 4,
+        "lora_alpha": 8,
+        "target_modules": ["q_proj", "v_proj", "down_proj"],
+        "rank_pattern": {"down_proj": 2},
+        "alpha_pattern": {"v_proj": 3},
+        "modules_to_save": ["lm_head"],
+    },
+    "rslora": {"r": 3, "lora_alpha": 5, "use_rslora": True, "target_modules": ["q_proj", "k_proj", "up_proj"]},
+    "plain": {"r": 2, "lora_alpha": 2, "target_modules": ["q_proj", "v_proj"]},
 }
 
 
@@ -131,7 +131,9 @@ def test_factor_space_merge_equals_the_dense_path(lora_inputs, tmp_path: Path, m
         # float32 tolerance on the scale of the merged update (the dense path's exponential filter
         # takes t x float32 noise on the directions beyond sum r_i; factor space has none there)
         tol = 1e-4 * float((want[job.name] - lora_inputs["base"][job.name]).abs().max())
-        torch.testing.assert_close(got, want[job.name], atol=tol, rtol=1e-4, msg=lambda text: f"{job.name}: {text}")
+        torch.testing.assert_close(
+            got, want[job.name], atol=tol, rtol=1e-4, msg=lambda text, name=job.name: f"{name}: {text}"
+        )
 
 
 def test_plan_names_ranks_and_the_path_of_every_target_weight(lora_inputs, tmp_path: Path) -> None:
@@ -229,7 +231,7 @@ def test_bad_adapters_are_named_before_any_tensor_is_read(lora_inputs, tmp_path:
     # pickle weights are refused, never loaded
     pickled = _copy(root / "plain", tmp_path / "pickled")
     (pickled / "adapter_model.safetensors").rename(pickled / "adapter_model.bin")
-    with pytest.raises(CheckpointError, match="pickle checkpoint .adapter_model.bin. refused"):
+    with pytest.raises(CheckpointError, match=r"pickle checkpoint \(adapter_model\.bin\) refused"):
         build_plan(_config(root, [str(pickled)], tmp_path / "o3"))
 
     # DoRA is not a B A update
@@ -269,3 +271,76 @@ def test_adapters_on_s3(lora_inputs, s3_bucket, tmp_path: Path) -> None:
     want = merge_state_dicts(lora_inputs["base"], [dense["patterns"], dense["plain"]], "pinv")[job.name]
     got = Checkpoint.open(record.url, s3_bucket.storage_options).read(job.name)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+
+
+def _published(url: str) -> dict[str, torch.Tensor]:
+    return Checkpoint.open(url).state_dict()
+
+
+def _flow_merge_of_adapters(lora_inputs, out: Path):
+    """Merge the three adapters with pinv through Prefect; check the published model against the
+    dense path and the stored decompositions (factored: no m x d matrix)."""
+    from flows.merge import run_merge
+
+    root, base, dense = lora_inputs["root"], lora_inputs["base"], list(lora_inputs["dense"].values())
+    cfg = _config(root, [str(root / n) for n in ADAPTERS], out, method="pinv")
+    first = run_merge(cfg)
+    want = merge_state_dicts(base, dense, "pinv")
+    got = _published(first["url"])
+    assert sorted(got) == sorted(want)
+    for name, tensor in want.items():
+        torch.testing.assert_close(got[name], tensor, atol=1e-5, rtol=1e-4, msg=name)
+    assert first["decompositions_computed"] == first["layers"] == 2 * 5
+    assert first["io"]["input_tensor_bytes"] <= sum(t.numel() * 4 for t in base.values()) + sum(
+        (root / n / "adapter_model.safetensors").stat().st_size for n in ADAPTERS
+    )
+    decompositions = list((out / ".swudi-work" / "decompositions").iterdir())
+    assert len(decompositions) == 2 * 5
+    for path in decompositions:
+        artefact = Checkpoint.open(str(path))
+        assert artefact.metadata["factored"] == "true" and "sum_tv" not in artefact.tensors
+    return cfg
+
+
+def test_flow_merges_adapters_in_factor_space(prefect_api: str, lora_inputs, tmp_path: Path) -> None:
+    _flow_merge_of_adapters(lora_inputs, tmp_path / "out")
+
+
+@pytest.mark.slow
+def test_a_sweep_point_reads_no_adapter(prefect_api: str, lora_inputs, tmp_path: Path) -> None:
+    """A new method setting reuses every factored decomposition: no expert byte is read."""
+    from flows.merge import run_merge
+
+    base, dense = lora_inputs["base"], list(lora_inputs["dense"].values())
+    cfg = _flow_merge_of_adapters(lora_inputs, tmp_path / "out")
+    sweep = run_merge(cfg.model_copy(update={"method": "swudi_soft", "params": {"t": 300.0, "init": "sum"}}))
+    assert sweep["decompositions_computed"] == 0 and sweep["decompositions_reused"] == 2 * 5
+    assert sum(c["tensor_bytes"] for c in sweep["io"]["per_checkpoint"][1:]) == 0
+    want = merge_state_dicts(base, dense, "swudi_soft", t=300.0)
+    got = _published(sweep["url"])
+    for name, tensor in want.items():
+        scale = float((tensor - base[name]).abs().max()) or 1.0
+        torch.testing.assert_close(got[name], tensor, atol=1e-4 * scale, rtol=1e-4, msg=name)
+
+
+def test_flow_merges_adapters_mixed_with_a_full_checkpoint(prefect_api: str, lora_inputs, tmp_path: Path) -> None:
+    from flows.merge import run_merge
+
+    root, base = lora_inputs["root"], lora_inputs["base"]
+    full = write_full_expert(tmp_path / "full", base, seed=11, config=CONFIG)
+    cfg = _config(
+        root, [str(root / "patterns"), str(tmp_path / "full"), str(root / "rslora")], tmp_path / "out", method="swudi_a"
+    )
+    result = run_merge(cfg)
+    dense = lora_inputs["dense"]
+    want = merge_state_dicts(base, [dense["patterns"], full, dense["rslora"]], "swudi_a")
+    got = _published(result["url"])
+    for name, tensor in want.items():
+        # the dense path on both sides; PEFT's merged weights carry W0 + tau rounding (~1e-8 of W0)
+        scale = float((tensor - base[name]).abs().max()) or 1.0
+        torch.testing.assert_close(
+            got[name], tensor, atol=1e-4 * scale, rtol=1e-4, msg=lambda text, name=name: f"{name}: {text}"
+        )
+    report = json.loads((Path(result["url"]) / "merge_report.json").read_text())
+    per_task = report["diagnostics"]["per_layer"]["model.layers.0.self_attn.o_proj.weight"]
+    assert len(per_task["interference_vs_sum_per_task"]) == 3
