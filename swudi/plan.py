@@ -28,7 +28,7 @@ from swudi.checkpoint.fingerprint import digest
 from swudi.checkpoint.header import torch_dtype
 from swudi.code_version import merge_code
 from swudi.config import MergeConfig
-from swudi.errors import CheckpointError
+from swudi.errors import CheckpointError, ConfigError
 from swudi.methods import get_method
 from swudi.routing import Route, route_tensor
 
@@ -268,6 +268,11 @@ def build_plan(
         tuple(warnings),
         tuple(c.header_bytes for c in (base, *experts)),
     )
+    if config.output_format == "adapter" and (problems := adapter_output_problems(plan, config)):
+        raise ConfigError(
+            f"output_format: adapter: {len(problems)} tensor(s) cannot be written as a merged LoRA adapter:\n  "
+            + "\n  ".join(problems)
+        )
     log.info("plan: %d tensors (%s) from %d experts", len(jobs), plan.counts(), len(experts))
     return plan
 
@@ -299,6 +304,8 @@ def version_id(config: MergeConfig, plan: MergePlan) -> str:
         "max_shard_size": config.max_shard_size,
         "max_rank": config.decomposition.max_rank,
     }
+    if config.output_format != "model":  # the version holds more files (keeps earlier ids unchanged)
+        settings["output_format"] = config.output_format
     return digest(merge_code(config.method), plan.inputs_fingerprint, settings)[:16]
 
 
@@ -324,6 +331,26 @@ def describe_plan(config: MergeConfig, plan: MergePlan) -> dict[str, Any]:
         "warnings": list(plan.warnings),
         "tensors": [_describe_job(job, config, spec.kind, n) for job in plan.jobs],
     }
+
+
+def adapter_output_problems(plan: MergePlan, config: MergeConfig) -> list[str]:
+    """Why the merged update cannot be a LoRA adapter of rank <= sum r_i (empty: it can)."""
+    problems = []
+    if get_method(config.method).kind != "spectral":
+        problems.append(f"method {config.method!r} is not spectral: its merged update is not of low rank")
+    for job in plan.jobs:
+        if job.route == "base":
+            continue
+        lora = any(isinstance(x, LoraFactors) for x in job.experts)
+        if job.is_matrix and lora and not uses_factor_space(job, config):
+            problems.append(
+                f"{job.name}: merged on the dense path (a full tensor among the experts, or sum r_i too large)"
+            )
+        elif lora and not job.is_matrix:
+            problems.append(f"{job.name}: a LoRA update merged as a group ({job.route}); include it or leave it out")
+        elif job.is_matrix and not lora:
+            problems.append(f"{job.name}: no expert gives LoRA factors (a full checkpoint among the experts?)")
+    return problems
 
 
 def uses_factor_space(job: TensorJob, config: MergeConfig) -> bool:

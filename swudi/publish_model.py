@@ -28,6 +28,7 @@ from swudi.checkpoint.publish import REPORT_NAME, version_url
 from swudi.checkpoint.storage import resolve, write_bytes_atomic
 from swudi.config import MergeConfig
 from swudi.evaluators import run_evaluators
+from swudi.merged_adapter import write_merged_adapter
 from swudi.plan import MergePlan, output_dtype, version_id
 from swudi.report import build_report
 from swudi.steps import MergedRecord, MergedTensorReader, artefact_keys
@@ -63,6 +64,8 @@ def publish_merged_model(
         specs = [(job.name, output_dtype(config, job), job.shape) for job in plan.jobs]
         reader = MergedTensorReader(merged, plan.jobs, config)
         write_sharded(version_url, specs, reader, config.max_shard_size, config.storage_options)
+        if config.output_format == "adapter":  # also the merged update as a PEFT LoRA adapter
+            report["adapter"] = write_merged_adapter(version_url, plan, merged, reader, config)
         reads["base"] += reader.base_bytes_read
         reads["work"] += reader.work_bytes_read
         base = Checkpoint.open(config.base, config.storage_options)

@@ -20,7 +20,7 @@ from swudi.checkpoint import Checkpoint
 from swudi.checkpoint.adapter import LoraAdapter, LoraFactors
 from swudi.cli import app
 from swudi.config import config_from_mapping
-from swudi.errors import CheckpointError, CheckpointMismatchError
+from swudi.errors import CheckpointError, CheckpointMismatchError, ConfigError
 from swudi.plan import build_plan, describe_plan, uses_factor_space
 from swudi.steps import merge_layer, read_task_vectors
 from tests.helpers.lora import llama_config, write_adapter, write_base, write_full_expert
@@ -344,3 +344,40 @@ def test_flow_merges_adapters_mixed_with_a_full_checkpoint(prefect_api: str, lor
     report = json.loads((Path(result["url"]) / "merge_report.json").read_text())
     per_task = report["diagnostics"]["per_layer"]["model.layers.0.self_attn.o_proj.weight"]
     assert len(per_task["interference_vs_sum_per_task"]) == 3
+
+
+def test_merged_adapter_loads_with_peft_and_reproduces_the_dense_model(
+    prefect_api: str, lora_inputs, tmp_path: Path
+) -> None:
+    """output_format: adapter writes VERSION/adapter/; PEFT loads it onto the base and its merged
+    weights are the published dense model's."""
+    from peft import PeftModel
+    from transformers import LlamaForCausalLM
+
+    from flows.merge import run_merge
+
+    root = lora_inputs["root"]
+    cfg = _config(root, [str(root / n) for n in ADAPTERS], tmp_path / "out", scale=0.7, output_format="adapter")
+    result = run_merge(cfg)
+    version = Path(result["url"])
+    published = _published(str(version))
+    adapter_config = json.loads((version / "adapter" / "adapter_config.json").read_text())
+    assert adapter_config["modules_to_save"] == ["lm_head"] and len(adapter_config["target_modules"]) == 10
+    ranks = {m: adapter_config["rank_pattern"].get(m, adapter_config["r"]) for m in adapter_config["target_modules"]}
+    assert ranks["model.layers.0.self_attn.q_proj"] <= 4 + 3 + 2 and ranks["model.layers.1.mlp.down_proj"] <= 2
+    model = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(root / "base"), version / "adapter")
+    loaded = model.merge_and_unload().state_dict()
+    for name, tensor in published.items():
+        torch.testing.assert_close(loaded[name], tensor, atol=1e-6, rtol=1e-5, msg=lambda t, name=name: f"{name}: {t}")
+    assert json.loads((version / "merge_report.json").read_text())["adapter"]["target_modules"] == 10
+
+
+def test_adapter_output_is_refused_where_the_merge_is_not_low_rank(lora_inputs, tmp_path: Path) -> None:
+    root = lora_inputs["root"]
+    write_full_expert(tmp_path / "full", lora_inputs["base"], seed=5, config=CONFIG)
+    mixed = _config(root, [str(root / "plain"), str(tmp_path / "full")], tmp_path / "o1", output_format="adapter")
+    with pytest.raises(ConfigError, match=r"model.layers.0.self_attn.q_proj.weight: merged on the dense path"):
+        build_plan(mixed)
+    ties = _config(root, [str(root / "plain")], tmp_path / "o2", output_format="adapter", method="ties")
+    with pytest.raises(ConfigError, match=r"method 'ties' is not spectral"):
+        build_plan(ties)
