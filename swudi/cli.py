@@ -284,10 +284,14 @@ def plan(
         out.print_json(json.dumps(summary))
         return
     table = Table(title=f"swudi plan: {cfg.method} ({get_method(cfg.method).kind}) {cfg.params}")
-    for column in ("tensor", "shape", "dtype", "treatment"):
+    lora = any("adapter_ranks" in row for row in summary["tensors"])  # LoRA experts: ranks and path
+    for column in ("tensor", "shape", "dtype", "treatment", *(("LoRA ranks", "decomposition") if lora else ())):
         table.add_column(column)
     for row in summary["tensors"]:
-        table.add_row(row["name"], "x".join(map(str, row["shape"])), row["dtype"], row["treatment"])
+        cells = [row["name"], "x".join(map(str, row["shape"])), row["dtype"], row["treatment"]]
+        if lora:
+            cells += _lora_cells(row)
+        table.add_row(*cells)
     out.print(table)
     out.print(
         f"counts: {summary['counts']}; reads about {summary['estimated_read_bytes'] / 1e6:.1f} MB; "
@@ -302,6 +306,17 @@ def plan(
     )
     for warning in summary["warnings"]:
         out.print(f"[yellow]warning:[/yellow] {warning}")
+
+
+def _lora_cells(row: dict[str, Any]) -> list[str]:
+    """``4+0+full`` (each expert's LoRA rank, "full" for a full tensor) and the decomposition path."""
+    ranks = row.get("adapter_ranks")
+    if ranks is None:
+        return ["", ""]
+    path = row.get("path", "")
+    if path:
+        path += f", {row['decomposition_gflop']:g} GFLOP" + (f" ({row['path_reason']})" if "path_reason" in row else "")
+    return ["+".join("full" if r is None else str(r) for r in ranks), path]
 
 
 @app.command("methods")

@@ -25,7 +25,7 @@ __all__ = ["DECOMPOSITION_MODULES", "MERGE_MODULES", "module_digest", "code_dige
 
 log = logging.getLogger(__name__)
 
-DECOMPOSITION_MODULES = ("swudi.decomposition", "swudi.task_vectors")
+DECOMPOSITION_MODULES = ("swudi.decomposition", "swudi.lowrank", "swudi.task_vectors")
 MERGE_MODULES = (
     *DECOMPOSITION_MODULES,
     "swudi.spectral",

@@ -163,6 +163,11 @@ class MergeConfig(_Strict):
     )
     keep_base: list[str] = Field(default_factory=list, description="glob patterns that keep the base value")
     output_dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    output_format: Literal["model", "adapter"] = Field(
+        "model",
+        description="model: the merged model (HF layout); adapter: also VERSION/adapter/, the merged update as a "
+        "PEFT LoRA adapter of rank <= sum r_i (LoRA experts, spectral methods, factor-space layers only)",
+    )
     max_shard_size: int = Field(5 * 10**9, description="bytes per output shard ('5GB' accepted)")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     workers: int = Field(2, ge=1, description="parallel per-layer tasks")

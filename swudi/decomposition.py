@@ -14,6 +14,10 @@ and D Q takes the cheapest of several product orders (``_dq_costs``); when ``m >
 as sum_i c_i X_i (X_i^T X_i) and the same per-task Grams, summed, give C (no extra GEMM); when
 ``N*m < d`` the thin SVD of X replaces eigh (``route="auto"``), lambda = sigma^2.
 
+A *factored* decomposition (:mod:`swudi.lowrank`, LoRA experts tau_i = B_i A_i) stores every
+eigenvector of C's range (r = its rank bound, sum_i r_i) and no ``sum_tv``: S's rows lie in that
+range, so S = (S Q) Q^T and nothing of size m x d or d x d is stored.
+
 Directions beyond the stored rank ``r`` are outside the range of C (or were cut by ``max_rank``):
 every filter treats them as ``f = 0``, i.e. they keep ``theta0``. Both routes (eigh of C, thin SVD
 of X) store the same quantities, so they give the same merged weights.
@@ -50,6 +54,7 @@ DECOMPOSITION_FORMAT_VERSION = "1"
 ROUTES = ("auto", "eigh", "svd")
 INIT_MODES = ("sum", "mean", "zero")
 _TENSOR_FIELDS = ("eigenvalues", "eigenvectors", "sum_tv", "sum_q", "dq")
+_FACTORED_FIELDS = ("eigenvalues", "eigenvectors", "sum_q", "dq")
 
 
 def init_coefficient(init: str, num_tasks: int) -> float:
@@ -72,16 +77,20 @@ class Decomposition:
     - ``eigenvalues`` ``[d]``: all eigenvalues of C, descending, floored at 1e-8
       (SVD route: sigma^2 padded with the floor). They sum to the number of non-zero tasks.
     - ``eigenvectors`` ``[d, r]``: Q, the top r eigenvectors (sign fixed: largest entry positive).
-    - ``sum_tv`` ``[m, d]``: S = sum_i tau_i.  ``sum_q`` ``[m, r]``: S Q.  ``dq`` ``[m, r]``: D Q.
+    - ``sum_tv`` ``[m, d]``: S = sum_i tau_i (None when ``factored``: then S = (S Q) Q^T).
+      ``sum_q`` ``[m, r]``: S Q.  ``dq`` ``[m, r]``: D Q.
     - ``objective_const``: sum_i w_i ||tau_i tau_i^T||_F^2, so that
       L(theta) = tr(theta C theta^T) - 2 <theta, D> + const.
     - ``num_tasks`` N, ``all_zero`` (every task vector near zero: methods return the mean),
-      ``dtype`` of the input task vectors, ``name`` of the weight, ``route`` ("eigh", "svd", "none").
+      ``dtype`` of the input task vectors, ``name`` of the weight, ``route`` ("eigh", "svd",
+      "factors", "none").
+    - ``factored``: Q spans the whole range of C (its rank is at most r) and S lies in it, so
+      ``sum_tv`` is not stored (built from low-rank factors, :func:`swudi.lowrank.decompose_factors`).
     """
 
     eigenvalues: torch.Tensor
     eigenvectors: torch.Tensor
-    sum_tv: torch.Tensor
+    sum_tv: torch.Tensor | None
     sum_q: torch.Tensor
     dq: torch.Tensor
     objective_const: float
@@ -90,11 +99,12 @@ class Decomposition:
     dtype: torch.dtype = torch.float32
     name: str = ""
     route: str = "eigh"
+    factored: bool = False
 
     @property
     def shape(self) -> tuple[int, int]:
         """(m, d) = (out, in) of the weight."""
-        return (int(self.sum_tv.shape[0]), int(self.sum_tv.shape[1]))
+        return (int(self.sum_q.shape[0]), int(self.eigenvalues.shape[0]))
 
     @property
     def rank(self) -> int:
@@ -103,13 +113,22 @@ class Decomposition:
 
     @property
     def full_rank(self) -> int:
-        """min(d, N*m): the most eigenvectors C can have with a non-zero eigenvalue."""
+        """The most eigenvectors C can have with a non-zero eigenvalue: min(d, N*m), or the stored
+        rank of a factored decomposition (which holds C's whole range)."""
         m, d = self.shape
-        return 0 if self.all_zero else min(d, self.num_tasks * m)
+        if self.all_zero:
+            return 0
+        return self.rank if self.factored else min(d, self.num_tasks * m)
+
+    def sum_of_task_vectors(self) -> torch.Tensor:
+        """S = sum_i tau_i ``[m, d]`` (formed as (S Q) Q^T for a factored decomposition)."""
+        if self.sum_tv is not None:
+            return self.sum_tv
+        return self.sum_q @ self.eigenvectors.T
 
     def theta0(self, init: str = "sum") -> torch.Tensor:
         """The initial point c * S for ``init`` in {"sum", "mean", "zero"}."""
-        return self.sum_tv * init_coefficient(init, self.num_tasks)
+        return self.sum_of_task_vectors() * init_coefficient(init, self.num_tasks)
 
     def objective(self, theta: torch.Tensor, *, device: str | torch.device = "auto") -> float:
         """WUDI loss L(theta) = sum_i w_i ||(theta - tau_i) tau_i^T||_F^2 from the stored pieces.
@@ -146,7 +165,8 @@ class Decomposition:
 
     def to_tensors(self) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         """(tensors, metadata) for a safetensors file: contiguous CPU tensors and str metadata."""
-        tensors = {k: getattr(self, k).detach().to("cpu").contiguous() for k in _TENSOR_FIELDS}
+        fields = _FACTORED_FIELDS if self.factored else _TENSOR_FIELDS
+        tensors = {k: getattr(self, k).detach().to("cpu").contiguous() for k in fields}
         m, d = self.shape
         metadata = {
             "format": DECOMPOSITION_FORMAT,
@@ -158,6 +178,7 @@ class Decomposition:
             "objective_const": repr(float(self.objective_const)),
             "dtype": str(self.dtype).removeprefix("torch."),
             "route": self.route,
+            "factored": "true" if self.factored else "false",
         }
         return tensors, metadata
 
@@ -173,7 +194,9 @@ class Decomposition:
                 f"{what}: format_version {meta.get('format_version')!r} is not supported "
                 f"(this swudi reads {DECOMPOSITION_FORMAT_VERSION!r}); recompute the decomposition"
             )
-        missing = [k for k in (*_TENSOR_FIELDS,) if k not in tensors]
+        factored = meta.get("factored", "false") == "true"
+        fields = _FACTORED_FIELDS if factored else _TENSOR_FIELDS
+        missing = [k for k in fields if k not in tensors]
         missing += [k for k in ("shape", "num_tasks", "all_zero", "objective_const", "dtype") if k not in meta]
         if missing:
             raise InputError(f"{what}: missing entries {missing}")
@@ -188,7 +211,7 @@ class Decomposition:
             raise InputError(f"{what}: unknown dtype {meta['dtype']!r}")
         if meta["all_zero"] not in ("true", "false"):
             raise InputError(f"{what}: all_zero must be 'true' or 'false', got {meta['all_zero']!r}")
-        t = {k: tensors[k] for k in _TENSOR_FIELDS}
+        t = {k: tensors[k] for k in fields}
         r = t["eigenvectors"].shape[1] if t["eigenvectors"].ndim == 2 else -1
         expected = {
             "eigenvalues": (d,),
@@ -198,6 +221,8 @@ class Decomposition:
             "dq": (m, r),
         }
         for k, shape in expected.items():
+            if k not in t:
+                continue
             if tuple(t[k].shape) != shape or r < 0:
                 raise InputError(f"{what}: tensor {k!r} has shape {tuple(t[k].shape)}, expected {shape}")
             if t[k].dtype != torch.float32:
@@ -207,7 +232,7 @@ class Decomposition:
         return cls(
             eigenvalues=t["eigenvalues"],
             eigenvectors=t["eigenvectors"],
-            sum_tv=t["sum_tv"],
+            sum_tv=t.get("sum_tv"),
             sum_q=t["sum_q"],
             dq=t["dq"],
             objective_const=objective_const,
@@ -216,6 +241,7 @@ class Decomposition:
             dtype=dtype,
             name=meta.get("name", ""),
             route=meta.get("route", "eigh"),
+            factored=factored,
         )
 
 

@@ -9,16 +9,23 @@ task arithmetic's theta = sum_i tau_i, so 1.0 means "as much interference as sum
 better. From task vectors in memory (:func:`interference_vs_sum`, per task and total) it is
 computed in float32 with the cheaper of two orders: (A tau^T) costs m^2 d, tr(A G A^T) with
 G = tau^T tau costs 2 m d^2. From a stored decomposition (:func:`interference_from_decomposition`,
-total only) it costs O(m r) and reads no task vector.
+total only) it costs O(m r) and reads no task vector. From LoRA factors and a factored
+decomposition (:func:`interference_from_factors`) it costs O(N m r^2): with tau_i = N_i Q^T and
+theta = T Q^T (N_i = tau_i Q, T = theta Q), ||(theta - tau_i) tau_i^T||^2 = <E^T E, N_i^T N_i>,
+E = T - N_i.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 
 from swudi.decomposition import Decomposition
 from swudi.device import resolve_device
+from swudi.lowrank import task_projections
 from swudi.spectral import filtered_projection
+from swudi.task_vectors import LowRank
 
 
 def task_interference(
@@ -82,3 +89,28 @@ def interference_from_decomposition(
     if reference <= 0.0:
         return None
     return dec.objective_of_projection(filtered_projection(dec, f, init, device=device)) / reference
+
+
+def interference_from_factors(
+    dec: Decomposition, f: torch.Tensor, init: str, factors: Sequence[LowRank], device: str | torch.device = "auto"
+) -> dict[str, object]:
+    """:func:`interference_vs_sum` of a filtered merge from a factored decomposition and the LoRA
+    factors it was built from (per task and total), never forming an m x d matrix."""
+    if not dec.factored:
+        raise ValueError(f"weight {dec.name!r}: interference_from_factors needs a factored decomposition")
+    dev = resolve_device(device)
+    if dec.all_zero:
+        return {"per_task": [None] * len(factors), "total": None}
+    thetas = [filtered_projection(dec, f, init, device=dev).to(dev, torch.float64), dec.sum_q.to(dev, torch.float64)]
+    merged, reference = torch.zeros(len(factors), dtype=torch.float64), torch.zeros(len(factors), dtype=torch.float64)
+    for i, proj in enumerate(task_projections(factors, dec.eigenvectors.to(dev))):
+        gram = proj.T @ proj
+        norm2 = float(gram.trace())
+        if norm2 == 0.0:
+            continue
+        for values, theta_q in zip((merged, reference), thetas, strict=True):
+            diff = theta_q - proj
+            values[i] = float(((diff.T @ diff) * gram).sum()) / norm2
+    per_task = [float(a / b) if b > 0 else None for a, b in zip(merged, reference, strict=True)]
+    total = float(merged.sum() / reference.sum()) if float(reference.sum()) > 0 else None
+    return {"per_task": per_task, "total": total}

@@ -310,10 +310,10 @@ def merge_decomposition(
     p = spec.validate(params)
     if spec.kind == "spectral":
         if dec.all_zero:
-            return dec.sum_tv / dec.num_tasks
+            return dec.theta0("mean")
         return apply_filter(dec, _filter(spec, dec.eigenvalues, dec.shape, p), _init_mode(p), device=device)
     if spec.from_sum is not None:
-        return _checked(spec.from_sum(dec.sum_tv, dec.num_tasks, p), spec, dec.shape, "from_sum")
+        return _checked(spec.from_sum(dec.sum_of_task_vectors(), dec.num_tasks, p), spec, dec.shape, "from_sum")
     raise ConfigError(
         f"method {spec.name!r} ({spec.kind}) needs the task vectors themselves, not a decomposition "
         f"(it declares no from_sum); use merge_matrix(task_vectors, {spec.name!r}, ...)"
@@ -357,7 +357,7 @@ def _merge_matrix_f32(
 
         dec = _decompose(tv, name=name, device=device, rank_fn=needed_rank, checked=True)
         if dec.all_zero:
-            return dec.sum_tv / dec.num_tasks
+            return dec.theta0("mean")
         return apply_filter(dec, _filter(spec, dec.eigenvalues, dec.shape, p), _init_mode(p), device=device)
     if spec.kind == "iterative":
         x = tv.to(device=resolve_device(device), dtype=torch.float32)

@@ -16,11 +16,20 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from swudi.checkpoint import Checkpoint, TensorLocation, resolve, validate_checkpoints
+from swudi.checkpoint.adapter import (
+    ExpertInput,
+    LoraAdapter,
+    LoraFactors,
+    expert_input,
+    input_fingerprint,
+    input_nbytes,
+    open_expert,
+)
 from swudi.checkpoint.fingerprint import digest
 from swudi.checkpoint.header import torch_dtype
 from swudi.code_version import merge_code
 from swudi.config import MergeConfig
-from swudi.errors import CheckpointError
+from swudi.errors import CheckpointError, ConfigError
 from swudi.methods import get_method
 from swudi.routing import Route, route_tensor
 
@@ -33,14 +42,15 @@ GROUP_BYTES = 64 * 2**20
 
 @dataclass(frozen=True)
 class TensorJob:
-    """One tensor of the merged model: its route and where its inputs are."""
+    """One tensor of the merged model: its route and where its inputs are (per expert: the
+    fine-tuned tensor, LoRA factors, or None when the expert leaves it at the base value)."""
 
     name: str
     shape: tuple[int, ...]
     dtype: str  # the base checkpoint's safetensors dtype
     route: Route
     base: TensorLocation
-    experts: tuple[TensorLocation, ...]
+    experts: tuple[ExpertInput, ...]
 
     @property
     def is_matrix(self) -> bool:
@@ -50,7 +60,23 @@ class TensorJob:
     @property
     def input_key(self) -> str:
         """Digest of the exact inputs: the content fingerprints of this tensor in every checkpoint."""
-        return digest(self.name, list(self.shape), self.base.fingerprint, [loc.fingerprint for loc in self.experts])
+        return digest(self.name, list(self.shape), self.base.fingerprint, [input_fingerprint(x) for x in self.experts])
+
+    @property
+    def lora_ranks(self) -> tuple[int | None, ...]:
+        """Per expert: the LoRA rank of its update (0: unchanged), None for a full tensor."""
+        return tuple(0 if x is None else x.rank if isinstance(x, LoraFactors) else None for x in self.experts)
+
+    @property
+    def factor_rank(self) -> int | None:
+        """R = sum of the experts' LoRA ranks when this 2-D weight can be decomposed in factor
+        space (every expert's update is LoRA factors or nothing, and R < min(m, d)); else None
+        (the dense path: a full-tensor expert, or R >= min(m, d))."""
+        ranks = self.lora_ranks
+        if len(self.shape) != 2 or any(r is None for r in ranks):
+            return None
+        total = sum(r for r in ranks if r is not None)
+        return total if total < min(self.shape) else None
 
     @property
     def nbytes(self) -> int:
@@ -119,8 +145,17 @@ def block_of(name: str) -> str:
 def layer_cost(job: TensorJob, num_experts: int) -> float:
     """Rough multiply-adds of merging one 2-D weight: C (or the thin SVD) plus its eigensolver."""
     m, d = job.shape
+    if job.factor_rank is not None:
+        return factor_space_cost(job.shape, job.factor_rank, num_experts)
     k = min(d, num_experts * m)
     return 2.0 * num_experts * m * d * k + 9.0 * k**3
+
+
+def factor_space_cost(shape: tuple[int, ...], rank: int, num_experts: int) -> float:
+    """Rough multiply-adds of a factor-space decomposition (:mod:`swudi.lowrank`): the QR of the
+    stacked A's, the per-task Grams and products, the R x R eigensolver."""
+    m, d = shape
+    return 2.0 * d * rank**2 + 4.0 * m * rank**2 + 3.0 * num_experts * rank**3 + 9.0 * rank**3
 
 
 def batch_blocks(jobs: list[TensorJob], num_experts: int, workers: int, per_worker: int = 4) -> list[list[TensorJob]]:
@@ -151,6 +186,8 @@ def task_memory_bytes(job: TensorJob, num_experts: int) -> int:
     the next one, read ahead), the float32 task vectors, C's eigen-pieces (3 x k x d floats,
     k = min(d, N m)) and a few m x d float32 results (S, D, theta, W)."""
     m, d = job.shape
+    if job.factor_rank is not None:  # the factors, their float64 copies, and S, theta, W
+        return 2 * (job.base.nbytes + 3 * (m + d) * job.factor_rank * 8) + 4 * 4 * m * d
     raw = (num_experts + 1) * job.base.nbytes
     k = min(d, num_experts * m)
     return 2 * raw + 4 * (num_experts * m * d + 3 * k * d + 4 * m * d)
@@ -226,22 +263,30 @@ def check_inputs_exist(config: MergeConfig) -> None:
         raise CheckpointError("checkpoint(s) not found: " + "; ".join(missing))
 
 
-def open_checkpoints(config: MergeConfig) -> tuple[Checkpoint, list[Checkpoint]]:
-    """Open base and experts from their headers (no tensor data is read)."""
+def open_checkpoints(config: MergeConfig) -> tuple[Checkpoint, list[Checkpoint | LoraAdapter]]:
+    """Open base and experts (full checkpoints or PEFT LoRA adapters) from their headers."""
     base = Checkpoint.open(config.base, config.storage_options)
-    experts = [Checkpoint.open(url, config.storage_options) for url in config.experts]
+    experts = [open_expert(url, config.storage_options) for url in config.experts]
     return base, experts
 
 
-def build_plan(config: MergeConfig, checkpoints: tuple[Checkpoint, list[Checkpoint]] | None = None) -> MergePlan:
+def build_plan(
+    config: MergeConfig, checkpoints: tuple[Checkpoint, list[Checkpoint | LoraAdapter]] | None = None
+) -> MergePlan:
     """Validate base + experts from their headers and route every tensor.
 
-    Raises :class:`~swudi.errors.CheckpointMismatchError` listing every mismatch at once.
+    Raises :class:`~swudi.errors.CheckpointMismatchError` listing every mismatch at once. A tensor
+    that no expert changes (every expert a LoRA adapter that does not name it) keeps the base value
+    (unless ``output_dtype`` asks for a cast: then it is merged, as zeros).
     """
     base, experts = checkpoints or open_checkpoints(config)
     warnings = validate_checkpoints(base, experts)
     jobs = []
     for name, loc in base.tensors.items():
+        inputs = tuple(expert_input(expert, name) for expert in experts)
+        if config.output_dtype == "auto" and all(x is None for x in inputs):
+            jobs.append(TensorJob(name, tuple(loc.shape), loc.dtype, "base", loc, inputs))
+            continue
         route = route_tensor(
             name,
             loc.shape,
@@ -251,9 +296,7 @@ def build_plan(config: MergeConfig, checkpoints: tuple[Checkpoint, list[Checkpoi
             config.exclude,
             config.keep_base,
         )
-        jobs.append(
-            TensorJob(name, tuple(loc.shape), loc.dtype, route, loc, tuple(expert.tensors[name] for expert in experts))
-        )
+        jobs.append(TensorJob(name, tuple(loc.shape), loc.dtype, route, loc, inputs))
     plan = MergePlan(
         base.url,
         tuple(e.url for e in experts),
@@ -264,6 +307,11 @@ def build_plan(config: MergeConfig, checkpoints: tuple[Checkpoint, list[Checkpoi
         tuple(warnings),
         tuple(c.header_bytes for c in (base, *experts)),
     )
+    if config.output_format == "adapter" and (problems := adapter_output_problems(plan, config)):
+        raise ConfigError(
+            f"output_format: adapter: {len(problems)} tensor(s) cannot be written as a merged LoRA adapter:\n  "
+            + "\n  ".join(problems)
+        )
     log.info("plan: %d tensors (%s) from %d experts", len(jobs), plan.counts(), len(experts))
     return plan
 
@@ -299,6 +347,8 @@ def version_id(config: MergeConfig, plan: MergePlan) -> str:
     }
     if config.evaluators:  # the version's report holds their results: another set is another version
         settings["evaluators"] = [e.model_dump() for e in config.evaluators]
+    if config.output_format != "model":  # the version holds more files (keeps earlier ids unchanged)
+        settings["output_format"] = config.output_format
     return digest(merge_code(config.method), plan.inputs_fingerprint, settings)[:16]
 
 
@@ -309,11 +359,9 @@ def describe_plan(config: MergeConfig, plan: MergePlan) -> dict[str, Any]:
     flops = 0.0
     read_bytes = 0
     for job in plan.jobs:
-        read_bytes += job.nbytes * (n + 1) if job.route != "base" else job.nbytes
+        read_bytes += job.nbytes + sum(input_nbytes(x) for x in job.experts) if job.route != "base" else job.nbytes
         if job.is_matrix and spec.kind == "spectral":
-            m, d = job.shape
-            k = min(d, n * m)
-            flops += 2.0 * n * m * d * k + 9.0 * k**3  # C (or thin SVD) + eigensolver
+            flops += layer_cost(job, n)  # C (or thin SVD) + eigensolver, or the factor-space work
     return {
         "base": plan.base_url,
         "experts": list(plan.expert_urls),
@@ -324,13 +372,63 @@ def describe_plan(config: MergeConfig, plan: MergePlan) -> dict[str, Any]:
         "estimated_read_bytes": read_bytes,
         "estimated_decomposition_gflop": round(flops / 1e9, 3),
         "warnings": list(plan.warnings),
-        "tensors": [
-            {
-                "name": job.name,
-                "shape": list(job.shape),
-                "dtype": job.dtype,
-                "treatment": "layer" if job.is_matrix else job.route,
-            }
-            for job in plan.jobs
-        ],
+        "tensors": [_describe_job(job, config, spec.kind, n) for job in plan.jobs],
     }
+
+
+def adapter_output_problems(plan: MergePlan, config: MergeConfig) -> list[str]:
+    """Why the merged update cannot be a LoRA adapter of rank <= sum r_i (empty: it can)."""
+    problems = []
+    if get_method(config.method).kind != "spectral":
+        problems.append(f"method {config.method!r} is not spectral: its merged update is not of low rank")
+    for job in plan.jobs:
+        if job.route == "base":
+            continue
+        lora = any(isinstance(x, LoraFactors) for x in job.experts)
+        if job.is_matrix and lora and not uses_factor_space(job, config):
+            problems.append(
+                f"{job.name}: merged on the dense path (a full tensor among the experts, or sum r_i too large)"
+            )
+        elif lora and not job.is_matrix:
+            problems.append(f"{job.name}: a LoRA update merged as a group ({job.route}); include it or leave it out")
+        elif job.is_matrix and not lora:
+            problems.append(f"{job.name}: no expert gives LoRA factors (a full checkpoint among the experts?)")
+    return problems
+
+
+def uses_factor_space(job: TensorJob, config: MergeConfig) -> bool:
+    """True when a spectral merge decomposes this weight in factor space (:mod:`swudi.lowrank`):
+    LoRA factors (or nothing) from every expert, sum of ranks R < min(m, d), and no ``max_rank``
+    below R (a cut decomposition is not factored)."""
+    rank = job.factor_rank
+    max_rank = config.decomposition.max_rank
+    return job.is_matrix and rank is not None and (max_rank is None or max_rank >= rank)
+
+
+def _describe_job(job: TensorJob, config: MergeConfig, kind: str, num_experts: int) -> dict[str, Any]:
+    """One tensor's row of the plan; with LoRA experts, their ranks and the decomposition path."""
+    row: dict[str, Any] = {
+        "name": job.name,
+        "shape": list(job.shape),
+        "dtype": job.dtype,
+        "treatment": "layer" if job.is_matrix else job.route,
+    }
+    ranks = job.lora_ranks
+    if any(r is not None for r in ranks):
+        row["adapter_ranks"] = list(ranks)  # per expert; None: a full tensor
+        if job.route == "base" and all(x is None for x in job.experts):
+            row["treatment"] = "base (no expert changes it)"
+        elif job.is_matrix and kind == "spectral":
+            factor = uses_factor_space(job, config)
+            row["path"] = "factor space" if factor else "dense"
+            row["decomposition_gflop"] = round(layer_cost(job, num_experts) / 1e9, 6)
+            total = sum(r or 0 for r in ranks)
+            if factor:
+                pass
+            elif any(r is None for r in ranks):
+                row["path_reason"] = "a full checkpoint or modules_to_save tensor among the experts"
+            elif total >= min(job.shape):
+                row["path_reason"] = f"sum of ranks {total} >= min(m, d) = {min(job.shape)}"
+            else:
+                row["path_reason"] = f"decomposition.max_rank {config.decomposition.max_rank} < sum of ranks {total}"
+    return row

@@ -23,11 +23,13 @@ from swudi.checkpoint import (
     publish_version,
     write_sharded,
 )
+from swudi.checkpoint.adapter import input_nbytes
 from swudi.checkpoint.publish import REPORT_NAME, version_url
 from swudi.checkpoint.storage import resolve, write_bytes_atomic
 from swudi.checkpoint.writer import nested_extra_files
 from swudi.config import MergeConfig
 from swudi.evaluators import run_evaluators
+from swudi.merged_adapter import write_merged_adapter
 from swudi.model_card import CARD_NAME, base_model_id, front_matter, render_card
 from swudi.plan import MergePlan, output_dtype, version_id
 from swudi.report import build_report
@@ -64,6 +66,8 @@ def publish_merged_model(
         specs = [(job.name, output_dtype(config, job), job.shape) for job in plan.jobs]
         reader = MergedTensorReader(merged, plan.jobs, config)
         write_sharded(version_url, specs, reader, config.max_shard_size, config.storage_options)
+        if config.output_format == "adapter":  # also the merged update as a PEFT LoRA adapter
+            report["adapter"] = write_merged_adapter(version_url, plan, merged, reader.tensor, config)
         reads["base"] += reader.base_bytes_read
         reads["work"] += reader.work_bytes_read
         base = Checkpoint.open(config.base, config.storage_options)
@@ -164,7 +168,7 @@ def _needed_tensor_bytes(plan: MergePlan) -> list[int]:
     merged = [job for job in plan.jobs if job.route != "base"]
     return [
         sum(job.base.nbytes for job in plan.jobs),
-        *(sum(job.experts[i].nbytes for job in merged) for i in range(len(plan.expert_urls))),
+        *(sum(input_nbytes(job.experts[i]) for job in merged) for i in range(len(plan.expert_urls))),
     ]
 
 

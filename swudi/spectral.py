@@ -88,7 +88,10 @@ def apply_filter(
     the mean of the task vectors whatever the filter.
     """
     if dec.all_zero:
-        return dec.sum_tv / dec.num_tasks
+        return dec.theta0("mean")
+    if dec.sum_tv is None:  # factored: S = (S Q) Q^T, so theta = (theta Q) Q^T, one [m, r] x [r, d] product
+        dev = resolve_device(device)
+        return (filtered_projection(dec, f, init, device=dev).to(dev) @ dec.eigenvectors.to(dev).T).cpu()
     init_c, coef = _filter_coefficients(dec, f, init, device)
     if coef is None:
         return dec.sum_tv * init_c

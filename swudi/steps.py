@@ -36,6 +36,7 @@ from typing import Any
 import torch
 
 from swudi.checkpoint import Checkpoint, TensorLocation, join_url, read_tensor, save_tensors
+from swudi.checkpoint.adapter import ExpertInput, LoraFactors, input_nbytes
 from swudi.checkpoint.artifacts import exists as artefact_exists
 from swudi.checkpoint.fingerprint import digest
 from swudi.checkpoint.header import torch_dtype
@@ -44,12 +45,13 @@ from swudi.checkpoint.writer import TensorData, TensorSpec, safetensors_stream
 from swudi.code_version import decomposition_code, merge_code
 from swudi.config import MergeConfig
 from swudi.decomposition import Decomposition, decompose
-from swudi.diagnostics import interference_from_decomposition, interference_vs_sum
+from swudi.diagnostics import interference_from_decomposition, interference_from_factors, interference_vs_sum
 from swudi.errors import CheckpointError, InputError
+from swudi.lowrank import decompose_factors
 from swudi.methods import get_method, merge_elementwise, merge_matrix, spectral_filter
-from swudi.plan import TensorJob, chunk_budget, group_row_bytes, output_dtype, row_chunks
+from swudi.plan import TensorJob, chunk_budget, group_row_bytes, output_dtype, row_chunks, uses_factor_space
 from swudi.spectral import apply_filter
-from swudi.task_vectors import MeanAccumulator, merged_weight, stack_task_vectors
+from swudi.task_vectors import ExpertValue, LowRank, MeanAccumulator, merged_weight, stack_task_vectors
 
 log = logging.getLogger(__name__)
 
@@ -136,15 +138,57 @@ class _Cost:
         with self.phase("read"):
             return read_tensor(location, storage_options)
 
-    def tensors(self, locations: Sequence[Any], storage_options: Mapping[str, Any]) -> list[torch.Tensor]:
-        """One tensor from each checkpoint (base first): remote reads run concurrently, one range
-        request each, so reading a weight from N + 1 checkpoints costs about one round trip."""
-        for index, location in enumerate(locations):
+    def expert(self, index: int, item: ExpertInput, storage_options: Mapping[str, Any]) -> ExpertValue:
+        """Expert ``index``'s value of a tensor (checkpoint index ``index + 1``)."""
+        if item is None:
+            return None
+        if isinstance(item, LoraFactors):
+            a, b = self.tensors([item.a, item.b], storage_options, owners=[index + 1] * 2)
+            return lora_update(item, a, b)
+        return self.tensor(index + 1, item, storage_options)
+
+    def inputs_of(self, job: TensorJob, storage_options: Mapping[str, Any]) -> tuple[torch.Tensor, list[ExpertValue]]:
+        """(base tensor, each expert's value) of one tensor: all its range reads issued together."""
+        locations: list[TensorLocation] = [job.base]
+        owners = [0]
+        for i, item in enumerate(job.experts):
+            parts = [item.a, item.b] if isinstance(item, LoraFactors) else [] if item is None else [item]
+            locations += parts
+            owners += [i + 1] * len(parts)
+        read = iter(self.tensors(locations, storage_options, owners))
+        base = next(read)
+        values: list[ExpertValue] = []
+        for item in job.experts:
+            if item is None:
+                values.append(None)
+            elif isinstance(item, LoraFactors):
+                a, b = next(read), next(read)
+                values.append(lora_update(item, a, b))
+            else:
+                values.append(next(read))
+        return base, values
+
+    def tensors(
+        self, locations: Sequence[Any], storage_options: Mapping[str, Any], owners: Sequence[int] | None = None
+    ) -> list[torch.Tensor]:
+        """One tensor from each checkpoint (base first; ``owners``: the checkpoint index of each
+        location when not one each): remote reads run concurrently, one range request each, so
+        reading a weight from N + 1 checkpoints costs about one round trip."""
+        for index, location in zip(owners or range(len(locations)), locations, strict=True):
             self.inputs[index] += location.nbytes
         with self.phase("read"):
             if all(is_local_url(location.shard_url) for location in locations):
                 return [read_tensor(location, storage_options) for location in locations]  # local: pread
             return list(_READ_POOL.map(lambda location: read_tensor(location, storage_options), locations))
+
+
+def lora_update(factors: LoraFactors, a: torch.Tensor, b: torch.Tensor) -> LowRank:
+    """tau = scaling * B @ A as float32 factors (the scaling folded into B; transposed layers and
+    embeddings: tau = (scaling * B @ A)^T = A^T (scaling * B)^T)."""
+    a32, b32 = a.to(torch.float32), b.to(torch.float32) * factors.scaling
+    if factors.transposed:
+        return LowRank(a32.T.contiguous(), b32.T.contiguous())
+    return LowRank(b32, a32)
 
 
 #: Concurrent range reads of remote tensors (shared by the tasks of a process; I/O bound).
@@ -329,16 +373,22 @@ def _load_delta(
 # ------------------------------------------------------------------------------------------ reads
 def sources_of(job: TensorJob) -> tuple[str, ...]:
     """The files holding ``job``'s tensor: base first, then each expert (named in input errors)."""
-    return (job.base.shard_url, *(location.shard_url for location in job.experts))
+    return (job.base.shard_url, *(_source(item) for item in job.experts))
+
+
+def _source(item: ExpertInput) -> str:
+    if item is None:
+        return "(an adapter that leaves this weight unchanged)"
+    return item.a.shard_url if isinstance(item, LoraFactors) else item.shard_url
 
 
 def read_task_vectors(
     job: TensorJob, config: MergeConfig, reads: _Cost | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(base weight, task vectors ``[N, ...]`` float32): one range read per checkpoint, concurrent
-    for remote checkpoints."""
+    """(base weight, task vectors ``[N, ...]`` float32): one range read per checkpoint (two for
+    LoRA factors), concurrent for remote checkpoints; LoRA updates are formed densely here."""
     reads = reads or _Cost([0] * (len(job.experts) + 1))
-    base, *experts = reads.tensors([job.base, *job.experts], config.storage_options)
+    base, experts = reads.inputs_of(job, config.storage_options)
     return base, stack_task_vectors(base, experts, job.name, sources=sources_of(job))
 
 
@@ -353,12 +403,18 @@ def rank_choice(dec: Decomposition, config: MergeConfig) -> RankChoice:
 
 
 def decompose_layer(
-    job: TensorJob, config: MergeConfig, reads: _Cost, prefetched: Sequence[torch.Tensor] | None = None
-) -> tuple[Decomposition, str, tuple[torch.Tensor, torch.Tensor] | None, float]:
+    job: TensorJob,
+    config: MergeConfig,
+    reads: _Cost,
+    prefetched: tuple[torch.Tensor, list[ExpertValue]] | None = None,
+) -> tuple[Decomposition, str, tuple[torch.Tensor, torch.Tensor | list[LowRank]] | None, float]:
     """The layer's decomposition: the stored one, or read the inputs once, decompose and store it.
 
-    ``prefetched``: the weight from (base, expert 0, ...), already read (:func:`merge_layers`).
-    Returns (decomposition, its URL, (base, task vectors) when they were read, seconds spent).
+    ``prefetched``: (base, each expert's value), already read (:func:`merge_layers`). LoRA experts
+    whose factors fit (:func:`~swudi.plan.uses_factor_space`) are decomposed in factor space
+    (:func:`~swudi.lowrank.decompose_factors`), never forming their dense task vectors.
+    Returns (decomposition, its URL, (base, task vectors or their factors) when they were read,
+    seconds spent).
     """
     key = decomposition_key(job, config)
     url = artefact_url(config, DECOMPOSITIONS, key)
@@ -366,19 +422,24 @@ def decompose_layer(
     if dec is not None:
         return dec, url, None, 0.0
     start = time.perf_counter()
-    if prefetched is not None:
-        base, *experts = prefetched
-        task_vectors = stack_task_vectors(base, experts, job.name, sources=sources_of(job))
+    base, experts = prefetched if prefetched is not None else reads.inputs_of(job, config.storage_options)
+    task_vectors: torch.Tensor | list[LowRank]
+    if uses_factor_space(job, config):
+        m, d = job.shape
+        # uses_factor_space: every expert gives LoRA factors or leaves the weight unchanged
+        task_vectors = [x if isinstance(x, LowRank) else LowRank(torch.zeros(m, 0), torch.zeros(0, d)) for x in experts]
+        with reads.phase("decompose"):
+            dec = decompose_factors(task_vectors, name=job.name, device=config.device)
     else:
-        base, task_vectors = read_task_vectors(job, config, reads)
-    with reads.phase("decompose"):
-        dec = decompose(
-            task_vectors,
-            name=job.name,
-            max_rank=config.decomposition.max_rank,
-            device=config.device,
-            route=config.decomposition.route,
-        )
+        task_vectors = stack_task_vectors(base, experts, job.name, sources=sources_of(job))
+        with reads.phase("decompose"):
+            dec = decompose(
+                task_vectors,
+                name=job.name,
+                max_rank=config.decomposition.max_rank,
+                device=config.device,
+                route=config.decomposition.route,
+            )
     tensors, metadata = dec.to_tensors()
     with reads.phase("write"):
         save_tensors(url, tensors, {**metadata, "key": key}, config.storage_options)
@@ -390,7 +451,7 @@ class _Prefetched:
     """A weight read from every checkpoint ahead of its turn, with what reading it cost."""
 
     cost: _Cost
-    tensors: list[torch.Tensor]
+    inputs: tuple[torch.Tensor, list[ExpertValue]]
 
 
 def _prefetch(job: TensorJob, config: MergeConfig) -> _Prefetched | None:
@@ -405,7 +466,7 @@ def _prefetch(job: TensorJob, config: MergeConfig) -> _Prefetched | None:
         if artefact_exists(url, config.storage_options):
             return None
     cost = _Cost([0] * (len(job.experts) + 1))
-    return _Prefetched(cost, cost.tensors([job.base, *job.experts], config.storage_options))
+    return _Prefetched(cost, cost.inputs_of(job, config.storage_options))
 
 
 def merge_layers(jobs: Sequence[TensorJob], config: MergeConfig, run_id: str = "") -> list[MergedRecord]:
@@ -444,11 +505,11 @@ def merge_layer(
     rank: RankChoice | None = None
     dec_url: str | None = None
     decompose_seconds = 0.0
-    inputs: tuple[torch.Tensor, torch.Tensor | None] | None  # (base, task vectors) when in memory
+    inputs: tuple[torch.Tensor, torch.Tensor | list[LowRank] | None] | None  # (base, task vectors) when in memory
     interference: dict[str, Any]  # {"total": float | None, "per_task": list[float | None] | None}
     if spec.kind == "spectral":
         dec, dec_url, inputs, decompose_seconds = decompose_layer(
-            job, config, reads, prefetched.tensors if prefetched is not None else None
+            job, config, reads, prefetched.inputs if prefetched is not None else None
         )
         init = str(config.params.get("init", "sum"))
         with reads.phase("merge"):
@@ -472,7 +533,13 @@ def merge_layer(
         # the per-task values need the task vectors: only while they are in memory; the total
         # stays the decomposition's, so a layer reports the same total however it was computed
         with reads.phase("diagnostics"):
-            interference["per_task"] = interference_vs_sum(theta, inputs[1], config.device)["per_task"]
+            if isinstance(inputs[1], list):  # LoRA factors: per task in factor space
+                assert rank is not None
+                init = str(config.params.get("init", "sum"))
+                found = interference_from_factors(dec, rank.filter, init, inputs[1], config.device)
+            else:
+                found = interference_vs_sum(theta, inputs[1], config.device)
+            interference["per_task"] = found["per_task"]
     base = inputs[0] if inputs is not None else reads.tensor(0, job.base, config.storage_options)
     with reads.phase("merge"):
         merged = merged_weight(base, theta, config.scale, torch_dtype(output_dtype(config, job)), name=job.name)
@@ -556,6 +623,14 @@ def _group_theta_rows(
     def rows(location: TensorLocation, start: int, stop: int) -> TensorLocation:
         return location if stop == 0 else location.rows(start, stop)
 
+    # LoRA experts of this tensor (e.g. an embedding adapter): their factors are small, read once;
+    # each chunk takes the rows of B (tau[rows] = B[rows] A)
+    factors: dict[int, LowRank] = {}
+    for i, item in enumerate(job.experts):
+        if stored is None and isinstance(item, LoraFactors):
+            a, b = reads.tensors([item.a, item.b], config.storage_options, owners=[i + 1, i + 1])
+            factors[i] = lora_update(item, a, b)
+
     for start, stop in chunks:
         if stored is not None:
             base = reads.tensor(0, rows(job.base, start, stop), config.storage_options)
@@ -565,9 +640,18 @@ def _group_theta_rows(
                 theta = read_tensor(where, config.storage_options)
             yield base, theta
             continue
-        base, *experts = reads.tensors(
-            [rows(loc, start, stop) for loc in (job.base, *job.experts)], config.storage_options
+        dense = [(i, item) for i, item in enumerate(job.experts) if isinstance(item, TensorLocation)]
+        base, *got = reads.tensors(
+            [rows(job.base, start, stop), *(rows(item, start, stop) for _, item in dense)],
+            config.storage_options,
+            owners=[0, *(i + 1 for i, _ in dense)],
         )
+        experts: list[ExpertValue] = [None] * n  # None: an adapter that leaves the tensor unchanged
+        for (i, _), tensor in zip(dense, got, strict=True):
+            experts[i] = tensor
+        for i, update in factors.items():
+            experts[i] = update if stop == 0 else LowRank(update.b[start:stop], update.a)
+        del got
         with reads.phase("merge"):
             if job.route == "mean":
                 acc = MeanAccumulator(base, job.name, sources=sources_of(job))
@@ -606,7 +690,7 @@ def merge_group(jobs: Sequence[TensorJob], config: MergeConfig, run_id: str = ""
     durl = artefact_url(config, DELTAS, dkey)
     stored = _open_delta(durl, dkey, names, config)
     planned = [sum(job.base.nbytes for job in jobs)] + [
-        0 if stored is not None else sum(job.experts[i].nbytes for job in jobs) for i in range(n)
+        0 if stored is not None else sum(input_nbytes(job.experts[i]) for job in jobs) for i in range(n)
     ]
     planned_work = sum(loc.nbytes for loc in stored.tensors.values()) if stored is not None else 0
     record = MergedRecord(
@@ -690,6 +774,11 @@ class MergedTensorReader:
         location = self._opened[url].location(name)
         self.work_bytes_read += location.nbytes
         return _read_rows(location, self._options, self._chunk)
+
+    def tensor(self, name: str) -> torch.Tensor:
+        """The whole tensor ``name`` (its row chunks joined)."""
+        data = self(name)
+        return data if isinstance(data, torch.Tensor) else torch.cat(list(data))
 
 
 def _read_rows(location: TensorLocation, storage_options: Mapping[str, Any], max_bytes: int) -> TensorData:

@@ -1,8 +1,10 @@
-"""Task vectors: tau_i = W_i - W0, stacked along a new leading axis and validated."""
+"""Task vectors: tau_i = W_i - W0 (or tau_i = B_i A_i for a LoRA expert), stacked along a new
+leading axis and validated."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -10,6 +12,8 @@ from swudi.errors import InputError
 
 __all__ = [
     "ZERO_NORM_SQ",
+    "LowRank",
+    "ExpertValue",
     "stack_task_vectors",
     "check_task_vectors",
     "squared_norms",
@@ -27,6 +31,32 @@ ZERO_NORM_SQ = 1e-12
 
 def _label(name: str) -> str:
     return f"weight {name!r}" if name else "weight"
+
+
+@dataclass(frozen=True)
+class LowRank:
+    """A task vector in factored form, tau = b @ a: ``b`` ``[m, r]`` (any scaling folded in),
+    ``a`` ``[r, d]``, float32; r = 0 is a zero task vector."""
+
+    b: torch.Tensor
+    a: torch.Tensor
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (int(self.b.shape[0]), int(self.a.shape[1]))
+
+    @property
+    def rank(self) -> int:
+        return int(self.a.shape[0])
+
+    def dense(self) -> torch.Tensor:
+        """tau = b @ a ``[m, d]`` float32."""
+        return (self.b.to(torch.float32) @ self.a.to(torch.float32)).contiguous()
+
+
+#: One expert's value of a tensor: the fine-tuned tensor itself (tau = E - W0), a LoRA update in
+#: factored form (tau = B A), or None (the expert leaves the tensor at the base value: tau = 0).
+ExpertValue = torch.Tensor | LowRank | None
 
 
 def _where(sources: Sequence[str] | None, index: int) -> str:
@@ -56,9 +86,11 @@ def _blame_experts(tv: torch.Tensor, name: str, sources: Sequence[str] | None) -
 
 
 def stack_task_vectors(
-    base: torch.Tensor, experts: Sequence[torch.Tensor], name: str = "", *, sources: Sequence[str] | None = None
+    base: torch.Tensor, experts: Sequence[ExpertValue], name: str = "", *, sources: Sequence[str] | None = None
 ) -> torch.Tensor:
     """Return ``stack([E_i - base])`` as float32 ``[N, *base.shape]`` (on the base's device).
+
+    An expert given as :class:`LowRank` contributes ``b @ a``, one given as None a zero task vector.
 
     Raises :class:`InputError` naming the weight and the expert index for no experts,
     a shape mismatch, a non-floating dtype or non-finite values; ``sources`` (the files of the base
@@ -70,16 +102,27 @@ def stack_task_vectors(
         raise InputError(f"{_label(name)}: base tensor has non-floating dtype {base.dtype}; cannot form task vectors")
     check_base_finite(base, name, sources)
     for i, expert in enumerate(experts):
+        if expert is None:
+            continue
         if tuple(expert.shape) != tuple(base.shape):
             raise InputError(
                 f"{_label(name)}: expert {i} has shape {tuple(expert.shape)}, base has {tuple(base.shape)}"
             )
-        if not expert.is_floating_point():
+        if isinstance(expert, torch.Tensor) and not expert.is_floating_point():
             raise InputError(f"{_label(name)}: expert {i} has non-floating dtype {expert.dtype}")
     base32 = base.to(torch.float32)
     out = torch.empty((len(experts), *base.shape), dtype=torch.float32, device=base.device)
     for i, expert in enumerate(experts):
-        torch.sub(expert.to(device=base.device, dtype=torch.float32), base32, out=out[i])
+        if expert is None:
+            out[i].zero_()
+        elif isinstance(expert, LowRank):
+            torch.mm(
+                expert.b.to(device=base.device, dtype=torch.float32),
+                expert.a.to(base.device, torch.float32),
+                out=out[i],
+            )
+        else:
+            torch.sub(expert.to(device=base.device, dtype=torch.float32), base32, out=out[i])
     _blame_experts(out, name, sources)
     return check_task_vectors(out, name)
 
@@ -210,15 +253,22 @@ class MeanAccumulator:
         self.total = torch.zeros_like(self.base)
         self.count = 0
 
-    def add(self, index: int, expert: torch.Tensor) -> None:
+    def add(self, index: int, expert: ExpertValue) -> None:
+        """Add expert ``index``'s task vector (a :class:`LowRank` adds b @ a, None adds zero)."""
+        if expert is None:
+            self.count += 1
+            return
         if tuple(expert.shape) != tuple(self.base.shape):
             raise InputError(
                 f"{_label(self.name)}: expert {index} has shape {tuple(expert.shape)}, "
                 f"base has {tuple(self.base.shape)}"
             )
-        if not expert.is_floating_point():
+        if isinstance(expert, LowRank):
+            tau = expert.dense()
+        elif not expert.is_floating_point():
             raise InputError(f"{_label(self.name)}: expert {index} has non-floating dtype {expert.dtype}")
-        tau = expert.to(torch.float32) - self.base
+        else:
+            tau = expert.to(torch.float32) - self.base
         if not _all_finite(tau):
             raise InputError(
                 f"{_label(self.name)}: non-finite values (NaN or inf) in the weights of "

@@ -58,7 +58,13 @@ def publish_model(
     return published
 
 
-@task(name="push-to-hub", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=30)
+@task(
+    name="push-to-hub",
+    cache_policy=NO_CACHE,
+    retries=2,
+    retry_condition_fn=retry_unless_input_error,
+    retry_delay_seconds=30,
+)
 def push_to_hub(config: MergeConfig, published: Mapping[str, Any]) -> str:
     """Upload the published version to the Hub repository of ``config.push_to_hub`` (a link artifact
     names the commit); the published version stays as it is if this fails."""

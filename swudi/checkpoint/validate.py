@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 
+from swudi.checkpoint.adapter import LoraAdapter
 from swudi.checkpoint.checkpoint import Checkpoint
 from swudi.errors import CheckpointMismatchError, InputError
 
@@ -16,8 +17,11 @@ log = logging.getLogger(__name__)
 _DTYPE_EXAMPLES = 3
 
 
-def validate_checkpoints(base: Checkpoint, experts: Sequence[Checkpoint]) -> list[str]:
+def validate_checkpoints(base: Checkpoint, experts: Sequence[Checkpoint | LoraAdapter]) -> list[str]:
     """Same tensor names and shapes in the base and every expert, before any tensor is read.
+
+    A LoRA adapter expert names only the tensors it changes: each must be in the base with the
+    shape its factors (or its full tensor) give (:meth:`LoraAdapter.mismatches`).
 
     Raises `CheckpointMismatchError` listing every missing tensor, extra tensor and shape mismatch
     (each naming the checkpoint URL and the tensor); the list is also in the error's `problems`.
@@ -30,6 +34,14 @@ def validate_checkpoints(base: Checkpoint, experts: Sequence[Checkpoint]) -> lis
     warnings: list[str] = []
     seen = {base.fingerprint: f"the base {base.url}"}
     for expert in experts:
+        if isinstance(expert, LoraAdapter):
+            problems += expert.mismatches(base)
+            if expert.fingerprint in seen:
+                warnings.append(
+                    f"{expert.url}: same fingerprint as {seen[expert.fingerprint]} (same files listed twice?)"
+                )
+            seen.setdefault(expert.fingerprint, expert.url)
+            continue
         missing = [n for n in base.tensors if n not in expert.tensors]
         extra = [n for n in expert.tensors if n not in base.tensors]
         problems += [f"{expert.url}: tensor {n!r} is missing (present in the base {base.url})" for n in missing]
