@@ -134,6 +134,16 @@ def test_merge_whose_base_is_an_earlier_version_keeps_it(prefect_api: str, tmp_p
     assert prune_versions(str(out), 1) == ["old"]  # no longer read: retention applies again
 
 
+def test_inputs_elsewhere_under_the_output_are_accepted(tmp_path: Path) -> None:
+    base, experts = _models(tmp_path / "bucket" / "models")
+    cfg = config_from_mapping({"base": base, "experts": experts, "output": str(tmp_path / "bucket")})
+    assert cfg.base == base  # merges write versions/, sweeps/, latest.json and dot-files only
+    shutil.copytree(base, tmp_path / "bucket" / "sweeps" / "copy")
+    with pytest.raises(ConfigError, match="where merges write"):
+        config_from_mapping({"base": str(tmp_path / "bucket" / "sweeps" / "copy"), "experts": experts,
+                             "output": str(tmp_path / "bucket")})
+
+
 # -------------------------------------------------------------------------------- no retry
 def test_input_errors_are_not_retried_faults_are(prefect_api: str) -> None:
     from prefect import flow, task

@@ -61,6 +61,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> World:
     os.symlink(root / "expert-0", root / "link-to-expert-0")
     os.symlink(root / "base", root / "link-to-base")
     (root / "a-file").write_text("not a folder")
+    shutil.copytree(root / "base", root / "published" / "versions" / "draft")  # no manifest: not published
     # data cases: one bad value each
     bad = dict(base)
     bad["layer.0.attn.q.weight"] = base["layer.0.attn.q.weight"].clone()
@@ -185,7 +186,9 @@ def _config_cases() -> list[Case]:
         Case("base-inside-work-dir", ("work folder",), config=lambda w, out: {
             **_good(w, out), "work_dir": str(w.root)}),
         Case("base-inside-output-not-a-version", ("not a published version",), config=lambda w, out: {
-            **_good(w, out), "output": str(w.root)}),
+            **_good(w, out), "output": w.path("published"), "base": w.path("published", "versions", "draft")}),
+        Case("base-is-the-output-versions-folder", ("not a published version",), config=lambda w, out: {
+            **_good(w, out), "output": w.path("published"), "base": w.path("published", "versions")}),
     ]
     # the environment: checkpoints, output location, device, scheduler
     cases += [
