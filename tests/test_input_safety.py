@@ -22,7 +22,7 @@ from swudi.baselines import ties
 from swudi.checkpoint import Checkpoint, prune_versions, publish_version, read_latest
 from swudi.checkpoint.readers import READERS, hold_versions, input_versions, release_versions
 from swudi.cli import app
-from swudi.config import config_from_mapping, load_config
+from swudi.config import EvaluatorConfig, config_from_mapping, load_config
 from swudi.errors import CheckpointError, ConfigError, InputError, is_input_error
 from swudi.plan import build_plan, version_id
 from tests.helpers.builders import tiny_state_dict, write_reference, write_reference_checkpoint
@@ -131,6 +131,12 @@ def test_merge_whose_base_is_an_earlier_version_keeps_it(prefect_api: str, tmp_p
     assert read_latest(str(out))["version"] == result["version"] != "old"
     assert (old / "model.safetensors").exists(), "retention pruned the base of the merge that read it"
     assert not any((out / READERS).iterdir())  # released after publishing
+    # the no-op check of `swudi merge`: this config is up to date, the same one with an evaluator is not
+    from swudi.cli import published_version
+
+    assert published_version(cfg)["version"] == result["version"]
+    evaluated = cfg.model_copy(update={"evaluators": [EvaluatorConfig(function="json:dumps")]})
+    assert published_version(evaluated) is None
     assert prune_versions(str(out), 1) == ["old"]  # no longer read: retention applies again
 
 
@@ -206,6 +212,16 @@ def test_readme_override_example_switches_method_and_drops_file_params(tmp_path:
                                       "--set", "scale=0.5"])
     assert result.exit_code == 0, result.output
     assert "'t': 300.0" in result.output
+
+
+def test_sweep_grid_value_that_is_not_yaml_is_one_line(tmp_path: Path) -> None:
+    base, experts = _models(tmp_path / "in")
+    path = tmp_path / "merge.yaml"
+    path.write_text(yaml.safe_dump({"base": base, "experts": experts, "output": str(tmp_path / "out")}))
+    for grid, expect in (("params.t=[1,", "--grid"), ("scale=1,.nan", "finite")):
+        result = CliRunner().invoke(app, ["sweep", str(path), "--grid", grid])
+        assert result.exit_code == 2 and expect in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "out").exists()
 
 
 # ------------------------------------------------------------------------ evaluators and identity
