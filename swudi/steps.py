@@ -613,7 +613,7 @@ class MergedTensorReader:
         url = self._where.get(name)
         if url is None:
             self.base_bytes_read += self._base[name].nbytes
-            return read_tensor(self._base[name], self._options)
+            return _finite_base(read_tensor(self._base[name], self._options), self._base[name])
         if url not in self._opened:
             try:
                 self._opened[url] = Checkpoint.open(url, self._options)
@@ -624,6 +624,16 @@ class MergedTensorReader:
         artefact = self._opened[url]
         self.work_bytes_read += artefact.location(name).nbytes
         return artefact.read(name)
+
+
+def _finite_base(tensor: torch.Tensor, location: Any) -> torch.Tensor:
+    """A tensor kept at the base value, unless it holds NaN or inf (:class:`InputError` naming it)."""
+    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        raise InputError(
+            f"tensor {location.name!r} (kept at the base value): the base checkpoint holds non-finite values "
+            f"(NaN or inf) in {location.shard_url}; repair the base checkpoint"
+        )
+    return tensor
 
 
 def summarize_layers(merged: Sequence[MergedRecord]) -> dict[str, Any]:

@@ -326,6 +326,9 @@ DATA_CASES = [
              ("layer.0.attn.q.bias", "expert 0 in", "nan-bias-expert/model.safetensors")),
     DataCase("float16-overflow-names-the-tensor", "base", ("expert-0", "huge-expert"),
              ("layer.0.mlp.down.weight", "float16", "output_dtype"), {"output_dtype": "float16"}),
+    DataCase("nan-in-a-tensor-kept-at-the-base", "nan-base", ("expert-0", "expert-1"),
+             ("layer.0.attn.q.weight", "kept at the base value", "nan-base/model.safetensors"),
+             {"keep_base": ["*attn.q.weight"]}),
 ]
 
 
