@@ -15,7 +15,11 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Callable
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -297,6 +301,45 @@ def test_output_bucket_missing_is_refused(world: World, tmp_path: Path, s3_bucke
     assert not s3_bucket.fs.exists(f"{s3_bucket.name}-missing")
 
 
+@pytest.fixture(scope="module")
+def denying_s3() -> Iterator[str]:
+    """An S3 endpoint that enforces credentials (moto's server with authentication from the first
+    request): every request with unknown keys is refused with 403, as AWS refuses them."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen([str(Path(sys.executable).with_name("moto_server")), "-H", "127.0.0.1", "-p", str(port)],
+                              env={**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "0"},
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                time.sleep(0.2)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+@pytest.mark.parametrize("where", ["base", "output"])
+def test_access_denied_on_s3_is_one_line(where: str, world: World, tmp_path: Path, denying_s3: str) -> None:
+    options = {"endpoint_url": denying_s3, "key": "AKIAUNKNOWN", "secret": "wrong"}
+    cfg = {**_good(world, tmp_path / "out"), "storage_options": options, where: f"s3://models/{where}"}
+    path = tmp_path / "merge.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    error = _library_refusal(path, ())
+    expected = (CheckpointError, "access denied") if where == "base" else (ConfigError, "cannot see it")
+    assert type(error) is expected[0] and expected[1] in str(error) and f"s3://models/{where}" in str(error)
+    result = CliRunner().invoke(app, ["merge", str(path)])
+    assert result.exit_code == 2 and expected[1] in _one_line_error(result.output)
+    assert "wrong" not in result.output  # the secret is not echoed
+    _nothing_published(tmp_path / "out")
+
+
 def test_report_with_a_missing_config_is_one_line(tmp_path: Path) -> None:
     result = CliRunner().invoke(app, ["report", str(tmp_path), "--config", str(tmp_path / "nope.yaml")])
     assert result.exit_code == 2 and "nope.yaml does not exist" in _one_line_error(result.output)
@@ -358,4 +401,4 @@ def test_data_case_is_refused(case: DataCase, world: World, tmp_path: Path, pref
 
 def test_the_corpus_is_large_enough() -> None:
     """docs/reliability.md counts these; the issue asks for at least 40 generated cases."""
-    assert len(CONFIG_CASES) + len(DATA_CASES) + 2 >= 40
+    assert len(CONFIG_CASES) + len(DATA_CASES) + 4 >= 40
