@@ -251,6 +251,8 @@ def _describe(error: ValidationError, source: str) -> str:
         else:
             message = str(item["msg"]).removeprefix("Value error, ")
             lines.append(message if not item["loc"] else f"{where}: {message}")
+    if len(lines) == 1:  # one problem, one line
+        return f"invalid config {source}: {lines[0]}"
     return f"invalid config {source}:\n  " + "\n  ".join(lines)
 
 

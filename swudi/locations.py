@@ -12,10 +12,13 @@ the lock, and its artefacts under the work folder; retention and ``swudi gc`` de
 - the same checkpoint is never listed twice, and the base is never an expert;
 - the output and the work folder are never a checkpoint folder or inside one (a publish would write
   into the inputs);
-- an input inside the output is allowed only as a published version (``OUTPUT/versions/<id>/...``,
-  also under ``OUTPUT/sweeps/``): versions are never rewritten, and retention keeps a version that
-  a running merge reads (:mod:`swudi.readers`); anything else inside the output, and any input
-  inside the work folder, is refused.
+- an input inside what a merge writes under the output (``versions/``, ``sweeps/``, ``latest.json``
+  and dot-files such as the lock and the default work folder) is allowed only as a published
+  version (``OUTPUT/versions/<id>/...``, also under ``OUTPUT/sweeps/``; locally its manifest must
+  exist): versions are never rewritten, and retention keeps a version that a running merge reads
+  (:mod:`swudi.checkpoint.readers`). Elsewhere under the output (``s3://bucket/models/base`` with
+  ``output: s3://bucket``) nothing is ever written or deleted, so it is allowed. Any input inside
+  the work folder is refused.
 
 Different storage protocols never overlap; two remote URLs are compared by bucket and key alone
 (the endpoint is not part of the location), which errs on the side of refusing.
@@ -111,8 +114,29 @@ def check_locations(base: str, experts: Sequence[str], output: str, work_dir: st
                 f"{key} {url!r} lies inside the work folder {work}, whose files `swudi gc` deletes; "
                 "move the checkpoint out of it"
             )
-        if is_inside(where, out) and published_version_of(where, out) is None:
+        if _written_by_merges(where, out) and not _is_published_version(where, out):
             raise ConfigError(
-                f"{key} {url!r} lies inside the output {out} but is not a published version "
-                "(OUTPUT/versions/<id>/): a publish could overwrite it; move it out of the output"
+                f"{key} {url!r} lies inside the output {out} where merges write, but is not a published "
+                "version (OUTPUT/versions/<id>/ with its manifest): a publish could overwrite it; move it"
             )
+
+
+#: First components under an output that merges write (versions, sweeps, the pointer, dot-files).
+_WRITTEN = ("versions", "sweeps", "latest.json")
+
+
+def _written_by_merges(location: str, output: str) -> bool:
+    if location == output or not is_inside(location, output):
+        return False
+    first = location[len(output.rstrip("/")) + 1 :].split("/", 1)[0]
+    return first in _WRITTEN or first.startswith(".")
+
+
+def _is_published_version(location: str, output: str) -> bool:
+    version = published_version_of(location, output)
+    if version is None:
+        return False
+    if "://" in location:  # remote: the path form is checked here, the manifest when the merge runs
+        return True
+    head = location[: location.index(f"/versions/{version}") + len(f"/versions/{version}")]
+    return os.path.isfile(os.path.join(head, "swudi_version.json"))

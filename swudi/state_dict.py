@@ -88,5 +88,5 @@ def merge_state_dicts(
             theta = _merge_elementwise_f32(tv, spec, p)
         else:
             theta = _merge_matrix_f32(tv, spec, p, name=key, device=device)
-        merged[key] = merged_weight(w0, theta, scale, w0.dtype)
+        merged[key] = merged_weight(w0, theta, scale, w0.dtype, name=key)
     return merged

@@ -763,7 +763,11 @@ class MergedTensorReader:
         url = self._where.get(name)
         if url is None:
             self.base_bytes_read += self._base[name].nbytes
-            return _read_rows(self._base[name], self._options, self._chunk)
+            location = self._base[name]
+            data = _read_rows(location, self._options, self._chunk)
+            if isinstance(data, torch.Tensor):
+                return _finite_base(data, location)
+            return (_finite_base(chunk, location) for chunk in data)
         if url not in self._opened:
             try:
                 self._opened[url] = Checkpoint.open(url, self._options)
@@ -788,6 +792,16 @@ def _read_rows(location: TensorLocation, storage_options: Mapping[str, Any], max
     if len(chunks) == 1:
         return read_tensor(location, storage_options)
     return (read_tensor(location.rows(start, stop), storage_options) for start, stop in chunks)
+
+
+def _finite_base(tensor: torch.Tensor, location: Any) -> torch.Tensor:
+    """A tensor kept at the base value, unless it holds NaN or inf (:class:`InputError` naming it)."""
+    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        raise InputError(
+            f"tensor {location.name!r} (kept at the base value): the base checkpoint holds non-finite values "
+            f"(NaN or inf) in {location.shard_url}; repair the base checkpoint"
+        )
+    return tensor
 
 
 def summarize_layers(merged: Sequence[MergedRecord]) -> dict[str, Any]:

@@ -20,9 +20,10 @@ from typer.testing import CliRunner
 
 from swudi.baselines import ties
 from swudi.checkpoint import Checkpoint, prune_versions, publish_version, read_latest
-from swudi.checkpoint.readers import READERS, hold_versions, input_versions, release_versions
+from swudi.checkpoint.readers import READERS, hold_versions, input_versions, read_versions, release_versions
+from swudi.checkpoint.storage import resolve
 from swudi.cli import app
-from swudi.config import config_from_mapping, load_config
+from swudi.config import EvaluatorConfig, config_from_mapping, load_config
 from swudi.errors import CheckpointError, ConfigError, InputError, is_input_error
 from swudi.plan import build_plan, version_id
 from tests.helpers.builders import tiny_state_dict, write_reference, write_reference_checkpoint
@@ -96,6 +97,10 @@ def test_index_escapes_are_still_refused_in_a_linked_folder(tmp_path: Path) -> N
 
 
 # ----------------------------------------------------------------------------- retention vs readers
+def resolve_path(url: str, options) -> str:
+    return resolve(url, options)[1]
+
+
 def _publish_copy(output: Path, version: str, source: str) -> None:
     def write_files(url: str) -> None:
         shutil.copytree(source, url, dirs_exist_ok=True)
@@ -103,19 +108,19 @@ def _publish_copy(output: Path, version: str, source: str) -> None:
     publish_version(str(output), version, write_files)
 
 
-def test_reader_lease_keeps_a_version_from_pruning_until_released(tmp_path: Path) -> None:
-    base, _ = _models(tmp_path / "in")
-    out = tmp_path / "out"
+def test_reader_lease_keeps_a_version_from_pruning_until_released(store) -> None:
+    out, options = store.url("out"), store.storage_options
     for version in ("v1", "v2", "v3"):
-        _publish_copy(out, version, base)
-    held = input_versions([str(out / "versions" / "v1") + "/"])
-    assert held == [(str(out), "v1")]
-    hold_versions(held, "run-a")
-    assert prune_versions(str(out), 1) == ["v2"]  # v1 is read by run-a, v3 is latest
-    assert (out / "versions" / "v1" / "model.safetensors").exists()
-    release_versions(held, "run-a")
-    assert not any((out / READERS).iterdir())
-    assert prune_versions(str(out), 1) == ["v1"]
+        publish_version(out, version, lambda url: write_reference(f"{url}/model.safetensors", tiny_state_dict(0),
+                                                                  storage_options=options), storage_options=options)
+    held = input_versions([store.url("out", "versions", "v1") + "/"], options)
+    assert held == [(store.url("out"), "v1")]
+    hold_versions(held, "run-a", options)
+    assert prune_versions(out, 1, options) == ["v2"]  # v1 is read by run-a, v3 is latest
+    assert store.fs().exists(resolve_path(store.url("out", "versions", "v1", "model.safetensors"), options))
+    release_versions(held, "run-a", options)
+    assert read_versions(out, options) == set()
+    assert prune_versions(out, 1, options) == ["v1"]
 
 
 def test_merge_whose_base_is_an_earlier_version_keeps_it(prefect_api: str, tmp_path: Path) -> None:
@@ -131,7 +136,23 @@ def test_merge_whose_base_is_an_earlier_version_keeps_it(prefect_api: str, tmp_p
     assert read_latest(str(out))["version"] == result["version"] != "old"
     assert (old / "model.safetensors").exists(), "retention pruned the base of the merge that read it"
     assert not any((out / READERS).iterdir())  # released after publishing
+    # the no-op check of `swudi merge`: this config is up to date, the same one with an evaluator is not
+    from swudi.cli import published_version
+
+    assert published_version(cfg)["version"] == result["version"]
+    evaluated = cfg.model_copy(update={"evaluators": [EvaluatorConfig(function="json:dumps")]})
+    assert published_version(evaluated) is None
     assert prune_versions(str(out), 1) == ["old"]  # no longer read: retention applies again
+
+
+def test_inputs_elsewhere_under_the_output_are_accepted(tmp_path: Path) -> None:
+    base, experts = _models(tmp_path / "bucket" / "models")
+    cfg = config_from_mapping({"base": base, "experts": experts, "output": str(tmp_path / "bucket")})
+    assert cfg.base == base  # merges write versions/, sweeps/, latest.json and dot-files only
+    shutil.copytree(base, tmp_path / "bucket" / "sweeps" / "copy")
+    with pytest.raises(ConfigError, match="where merges write"):
+        config_from_mapping({"base": str(tmp_path / "bucket" / "sweeps" / "copy"), "experts": experts,
+                             "output": str(tmp_path / "bucket")})
 
 
 # -------------------------------------------------------------------------------- no retry
@@ -196,6 +217,16 @@ def test_readme_override_example_switches_method_and_drops_file_params(tmp_path:
                                       "--set", "scale=0.5"])
     assert result.exit_code == 0, result.output
     assert "'t': 300.0" in result.output
+
+
+def test_sweep_grid_value_that_is_not_yaml_is_one_line(tmp_path: Path) -> None:
+    base, experts = _models(tmp_path / "in")
+    path = tmp_path / "merge.yaml"
+    path.write_text(yaml.safe_dump({"base": base, "experts": experts, "output": str(tmp_path / "out")}))
+    for grid, expect in (("params.t=[1,", "--grid"), ("scale=1,.nan", "finite")):
+        result = CliRunner().invoke(app, ["sweep", str(path), "--grid", grid])
+        assert result.exit_code == 2 and expect in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "out").exists()
 
 
 # ------------------------------------------------------------------------ evaluators and identity
