@@ -91,7 +91,7 @@ class MergeProgress:
         return (self.total - self.done) / self.rate if self.done else None
 
     def describe(self) -> str:
-        """One line: ``12/48 weights (25%), 1.30/s, ETA 27 s, read 120.5 MB (+5 reused)``."""
+        """One line: ``merge progress: 12/48 weights (25%), 1.30/s, ETA 27 s, read 120.5 MB; 5 reused ...``."""
         percent = 100.0 * self.done / self.total if self.total else 100.0
         eta = "?" if self.eta_s is None else f"{self.eta_s:.0f} s"
         reused = f"; {self.reused} reused from the work folder" if self.reused else ""

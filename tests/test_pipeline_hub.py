@@ -92,9 +92,9 @@ def test_push_to_hub_config_is_validated() -> None:
     data = {"base": "/m/base", "experts": ["/m/a"], "output": "/m/out"}
     cfg = config_from_mapping({**data, "push_to_hub": {"repo_id": "acme/bert-merged", "revision": "v2"}})
     assert cfg.push_to_hub is not None and cfg.push_to_hub.revision == "v2" and not cfg.push_to_hub.private
-    with pytest.raises(ConfigError, match="push_to_hub.repo_id: .*owner/name"):
+    with pytest.raises(ConfigError, match=r"push_to_hub\.repo_id: .*owner/name"):
         config_from_mapping({**data, "push_to_hub": {"repo_id": "s3://bucket/model"}})
-    with pytest.raises(ConfigError, match="unknown key 'push_to_hub.token'"):
+    with pytest.raises(ConfigError, match=r"unknown key 'push_to_hub\.token'"):
         config_from_mapping({**data, "push_to_hub": {"repo_id": "acme/x", "token": "hf_secret"}})
 
 
@@ -170,7 +170,8 @@ def test_model_card_names_the_base_by_hub_id_when_known_and_parses_with_huggingf
         "version": "abc123", "method": "ties", "params": {"density": 0.2, "scale": 1.0}, "scale": 0.5,
         "output_dtype": "auto", "routing": {"exclude": ["*embed*"]}, "diagnostics": {}, "evaluations": {},
         "inputs": {"base": {"url": "s3://models/base", "fingerprint": "f0"}, "fingerprint": "ff",
-                   "experts": [{"url": "s3://models/a", "fingerprint": "fa"}, {"url": "s3://models/b", "fingerprint": "fb"}]},
+                   "experts": [{"url": "s3://models/a", "fingerprint": "fa"},
+                               {"url": "s3://models/b", "fingerprint": "fb"}]},
         "software": {"swudi": "0.1.0", "merge_code": "mc", "torch": "2.13.0"},
     }
     assert base_model_id(report, None, {"_name_or_path": "google-bert/bert-base-uncased"}) == \

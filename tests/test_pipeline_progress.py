@@ -15,7 +15,8 @@ def _job(name: str) -> TensorJob:
 
 
 def test_task_label_names_the_block_and_its_tensors() -> None:
-    block = [_job(f"encoder.layer.3.{n}.weight") for n in ("attention.self.query", "attention.self.key", "output.dense")]
+    leaves = ("attention.self.query", "attention.self.key", "output.dense")
+    block = [_job(f"encoder.layer.3.{n}.weight") for n in leaves]
     assert task_label(block) == "encoder.layer.3: attention.self.query, attention.self.key, output.dense"
     assert task_label(block[:1]) == "encoder.layer.3.attention.self.query.weight"
     two = [_job("model.layers.0.mlp.up_proj.weight"), _job("model.layers.1.mlp.up_proj.weight")]

@@ -7,6 +7,7 @@ group, SIGKILL when it lingers). Waits poll a condition until a deadline; no fix
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -58,10 +59,8 @@ class Service:
 
 
 def _signal_group(pid: int, sig: int) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(pid, sig)
-    except ProcessLookupError:
-        pass
 
 
 def start(name: str, argv: Sequence[str], log_dir: Path, env: Mapping[str, str], cwd: Path) -> Service:
