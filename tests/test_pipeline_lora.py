@@ -381,3 +381,15 @@ def test_adapter_output_is_refused_where_the_merge_is_not_low_rank(lora_inputs, 
     ties = _config(root, [str(root / "plain")], tmp_path / "o2", output_format="adapter", method="ties")
     with pytest.raises(ConfigError, match=r"method 'ties' is not spectral"):
         build_plan(ties)
+
+
+def test_adapters_naming_different_base_models_are_warned_about(lora_inputs, tmp_path: Path) -> None:
+    root = lora_inputs["root"]
+    experts = []
+    for name, base_name in (("plain", "org/llama-a"), ("rslora", "org/llama-b")):
+        copy = _copy(root / name, tmp_path / name)
+        config = json.loads((copy / "adapter_config.json").read_text())
+        (copy / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": base_name}))
+        experts.append(str(copy))
+    plan = build_plan(_config(root, experts, tmp_path / "out"))
+    assert any("different base models (org/llama-a, org/llama-b)" in w for w in plan.warnings)
