@@ -167,7 +167,7 @@ def test_plan_names_ranks_and_the_path_of_every_target_weight(lora_inputs, tmp_p
     assert "factor space" in result.output and "4+2" in result.output
 
 
-def test_ranks_summing_past_min_m_d_take_the_dense_path(tmp_path: Path) -> None:
+def test_ranks_summing_past_min_m_d_take_the_dense_path(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """Adapters whose ranks add up to min(m, d) or more are merged densely (and the plan says so)."""
     small = llama_config(hidden=16, intermediate=24, layers=1, vocab=20)
     base = write_base(tmp_path / "base", small)
@@ -188,7 +188,9 @@ def test_ranks_summing_past_min_m_d_take_the_dense_path(tmp_path: Path) -> None:
     assert job.factor_rank is None and not uses_factor_space(job, cfg)
     (row,) = [r for r in describe_plan(cfg, plan)["tensors"] if r["name"] == job.name]
     assert row["path"] == "dense" and row["path_reason"] == "sum of ranks 18 >= min(m, d) = 16"
-    record = merge_layer(job, cfg)
+    with caplog.at_level("INFO", logger="swudi.steps"):
+        record = merge_layer(job, cfg)
+    assert f"{job.name}: LoRA experts merged on the dense path: sum of ranks 18 >= min(m, d) = 16" in caplog.text
     want = merge_state_dicts(base, dense, "pinv")[job.name]
     torch.testing.assert_close(Checkpoint.open(record.url).read(job.name), want, atol=1e-5, rtol=1e-4)
 
