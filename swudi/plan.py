@@ -405,6 +405,20 @@ def uses_factor_space(job: TensorJob, config: MergeConfig) -> bool:
     return job.is_matrix and rank is not None and (max_rank is None or max_rank >= rank)
 
 
+def dense_path_reason(job: TensorJob, config: MergeConfig) -> str | None:
+    """Why a 2-D weight with LoRA experts is decomposed densely (on B A), or None when it is not
+    (factor space, or no LoRA expert at all)."""
+    ranks = job.lora_ranks
+    if not job.is_matrix or uses_factor_space(job, config) or all(r is None for r in ranks):
+        return None
+    total = sum(r or 0 for r in ranks)
+    if any(r is None for r in ranks):
+        return "a full checkpoint or modules_to_save tensor among the experts"
+    if total >= min(job.shape):
+        return f"sum of ranks {total} >= min(m, d) = {min(job.shape)}"
+    return f"decomposition.max_rank {config.decomposition.max_rank} < sum of ranks {total}"
+
+
 def _describe_job(job: TensorJob, config: MergeConfig, kind: str, num_experts: int) -> dict[str, Any]:
     """One tensor's row of the plan; with LoRA experts, their ranks and the decomposition path."""
     row: dict[str, Any] = {
@@ -419,16 +433,9 @@ def _describe_job(job: TensorJob, config: MergeConfig, kind: str, num_experts: i
         if job.route == "base" and all(x is None for x in job.experts):
             row["treatment"] = "base (no expert changes it)"
         elif job.is_matrix and kind == "spectral":
-            factor = uses_factor_space(job, config)
-            row["path"] = "factor space" if factor else "dense"
+            reason = dense_path_reason(job, config)
+            row["path"] = "dense" if reason else "factor space"
             row["decomposition_gflop"] = round(layer_cost(job, num_experts) / 1e9, 6)
-            total = sum(r or 0 for r in ranks)
-            if factor:
-                pass
-            elif any(r is None for r in ranks):
-                row["path_reason"] = "a full checkpoint or modules_to_save tensor among the experts"
-            elif total >= min(job.shape):
-                row["path_reason"] = f"sum of ranks {total} >= min(m, d) = {min(job.shape)}"
-            else:
-                row["path_reason"] = f"decomposition.max_rank {config.decomposition.max_rank} < sum of ranks {total}"
+            if reason:
+                row["path_reason"] = reason
     return row

@@ -49,7 +49,15 @@ from swudi.diagnostics import interference_from_decomposition, interference_from
 from swudi.errors import CheckpointError, InputError
 from swudi.lowrank import decompose_factors
 from swudi.methods import get_method, merge_elementwise, merge_matrix, spectral_filter
-from swudi.plan import TensorJob, chunk_budget, group_row_bytes, output_dtype, row_chunks, uses_factor_space
+from swudi.plan import (
+    TensorJob,
+    chunk_budget,
+    dense_path_reason,
+    group_row_bytes,
+    output_dtype,
+    row_chunks,
+    uses_factor_space,
+)
 from swudi.spectral import apply_filter
 from swudi.task_vectors import ExpertValue, LowRank, MeanAccumulator, merged_weight, stack_task_vectors
 
@@ -431,6 +439,8 @@ def decompose_layer(
         with reads.phase("decompose"):
             dec = decompose_factors(task_vectors, name=job.name, device=config.device)
     else:
+        if reason := dense_path_reason(job, config):
+            log.info("%s: LoRA experts merged on the dense path: %s", job.name, reason)
         task_vectors = stack_task_vectors(base, experts, job.name, sources=sources_of(job))
         with reads.phase("decompose"):
             dec = decompose(

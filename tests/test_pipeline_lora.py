@@ -167,7 +167,7 @@ def test_plan_names_ranks_and_the_path_of_every_target_weight(lora_inputs, tmp_p
     assert "factor space" in result.output and "4+2" in result.output
 
 
-def test_ranks_summing_past_min_m_d_take_the_dense_path(tmp_path: Path) -> None:
+def test_ranks_summing_past_min_m_d_take_the_dense_path(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """Adapters whose ranks add up to min(m, d) or more are merged densely (and the plan says so)."""
     small = llama_config(hidden=16, intermediate=24, layers=1, vocab=20)
     base = write_base(tmp_path / "base", small)
@@ -188,7 +188,9 @@ def test_ranks_summing_past_min_m_d_take_the_dense_path(tmp_path: Path) -> None:
     assert job.factor_rank is None and not uses_factor_space(job, cfg)
     (row,) = [r for r in describe_plan(cfg, plan)["tensors"] if r["name"] == job.name]
     assert row["path"] == "dense" and row["path_reason"] == "sum of ranks 18 >= min(m, d) = 16"
-    record = merge_layer(job, cfg)
+    with caplog.at_level("INFO", logger="swudi.steps"):
+        record = merge_layer(job, cfg)
+    assert f"{job.name}: LoRA experts merged on the dense path: sum of ranks 18 >= min(m, d) = 16" in caplog.text
     want = merge_state_dicts(base, dense, "pinv")[job.name]
     torch.testing.assert_close(Checkpoint.open(record.url).read(job.name), want, atol=1e-5, rtol=1e-4)
 
@@ -381,3 +383,15 @@ def test_adapter_output_is_refused_where_the_merge_is_not_low_rank(lora_inputs, 
     ties = _config(root, [str(root / "plain")], tmp_path / "o2", output_format="adapter", method="ties")
     with pytest.raises(ConfigError, match=r"method 'ties' is not spectral"):
         build_plan(ties)
+
+
+def test_adapters_naming_different_base_models_are_warned_about(lora_inputs, tmp_path: Path) -> None:
+    root = lora_inputs["root"]
+    experts = []
+    for name, base_name in (("plain", "org/llama-a"), ("rslora", "org/llama-b")):
+        copy = _copy(root / name, tmp_path / name)
+        config = json.loads((copy / "adapter_config.json").read_text())
+        (copy / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": base_name}))
+        experts.append(str(copy))
+    plan = build_plan(_config(root, experts, tmp_path / "out"))
+    assert any("different base models (org/llama-a, org/llama-b)" in w for w in plan.warnings)

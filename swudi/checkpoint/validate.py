@@ -68,6 +68,12 @@ def validate_checkpoints(base: Checkpoint, experts: Sequence[Checkpoint | LoraAd
         if expert.fingerprint in seen:
             warnings.append(f"{expert.url}: same fingerprint as {seen[expert.fingerprint]} (same files listed twice?)")
         seen.setdefault(expert.fingerprint, expert.url)
+    named = {e.config.get("base_model_name_or_path") for e in experts if isinstance(e, LoraAdapter)} - {None}
+    if len(named) > 1:
+        warnings.append(
+            f"the LoRA adapters name different base models ({', '.join(sorted(map(str, named)))}); "
+            f"shapes fit the base {base.url}, check that they were trained on it"
+        )
     if problems:
         error = CheckpointMismatchError(
             f"{len(problems)} mismatch(es) between the base and the experts:\n  " + "\n  ".join(problems)
