@@ -23,11 +23,9 @@ from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
-    ConfigDict,
     Field,
     StringConstraints,
     ValidationError,
-    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -38,7 +36,7 @@ from swudi.checkpoint.writer import parse_size
 from swudi.errors import ConfigError
 from swudi.locations import check_locations
 from swudi.strict_yaml import load_yaml
-from swudi.validation import refuse_bool_for_number
+from swudi.validation import StrictModel
 
 log = logging.getLogger(__name__)
 
@@ -46,17 +44,7 @@ log = logging.getLogger(__name__)
 Location = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1)]
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
-
-    @field_validator("*", mode="before")
-    @classmethod
-    def _no_bool_numbers(cls, value: Any, info: ValidationInfo) -> Any:
-        assert info.field_name is not None
-        return refuse_bool_for_number(cls.model_fields[info.field_name].annotation, value)
-
-
-class TaskRunnerConfig(_Strict):
+class TaskRunnerConfig(StrictModel):
     """How per-layer tasks run: a bounded thread pool, or Dask (local cluster or a scheduler)."""
 
     kind: Literal["threads", "dask"] = "threads"
@@ -82,14 +70,14 @@ class TaskRunnerConfig(_Strict):
         return self
 
 
-class DecompositionConfig(_Strict):
+class DecompositionConfig(StrictModel):
     """Options of the (cached, hyperparameter-free) decomposition step."""
 
     max_rank: int | None = Field(None, ge=1, description="store at most this many eigenvectors")
     route: Literal["auto", "eigh", "svd"] = "auto"
 
 
-class EvaluatorConfig(_Strict):
+class EvaluatorConfig(StrictModel):
     """A user evaluator ``module:function(model_path, **options) -> {task: {metric: value}}``."""
 
     function: str
@@ -103,7 +91,7 @@ class EvaluatorConfig(_Strict):
         return value
 
 
-class StorageRetryConfig(_Strict):
+class StorageRetryConfig(StrictModel):
     """How each storage request is retried before the merge fails (:mod:`swudi.checkpoint.retry`).
 
     One S3 call makes at most ``2 x attempts`` requests, each waiting at most the connect and read
@@ -116,7 +104,7 @@ class StorageRetryConfig(_Strict):
     read_timeout_s: float = Field(60.0, gt=0, le=3600, description="seconds without a byte of the response")
 
 
-class ModelCardConfig(_Strict):
+class ModelCardConfig(StrictModel):
     """Metadata of the model card (``README.md``) written into every published version."""
 
     base_model: str | None = Field(
@@ -130,7 +118,7 @@ class ModelCardConfig(_Strict):
     tags: list[str] = Field(default_factory=list, description="added to merge, model-merging, swudi, <method>")
 
 
-class PushToHubConfig(_Strict):
+class PushToHubConfig(StrictModel):
     """Upload each published version to a Hugging Face Hub model repository (token: HF_TOKEN)."""
 
     repo_id: str = Field(description="owner/name of the model repository (created if missing)")
@@ -145,7 +133,7 @@ class PushToHubConfig(_Strict):
         return value
 
 
-class MergeConfig(_Strict):
+class MergeConfig(StrictModel):
     """A complete merge: inputs, method, output and execution settings."""
 
     base: Location = Field(description="base checkpoint: local path or fsspec URL")

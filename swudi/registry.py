@@ -31,10 +31,10 @@ from dataclasses import dataclass
 from typing import Any, Literal, TypeVar, get_args
 
 import torch
-from pydantic import BaseModel, ConfigDict, ValidationError, ValidationInfo, field_validator
+from pydantic import BaseModel, ValidationError
 
 from swudi.errors import ConfigError
-from swudi.validation import refuse_bool_for_number
+from swudi.validation import StrictModel
 
 __all__ = [
     "METHODS",
@@ -74,20 +74,12 @@ FromSumFn = Callable[[torch.Tensor, int, Any], torch.Tensor]
 _NAME = re.compile(r"[A-Za-z][A-Za-z0-9_.-]*")
 
 
-class MethodParams(BaseModel):
-    """Base of the parameter models: unknown keys are errors, values are immutable.
+class MethodParams(StrictModel):
+    """Base of the parameter models: unknown keys are errors, values are immutable, no NaN, no
+    infinity, no boolean for a number (:class:`~swudi.validation.StrictModel`).
 
     Every field needs a default (a method must run with ``params: {}``).
     """
-
-    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
-
-    @field_validator("*", mode="before")
-    @classmethod
-    def _no_bool_numbers(cls, value: Any, info: ValidationInfo) -> Any:
-        """NaN and infinities are refused (``allow_inf_nan``), and so is ``true`` for a number."""
-        assert info.field_name is not None
-        return refuse_bool_for_number(cls.model_fields[info.field_name].annotation, value)
 
 
 @dataclass(frozen=True)

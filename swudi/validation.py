@@ -6,7 +6,9 @@ import types
 import typing
 from typing import Any
 
-__all__ = ["refuse_bool_for_number"]
+from pydantic import BaseModel, ConfigDict, ValidationInfo, field_validator
+
+__all__ = ["refuse_bool_for_number", "StrictModel"]
 
 
 def refuse_bool_for_number(annotation: Any, value: Any) -> Any:
@@ -21,3 +23,17 @@ def refuse_bool_for_number(annotation: Any, value: Any) -> Any:
         if bool not in members and any(m in (int, float) for m in members):
             raise ValueError(f"expected a number, got the boolean {str(value).lower()}")
     return value
+
+
+class StrictModel(BaseModel):
+    """Base of swudi's settings models (the config's sections, method parameters): unknown keys are
+    errors, values are immutable, NaN and infinities are refused (``allow_inf_nan``), and so is a
+    boolean given for a number (:func:`refuse_bool_for_number`)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        assert info.field_name is not None
+        return refuse_bool_for_number(cls.model_fields[info.field_name].annotation, value)
