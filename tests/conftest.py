@@ -142,5 +142,17 @@ def prefect_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     try:
         with temporary_settings(updates={PREFECT_API_URL: url}):
             yield url
+            _drain_prefect_workers()  # logs and events reach the server before it stops
     finally:
         server.stop()
+
+
+def _drain_prefect_workers() -> None:
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    for drain in (lambda: APILogWorker.drain_all(timeout=30), EventsWorker.drain_all):
+        try:
+            drain()
+        except Exception:  # noqa: BLE001 - best effort at the end of the session
+            pass

@@ -2,7 +2,7 @@
 
 Every place swudi changes storage reports here (:func:`storage_event`): a file staged (its bytes
 written to a temporary name, not yet visible), a file committed (visible under its name), a file
-or folder deleted. Two environment variables, read once per process, act on these events:
+or folder deleted. Two environment variables, read at every event, act on these events:
 
 - ``SWUDI_KILL_AFTER_WRITES=k``: after the k-th event, the process sends itself SIGKILL (no
   cleanup, no ``finally``, no ``atexit``: what a power cut or the OOM killer does).
@@ -26,19 +26,19 @@ TRACE_ENV = "SWUDI_WRITE_TRACE"
 
 _lock = threading.Lock()
 _count = 0
-_kill_at = int(os.environ.get(KILL_ENV) or 0)
-_trace = os.environ.get(TRACE_ENV) or None
 
 
 def storage_event(event: str, url: str) -> None:
     """Count one storage mutation (``staged`` / ``committed`` / ``deleted``); trace it or die here."""
     global _count
-    if not _kill_at and not _trace:
+    kill_at = int(os.environ.get(KILL_ENV) or 0)
+    trace = os.environ.get(TRACE_ENV)
+    if not kill_at and not trace:
         return
     with _lock:
         _count += 1
-        if _trace:
-            with open(_trace, "a") as f:
+        if trace:
+            with open(trace, "a") as f:
                 f.write(f"{_count} {event} {url}\n")
-        if _count == _kill_at:
+        if _count == kill_at:
             os.kill(os.getpid(), signal.SIGKILL)
