@@ -156,3 +156,24 @@ def _drain_prefect_workers() -> None:
             drain()
         except Exception:  # noqa: BLE001 - best effort at the end of the session
             pass
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Stop any Prefect ephemeral server still running in this process.
+
+    Tests use the session's `prefect_api`. If some code path falls back to Prefect's own ephemeral
+    server instead, Prefect stops it at interpreter exit. That hook logs to a console pytest has
+    already closed, and in one full run (2026-11-28) the server was left orphaned. So it is stopped
+    here, while the streams are open, and reported so the test that started it can be found.
+    """
+    try:
+        from prefect.server.api.server import SubprocessASGIServer
+    except ImportError:
+        return
+    for server in list(SubprocessASGIServer._instances.values()):
+        if getattr(server, "server_process", None) is not None:
+            print(f"\nconftest: stopping a Prefect ephemeral server left running on port {server.port}")
+            try:
+                server.stop()
+            except Exception as error:  # noqa: BLE001 - best effort at the end of the session
+                print(f"conftest: could not stop it: {error}")
