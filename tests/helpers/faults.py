@@ -22,9 +22,10 @@ from __future__ import annotations
 import collections
 import socket
 import struct
-import threading
 import time
 from collections.abc import Callable, Sequence
+
+from helpers.proxy import LoopbackProxy
 
 Schedule = Callable[[int, str], str | None]
 FAULT_KINDS = ("reset", "reset_after", "500", "503", "stall", "truncate")
@@ -59,45 +60,23 @@ def silent_from(first: int) -> Schedule:
     return lambda number, method: "silent" if number >= first else None
 
 
-class FaultProxy:
+class FaultProxy(LoopbackProxy):
     """Forward 127.0.0.1:<port> to ``target``, injecting the faults ``schedule`` asks for."""
 
     def __init__(self, target_host: str, target_port: int, schedule: Schedule | None = None, stall_s: float = 3.0):
-        self.target = (target_host, target_port)
+        super().__init__(target_host, target_port)
         self.schedule: Schedule = schedule or (lambda number, method: None)
         self.stall_s = stall_s
         self.requests = 0
         self.injected: collections.Counter[str] = collections.Counter()
-        self._lock = threading.Lock()
-        self._stopped = threading.Event()
-        self._server = socket.create_server(("127.0.0.1", 0))
-        self.port = self._server.getsockname()[1]
-        self._thread = threading.Thread(target=self._accept, daemon=True, name="fault-proxy")
-
-    @property
-    def endpoint_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
 
     @property
     def faults(self) -> int:
         return sum(self.injected.values())
 
-    def __enter__(self) -> FaultProxy:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stopped.set()
-        self._server.close()
-
     # ------------------------------------------------------------------------------ plumbing
-    def _accept(self) -> None:
-        while not self._stopped.is_set():
-            try:
-                client, _ = self._server.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._serve, args=(client,), daemon=True).start()
+    def handle(self, client: socket.socket) -> None:
+        self._serve(client)
 
     def _serve(self, client: socket.socket) -> None:
         try:

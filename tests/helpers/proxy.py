@@ -5,26 +5,26 @@ from __future__ import annotations
 
 import socket
 import threading
+from typing import Self
 
 
-class CountingProxy:
-    """Forward 127.0.0.1:<port> to `target` and count bytes in each direction."""
+class LoopbackProxy:
+    """A listener on 127.0.0.1:<port> for a proxy to ``target``: start/stop as a context manager;
+    each accepted client connection is handed to :meth:`handle` on its own thread."""
 
     def __init__(self, target_host: str, target_port: int):
         self.target = (target_host, target_port)
         self._server = socket.create_server(("127.0.0.1", 0))
         self.port = self._server.getsockname()[1]
         self._lock = threading.Lock()
-        self.bytes_down = 0  # server -> client
-        self.bytes_up = 0  # client -> server
         self._stopped = threading.Event()
-        self._thread = threading.Thread(target=self._accept, daemon=True)
+        self._thread = threading.Thread(target=self._accept, daemon=True, name=type(self).__name__)
 
     @property
     def endpoint_url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def __enter__(self) -> CountingProxy:
+    def __enter__(self) -> Self:
         self._thread.start()
         return self
 
@@ -32,19 +32,34 @@ class CountingProxy:
         self._stopped.set()
         self._server.close()
 
-    def reset(self) -> None:
-        with self._lock:
-            self.bytes_down = self.bytes_up = 0
-
     def _accept(self) -> None:
         while not self._stopped.is_set():
             try:
                 client, _ = self._server.accept()
             except OSError:
                 return
-            upstream = socket.create_connection(self.target)
-            for src, dst, down in ((client, upstream, False), (upstream, client, True)):
-                threading.Thread(target=self._pump, args=(src, dst, down), daemon=True).start()
+            threading.Thread(target=self.handle, args=(client,), daemon=True).start()
+
+    def handle(self, client: socket.socket) -> None:
+        raise NotImplementedError
+
+
+class CountingProxy(LoopbackProxy):
+    """Forward 127.0.0.1:<port> to `target` and count bytes in each direction."""
+
+    def __init__(self, target_host: str, target_port: int):
+        super().__init__(target_host, target_port)
+        self.bytes_down = 0  # server -> client
+        self.bytes_up = 0  # client -> server
+
+    def reset(self) -> None:
+        with self._lock:
+            self.bytes_down = self.bytes_up = 0
+
+    def handle(self, client: socket.socket) -> None:
+        upstream = socket.create_connection(self.target)
+        for src, dst, down in ((client, upstream, False), (upstream, client, True)):
+            threading.Thread(target=self._pump, args=(src, dst, down), daemon=True).start()
 
     def _pump(self, src: socket.socket, dst: socket.socket, down: bool) -> None:
         try:
