@@ -21,32 +21,18 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import psutil
 import yaml
 
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _tree_cpu(proc: psutil.Process) -> float:
-    total = 0.0
-    for p in [proc, *proc.children(recursive=True)]:
-        try:
-            t = p.cpu_times()
-            total += t.user + t.system
-        except psutil.NoSuchProcess:
-            continue
-    return total
+from benchmarks.loopback_server import PrefectServer  # noqa: E402 - after the path
 
 
 def _cli(config: Path, env: dict[str, str]) -> tuple[float, str]:
@@ -78,39 +64,22 @@ def main() -> None:
     first_wall, first_line = _cli(config, env)
     noop_wall, noop_line = _cli(config, env)
 
-    port = _free_port()
-    server_env = {**env, "PREFECT_HOME": str(root / "server-home"), "PREFECT_SERVER_API_PORT": str(port)}
-    server = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port",
-                               str(port)], env=server_env, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL)
+    server = PrefectServer({**env, "PREFECT_HOME": str(root / "server-home")}, timeout_s=120)
     try:
-        import urllib.request
-
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/api/health", timeout=2)
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.5)
         os.environ.update({k: v for k, v in env.items() if k.startswith("PREFECT_")})
-        os.environ["PREFECT_API_URL"] = f"http://127.0.0.1:{port}/api"
+        os.environ["PREFECT_API_URL"] = server.url
         from flows.history import wait_for_run_history
         from flows.merge import run_merge
         from swudi.config import config_from_mapping
 
-        proc = psutil.Process(server.pid)
-        cpu_before = _tree_cpu(proc)
+        cpu_before = server.cpu()
         started = time.perf_counter()
         result = run_merge(config_from_mapping({**settings, "output": str(root / "out-server")}))
         wait_for_run_history({result["flow_run_id"]: result["task_runs"]})
         wall = time.perf_counter() - started
-        server_cpu = _tree_cpu(proc) - cpu_before
+        server_cpu = server.cpu() - cpu_before
     finally:
-        server.terminate()
-        server.wait(timeout=30)
+        server.stop()
 
     layers = result["layers"]
     compute = sum(r["seconds"] for r in result["records"])

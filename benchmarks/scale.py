@@ -69,18 +69,18 @@ import math
 import os
 import resource
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from benchmarks.loopback_server import PrefectServer  # noqa: E402 - after the path
 
 CASES = ("depth", "experts", "vocab", "width", "naive")
 SPLIT_KEYS = ("plan", "read", "decompose", "merge", "diagnostics", "write", "publish", "orchestration", "wall")
@@ -319,64 +319,6 @@ def child_naive(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------- parent: harness
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class Server:
-    """One ``prefect server start`` on loopback for the whole benchmark."""
-
-    def __init__(self, root: Path):
-        import psutil
-
-        self.port = _free_port()
-        env = _prefect_env(root / "server-home")
-        env["PREFECT_SERVER_API_PORT"] = str(self.port)
-        started = time.perf_counter()
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(self.port)],
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        self.ps = psutil.Process(self.process.pid)
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                urllib.request.urlopen(f"{self.url}/health", timeout=2)
-                break
-            except OSError:
-                if self.process.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError("prefect server did not start") from None
-                time.sleep(0.5)
-        self.startup = time.perf_counter() - started
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/api"
-
-    def cpu(self) -> float:
-        import psutil
-
-        total = 0.0
-        for p in [self.ps, *self.ps.children(recursive=True)]:
-            try:
-                t = p.cpu_times()
-                total += t.user + t.system
-            except psutil.NoSuchProcess:
-                continue
-        return total
-
-    def stop(self) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-
-
 def _prefect_env(home: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
     env.update(
@@ -391,7 +333,7 @@ def _prefect_env(home: Path) -> dict[str, str]:
 
 
 class Harness:
-    def __init__(self, root: Path, server: Server | None):
+    def __init__(self, root: Path, server: PrefectServer | None):
         self.root = root
         self.server = server
         self.runs = 0
@@ -861,7 +803,7 @@ def main() -> None:
     }
     server = None
     try:
-        server = Server(root)
+        server = PrefectServer(_prefect_env(root / "server-home"))  # one for every case
         out["server_startup_seconds"] = server.startup
         h = Harness(root, server)
         _emit(
