@@ -156,8 +156,8 @@ def _finite(value: Any, where: str) -> float:
 
 def validate_results(results: Mapping[str, Any]) -> None:
     """Raise :class:`BenchmarkResultsError` naming the key or label at fault when ``results`` does not
-    follow the format: schema, primary in metrics and in every run's summary, known kinds (one per label), one run per
-    (label, seed), the same task set for all runs of a label, finite numbers."""
+    follow the format: schema, primary in metrics and in every run's summary, known kinds (one per
+    label), one run per (label, seed), the same task set for all runs of a label, finite numbers."""
     schema = _need(results, "schema", "results")
     if schema != SCHEMA:
         raise BenchmarkResultsError(f"results: unknown schema {schema!r} (this swudi reads {SCHEMA!r})")
