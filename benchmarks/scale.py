@@ -73,9 +73,12 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -190,6 +193,24 @@ def _usage() -> dict[str, float]:
     return {"cpu": u.ru_utime + u.ru_stime, "maxrss_mib": u.ru_maxrss / 1024, "hwm_mib": _proc_status_mib("VmHWM")}
 
 
+def _measured(work: Callable[[], T]) -> tuple[T, dict[str, float]]:
+    """``work()`` and what a measured child reports of it: wall seconds, CPU seconds of the work and of
+    the whole process, peak RSS (ru_maxrss and VmHWM) and the RSS before it (after the imports)."""
+    before, rss_imports = _usage(), _rss_now_mib()
+    started = time.perf_counter()
+    value = work()
+    wall = time.perf_counter() - started
+    after = _usage()
+    return value, {
+        "wall": wall,
+        "cpu_merge": after["cpu"] - before["cpu"],
+        "cpu_total": after["cpu"],
+        "peak_rss_mib": after["maxrss_mib"],
+        "vm_hwm_mib": after["hwm_mib"],
+        "rss_after_imports_mib": rss_imports,
+    }
+
+
 def child_pipeline(spec: dict[str, Any]) -> dict[str, Any]:
     """One merge through the real flow (in this process: a measured child)."""
     from flows.history import wait_for_run_history
@@ -207,22 +228,13 @@ def child_pipeline(spec: dict[str, Any]) -> dict[str, Any]:
             "memory_budget": spec.get("memory_budget"),
         }
     )
-    before, rss_imports = _usage(), _rss_now_mib()
-    started = time.perf_counter()
-    result = run_merge(config)
-    wall = time.perf_counter() - started
-    after = _usage()
+    result, measured = _measured(lambda: run_merge(config))
     try:  # outside the measurement: every task run reaches the server before the child exits
         wait_for_run_history({result["flow_run_id"]: result["task_runs"]})
     except Exception as error:  # noqa: BLE001 - a benchmark reports, it does not fail on history
         print(f"run history wait failed: {error}", file=sys.stderr)
     return {
-        "wall": wall,
-        "cpu_merge": after["cpu"] - before["cpu"],
-        "cpu_total": after["cpu"],
-        "peak_rss_mib": after["maxrss_mib"],
-        "vm_hwm_mib": after["hwm_mib"],
-        "rss_after_imports_mib": rss_imports,
+        **measured,
         "time_split": result["time_split"],
         "url": result["url"],
         "layers": result["layers"],
@@ -301,18 +313,9 @@ def child_naive(spec: dict[str, Any]) -> dict[str, Any]:
 
     if spec.get("threads"):
         torch.set_num_threads(int(spec["threads"]))
-    before, rss_imports = _usage(), _rss_now_mib()
-    started = time.perf_counter()
-    ranks = naive_merge(spec["base"], spec["experts"], spec["output"])
-    wall = time.perf_counter() - started
-    after = _usage()
+    ranks, measured = _measured(lambda: naive_merge(spec["base"], spec["experts"], spec["output"]))
     return {
-        "wall": wall,
-        "cpu_merge": after["cpu"] - before["cpu"],
-        "cpu_total": after["cpu"],
-        "peak_rss_mib": after["maxrss_mib"],
-        "vm_hwm_mib": after["hwm_mib"],
-        "rss_after_imports_mib": rss_imports,
+        **measured,
         "ranks": ranks,
         "torch_threads": torch.get_num_threads(),
     }
