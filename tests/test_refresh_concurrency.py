@@ -7,6 +7,7 @@ complete versions only and `latest` names one of them.
 
 from __future__ import annotations
 
+import contextvars
 import threading
 from typing import Any
 
@@ -50,7 +51,12 @@ def _at_once(monkeypatch: pytest.MonkeyPatch, *configs: dict[str, Any]) -> list[
         except BaseException as error:  # noqa: BLE001 - reported below
             results[i] = error
 
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(configs))]
+    # Each thread runs in a copy of this context: Prefect's settings (the session's PREFECT_API_URL) live
+    # in a context variable, which a new thread does not inherit; without it a flow run there starts
+    # Prefect's own ephemeral server (seen: a timeout under load, and an orphaned server at exit).
+    threads = [
+        threading.Thread(target=contextvars.copy_context().run, args=(work, i)) for i in range(len(configs))
+    ]
     for thread in threads:
         thread.start()
     for thread in threads:
