@@ -669,8 +669,9 @@ def plot_per_task_loss(results: Mapping[str, Any], rows: Sequence[Row], out: Pat
 
 
 # ------------------------------------------------------------------------------------------- entry
-def write_benchmark_report(results: Path | Mapping[str, Any], out_dir: Path) -> list[Path]:
-    """Write ``results.md``, ``summary.json`` and the PNG plots of a benchmark's results under ``out_dir``.
+def write_benchmark_report(results: Path | Mapping[str, Any], out_dir: Path, *, plots: bool = True) -> list[Path]:
+    """Write ``results.md``, ``summary.json`` and (``plots``) the PNG plots of a benchmark's results under
+    ``out_dir``; return the paths written.
 
     Without matplotlib (an optional extra) only ``results.md`` and ``summary.json`` are written, with
     one warning. Raises :class:`BenchmarkResultsError` naming the key or label of malformed results.
@@ -683,6 +684,8 @@ def write_benchmark_report(results: Path | Mapping[str, Any], out_dir: Path) -> 
     written = [out_dir / "results.md", out_dir / "summary.json"]
     written[0].write_text(markdown(data, rows))
     written[1].write_text(json.dumps(summary_dict(data, rows), indent=2) + "\n")
+    if not plots:
+        return written
     missing = plotting_missing()
     if missing:
         log.warning("%s", missing)

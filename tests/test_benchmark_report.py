@@ -140,7 +140,7 @@ def test_t_quantile_matches_an_independent_computation() -> None:
 
 def test_table_means_and_stds_equal_numpys(tmp_path: Path) -> None:
     results = realistic_results()
-    write_benchmark_report(results, tmp_path)
+    write_benchmark_report(results, tmp_path, plots=False)
     rows = table((tmp_path / "results.md").read_text())
     summary = json.loads((tmp_path / "summary.json").read_text())
     for label in ["pretrained", "swudi", "study:scale=1.25", "mean"]:
@@ -176,7 +176,7 @@ def test_beyond_noise_follows_the_paired_rule(tmp_path: Path) -> None:
         "noisy": [0.93, 0.87, 0.95],
         "one_seed": [0.80],
     }
-    write_benchmark_report(small_results(values), tmp_path)
+    write_benchmark_report(small_results(values), tmp_path, plots=False)
     md = (tmp_path / "results.md").read_text()
     rows = table(md)
     assert rows["best"]["beyond noise"] == "best"
@@ -198,7 +198,7 @@ def test_beyond_noise_follows_the_paired_rule(tmp_path: Path) -> None:
 def test_lower_is_better_primary_picks_the_lowest(tmp_path: Path) -> None:
     results = small_results({"low": [1.0, 1.1, 1.2], "high": [2.0, 2.1, 2.2]})
     results["metrics"]["normalized_accuracy"]["higher_is_better"] = False
-    write_benchmark_report(results, tmp_path)
+    write_benchmark_report(results, tmp_path, plots=False)
     rows = table((tmp_path / "results.md").read_text())
     assert rows["low"]["beyond noise"] == "best" and rows["high"]["beyond noise"] == "**yes, worse**"
 
@@ -222,8 +222,8 @@ def test_files_exist_and_pngs_open(tmp_path: Path, with_loss: bool) -> None:
 def test_results_path_and_dict_give_the_same_report(tmp_path: Path) -> None:
     results = realistic_results()
     (tmp_path / "results.json").write_text(json.dumps(results))
-    write_benchmark_report(tmp_path / "results.json", tmp_path / "from_path")
-    write_benchmark_report(results, tmp_path / "from_dict")
+    write_benchmark_report(tmp_path / "results.json", tmp_path / "from_path", plots=False)
+    write_benchmark_report(results, tmp_path / "from_dict", plots=False)
     assert (tmp_path / "from_path" / "results.md").read_text() == (tmp_path / "from_dict" / "results.md").read_text()
 
 

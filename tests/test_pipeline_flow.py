@@ -122,6 +122,7 @@ def test_non_spectral_methods(prefect_api: str, tmp_path: Path, local_inputs, me
     _assert_close(_published(cfg.output), _expected(method, **params))
 
 
+@pytest.mark.services  # a local Dask cluster of worker processes (~45 s): the services lane
 @pytest.mark.slow
 def test_dask_runner_equals_thread_runner(prefect_api: str, tmp_path: Path, local_inputs) -> None:
     base, experts = local_inputs

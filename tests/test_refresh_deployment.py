@@ -30,7 +30,7 @@ from prefect.deployments import run_deployment
 from swudi.checkpoint import Checkpoint, list_versions, read_latest, version_url
 from swudi.synthetic import SyntheticModel, base_state_dict, expert_state_dict, write_checkpoint, write_synthetic_models
 
-pytestmark = pytest.mark.slow  # a served deployment with subprocess runs (~1 min)
+pytestmark = [pytest.mark.slow, pytest.mark.services]  # a served deployment with subprocess runs (~1.5 min): the services lane
 
 MODEL = SyntheticModel(layers=1, hidden=16, intermediate=32, vocab=16, positions=8)
 WEIGHT = "encoder.layer.0.attention.self.query.weight"
