@@ -160,7 +160,7 @@ def train(model: Any, streams: Sequence[torch.Tensor], *, steps: int, lr: float,
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
         if step % 50 == 0 or step == steps - 1:
             log.info("%s step %d/%d loss %.3f (%.2f s/step)", label, step + 1, steps, losses[-1],
                      (time.perf_counter() - started) / (step + 1))
