@@ -94,6 +94,35 @@ class BuildSettings:
         return hashlib.sha256(json.dumps([BUILD_VERSION, self.as_dict()], sort_keys=True).encode()).hexdigest()[:16]
 
 
+#: Settings that only the experts and adapters depend on.
+BASE_INDEPENDENT = ("seeds", "lora_seeds", "expert_steps", "expert_lr", "lora_steps", "lora_lr", "lora_rank")
+BASE_STEPS = ("data", "tokenizer", "base", "reference:base")
+
+
+def reuse_base(source: Path, out: Path, settings: BuildSettings) -> None:
+    """Start the build ``out`` from the data, tokenizer and base of the build ``source`` (their
+    settings must be equal: only expert / adapter settings may differ); copies, so ``source`` stays."""
+    import shutil
+
+    src = json.loads((source / "manifest.json").read_text())
+    if BuildSettings(**{**settings.as_dict(), **{k: src["settings"][k] for k in BASE_INDEPENDENT},
+                        "shape": settings.shape}).digest != src["settings_digest"]:
+        raise SystemExit(f"{source}: its data / tokenizer / base settings differ from these; cannot reuse its base")
+    if not all(step in src["steps"] for step in BASE_STEPS):
+        raise SystemExit(f"{source}: its base is not finished")
+    if (out / "manifest.json").exists():
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    for folder in ("data", "tokenizer", "base"):
+        shutil.copytree(source / folder, out / folder)
+    m = Manifest(out, settings)
+    m.data["domains"] = src["domains"]
+    m.data["reused_base_from"] = str(source)
+    m.data["reference"] = {split: {**r, "expert": {}, "lora": {}} for split, r in src["reference"].items()}
+    for step in BASE_STEPS:
+        m.record(step, **src["steps"][step], reused=True)
+
+
 class Manifest:
     """``OUT/manifest.json``: settings, domains, and one entry per finished step (written atomically)."""
 
@@ -342,6 +371,8 @@ def parser() -> argparse.ArgumentParser:
     for name in ("pretrain_lr", "expert_lr", "lora_lr"):
         p.add_argument(f"--{name.replace('_', '-')}", type=float, default=getattr(d, name))
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--reuse-base", type=Path, default=None,
+                   help="start from the data, tokenizer and base of this finished build (other expert settings)")
     return p
 
 
@@ -351,7 +382,10 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     torch.set_num_threads(args.threads)
-    manifest = build(args.out, settings_from_args(args))
+    settings = settings_from_args(args)
+    if args.reuse_base is not None:
+        reuse_base(args.reuse_base, args.out, settings)
+    manifest = build(args.out, settings)
     print(json.dumps({"total": manifest["total"], "base": manifest["steps"].get("base")}, indent=1))
     return 0
 
