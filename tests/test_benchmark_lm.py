@@ -154,6 +154,21 @@ def test_build_rerun_skips_and_refuses_other_settings(tiny_build):
         build.main(["--out", str(tiny_build), *TINY_ARGS, "--expert-steps", "13"])
 
 
+def test_reuse_base_keeps_the_base_and_retrains_the_experts(tiny_build, tmp_path):
+    from benchmarks.lm import build
+
+    out = tmp_path / "other-lr"
+    args = [a if a != "12" else "6" for a in TINY_ARGS]  # fewer expert / LoRA steps
+    assert build.main(["--out", str(out), "--reuse-base", str(tiny_build), *args, "--lora-seeds"]) == 0
+    m = json.loads((out / "manifest.json").read_text())
+    assert all(m["steps"][s]["reused"] for s in build.BASE_STEPS) and m["settings"]["expert_steps"] == 6
+    assert (out / "base" / "model.safetensors").read_bytes() == (tiny_build / "base" / "model.safetensors").read_bytes()
+    assert (out / "experts" / "seed0" / "wordnet" / "model.safetensors").read_bytes() != (
+        tiny_build / "experts" / "seed0" / "wordnet" / "model.safetensors").read_bytes()
+    with pytest.raises(SystemExit, match="differ"):
+        build.main(["--out", str(tmp_path / "x"), "--reuse-base", str(tiny_build), *TINY_ARGS, "--hidden", "32"])
+
+
 def test_evaluator_matches_the_build_references(tiny_build):
     from benchmarks.lm.evaluate import evaluate
 
