@@ -17,7 +17,8 @@ normalised against the seed's full fine-tuned experts.
 
 Re-running reuses published versions (the flow finds its finished artefacts), and rows already in
 ``OUT/results.json`` are kept, so an interrupted benchmark resumes. Writes ``OUT/results.json`` in
-the shared format (``swudi-benchmark/1``) after every row.
+the shared format (``swudi-benchmark/1``) after every row, and ``OUT/study.md`` (study rows and rank
+rules against the default, paired over seeds: :func:`study_vs_default`).
 """
 
 from __future__ import annotations
@@ -299,14 +300,48 @@ def main(argv: list[str] | None = None) -> int:
     manifest = json.loads((args.build / "manifest.json").read_text())
     results.data["build"] = {"settings": settings, "total": manifest.get("total"), "steps": manifest["steps"]}
     results.save()
+    (args.out / "study.md").write_text(study_vs_default(results.data))
     if args.report:
         from swudi.benchmark_report import write_benchmark_report
 
         args.report.mkdir(parents=True, exist_ok=True)
         for path in write_benchmark_report(results.data, args.report):
             print(path)
+        (args.report / "study.md").write_text(study_vs_default(results.data))
     return 0
 
 
 if __name__ == "__main__":
     raise SystemExit(main())
+
+
+def study_vs_default(results: dict[str, Any], default: str = "swudi_a:participation_sqrt") -> str:
+    """Markdown table: every study row and rank rule against the default row, paired over seeds.
+
+    d_s = row(s) - default(s) of the primary metric on the seeds both have; beyond noise when
+    |mean d| > t(0.975, n-1) * sd(d) / sqrt(n) (the noise rule of ``swudi.benchmark_report``, with
+    the default as the reference instead of the best row).
+    """
+    from swudi.benchmark_report import t_quantile
+
+    primary = results["primary"]
+    by: dict[str, dict[int, float]] = {}
+    for r in results["runs"]:
+        by.setdefault(r["label"], {})[r["seed"]] = r["summary"][primary]
+    lines = [f"| row | seeds | {primary} | default | mean d ± SE | beyond noise |", "|---|---|---|---|---|---|"]
+    rows = [lbl for lbl in by if lbl.startswith("study:") or (lbl.startswith("swudi_a:") and lbl != default)]
+    for label in rows:
+        seeds = sorted(set(by[label]) & set(by.get(default, {})))
+        if not seeds:
+            continue
+        d = [by[label][s] - by[default][s] for s in seeds]
+        mean_d = statistics.fmean(d)
+        row, ref = statistics.fmean(by[label][s] for s in seeds), statistics.fmean(by[default][s] for s in seeds)
+        if len(d) >= 2:
+            se = statistics.stdev(d) / len(d) ** 0.5
+            verdict = ("**yes, better**" if mean_d > 0 else "**yes, worse**") if abs(mean_d) > t_quantile(
+                0.975, len(d) - 1) * se else "no"
+            lines.append(f"| {label} | {len(d)} | {row:.3f} | {ref:.3f} | {mean_d:+.3f} ± {se:.3f} | {verdict} |")
+        else:
+            lines.append(f"| {label} | 1 | {row:.3f} | {ref:.3f} | {mean_d:+.3f} | n/a (1 seed) |")
+    return "\n".join(lines) + "\n"
