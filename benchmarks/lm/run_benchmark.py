@@ -56,7 +56,7 @@ LORA_METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "lora:swudi": ("swudi", {"t": 1300.0, "rank_ratio": 0.65}),
     "lora:swudi_a": DEFAULT,
 }
-TA_SCALES = (0.1, 0.15, 0.2, 0.3, 0.5, 0.7, 1.0)
+TA_SCALES = (0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 0.7, 1.0)
 
 # The default study grid (docs/results/lm.md): routing, scale, init of the swudi_a default. The rank
 # rules are method rows already. Each entry: config overrides and params overrides.
@@ -223,7 +223,8 @@ def run_seed(build: Path, out: Path, seed: int, results: Results, args: argparse
         results.add(row)
 
     def once(label: str, kind: str, method: str, params: dict[str, Any], **kw: Any) -> None:
-        if results.has(label, seed):
+        done = [r for r in results.data["runs"] if r["label"] == label and r["seed"] == seed]
+        if done and done[0].get("params") == params:
             return
         config = {"scale": kw.get("scale", 1.0), "include": list(kw.get("include", ())),
                   "exclude": list(kw.get("exclude") or [])}
