@@ -454,9 +454,11 @@ def test_pipeline_merges_the_experts_and_scores_them(tiny_build, prefect_api, tm
     for run in runs.values():
         for task, m in run["per_task"].items():
             assert 0.0 <= m["accuracy"] <= 1.0
-            assert m["normalized_accuracy"] == pytest.approx(m["accuracy"] / runs["experts"]["per_task"][task]["accuracy"])
+            expert = runs["experts"]["per_task"][task]["accuracy"]
+            assert m["normalized_accuracy"] == pytest.approx(m["accuracy"] / expert)
     # the pretrained row is the base encoder scored with each expert's own head, recomputed here
-    base = evaluate_encoder(tiny_build["out"] / "base", tiny_build["out"] / "heads", TINY_TASKS, "test", max_examples=40)
+    build = tiny_build["out"]
+    base = evaluate_encoder(build / "base", build / "heads", TINY_TASKS, "test", max_examples=40)
     for task in TINY_TASKS:
         assert runs["pretrained"]["per_task"][task]["accuracy"] == pytest.approx(base[task]["accuracy"], abs=1e-6)
     # the flow ran the evaluator on the published version and recorded it in its report

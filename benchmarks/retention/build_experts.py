@@ -42,6 +42,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-train-examples", type=int, default=None, help="cap the training split")
     p.add_argument("--eval-examples", type=int, default=d.eval_examples,
                    help="cap val/test for the accuracies recorded in the manifest")
+    p.add_argument("--eval-val", action="store_true", help="also record val accuracies in the manifest")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--force", action="store_true", help="rebuild even when cached")
     return p.parse_args(argv)

@@ -41,9 +41,9 @@ from .experts import seed_dir
 EVALUATOR = "benchmarks.retention.evaluate:evaluate"
 DEFAULT = ("swudi_a", {"rank_rule": "participation_sqrt"})
 
-METHODS: dict[str, tuple[str, dict[str, Any]]] = {
-    "mean": ("mean", {}),
+METHODS: dict[str, tuple[str, dict[str, Any]]] = {  # in the order they run (cheapest evidence first)
     "task_arithmetic": ("task_arithmetic", {}),  # scale tuned on val
+    "mean": ("mean", {}),
     "ties": ("ties", {"density": 0.2}),
     "pinv": ("pinv", {}),
     "swudi_soft": ("swudi_soft", {}),
@@ -146,7 +146,8 @@ def tune_task_arithmetic(build: Path, tasks: list[str], val_examples: int | None
     return best, curve
 
 
-def references(build: Path, tasks: list[str], max_examples: int | None) -> tuple[dict[str, float], dict[str, float]]:
+def references(build: Path, tasks: list[str],
+               max_examples: int | None) -> tuple[dict[str, float], dict[str, float]]:
     """(expert, pretrained) test accuracy per task, each with the expert's own head: from the build's
     manifest when it measured the same first examples, else evaluated now."""
     from benchmarks.retention.evaluate import evaluate_encoder
@@ -159,16 +160,19 @@ def references(build: Path, tasks: list[str], max_examples: int | None) -> tuple
         entry = manifest[t]
         n_test = entry["n_eval"]["test"]
         full = entry["data"]["n_test"]
-        if (max_examples is not None and n_test == min(max_examples, full)) or (max_examples is None and n_test == full):
+        if n_test == (full if max_examples is None else min(max_examples, full)):
             expert[t] = entry["metrics"]["expert_test"]
             pretrained[t] = entry["metrics"]["pretrained_test"]
         else:
-            expert[t] = evaluate_encoder(build / "experts" / t, heads, [t], "test", max_examples=max_examples)[t]["accuracy"]
-            pretrained[t] = evaluate_encoder(build / "base", heads, [t], "test", max_examples=max_examples)[t]["accuracy"]
+            expert[t] = evaluate_encoder(build / "experts" / t, heads, [t], "test",
+                                         max_examples=max_examples)[t]["accuracy"]
+            pretrained[t] = evaluate_encoder(build / "base", heads, [t], "test",
+                                             max_examples=max_examples)[t]["accuracy"]
     return expert, pretrained
 
 
-def scored(accuracy: dict[str, float], expert: dict[str, float]) -> tuple[dict[str, dict[str, float]], dict[str, float]]:
+def scored(accuracy: dict[str, float],
+           expert: dict[str, float]) -> tuple[dict[str, dict[str, float]], dict[str, float]]:
     """(per_task, summary) with accuracy and normalized accuracy = accuracy / expert accuracy."""
     per_task = {t: {"accuracy": a, "normalized_accuracy": a / expert[t]} for t, a in accuracy.items()}
     summary = {k: sum(v[k] for v in per_task.values()) / len(per_task) for k in METRICS}
@@ -179,20 +183,60 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else float("nan"))
 
 
-def summary_table(results: dict[str, Any]) -> str:
-    """Markdown: mean ± std over seeds of normalized accuracy, accuracy and merge seconds per label."""
+T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571}  # two-sided 95 % Student t quantiles by df
+
+
+def paired_difference(results: dict[str, Any], label: str, reference: str,
+                      metric: str = "normalized_accuracy") -> tuple[float, float, bool] | None:
+    """Mean and std over seeds of ``label - reference`` (paired by seed) and whether it exceeds the
+    noise: |mean| > t_0.975(n-1) * std / sqrt(n) (a paired t-test at 95 %). None below 2 common seeds."""
+    by = {(r["label"], r["seed"]): r["summary"][metric] for r in results["runs"]}
+    seeds = sorted(s for (lab, s) in by if lab == label and (reference, s) in by)
+    if len(seeds) < 2:
+        return None
+    d = [by[(label, s)] - by[(reference, s)] for s in seeds]
+    mean, sd = statistics.fmean(d), statistics.stdev(d)
+    t = T_975.get(len(seeds) - 1, 1.96)
+    return mean, sd, abs(mean) > t * sd / math.sqrt(len(seeds))
+
+
+def summary_table(results: dict[str, Any], reference: str = "swudi_a:participation_sqrt") -> str:
+    """Markdown: per label, mean ± std over seeds of normalized accuracy and accuracy, merge seconds,
+    and the paired difference to ``reference`` (the current default) with whether it exceeds the noise."""
     by_label: dict[str, list[dict[str, Any]]] = {}
     for run in results["runs"]:
         by_label.setdefault(run["label"], []).append(run)
-    lines = ["| row | kind | seeds | normalized accuracy | accuracy | merge s |", "|---|---|---|---|---|---|"]
+
+    def cell(values: list[float], digits: int = 4) -> str:
+        if len(values) == 1:
+            return f"{values[0]:.{digits}f}"
+        return f"{statistics.fmean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+
+    lines = [f"| row | kind | seeds | normalized accuracy | accuracy | merge s | vs {reference} (paired) |",
+             "|---|---|---|---|---|---|---|"]
     for label, runs in by_label.items():
-        na = _mean_std([r["summary"]["normalized_accuracy"] for r in runs])
-        acc = _mean_std([r["summary"]["accuracy"] for r in runs])
         secs = [r["merge_seconds"] for r in runs if r.get("merge_seconds") is not None]
-        cell = lambda m, s: f"{m:.4f} ± {s:.4f}" if not math.isnan(s) else f"{m:.4f}"  # noqa: E731
-        lines.append(f"| {label} | {runs[0]['kind']} | {len(runs)} | {cell(*na)} | {cell(*acc)} | "
-                     f"{statistics.fmean(secs):.1f} |" if secs else
-                     f"| {label} | {runs[0]['kind']} | {len(runs)} | {cell(*na)} | {cell(*acc)} | |")
+        diff = paired_difference(results, label, reference) if label != reference else None
+        vs = "" if diff is None else f"{diff[0]:+.4f} ± {diff[1]:.4f}" + (" **beyond noise**" if diff[2] else "")
+        lines.append(f"| {label} | {runs[0]['kind']} | {len(runs)} "
+                     f"| {cell([r['summary']['normalized_accuracy'] for r in runs])} "
+                     f"| {cell([r['summary']['accuracy'] for r in runs])} "
+                     f"| {cell(secs, 1) if secs else ''} | {vs} |")
+    return "\n".join(lines) + "\n"
+
+
+def per_task_table(results: dict[str, Any], labels: list[str]) -> str:
+    """Markdown: per task, mean over seeds of the accuracy of each row in ``labels`` (those present)."""
+    tasks = results["tasks"]
+    acc: dict[str, dict[str, list[float]]] = {}
+    for run in results["runs"]:
+        if run["label"] in labels:
+            for t in tasks:
+                acc.setdefault(run["label"], {}).setdefault(t, []).append(run["per_task"][t]["accuracy"])
+    present = [lab for lab in labels if lab in acc]
+    lines = ["| task | " + " | ".join(present) + " |", "|---|" + "---|" * len(present)]
+    for t in tasks:
+        lines.append(f"| {t} | " + " | ".join(f"{statistics.fmean(acc[lab][t]):.3f}" for lab in present) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -229,44 +273,60 @@ def main(argv: list[str] | None = None) -> int:
     path = args.out / "results.json"
     first = seed_dir(args.build, args.seeds[0])
     tasks = args.tasks or sorted(json.loads((first / "manifest.json").read_text())["tasks"])
-    results: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {"runs": []}
-    if results.get("tasks", tasks) != tasks:
-        raise SystemExit(f"{path} holds other tasks ({results['tasks']}); use another --out")
-    results.update({
+    header = {
         "schema": "swudi-benchmark/1", "benchmark": "encoder",
-        "title": f"Discriminative encoder benchmark: all-MiniLM-L6-v2, {len(tasks)} tasks, "
-                 f"{len(set(args.seeds) | {r['seed'] for r in results['runs']})} seeds",
+        "title": f"Discriminative encoder benchmark: all-MiniLM-L6-v2, {len(tasks)} tasks",
         "primary": "normalized_accuracy", "metrics": METRICS, "tasks": tasks,
-        "seeds": sorted(set(args.seeds) | {r["seed"] for r in results["runs"]}),
         "merge_seconds": "summed compute time of the decomposition and merge tasks of the run "
                          "(its merge_report.json timings); study rows that reuse the swudi_a work "
                          "folder do not count the decompositions",
         "protocol": {"test_examples_per_task": args.max_examples, "val_examples_per_task": args.val_examples,
                      "ta_scales": list(TA_SCALES)},
-    })
-    done = {(r["label"], r["seed"]) for r in results["runs"]}
+    }
 
-    def record(run: dict[str, Any]) -> None:
-        results["runs"].append(run)
-        done.add((run["label"], run["seed"]))
+    def seed_runs_path(seed: int) -> Path:
+        return args.out / f"seed{seed}" / "runs.json"
+
+    def assemble() -> dict[str, Any]:
+        """results.json from every ``OUT/seed<k>/runs.json`` (seeds may run as parallel processes)."""
+        runs = []
+        for f in sorted(args.out.glob("seed*/runs.json"), key=lambda q: int(q.parent.name[4:])):
+            runs += json.loads(f.read_text())
+        seeds = sorted({r["seed"] for r in runs})
+        results = {**header, "title": f"{header['title']}, {len(seeds)} seeds", "seeds": seeds, "runs": runs}
         _save(path, results)
-        print(f"[seed {run['seed']}] {run['label']}: normalized {run['summary']['normalized_accuracy']:.4f} "
-              f"accuracy {run['summary']['accuracy']:.4f}"
-              + (f" ({run['merge_seconds']:.1f} s)" if run.get("merge_seconds") is not None else ""), flush=True)
+        return results
 
     for seed in args.seeds:
         build = seed_dir(args.build, seed)
         out = args.out / f"seed{seed}"
+        runs_file = seed_runs_path(seed)
+        seed_results: list[dict[str, Any]] = json.loads(runs_file.read_text()) if runs_file.exists() else []
+        if seed_results and seed_results[0].get("tasks", tasks) != tasks:
+            raise SystemExit(f"{runs_file} holds other tasks; use another --out")
+        done = {r["label"] for r in seed_results}
+
+        def record(run: dict[str, Any], seed_results: list = seed_results, done: set = done,
+                   runs_file: Path = runs_file) -> None:
+            seed_results.append({**run, "tasks": tasks})
+            done.add(run["label"])
+            _save(runs_file, seed_results)
+            assemble()
+            print(f"[seed {run['seed']}] {run['label']}: normalized {run['summary']['normalized_accuracy']:.4f} "
+                  f"accuracy {run['summary']['accuracy']:.4f}"
+                  + (f" ({run['merge_seconds']:.1f} s)" if run.get("merge_seconds") is not None else ""),
+                  flush=True)
+
         expert, pretrained = references(build, tasks, args.max_examples)
         for label, acc in (("pretrained", pretrained), ("experts", expert)):
-            if (label, seed) not in done:
+            if label not in done:
                 per_task, summary = scored(acc, expert)
                 record({"label": label, "kind": "reference", "seed": seed, "per_task": per_task,
                         "summary": summary, "merge_seconds": None})
         rows = [(label, "method", *METHODS[label], {}) for label in args.methods]
         rows += [(label, "study", *STUDY[label]) for label in args.study]
         for label, kind, method, params, config in rows:
-            if (label, seed) in done:
+            if label in done:
                 continue
             extra: dict[str, Any] = {}
             work = None
@@ -288,8 +348,12 @@ def main(argv: list[str] | None = None) -> int:
                     "diagnostics": {k: report["diagnostics"].get(k)
                                     for k in ("mean_interference_vs_sum", "mean_rank")},
                     **extra})
-    (args.out / "summary.md").write_text(summary_table(results))
-    print(summary_table(results))
+    results = assemble()
+    table = summary_table(results) + "\n" + per_task_table(
+        results, ["pretrained", "experts", "mean", "task_arithmetic", "ties", "wudi", "pinv", "swudi",
+                  "swudi_a:participation_sqrt"])
+    (args.out / "summary.md").write_text(table)
+    print(table)
     if args.report_dir is not None:
         _save(args.report_dir / "results.json", results)
         try:
