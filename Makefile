@@ -1,9 +1,10 @@
 # The two commands of the README: `make demo` (main job) and `make test` (the test suite).
 # Both install what they need first (scripts/bootstrap.sh, idempotent). `make test-services`: the
-# services lane (not in `make test`).
+# services lane; `make test-faults`: the faults lane in full (fault injection, CPU load, full disk, then
+# every kill point); `make test-faults-sample`: the sample of it that .ci/run runs. None is in `make test`.
 # `make lint`: ruff (lint + format check) and mypy, as .ci/run runs them after the tests.
 
-.PHONY: setup demo test test-services lint lock
+.PHONY: setup demo test test-services test-faults test-faults-sample lint lock
 
 setup:
 	./scripts/bootstrap.sh
@@ -18,6 +19,16 @@ test: setup
 # scheduler + workers on S3): docs/testing.md, "The services lane".
 test-services: setup
 	.venv/bin/python -m pytest -m services
+
+# The faults lane (docs/testing.md): every test marked `faults`, then every kill point (about 40 min).
+test-faults: setup
+	.venv/bin/python -m pytest -m faults
+	./scripts/kill_point_sweep.sh
+
+# CI's sample of the faults lane: LANE_SAMPLE tests drawn by the day's seed (SWUDI_LANE_SEED overrides).
+LANE_SAMPLE ?= 2
+test-faults-sample: setup
+	.venv/bin/python -m pytest -m faults --lane-sample $(LANE_SAMPLE)
 
 lint: setup
 	.venv/bin/ruff check swudi tasks flows deployments && .venv/bin/ruff format --check swudi tasks flows deployments && .venv/bin/mypy swudi tasks flows

@@ -488,15 +488,24 @@ def run_model_merge(
     gen = make_generator(device, seed)
     per_layer: list[dict[str, float]] = []
     checksum = 0.0
+    cuda = device.type == "cuda"
+    peak_extra_mib = 0.0  # the largest merge's torch.cuda.max_memory_allocated above its resident task vectors
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
     for layer in range(layers):
         gen_s = merge_s = host_s = 0.0
         for name, (m, d) in profile.layer_weights:
             with Timer(device) as t_gen:
                 tv = task_vectors(experts, m, d, generator=gen, device=device)
+            if cuda:
+                resident = torch.cuda.memory_allocated(device)
+                torch.cuda.reset_peak_memory_stats(device)
             with Timer(device) as t_merge:
                 theta = swudi.merge_matrix(
                     tv, "swudi", name=f"model.layers.{layer}.{name}.weight", device=device, **LLAMA_PARAMS
                 )
+            if cuda:
+                peak_extra_mib = max(peak_extra_mib, mib(torch.cuda.max_memory_allocated(device) - resident))
             with Timer(device) as t_host:
                 host = theta.to("cpu")
             checksum += float(host.double().square().sum())
@@ -542,6 +551,7 @@ def run_model_merge(
         "to_host_seconds_measured": sum(r["to_host_s"] for r in per_layer),
         "generate_seconds_measured": sum(r["generate_s"] for r in per_layer),
         "embedding_mean_seconds": emb_s,
+        "merge_peak_extra_mib": peak_extra_mib if cuda else None,
         "total_seconds": total,
         "total_is_projected": measured < layers,
         "llama_3b_seconds": llama_3b,
@@ -564,6 +574,11 @@ def print_model_merge(result: dict[str, Any], profile: Profile) -> None:
         f"seconds per layer: mean {result['seconds_per_layer_mean']:.3f}, min {result['seconds_per_layer_min']:.3f}, "
         f"max {result['seconds_per_layer_max']:.3f} (merge + copy to host; generation not counted)"
     )
+    if result["merge_peak_extra_mib"] is not None:
+        print(
+            f"peak GPU memory of one weight's merge above its task vectors: {result['merge_peak_extra_mib']:.0f} MiB "
+            "(torch.cuda.max_memory_allocated; the largest over all weights)"
+        )
     if result["llama_3b_seconds"] is not None:
         print(
             f"Llama-3.2-3B ({FULL.layers} layers) at this rate: {result['llama_3b_seconds']:.1f} s; "

@@ -548,11 +548,17 @@ def _num(value: Any) -> str:
 @app.command()
 @storage_faults_fail_cleanly
 def report(
-    run: str = typer.Argument(..., help="sweep folder/sweep.json, version folder, or output folder"),
+    run: str = typer.Argument(
+        ..., help="sweep folder/sweep.json, version folder, output folder, or a benchmark's results.json/its folder"
+    ),
     out_dir: Path | None = typer.Option(None, "--out", help="where the files go (default: ./swudi-report)"),
     config: Path | None = typer.Option(None, "--config", help="config whose storage_options to use"),
 ) -> None:
-    """Write PNG plots (retention vs t / rank_ratio, rank per layer, spectra) and summary tables."""
+    """Write PNG plots (retention vs t / rank_ratio, rank per layer, spectra) and summary tables.
+
+    For a benchmark's results.json: results.md (mean ± std over seeds, which differences exceed the
+    noise), summary.json and the plots of docs/results/README.md, "Benchmark reports".
+    """
     from swudi.plots import plotting_missing, write_report
 
     target = out_dir or Path("swudi-report")

@@ -29,12 +29,17 @@ def _pyplot():
 
 
 def load_run(run: str, storage_options: Mapping[str, Any] | None = None) -> tuple[str, dict[str, Any]]:
-    """``("sweep", sweep.json)`` or ``("merge", merge_report.json)`` for a sweep file/folder, a
-    version folder, or an output folder with ``latest.json``."""
+    """``("sweep", sweep.json)``, ``("merge", merge_report.json)`` or ``("benchmark", results.json)``
+    for a sweep file/folder, a version folder, an output folder with ``latest.json``, or a benchmark's
+    results file/folder (the shared format with a ``schema`` key, :mod:`swudi.benchmark_report`)."""
     fs, path = resolve(run, storage_options)
     candidates: list[tuple[str, str | None]] = [(run, None)]  # (url, kind; None: from the content)
     if not path.endswith(".json"):
-        candidates = [(join_url(run, "sweep.json"), "sweep"), (join_url(run, "merge_report.json"), "merge")]
+        candidates = [
+            (join_url(run, "sweep.json"), "sweep"),
+            (join_url(run, "merge_report.json"), "merge"),
+            (join_url(run, "results.json"), "benchmark"),
+        ]
         latest = read_latest(run, storage_options) if fs.exists(join_url(path, "latest.json")) else None
         if latest:
             candidates.append((join_url(latest["url"], "merge_report.json"), "merge"))
@@ -42,8 +47,10 @@ def load_run(run: str, storage_options: Mapping[str, Any] | None = None) -> tupl
         fs_, p = resolve(url, storage_options)
         if fs_.exists(p):
             data = json.loads(fs_.cat_file(p))
-            return (kind or ("sweep" if "points" in data else "merge")), data
-    raise FileNotFoundError(f"{run}: no sweep.json, merge_report.json or latest.json found")
+            if kind is None:
+                kind = "benchmark" if "schema" in data else ("sweep" if "points" in data else "merge")
+            return kind, data
+    raise FileNotFoundError(f"{run}: no sweep.json, merge_report.json, latest.json or results.json found")
 
 
 def _task_metric(evaluations: Mapping[str, Any]) -> tuple[str, dict[str, float]]:
@@ -183,12 +190,20 @@ def _fmt(value: Any) -> str:
     return f"{value:.4f}" if isinstance(value, float) else ("" if value is None else str(value))
 
 
+def markdown_table(columns: Sequence[str], cells: Sequence[Sequence[str]]) -> str:
+    """A GitHub markdown table (no trailing newline); ``|`` inside a cell is escaped."""
+
+    def line(values: Sequence[str]) -> str:
+        return "| " + " | ".join(v.replace("|", "\\|") for v in values) + " |"
+
+    return "\n".join([line(columns), "|" + "---|" * len(columns)] + [line(row) for row in cells])
+
+
 def write_tables(rows: Sequence[Mapping[str, Any]], out: Path) -> tuple[Path, Path]:
     """``summary.md`` and ``summary.html`` of the rows."""
     columns = list(dict.fromkeys(c for row in rows for c in row))
-    md = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    md += ["| " + " | ".join(_fmt(row.get(c)) for c in columns) + " |" for row in rows]
-    (out / "summary.md").write_text("\n".join(md) + "\n")
+    table = markdown_table(columns, [[_fmt(row.get(c)) for c in columns] for row in rows])
+    (out / "summary.md").write_text(table + "\n")
     cells = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
     body = "".join(
         "<tr>" + "".join(f"<td>{html.escape(_fmt(row.get(c)))}</td>" for c in columns) + "</tr>" for row in rows
@@ -213,12 +228,16 @@ def plotting_missing() -> str | None:
 
 
 def write_report(run: str, out: Path, storage_options: Mapping[str, Any] | None = None) -> list[Path]:
-    """All pictures and tables for a sweep or a merged version, written under ``out``.
+    """All pictures and tables for a sweep, a merged version or a benchmark's results, written under ``out``.
 
     Without matplotlib (an optional extra) only the tables are written, with one warning
     (:func:`plotting_missing`).
     """
     kind, data = load_run(run, storage_options)
+    if kind == "benchmark":
+        from swudi.benchmark_report import write_benchmark_report
+
+        return write_benchmark_report(data, out)
     out.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
     missing = plotting_missing()

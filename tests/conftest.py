@@ -177,3 +177,64 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
                 server.stop()
             except Exception as error:  # noqa: BLE001 - best effort at the end of the session
                 print(f"conftest: could not stop it: {error}")
+
+
+# ------------------------------------------------------------------------------- the faults lane
+LANE_MARKERS = ("faults",)
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("swudi lanes")
+    group.addoption(
+        "--lane-sample",
+        type=int,
+        default=None,
+        help="run only this many tests of the long lanes (marker 'faults'), drawn with --lane-seed; "
+        "the other lane tests are deselected. Default: all that -m selects",
+    )
+    group.addoption(
+        "--lane-seed",
+        default=None,
+        help="seed of the --lane-sample draw (default: $SWUDI_LANE_SEED, else today's UTC date, so that each "
+        "day's CI runs another sample and a failing draw can be rerun with the seed it printed)",
+    )
+
+
+def _lane_seed(config: pytest.Config) -> str:
+    import datetime
+
+    return str(
+        config.getoption("--lane-seed")
+        or os.environ.get("SWUDI_LANE_SEED")
+        or datetime.datetime.now(datetime.UTC).strftime("%Y%m%d")
+    )
+
+
+def lane_sample(nodeids: list[str], k: int, seed: str) -> list[str]:
+    """``k`` of ``nodeids``, drawn by ``random.Random(seed)`` from the sorted ids (independent of the
+    collection order, so a seed names the same tests on every machine)."""
+    import random
+
+    ids = sorted(nodeids)
+    return sorted(random.Random(seed).sample(ids, min(k, len(ids))))
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    k = config.getoption("--lane-sample")
+    if k is None:
+        return
+    lane = [item for item in items if any(item.get_closest_marker(m) for m in LANE_MARKERS)]
+    seed = _lane_seed(config)
+    chosen = set(lane_sample([item.nodeid for item in lane], k, seed))
+    dropped = [item for item in lane if item.nodeid not in chosen]
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = [item for item in items if item not in dropped]
+    config._swudi_lane_note = (  # type: ignore[attr-defined]
+        f"lane sample: {len(chosen)} of {len(lane)} lane tests, seed {seed} "
+        f"(rerun: --lane-sample {k} --lane-seed {seed}): " + ", ".join(sorted(chosen))
+    )
+
+
+def pytest_report_collectionfinish(config: pytest.Config) -> str | None:
+    return getattr(config, "_swudi_lane_note", None)

@@ -28,7 +28,7 @@ def test_quick_cpu_run_passes_parity_and_writes_json(tmp_path: Path) -> None:
         cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=60,
+        timeout=600,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     lines = proc.stdout.splitlines()
@@ -65,7 +65,7 @@ def test_quick_cpu_run_passes_parity_and_writes_json(tmp_path: Path) -> None:
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
 def test_wrapper_refuses_clearly_without_cuda() -> None:
     proc = subprocess.run(
-        ["bash", "benchmarks/gpu_check.sh", "--quick"], cwd=ROOT, capture_output=True, text=True, timeout=120
+        ["bash", "benchmarks/gpu_check.sh", "--quick"], cwd=ROOT, capture_output=True, text=True, timeout=600
     )
     assert proc.returncode == 2
     assert "no interpreter with a CUDA-enabled torch" in proc.stderr

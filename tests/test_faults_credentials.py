@@ -59,6 +59,7 @@ def _files(root: Path) -> list[Path]:
     return [p for p in root.rglob("*") if p.is_file()]
 
 
+@pytest.mark.faults
 @pytest.mark.slow
 def test_no_credential_is_written_anywhere_by_merge_sweep_plan_or_a_failing_merge(
     s3_bucket, tmp_path: Path, monkeypatch: pytest.MonkeyPatch

@@ -91,6 +91,7 @@ def test_a_killed_cli_leaves_no_embedded_server_behind(tmp_path: Path) -> None:
     assert not any(_alive(p) for p in servers), f"server {servers} outlived its killed CLI"
 
 
+@pytest.mark.faults
 @pytest.mark.slow
 @pytest.mark.timeout(3 * 1800)  # a merge on 2 cores under load 10 and more takes several minutes
 def test_merges_on_the_embedded_server_under_cpu_load_all_succeed(tmp_path: Path) -> None:

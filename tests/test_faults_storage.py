@@ -75,6 +75,7 @@ def test_the_proxy_injects_faults_and_retries_get_through_them(s3_bucket) -> Non
             assert proxy.injected[kind] == 1, (kind, proxy.injected)
 
 
+@pytest.mark.faults
 @pytest.mark.slow
 def test_a_merge_through_resets_5xx_throttling_stalls_and_truncation_is_bit_identical(
     prefect_api: str, s3_bucket
@@ -93,6 +94,7 @@ def test_a_merge_through_resets_5xx_throttling_stalls_and_truncation_is_bit_iden
     assert _version_files(s3_bucket, "faulty") == _version_files(s3_bucket, "clean")
 
 
+@pytest.mark.faults
 @pytest.mark.slow
 def test_a_silent_store_fails_in_one_line_within_its_deadline_and_publishes_nothing(
     prefect_api: str, s3_bucket, tmp_path: Path

@@ -294,6 +294,7 @@ def _can_mount_tmpfs() -> bool:
     return probe.returncode == 0
 
 
+@pytest.mark.faults
 @pytest.mark.slow
 @pytest.mark.skipif(not _can_mount_tmpfs(), reason="needs user namespaces to mount a small tmpfs")
 def test_full_disk_for_the_work_folder_is_one_line(tmp_path: Path) -> None:
