@@ -114,6 +114,22 @@ def _projected_loss(
     return (inner.square().sum(dim=(1, 2)) * weights).sum()
 
 
+def projected_loss_grad_terms(
+    targets: torch.Tensor, projectors: torch.Tensor, weights: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(C, B)`` with C = sum_i w_i P_i^T P_i ``[d, d]`` and B = sum_i w_i T_i P_i^T P_i ``[m, d]``.
+
+    The projected loss L(theta) = sum_i w_i ||(theta - T_i) P_i^T||_F^2 has the gradient
+    dL/dtheta = 2 sum_i w_i (theta - T_i) P_i^T P_i = 2 (theta C - B), so with C and B formed once
+    a gradient costs one ``[m, d] x [d, d]`` product instead of 2 N products of ``~ m k d``.
+    """
+    gram = torch.matmul(projectors.transpose(1, 2), projectors)  # [N, d, d]: P_i^T P_i
+    w = weights.to(gram.dtype).view(-1, 1, 1)
+    c = (gram * w).sum(dim=0)
+    b = (torch.matmul(targets, gram) * w).sum(dim=0)
+    return c, b
+
+
 def _adam(
     theta0: torch.Tensor,
     targets: torch.Tensor,
@@ -122,23 +138,25 @@ def _adam(
     iterations: int,
     lr: float,
 ) -> torch.Tensor:
-    """Adam (betas 0.9/0.999, eps 1e-8, no weight decay) on the projected loss."""
+    """Adam (betas 0.9/0.999, eps 1e-8, no weight decay) on the projected loss, with its exact
+    gradient in closed form, 2 (theta C - B) (:func:`projected_loss_grad_terms`), instead of autograd
+    through the N products of every step (same iterates up to float32 rounding)."""
+    c, b = projected_loss_grad_terms(targets, projectors, weights)
     theta = torch.nn.Parameter(theta0.clone())
     optimizer = torch.optim.Adam([theta], lr=float(lr))
-    with torch.enable_grad():
-        for _ in range(int(iterations)):
-            loss = _projected_loss(theta, targets, projectors, weights)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+    for _ in range(int(iterations)):
+        theta.grad = 2.0 * (torch.matmul(theta.detach(), c) - b)
+        optimizer.step()
     return theta.detach()
 
 
 def wudi(task_vectors: torch.Tensor, iterations: int = 300, lr: float = 1e-5) -> torch.Tensor:
     """Iterative WUDI (the reference baseline): Adam on L from theta0 = sum_i tau_i, float32.
 
-    Task vectors ``[N, m, d]``; every step evaluates the loss with autograd as the published code
-    does (cost per step ~ N m^2 d). All-zero task vectors return the mean.
+    Task vectors ``[N, m, d]``. The published code evaluates the loss with autograd every step
+    (cost ~ 2 N m^2 d per step); here the gradient 2 (theta C - B) uses C = sum_i w_i tau_i^T tau_i
+    and B = sum_i w_i tau_i tau_i^T tau_i formed once (cost ~ m d^2 per step, N m d^2 once).
+    All-zero task vectors return the mean.
     """
     tv = task_vectors.to(torch.float32)
     if tv.ndim != 3:

@@ -118,3 +118,39 @@ def test_streamed_mean_equals_the_stacked_mean_and_names_a_bad_expert() -> None:
             acc.add(i, expert)
     with pytest.raises(InputError, match="expert 1 has shape"):
         MeanAccumulator(base, "embed").add(1, torch.zeros(3, 3))
+
+
+def _autograd_adam_reference(theta0, targets, projectors, weights, iterations, lr):
+    """The published WUDI loop: autograd through sum_i w_i ||(theta - T_i) P_i^T||^2 every step (float64)."""
+    theta = torch.nn.Parameter(theta0.double().clone())
+    opt = torch.optim.Adam([theta], lr=lr)
+    for _ in range(iterations):
+        loss = sum(w * ((theta - t) @ p.T).square().sum()
+                   for t, p, w in zip(targets.double(), projectors.double(), weights.double(), strict=True))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return theta.detach()
+
+
+def test_closed_form_gradient_equals_autograd_of_the_loss():
+    g = torch.Generator().manual_seed(4)
+    targets = torch.randn(3, 7, 5, generator=g, dtype=torch.float64)
+    projectors = torch.randn(3, 2, 5, generator=g, dtype=torch.float64)  # rank-2 projectors (OptMerge)
+    weights = torch.rand(3, generator=g, dtype=torch.float64) + 0.1
+    theta = torch.randn(7, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    loss = sum(w * ((theta - t) @ p.T).square().sum() for t, p, w in zip(targets, projectors, weights, strict=True))
+    (auto,) = torch.autograd.grad(loss, theta)
+    c, b = baselines.projected_loss_grad_terms(targets, projectors, weights)
+    assert torch.allclose(2 * (theta.detach() @ c - b), auto, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("shape", [(4, 12, 8), (3, 8, 12)])
+def test_wudi_matches_the_autograd_loop(shape):
+    g = torch.Generator().manual_seed(5)
+    tv = torch.randn(*shape, generator=g) * 1e-3
+    weights = 1.0 / tv.double().square().sum(dim=(1, 2))
+    ref = _autograd_adam_reference(tv.sum(0), tv, tv, weights, 50, 1e-5)
+    fast = baselines.wudi(tv, iterations=50, lr=1e-5)
+    assert not torch.allclose(ref, tv.sum(0).double(), atol=1e-7), "the test must move theta"
+    assert torch.allclose(fast.double(), ref, rtol=1e-4, atol=1e-8)

@@ -175,7 +175,7 @@ def recorded_expert_accuracy(build_dir: str | Path, split: str, n: Mapping[str, 
         return {}
     tasks = json.loads(path.read_text()).get("tasks", {})
     return {t: e["metrics"][f"expert_{split}"] for t, e in tasks.items()
-            if t in n and e.get("n_eval", {}).get(split) == n[t]}
+            if t in n and e.get("n_eval", {}).get(split) == n[t] and f"expert_{split}" in e["metrics"]}
 
 
 def main(argv: list[str] | None = None) -> int:

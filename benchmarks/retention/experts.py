@@ -7,11 +7,17 @@ Layout written under ``OUT``::
     experts/<task>/            the fine-tuned encoder, an ordinary Hugging Face folder
     manifest.json              settings, data fingerprints and measured accuracies per task
 
-Heads follow the task-vector papers (Ilharco et al., "Editing models with task arithmetic"): each
-task's head is fitted once on the *frozen pretrained* encoder (a linear probe standing in for CLIP's
-zero-shot head) and then kept frozen while the whole encoder is fine-tuned. So one head per task
-serves every row: pretrained = base encoder + head, expert = expert encoder + head, merged = merged
-encoder + head, and the only thing merging has to preserve is the encoder.
+Protocol (the common one of the merging literature, e.g. Ilharco et al. 2023 on text encoders;
+Yadav et al. 2023): each expert is the *whole* encoder fine-tuned together with its own linear
+classification head. The head starts from a fixed, seeded init (normal, std 0.01, zero bias) and
+trains with the encoder (its learning rate x ``head_lr_mult``; its logits are ``logit_scale * x @ V.T
++ b`` on the L2-normalised pooled features, saved as ``weight = logit_scale * V`` so that the head
+file is an ordinary linear layer). The head is saved beside the expert (``heads/<task>.safetensors``),
+never inside the expert's checkpoint, so the merge sees only the encoder tensors of the base. Every
+row is scored with the expert's own head: expert = expert encoder + head, pretrained = base
+encoder + head, merged = merged encoder + head.
+
+The seed sets the data split, the head init, the batch order and dropout.
 """
 
 from __future__ import annotations
@@ -30,10 +36,9 @@ from pathlib import Path
 import torch
 
 from . import data as data_mod
-from .model import (Head, accuracy, base_model_path, batches, embed, load_encoder,
-                    load_pretrained_base, pooled, save_encoder)
+from .model import Head, accuracy, base_model_path, batches, load_encoder, load_pretrained_base, pooled, save_encoder
 
-EXPERTS_VERSION = 1  # bump when training changes in a way the settings below do not capture
+EXPERTS_VERSION = 2  # bump when training changes in a way the settings below do not capture
 MANIFEST = "manifest.json"
 
 
@@ -41,22 +46,26 @@ MANIFEST = "manifest.json"
 class ExpertSettings:
     """Everything an expert depends on (besides its data and the base); recorded in the manifest."""
 
-    steps: int = 200
-    batch_size: int = 32
-    lr: float = 5e-5
+    steps: int = 50
+    batch_size: int = 16
+    lr: float = 2e-4
+    head_lr_mult: float = 10.0  # the head's learning rate is lr x head_lr_mult
+    logit_scale: float = 16.0  # head logits = logit_scale * x @ V.T + b during training (x has norm 1)
     weight_decay: float = 0.01
     warmup_ratio: float = 0.1
-    max_length: int = 64
+    max_length: int = 32
     seed: int = 0
     train_layers: int | None = None  # fine-tune only the top k transformer layers; None = all
     max_train_examples: int | None = None  # cap the training split (smoke builds)
-    eval_examples: int | None = None  # cap val/test when measuring the manifest's accuracies
+    eval_examples: int | None = 400  # cap val/test when measuring the manifest's accuracies
+    eval_val: bool = False  # also measure val accuracies (the benchmark tunes on val by itself)
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "max_length"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if not (self.lr > 0 and 0 <= self.warmup_ratio <= 1 and self.weight_decay >= 0):
+        if not (self.lr > 0 and 0 <= self.warmup_ratio <= 1 and self.weight_decay >= 0
+                and self.head_lr_mult > 0 and self.logit_scale > 0):
             raise ValueError(f"invalid optimiser settings: lr={self.lr}, "
                              f"warmup_ratio={self.warmup_ratio}, weight_decay={self.weight_decay}")
 
@@ -68,6 +77,11 @@ class ExpertSettings:
 # ---------------------------------------------------------------------------------------------
 # Files
 # ---------------------------------------------------------------------------------------------
+
+
+def seed_dir(out: str | Path, seed: int) -> Path:
+    """The build of one seed: ``OUT/seed<k>`` (a complete build: base, heads, experts, manifest)."""
+    return Path(out) / f"seed{seed}"
 
 
 def read_manifest(out: str | Path) -> dict:
@@ -124,29 +138,10 @@ def expert_files(out: Path, task: str) -> list[Path]:
 # ---------------------------------------------------------------------------------------------
 
 
-def fit_probe(x_train: torch.Tensor, y_train: torch.Tensor, x_val: torch.Tensor,
-              y_val: torch.Tensor, num_classes: int,
-              l2_grid: Sequence[float] = (1e-2, 1e-3, 1e-4)) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """Multinomial logistic regression (full-batch L-BFGS) on frozen features; the L2 strength
-    is picked on the validation split. Returns ``(weight [C, H], bias [C], l2)``."""
-    best = None
-    for l2 in l2_grid:
-        w = torch.zeros(num_classes, x_train.shape[1], requires_grad=True)
-        b = torch.zeros(num_classes, requires_grad=True)
-        opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=300, line_search_fn="strong_wolfe")
-
-        def closure():
-            opt.zero_grad()
-            loss = torch.nn.functional.cross_entropy(x_train @ w.T + b, y_train) + l2 * w.pow(2).sum()
-            loss.backward()
-            return loss
-
-        opt.step(closure)
-        with torch.no_grad():
-            acc = float(((x_val @ w.T + b).argmax(-1) == y_val).float().mean())
-        if best is None or acc > best[0]:
-            best = (acc, w.detach().clone(), b.detach().clone(), l2)
-    return best[1], best[2], best[3]
+def init_head(num_classes: int, hidden: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fixed head init: ``V ~ N(0, 0.01^2)`` from ``torch.Generator().manual_seed(seed)``, ``b = 0``."""
+    gen = torch.Generator().manual_seed(10_000 + seed)
+    return torch.randn(num_classes, hidden, generator=gen) * 0.01, torch.zeros(num_classes)
 
 
 def _trainable(model, train_layers: int | None) -> list[torch.nn.Parameter]:
@@ -163,15 +158,22 @@ def _trainable(model, train_layers: int | None) -> list[torch.nn.Parameter]:
     return params
 
 
-def fine_tune(model, tokenizer, head: Head, texts: Sequence[str], labels: Sequence[int],
-              s: ExpertSettings, log: Callable[[str], None] = print, name: str = "") -> list[float]:
-    """AdamW with linear warm-up and decay on cross-entropy through the frozen head. Returns the
-    loss of every step."""
+def fine_tune(model, tokenizer, num_classes: int, texts: Sequence[str], labels: Sequence[int],
+              s: ExpertSettings, log: Callable[[str], None] = print,
+              name: str = "") -> tuple[torch.Tensor, torch.Tensor, list[float]]:
+    """Fine-tune the encoder and a fresh head jointly: AdamW with linear warm-up and decay on
+    cross-entropy of ``logit_scale * pooled(x) @ V.T + b``. Returns ``(weight = logit_scale * V,
+    bias, per-step losses)``."""
+    v0, b0 = init_head(num_classes, model.config.hidden_size, s.seed)
+    v = v0.clone().requires_grad_(True)
+    bias = b0.clone().requires_grad_(True)
     params = _trainable(model, s.train_layers)
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]  # biases and LayerNorm
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": s.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=s.lr)
+                             {"params": no_decay, "weight_decay": 0.0},
+                             {"params": [v, bias], "weight_decay": 0.0, "lr": s.lr * s.head_lr_mult}],
+                            lr=s.lr)
     warmup = max(1, round(s.warmup_ratio * s.steps))
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda k: min((k + 1) / warmup, max(0.0, (s.steps - k) / max(1, s.steps - warmup))))
@@ -186,7 +188,8 @@ def fine_tune(model, tokenizer, head: Head, texts: Sequence[str], labels: Sequen
             order += torch.randperm(len(texts), generator=gen).tolist()
         idx, order = order[: s.batch_size], order[s.batch_size :]
         batch = next(batches(tokenizer, [texts[i] for i in idx], s.batch_size, s.max_length))
-        loss = torch.nn.functional.cross_entropy(head.logits(pooled(model, batch)), y_all[idx])
+        logits = s.logit_scale * pooled(model, batch) @ v.T + bias
+        loss = torch.nn.functional.cross_entropy(logits, y_all[idx])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -199,11 +202,11 @@ def fine_tune(model, tokenizer, head: Head, texts: Sequence[str], labels: Sequen
     model.eval()
     for p in model.parameters():
         p.requires_grad_(True)
-    return losses
+    return (s.logit_scale * v).detach(), bias.detach(), losses
 
 
 def build_expert(out: Path, task: str, s: ExpertSettings, log: Callable[[str], None] = print) -> dict:
-    """Probe head on the frozen base, fine-tune, save; returns the manifest entry of the task."""
+    """Fine-tune encoder + head on ``task``, save both (apart); returns the manifest entry of the task."""
     t_start = time.perf_counter()
     d = data_mod.load_task(task, seed=s.seed)
     train = d.train
@@ -215,26 +218,18 @@ def build_expert(out: Path, task: str, s: ExpertSettings, log: Callable[[str], N
 
     torch.manual_seed(s.seed)
     model, tokenizer = load_encoder(out / "base")
-    log(f"{task}: probe on frozen base ({n_train} train, {len(val_t)} val)")
-    x_train = embed(model, tokenizer, texts, max_length=s.max_length)
-    x_val = embed(model, tokenizer, val_t, max_length=s.max_length)
-    weight, bias, l2 = fit_probe(x_train, torch.as_tensor(labels), x_val, torch.as_tensor(val_y),
-                                 d.num_classes)
+    t_ft = time.perf_counter()
+    weight, bias, losses = fine_tune(model, tokenizer, d.num_classes, texts, labels, s, log=log, name=task)
+    ft_seconds = time.perf_counter() - t_ft
     head = Head(weight, bias, list(d.label_names),
                 {"task": task, "max_length": s.max_length, "data_fingerprint": d.fingerprint,
-                 "probe_l2": l2, "seed": s.seed})
+                 "seed": s.seed, "protocol": "joint"})
     metrics = {
         "majority_test": round(d.majority_baseline("test"), 4),
-        "pretrained_val": accuracy(model, tokenizer, head, val_t, val_y),
-        "pretrained_test": accuracy(model, tokenizer, head, test_t, test_y),
+        "expert_test": accuracy(model, tokenizer, head, test_t, test_y),
     }
-    del x_train, x_val
-    t_ft = time.perf_counter()
-    losses = fine_tune(model, tokenizer, head, texts, labels, s, log=log, name=task)
-    ft_seconds = time.perf_counter() - t_ft
-    metrics["expert_val"] = accuracy(model, tokenizer, head, val_t, val_y)
-    metrics["expert_test"] = accuracy(model, tokenizer, head, test_t, test_y)
-
+    if s.eval_val:
+        metrics["expert_val"] = accuracy(model, tokenizer, head, val_t, val_y)
     tmp = out / "experts" / f".{task}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     save_encoder(model, tokenizer, tmp)
@@ -242,8 +237,13 @@ def build_expert(out: Path, task: str, s: ExpertSettings, log: Callable[[str], N
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     head.save(out / "heads" / f"{task}.safetensors")
+    del model
+    base, tokenizer = load_encoder(out / "base")
+    if s.eval_val:
+        metrics["pretrained_val"] = accuracy(base, tokenizer, head, val_t, val_y)
+    metrics["pretrained_test"] = accuracy(base, tokenizer, head, test_t, test_y)
     metrics = {k: round(v, 4) for k, v in metrics.items()}
-    log(f"{task}: pretrained test {metrics['pretrained_test']:.3f} -> expert test "
+    log(f"{task}: pretrained (base + expert head) test {metrics['pretrained_test']:.3f} -> expert test "
         f"{metrics['expert_test']:.3f} (majority {metrics['majority_test']:.3f})")
     return {
         "data": d.summary(),
@@ -297,7 +297,7 @@ def build_experts(out: str | Path, tasks: Sequence[str] = data_mod.DEFAULT_TASKS
 
 def results_table(manifest: dict, tasks: Sequence[str] | None = None) -> str:
     """Markdown table of the measured accuracies in a manifest."""
-    rows = ["| task | classes | train | val | test | majority | pretrained (probe head) | expert |",
+    rows = ["| task | classes | train | val | test | majority | pretrained (base + expert head) | expert |",
             "|---|---|---|---|---|---|---|---|"]
     accs = {"pre": [], "exp": []}
     for task in tasks or list(manifest["tasks"]):
