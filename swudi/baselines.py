@@ -123,10 +123,13 @@ def projected_loss_grad_terms(
     dL/dtheta = 2 sum_i w_i (theta - T_i) P_i^T P_i = 2 (theta C - B), so with C and B formed once
     a gradient costs one ``[m, d] x [d, d]`` product instead of 2 N products of ``~ m k d``.
     """
-    gram = torch.matmul(projectors.transpose(1, 2), projectors)  # [N, d, d]: P_i^T P_i
-    w = weights.to(gram.dtype).view(-1, 1, 1)
-    c = (gram * w).sum(dim=0)
-    b = (torch.matmul(targets, gram) * w).sum(dim=0)
+    d = projectors.shape[-1]
+    c = projectors.new_zeros((d, d))
+    b = targets.new_zeros((targets.shape[1], d))
+    for target, projector, weight in zip(targets, projectors, weights.tolist(), strict=True):
+        gram = projector.T @ projector  # [d, d]: one expert's P_i^T P_i at a time, never N of them
+        c.add_(gram, alpha=weight)
+        b.add_(target @ gram, alpha=weight)
     return c, b
 
 
