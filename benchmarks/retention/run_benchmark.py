@@ -101,7 +101,9 @@ def merge_and_evaluate(build: Path, out: Path, label: str, method: str, params: 
     cfg = config_from_mapping({
         "base": str(build / "base"),
         "experts": [str(build / "experts" / task) for task in tasks],
-        "method": method, "params": params, **config,
+        # scale 1.0 unless a row sets one: the study's reference row (and the recorded config) is alpha 1,
+        # whatever the product's default for the method (swudi_a: 0.8 since the study)
+        "method": method, "params": params, "scale": 1.0, **config,
         "output": str(out / "merged" / _slug(label)),
         "work_dir": str(out / "work" / (work or _slug(label))),
         "device": "cpu", "workers": 2,
