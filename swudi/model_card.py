@@ -134,9 +134,9 @@ def _diagnostics(diagnostics: Mapping[str, Any]) -> list[str]:
         f"mean eigenvalue mass kept: {_number(diagnostics.get('mean_kept_mass'))}",
         f"- mean interference vs sum: {_number(diagnostics.get('mean_interference_vs_sum'))}",
     ]
-    per_task = diagnostics.get("mean_interference_vs_sum_per_task") or []
-    if per_task:
-        lines.append("- per expert: " + ", ".join(f"expert {i}: {_number(v)}" for i, v in enumerate(per_task)))
+    # Not the per-expert means: they cover only the weights whose task vectors were in memory, which a
+    # resumed merge (decompositions from the cache) does not re-read, so they would make a resumed
+    # version's card differ from an uninterrupted one's. They stay in merge_report.json.
     lines += ["", "| weight | rank | kept mass | interference vs sum |", "|---|---:|---:|---:|"]
     lines += [
         f"| `{name}` | {_number(values.get('rank'))} | {_number(values.get('kept_mass'))} | "
