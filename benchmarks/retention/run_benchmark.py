@@ -56,7 +56,7 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {  # in the order they run (che
     "wudi": ("wudi", {}),
     "optmerge": ("optmerge", {}),
 }
-DEFAULT_METHODS = [m for m in METHODS if m != "optmerge"]
+DEFAULT_METHODS = list(METHODS)
 
 # BERT tensor names: encoder.layer.N.attention.{self.query,self.key,self.value,output.dense} and the
 # MLP encoder.layer.N.intermediate.dense / encoder.layer.N.output.dense.
@@ -71,6 +71,7 @@ STUDY: dict[str, tuple[str, dict[str, Any], dict[str, Any]]] = {
     "study:scale=0.8": (*DEFAULT, {"scale": 0.8}),
     "study:scale=1.25": (*DEFAULT, {"scale": 1.25}),
     "study:scale=1.5": (*DEFAULT, {"scale": 1.5}),
+    "study:scale=0.5": (*DEFAULT, {"scale": 0.5}),  # below the shared grid, as on the LM benchmark
     "study:init=mean": (DEFAULT[0], {**DEFAULT[1], "init": "mean"}, {}),
     "study:init=zero": (DEFAULT[0], {**DEFAULT[1], "init": "zero"}, {}),
 }
