@@ -189,7 +189,8 @@ def tiny_build(tmp_path_factory):
     root = tmp_path_factory.mktemp("retention")
     out = experts.seed_dir(root, 0)  # the layout of build_experts --seeds 0
     settings = experts.ExpertSettings(
-        steps=30, batch_size=16, lr=2e-4, max_length=32, train_layers=2,
+        # head lr x 10 (the benchmark's default is x 1): 30 steps on 2 layers must learn the tasks
+        steps=30, batch_size=16, lr=2e-4, head_lr_mult=10.0, max_length=32, train_layers=2,
         max_train_examples=256, eval_examples=N_EVAL,
     )
     log: list[str] = []
