@@ -140,10 +140,7 @@ class MergeConfig(StrictModel):
     experts: list[Location] = Field(min_length=1, description="fine-tuned checkpoints of the same base")
     method: str = "swudi_a"
     params: dict[str, Any] = Field(default_factory=dict, description="method parameters")
-    scale: float = Field(
-        None,  # type: ignore[assignment]  # filled in by _default_scale: always a float after validation
-        description="alpha in W = W0 + alpha * theta; default: the method's (0.8 for swudi_a, else 1.0)",
-    )
+    scale: float = Field(1.0, description="alpha in W = W0 + alpha * theta")
     output: Location = Field(description="where versions are published (with a latest.json pointer)")
     work_dir: Location | None = Field(
         None, description="cache of decompositions and merged tensors; default: OUTPUT/.swudi-work"
@@ -194,7 +191,7 @@ class MergeConfig(StrictModel):
 
     @field_validator("scale")
     @classmethod
-    def _nonzero_scale(cls, value: float | None) -> float | None:
+    def _nonzero_scale(cls, value: float) -> float:
         if value == 0:
             raise ValueError("scale 0 would publish the base model unchanged; use a non-zero alpha")
         return value
@@ -204,15 +201,6 @@ class MergeConfig(StrictModel):
         """The retry policy travels with the storage options to every filesystem built from them."""
         options = {**self.storage_options, RETRY_KEY: self.storage_retry.model_dump()}
         object.__setattr__(self, "storage_options", options)
-        return self
-
-    @model_validator(mode="after")
-    def _default_scale(self) -> MergeConfig:
-        """An unset ``scale`` becomes the method's default (:func:`swudi.methods.default_scale`)."""
-        from swudi.methods import default_scale
-
-        if self.scale is None:
-            object.__setattr__(self, "scale", default_scale(self.method))
         return self
 
     @model_validator(mode="after")

@@ -73,8 +73,6 @@ from swudi.spectral import apply_filter, exponential_filter, pinv_filter, trunca
 from swudi.task_vectors import check_task_vectors, is_all_zero, squared_norms
 
 __all__ = [
-    "DEFAULT_SCALE",
-    "default_scale",
     "MethodKind",
     "MethodParams",
     "MethodSpec",
@@ -256,17 +254,6 @@ def get_method(name: str | MethodSpec) -> MethodSpec:
         return METHODS[name]
     except (KeyError, TypeError):
         raise ConfigError(f"unknown merge method {name!r}; valid: {', '.join(METHODS)}") from None
-
-
-# The default alpha (W = W0 + alpha * theta) per method where it is not 1: swudi_a at 0.8 beat 1.0
-# beyond noise on both benchmarks, 3 seeds each (docs/results/default-study.md: encoder +0.010
-# normalized accuracy, LM +0.24 of the loss gap closed); larger scales lost on both.
-DEFAULT_SCALE: dict[str, float] = {"swudi_a": 0.8}
-
-
-def default_scale(method: str) -> float:
-    """The global alpha a merge with ``method`` uses when none is given: :data:`DEFAULT_SCALE`, else 1.0."""
-    return DEFAULT_SCALE.get(method, 1.0)
 
 
 def validate_params(method: str, params: Mapping[str, Any] | None = None) -> dict[str, Any]:

@@ -14,7 +14,7 @@ import torch
 
 from swudi import baselines
 from swudi.errors import ConfigError, InputError
-from swudi.methods import _merge_elementwise_f32, _merge_matrix_f32, default_scale, get_method
+from swudi.methods import _merge_elementwise_f32, _merge_matrix_f32, get_method
 from swudi.routing import route_tensor
 from swudi.task_vectors import merged_weight, stack_task_vectors
 
@@ -48,7 +48,7 @@ def merge_state_dicts(
     base: Mapping[str, torch.Tensor],
     experts: Sequence[Mapping[str, torch.Tensor]],
     method: str,
-    scale: float | None = None,
+    scale: float = 1.0,
     include: Iterable[str] = (),
     exclude: Iterable[str] = (),
     keep_base: Iterable[str] = (),
@@ -56,8 +56,7 @@ def merge_state_dicts(
     method_params: Mapping[str, Any] | None = None,
     **params: Any,
 ) -> dict[str, torch.Tensor]:
-    """Merge expert state dicts into the base: ``W = W0 + scale * theta`` per tensor (``scale`` None:
-    the method's default, :func:`swudi.methods.default_scale`, as in a merge config).
+    """Merge expert state dicts into the base: ``W = W0 + scale * theta`` per tensor.
 
     Every expert must have the base's keys and shapes (:class:`InputError` names the key and the
     expert index). Parameters are validated before any work (:class:`ConfigError`). Routing
@@ -69,7 +68,6 @@ def merge_state_dicts(
     the ``scale`` of ``task_arithmetic`` / ``ties``, since ``scale`` here is the global alpha.
     """
     spec = get_method(method)
-    alpha = default_scale(method) if scale is None else float(scale)
     both = sorted(set(params) & set(method_params or {}))
     if both:
         raise ConfigError(f"method parameter(s) {both} given both as keywords and in method_params")
@@ -90,5 +88,5 @@ def merge_state_dicts(
             theta = _merge_elementwise_f32(tv, spec, p)
         else:
             theta = _merge_matrix_f32(tv, spec, p, name=key, device=device)
-        merged[key] = merged_weight(w0, theta, alpha, w0.dtype, name=key)
+        merged[key] = merged_weight(w0, theta, scale, w0.dtype, name=key)
     return merged

@@ -111,17 +111,11 @@ def test_merge_state_dicts_keeps_dtype_and_uses_include():
     assert merged["layer.weight"].dtype == BF16
     assert torch.equal(merged["layer.bias"], base["layer.bias"])
     tv_e = torch.stack([e["embed_tokens.weight"].float() - base["embed_tokens.weight"].float() for e in experts])
-    alpha = 0.8  # swudi_a's default scale (docs/results/default-study.md)
-    expected_e = (base["embed_tokens.weight"].float() + alpha * merge_matrix(tv_e, "swudi_a")).to(BF16)
+    expected_e = (base["embed_tokens.weight"].float() + merge_matrix(tv_e, "swudi_a")).to(BF16)
     assert torch.equal(merged["embed_tokens.weight"], expected_e)
     # layer.weight is not in include: it gets the mean
     tv_w = torch.stack([e["layer.weight"].float() - base["layer.weight"].float() for e in experts])
-    assert torch.equal(merged["layer.weight"], (base["layer.weight"].float() + alpha * tv_w.mean(0)).to(BF16))
-    # an explicit scale replaces the method's default; other methods default to 1
-    merged_1 = merge_state_dicts(base, experts, "swudi_a", scale=1.0, include=["embed_tokens.*"])
-    assert torch.equal(merged_1["layer.weight"], (base["layer.weight"].float() + tv_w.mean(0)).to(BF16))
-    mean = merge_state_dicts(base, experts, "mean")
-    assert torch.equal(mean["layer.weight"], (base["layer.weight"].float() + tv_w.mean(0)).to(BF16))
+    assert torch.equal(merged["layer.weight"], (base["layer.weight"].float() + tv_w.mean(0)).to(BF16))
 
 
 def test_merge_state_dicts_errors():
@@ -147,12 +141,12 @@ def test_merge_state_dicts_errors():
         merge_state_dicts(base, experts, "swudi", tt=3)
 
 
-def test_merge_config_scale_defaults_to_the_methods_and_an_explicit_one_wins(tmp_path):
+def test_merge_config_scale_defaults_to_one_and_an_explicit_one_wins(tmp_path):
+    # swudi_a at 0.8 was the default for one release; the encoder benchmark of record (heads at the
+    # encoder's lr) put it within noise of 1.0, so by the "wins on both benchmarks" rule it is not
     from swudi.config import config_from_mapping
 
     paths = {"base": str(tmp_path / "b"), "experts": [str(tmp_path / "e")], "output": str(tmp_path / "o")}
-    assert config_from_mapping(paths).scale == 0.8  # swudi_a, the default method
-    assert config_from_mapping({**paths, "method": "swudi"}).scale == 1.0
+    assert config_from_mapping(paths).scale == 1.0  # swudi_a, the default method
     assert config_from_mapping({**paths, "method": "task_arithmetic"}).scale == 1.0
-    assert config_from_mapping({**paths, "scale": 1.0}).scale == 1.0
-    assert config_from_mapping({**paths, "method": "swudi", "scale": 0.8}).scale == 0.8
+    assert config_from_mapping({**paths, "scale": 0.8}).scale == 0.8

@@ -103,7 +103,7 @@ def merge_and_evaluate(build: Path, out: Path, label: str, method: str, params: 
         "base": str(build / "base"),
         "experts": [str(build / "experts" / task) for task in tasks],
         # scale 1.0 unless a row sets one: the study's reference row (and the recorded config) is alpha 1,
-        # whatever the product's default for the method (swudi_a: 0.8 since the study)
+        # pinned so that a change of the product's default cannot move the reference silently
         "method": method, "params": params, "scale": 1.0, **config,
         "output": str(out / "merged" / _slug(label)),
         "work_dir": str(out / "work" / (work or _slug(label))),
