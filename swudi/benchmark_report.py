@@ -483,7 +483,7 @@ def plot_primary(results: Mapping[str, Any], rows: Sequence[Row], out: Path) -> 
         handles.append(Patch(color=_STUDY_COLOR, label="study run"))
     ax.legend(handles=handles, fontsize=7, loc="lower right", framealpha=0.9)
     n = max((len(r.seeds) for r in merges), default=0)
-    ax.set_xlabel(f"{spec.get('label', primary)} (mean ± std over {n} seeds; axis does not start at 0)")
+    ax.set_xlabel(f"{spec.get('label', primary)}\n(mean ± std over {n} seeds; axis does not start at 0)")
     ax.set_title(f"{results.get('benchmark', '')}: {spec.get('label', primary)} per method", fontsize=10)
     ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
