@@ -815,7 +815,14 @@ def _finite_base(tensor: torch.Tensor, location: Any) -> torch.Tensor:
 
 
 def summarize_layers(merged: Sequence[MergedRecord]) -> dict[str, Any]:
-    """Data-free diagnostics over the merged layers: ranks, kept eigenvalue mass, interference."""
+    """Data-free diagnostics over the merged layers: ranks, kept eigenvalue mass, interference.
+
+    The per-task means (``mean_interference_vs_sum_per_task``) are given only when every layer has
+    per-task values: a resumed run reuses layers whose task vectors it never read, and a mean over
+    the rest would describe a different set of weights than an uninterrupted run's (empty list
+    then; ``layers_with_per_task_interference`` says how many layers had them, and each layer's
+    own values stay under ``per_layer``).
+    """
     layers = [r for r in merged if r.rank is not None or r.interference is not None]
     ranks = [r.rank for r in layers if r.rank is not None]
     masses = [r.kept_mass for r in layers if r.kept_mass is not None]
@@ -827,6 +834,8 @@ def summarize_layers(merged: Sequence[MergedRecord]) -> dict[str, Any]:
     per_task = [list(r.task_interference) for r in layers if r.task_interference]
     num_tasks = max((len(t) for t in per_task), default=0)
     task_means = [mean([v for t in per_task if (v := t[i]) is not None]) for i in range(num_tasks)]
+    if len(per_task) < len(layers):
+        task_means = []  # not every layer: not the model's per-task interference
 
     return {
         "layers": len(layers),
