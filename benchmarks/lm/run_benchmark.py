@@ -264,6 +264,36 @@ def run_seed(build: Path, out: Path, seed: int, results: Results, args: argparse
             once(label, "method", method, params, lora=True)
 
 
+def study_vs_default(results: dict[str, Any], default: str = "swudi_a:participation_sqrt") -> str:
+    """Markdown table: every study row and rank rule against the default row, paired over seeds.
+
+    d_s = row(s) - default(s) of the primary metric on the seeds both have; beyond noise when
+    |mean d| > t(0.975, n-1) * sd(d) / sqrt(n) (:func:`swudi.benchmark_report.paired_comparison`,
+    with the default as the reference instead of the best row).
+    """
+    from swudi.benchmark_report import paired_comparison
+
+    primary = results["primary"]
+    by: dict[str, dict[int, float]] = {}
+    for r in results["runs"]:
+        by.setdefault(r["label"], {})[r["seed"]] = r["summary"][primary]
+    reference = by.get(default, {})
+    lines = [f"| row | seeds | {primary} | default | mean d ± SE | beyond noise |", "|---|---|---|---|---|---|"]
+    rows = [lbl for lbl in by if lbl.startswith("study:") or (lbl.startswith("swudi_a:") and lbl != default)]
+    for label in rows:
+        seeds = sorted(set(by[label]) & set(reference))
+        if not seeds:
+            continue
+        c = paired_comparison(by[label], reference)
+        row, ref = statistics.fmean(by[label][s] for s in seeds), statistics.fmean(reference[s] for s in seeds)
+        if c.beyond_noise is None:
+            lines.append(f"| {label} | 1 | {row:.3f} | {ref:.3f} | {c.mean_diff:+.3f} | n/a (1 seed) |")
+        else:
+            verdict = ("**yes, better**" if c.mean_diff > 0 else "**yes, worse**") if c.beyond_noise else "no"
+            lines.append(f"| {label} | {c.n} | {row:.3f} | {ref:.3f} | {c.mean_diff:+.3f} ± {c.se:.3f} | {verdict} |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.lm.run_benchmark", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -314,35 +344,3 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
-
-
-def study_vs_default(results: dict[str, Any], default: str = "swudi_a:participation_sqrt") -> str:
-    """Markdown table: every study row and rank rule against the default row, paired over seeds.
-
-    d_s = row(s) - default(s) of the primary metric on the seeds both have; beyond noise when
-    |mean d| > t(0.975, n-1) * sd(d) / sqrt(n) (the noise rule of ``swudi.benchmark_report``, with
-    the default as the reference instead of the best row).
-    """
-    from swudi.benchmark_report import t_quantile
-
-    primary = results["primary"]
-    by: dict[str, dict[int, float]] = {}
-    for r in results["runs"]:
-        by.setdefault(r["label"], {})[r["seed"]] = r["summary"][primary]
-    lines = [f"| row | seeds | {primary} | default | mean d ± SE | beyond noise |", "|---|---|---|---|---|---|"]
-    rows = [lbl for lbl in by if lbl.startswith("study:") or (lbl.startswith("swudi_a:") and lbl != default)]
-    for label in rows:
-        seeds = sorted(set(by[label]) & set(by.get(default, {})))
-        if not seeds:
-            continue
-        d = [by[label][s] - by[default][s] for s in seeds]
-        mean_d = statistics.fmean(d)
-        row, ref = statistics.fmean(by[label][s] for s in seeds), statistics.fmean(by[default][s] for s in seeds)
-        if len(d) >= 2:
-            se = statistics.stdev(d) / len(d) ** 0.5
-            verdict = ("**yes, better**" if mean_d > 0 else "**yes, worse**") if abs(mean_d) > t_quantile(
-                0.975, len(d) - 1) * se else "no"
-            lines.append(f"| {label} | {len(d)} | {row:.3f} | {ref:.3f} | {mean_d:+.3f} ± {se:.3f} | {verdict} |")
-        else:
-            lines.append(f"| {label} | 1 | {row:.3f} | {ref:.3f} | {mean_d:+.3f} | n/a (1 seed) |")
-    return "\n".join(lines) + "\n"

@@ -186,21 +186,22 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else float("nan"))
 
 
-T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571}  # two-sided 95 % Student t quantiles by df
-
-
 def paired_difference(results: dict[str, Any], label: str, reference: str,
                       metric: str = "normalized_accuracy") -> tuple[float, float, bool] | None:
     """Mean and std over seeds of ``label - reference`` (paired by seed) and whether it exceeds the
-    noise: |mean| > t_0.975(n-1) * std / sqrt(n) (a paired t-test at 95 %). None below 2 common seeds."""
-    by = {(r["label"], r["seed"]): r["summary"][metric] for r in results["runs"]}
-    seeds = sorted(s for (lab, s) in by if lab == label and (reference, s) in by)
-    if len(seeds) < 2:
+    noise: |mean| > t_0.975(n-1) * std / sqrt(n) (a paired t-test at 95 %,
+    :func:`swudi.benchmark_report.paired_comparison`). None below 2 common seeds."""
+    from swudi.benchmark_report import paired_comparison
+
+    by: dict[str, dict[int, float]] = {}
+    for r in results["runs"]:
+        by.setdefault(r["label"], {})[r["seed"]] = r["summary"][metric]
+    if not set(by.get(label, {})) & set(by.get(reference, {})):
         return None
-    d = [by[(label, s)] - by[(reference, s)] for s in seeds]
-    mean, sd = statistics.fmean(d), statistics.stdev(d)
-    t = T_975.get(len(seeds) - 1, 1.96)
-    return mean, sd, abs(mean) > t * sd / math.sqrt(len(seeds))
+    c = paired_comparison(by[label], by[reference])
+    if c.beyond_noise is None or c.se is None:
+        return None
+    return c.mean_diff, c.se * math.sqrt(c.n), c.beyond_noise
 
 
 def summary_table(results: dict[str, Any], reference: str = "swudi_a:participation_sqrt") -> str:
