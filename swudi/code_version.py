@@ -2,8 +2,10 @@
 
 A stored decomposition or merged tensor is valid only for the code that computed it. Instead of a
 constant bumped by hand, the artefact keys include a digest of the modules that compute each step.
-The digest is taken from each module's syntax tree with docstrings removed: a change of the maths
-changes the keys, while comments, docstrings and formatting do not.
+The digest is taken from each module's syntax tree with docstrings and swudi's own import lines
+removed, under a logical name that does not depend on where the module lives: a change of the maths
+changes the keys, while comments, docstrings, formatting and moving a module to another package do not.
+Imports of third-party packages stay in the digest (``torch.linalg`` vs ``scipy.linalg`` is maths).
 
 - :func:`decomposition_code`: what a decomposition depends on (the eigendecomposition and the
   task-vector arithmetic).
@@ -25,18 +27,40 @@ __all__ = ["DECOMPOSITION_MODULES", "MERGE_MODULES", "module_digest", "code_dige
 
 log = logging.getLogger(__name__)
 
-DECOMPOSITION_MODULES = ("swudi.decomposition", "swudi.lowrank", "swudi.task_vectors")
-MERGE_MODULES = (
-    *DECOMPOSITION_MODULES,
-    "swudi.spectral",
-    "swudi.rank",
-    "swudi.methods",
-    "swudi.baselines",
-    "swudi.diagnostics",
-)
+#: Logical name (part of the digest) -> the module that holds that code now. Moving a module changes
+#: only the right-hand side, never a cache key.
+NUMERICAL_MODULES: dict[str, str] = {
+    "decomposition": "swudi.decomposition",
+    "lowrank": "swudi.lowrank",
+    "task_vectors": "swudi.task_vectors",
+    "spectral": "swudi.spectral",
+    "rank": "swudi.rank",
+    "methods": "swudi.methods",
+    "baselines": "swudi.baselines",
+    "diagnostics": "swudi.diagnostics",
+}
+DECOMPOSITION_MODULES = ("decomposition", "lowrank", "task_vectors")
+MERGE_MODULES = (*DECOMPOSITION_MODULES, "spectral", "rank", "methods", "baselines", "diagnostics")
+_LOGICAL_NAME = {module: name for name, module in NUMERICAL_MODULES.items()}
+FIRST_PARTY = "swudi"
+
+
+def _is_first_party_import(node: ast.stmt) -> bool:
+    if isinstance(node, ast.ImportFrom):
+        return node.level > 0 or (node.module or "").split(".")[0] == FIRST_PARTY
+    if isinstance(node, ast.Import):
+        return all(alias.name.split(".")[0] == FIRST_PARTY for alias in node.names)
+    return False
 
 
 def _strip_docstrings(tree: ast.AST) -> ast.AST:
+    """Remove docstrings and swudi's own import statements (at any depth) from ``tree``."""
+    for node in ast.walk(tree):
+        for attr in ("body", "orelse", "finalbody"):
+            block = getattr(node, attr, None)
+            if isinstance(block, list) and any(isinstance(n, ast.stmt) and _is_first_party_import(n) for n in block):
+                kept = [n for n in block if not (isinstance(n, ast.stmt) and _is_first_party_import(n))]
+                setattr(node, attr, kept or [ast.Pass()])
     for node in ast.walk(tree):
         if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
             body = node.body
@@ -52,8 +76,11 @@ def _strip_docstrings(tree: ast.AST) -> ast.AST:
 
 @functools.cache
 def module_digest(module: str) -> str:
-    """sha256 of a module's syntax tree without docstrings (its name when the source is not found)."""
-    spec = importlib.util.find_spec(module)
+    """sha256 of a module's syntax tree without docstrings and swudi imports (its name when no source).
+
+    ``module`` is a logical name of :data:`NUMERICAL_MODULES` or a dotted module path (a user's module).
+    """
+    spec = importlib.util.find_spec(NUMERICAL_MODULES.get(module, module))
     origin = getattr(spec, "origin", None)
     if not origin or not origin.endswith(".py"):
         log.warning("no Python source for module %r; its cache keys use the module name only", module)
@@ -64,9 +91,12 @@ def module_digest(module: str) -> str:
 
 
 def code_digest(modules: Iterable[str]) -> str:
-    """One digest over several modules (order-free, duplicates ignored), 16 hex digits."""
+    """One digest over several modules (order-free, duplicates ignored), 16 hex digits.
+
+    Each module enters under its logical name (:data:`NUMERICAL_MODULES`), a user's module under its path.
+    """
     h = hashlib.sha256()
-    for module in sorted(set(modules)):
+    for module in sorted({_LOGICAL_NAME.get(m, m) for m in modules}):
         h.update(f"{module}={module_digest(module)}\n".encode())
     return h.hexdigest()[:16]
 

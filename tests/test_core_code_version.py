@@ -99,3 +99,84 @@ def test_merge_code_covers_the_module_that_declares_a_user_method(modules: Path)
         with registered_method(MethodSpec("tmp_code_b", "elementwise", P, "test", merge=merge_b)):
             assert merge_code("tmp_code_a") != merge_code("tmp_code_b")
             assert merge_code("tmp_code_a") != merge_code("mean")
+
+
+MOVED_BEFORE = '''"""Before the move."""
+from swudi.errors import InputError
+import torch
+
+
+def f(x):
+    from swudi.task_vectors import LowRank
+    return torch.zeros(2) * x
+'''
+MOVED_AFTER = '''"""After the move: other first-party import paths, another order."""
+import torch
+from swudi.core.errors import InputError  # moved
+
+
+def f(x):
+    from swudi.core.task_vectors import LowRank
+    return torch.zeros(2) * x
+'''
+THIRD_PARTY_CHANGED = MOVED_BEFORE.replace("import torch", "import numpy as torch")
+
+
+def test_digest_ignores_where_swudi_modules_live_but_not_third_party_imports(tmp_path: Path,
+                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for name, text in (("cv_moved_before", MOVED_BEFORE), ("cv_moved_after", MOVED_AFTER),
+                       ("cv_third_party", THIRD_PARTY_CHANGED)):
+        (tmp_path / f"{name}.py").write_text(text)
+    importlib.invalidate_caches()
+    assert module_digest("cv_moved_before") == module_digest("cv_moved_after")
+    assert module_digest("cv_moved_before") != module_digest("cv_third_party")
+
+
+GOLDEN = Path(__file__).parent / "data" / "cache_keys.json"
+
+
+def current_cache_keys(tmp_path: Path) -> dict[str, str]:
+    """The code digests and the four artefact keys of one fixed job (inputs fingerprinted by name only:
+    a file's fingerprint holds its mtime and inode)."""
+    from swudi.code_version import decomposition_code
+    from swudi.methods import METHODS
+    from swudi.plan import TensorJob, build_plan
+
+    base, experts = write_synthetic_models(str(tmp_path / "in"), 2, SyntheticModel(layers=1, hidden=8,
+                                                                                   intermediate=16, vocab=8,
+                                                                                   positions=4))
+    cfg = config_from_mapping({"base": base, "experts": experts, "output": "/golden/out", "work_dir": "/golden/work"})
+    plan = build_plan(cfg)
+    job, group = plan.layer_jobs[0], plan.group_jobs[0]
+    fixed_input = property(lambda self: f"golden-input:{self.name}")
+    original, TensorJob.input_key = TensorJob.input_key, fixed_input  # type: ignore[method-assign]
+    try:
+        keys = _keys(job, group, cfg)
+    finally:
+        TensorJob.input_key = original  # type: ignore[method-assign]
+    keys["decomposition_code"] = decomposition_code()
+    keys.update({f"merge_code:{name}": merge_code(name) for name in sorted(METHODS)})
+    return keys
+
+
+def _keys(job, group, cfg) -> dict[str, str]:  # type: ignore[no-untyped-def]
+    return {"decomposition_key": steps.decomposition_key(job, cfg), "layer_merge_key": steps.layer_merge_key(job, cfg),
+            "group_merge_key": steps.group_merge_key(group, cfg), "delta_key": steps.delta_key(group, cfg)}
+
+
+def test_cache_keys_equal_the_recorded_ones(tmp_path: Path) -> None:
+    """Moving or re-importing modules changes no cache key. A deliberate change of the maths changes these:
+    regenerate with ``python -m tests.test_core_code_version`` and say so in the commit (artefacts recompute)."""
+    import json
+
+    assert current_cache_keys(tmp_path) == json.loads(GOLDEN.read_text())
+
+
+if __name__ == "__main__":
+    import json
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        GOLDEN.write_text(json.dumps(current_cache_keys(Path(tmp)), indent=1, sort_keys=True) + "\n")
+    print(f"wrote {GOLDEN}")
