@@ -6,7 +6,7 @@
 Each results file is a benchmark's ``results.json`` (schema ``swudi-benchmark/1``). For every label of
 kind ``method`` or ``study`` the primary metric is compared with the default's, seed by seed (the same
 seed's experts): d_s = row_s - default_s, mean d and its standard error, "beyond noise" when
-|mean d| > t(0.975, n-1) * SE (:func:`swudi.benchmark_report.paired_comparison`, the rule of the
+|mean d| > t(0.975, n-1) * SE (:func:`swudi.reporting.benchmark_report.paired_comparison`, the rule of the
 benchmark reports). A change qualifies as a new default only if it is better beyond noise on every
 benchmark (issue 12: "the default only if it wins on both"). Rows are matched across benchmarks by
 label, with :data:`SAME_CHANGE` naming the study labels that mean the same change on different
@@ -21,7 +21,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from swudi.benchmark_report import load_results, paired_comparison
+from swudi.reporting.benchmark_report import load_results, paired_comparison
 
 # Study labels of different benchmarks that are the same change (tensor names differ by architecture).
 SAME_CHANGE: dict[str, str] = {

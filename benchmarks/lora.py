@@ -1,7 +1,7 @@
 """LoRA experts: factor-space decomposition + merge vs the dense path, per weight.
 
 N adapters of rank r on one weight (tau_i = B_i A_i): the factor path
-(:func:`swudi.lowrank.decompose_factors`, then the SWUDI-A filter) against the dense path the
+(:func:`swudi.core.lowrank.decompose_factors`, then the SWUDI-A filter) against the dense path the
 pipeline takes otherwise (form the N dense task vectors, :func:`swudi.decompose`, same filter).
 Both produce the merged update theta ``[m, d]``; the script checks they agree.
 
@@ -63,9 +63,9 @@ def worker(m: int, d: int, experts: int, rank: int, path: str, threads: int, out
     from safetensors.torch import save_file
 
     from swudi import decompose, merge_decomposition
-    from swudi.lowrank import decompose_factors
+    from swudi.core.lowrank import decompose_factors
+    from swudi.core.task_vectors import LowRank
     from swudi.methods import spectral_filter
-    from swudi.task_vectors import LowRank
 
     torch.set_num_threads(threads)
     g = torch.Generator().manual_seed(0)

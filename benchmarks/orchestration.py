@@ -49,7 +49,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     args = parser.parse_args()
 
-    from swudi.synthetic import SyntheticLlama, write_synthetic_models
+    from swudi.io.synthetic import SyntheticLlama, write_synthetic_models
 
     root = Path(tempfile.mkdtemp(prefix="swudi-orchestration-"))
     model = SyntheticLlama(layers=args.layers, hidden=32, intermediate=64, heads=4, kv_heads=2, vocab=64)
@@ -70,7 +70,7 @@ def main() -> None:
         os.environ["PREFECT_API_URL"] = server.url
         from flows.history import wait_for_run_history
         from flows.merge import run_merge
-        from swudi.config import config_from_mapping
+        from swudi.config.merge_config import config_from_mapping
 
         cpu_before = server.cpu()
         started = time.perf_counter()

@@ -1,6 +1,6 @@
 """How a merge scales, measured through the real pipeline (issue 10, "Benchmarks").
 
-Generated Llama-shaped checkpoints (``swudi.synthetic.SyntheticLlama``: GQA k/v, gate/up/down,
+Generated Llama-shaped checkpoints (``swudi.io.synthetic.SyntheticLlama``: GQA k/v, gate/up/down,
 RMSNorm, tied or untied embeddings), written in bfloat16 and sharded, are merged with
 ``flows.merge.run_merge`` (method ``swudi_a``, device cpu, ``workers: 2``). Every measured merge runs
 in its own subprocess, so ``getrusage(RUSAGE_SELF)`` of that child is the case's peak RSS
@@ -104,7 +104,7 @@ class Shape:
     tie_embeddings: bool = False
 
     def model(self) -> Any:
-        from swudi.synthetic import SyntheticLlama
+        from swudi.io.synthetic import SyntheticLlama
 
         return SyntheticLlama(**asdict(self))
 
@@ -215,7 +215,7 @@ def child_pipeline(spec: dict[str, Any]) -> dict[str, Any]:
     """One merge through the real flow (in this process: a measured child)."""
     from flows.history import wait_for_run_history
     from flows.merge import run_merge
-    from swudi.config import config_from_mapping
+    from swudi.config.merge_config import config_from_mapping
 
     config = config_from_mapping(
         {
@@ -380,7 +380,7 @@ def child_generate(spec: dict[str, Any]) -> dict[str, Any]:
     """Write the base and experts (a child of its own: not measured, keeps torch out of the parent)."""
     import torch
 
-    from swudi.synthetic import write_synthetic_models
+    from swudi.io.synthetic import write_synthetic_models
 
     started = time.perf_counter()
     model = Shape(**spec["shape"]).model()
@@ -682,7 +682,7 @@ def child_compare(spec: dict[str, Any]) -> dict[str, Any]:
     """Largest relative Frobenius difference, naive vs pipeline, over every tensor (a child of its own)."""
     from safetensors.torch import load_file
 
-    from swudi.checkpoint import Checkpoint
+    from swudi.io.checkpoint import Checkpoint
 
     naive = load_file(spec["naive"])
     published = Checkpoint.open(spec["pipeline"])

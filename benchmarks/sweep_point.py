@@ -1,6 +1,6 @@
 """Cost of a sweep point after the first merge: the read floor, measured through the real flow.
 
-Generates a BERT-shaped base and experts (``swudi.synthetic``), then runs the merge flow (Prefect's
+Generates a BERT-shaped base and experts (``swudi.io.synthetic``), then runs the merge flow (Prefect's
 embedded server, thread runner) three times on one work folder:
 
 1. the first merge (``swudi``, t = 1300): reads every input tensor once and decomposes every layer;
@@ -49,15 +49,15 @@ def main() -> None:
     args = parser.parse_args()
 
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
-    from swudi.cli import prepare_prefect_environment
+    from swudi.cli.app import prepare_prefect_environment
 
     prepare_prefect_environment()
     import torch
 
     torch.set_num_threads(args.threads)
     from flows.merge import run_merge
-    from swudi.config import config_from_mapping
-    from swudi.synthetic import SyntheticModel, write_synthetic_models
+    from swudi.config.merge_config import config_from_mapping
+    from swudi.io.synthetic import SyntheticModel, write_synthetic_models
 
     root = args.dir or Path(tempfile.mkdtemp(prefix="swudi-sweep-point-"))
     model = SyntheticModel(layers=args.layers, hidden=args.hidden, intermediate=4 * args.hidden, vocab=1024,

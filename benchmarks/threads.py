@@ -52,7 +52,7 @@ def run_case(case: str, dim: int, repeat: int, callers: int, oversubscribed_thre
     """Run one case in this process and return its measurements."""
     import torch
 
-    from swudi.threads import apply_torch_threads, available_cores, torch_threads_for
+    from swudi.core.threads import apply_torch_threads, available_cores, torch_threads_for
 
     if case == "bare":
         callers, threads = 1, 1

@@ -20,19 +20,16 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from flows.log_filters import install as quiet_input_error_tracebacks
 from flows.parameters import config_parameter, hold_storage_options
 from flows.progress import MergeProgress
-from swudi.config import MergeConfig
-from swudi.evaluators import check_evaluators
-from swudi.held_options import without_secrets, worker_environment
+from swudi.config.merge_config import MergeConfig
+from swudi.evaluators.runner import check_evaluators
 from swudi.methods import get_method
-from swudi.plan import (
-    MergePlan,
-    batch_blocks,
-    build_plan,
-    workers_within_budget,
-)
-from swudi.preflight import check_before_merge
-from swudi.steps import PHASES, MergedRecord, artefact_keys, bytes_read, group_merge_key, layer_merge_key
-from swudi.workdir import remove_lease, write_lease
+from swudi.pipeline.keys import artefact_keys, group_merge_key, layer_merge_key
+from swudi.pipeline.plan import MergePlan, batch_blocks, build_plan, workers_within_budget
+from swudi.pipeline.preflight import check_before_merge
+from swudi.pipeline.records import PHASES, MergedRecord
+from swudi.pipeline.summary import bytes_read
+from swudi.pipeline.workdir import remove_lease, write_lease
+from swudi.storage.held_options import without_secrets, worker_environment
 from tasks import (
     evaluate_merge,
     fetch_checkpoints,
@@ -232,7 +229,8 @@ def _flow_run_id() -> str:
 
 
 def run_merge(config: MergeConfig) -> dict[str, Any]:
-    """Run the merge flow with the runner the config asks for (:func:`swudi.preflight.check_before_merge` first;
+    """Run the merge flow with the runner the config asks for
+    (:func:`swudi.pipeline.preflight.check_before_merge` first;
     with a ``memory_budget``, ``workers`` is lowered to what fits it, from the checkpoint headers)."""
     quiet_input_error_tracebacks()  # an input error is logged as one line, not with its traceback
     check_before_merge(config)  # inputs, output and work folder, device, scheduler: before Prefect starts

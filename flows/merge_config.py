@@ -13,7 +13,7 @@ from typing import Any
 from prefect import flow, get_run_logger
 
 from flows.merge import run_merge
-from swudi.config import load_config
+from swudi.config.merge_config import load_config
 
 
 @flow(name="swudi-merge-config", log_prints=True, validate_parameters=False)

@@ -2,10 +2,10 @@
 
 Prefect stores every flow run's parameters in its database. A merge config's ``storage_options``
 may hold keys and secrets, so flows started from this process get the config with its *public*
-storage options (``endpoint_url``, ``profile``...: :func:`swudi.held_options.public_options`) plus
+storage options (``endpoint_url``, ``profile``...: :func:`swudi.storage.held_options.public_options`) plus
 a reference to the full ones, which stay in this process's memory (:func:`hold_storage_options`);
 the flow takes them back (:func:`config_parameter`). Tasks get the same reference
-(:func:`swudi.held_options.with_held_options`): in this process they use the held options; a Dask
+(:func:`swudi.storage.held_options.with_held_options`): in this process they use the held options; a Dask
 worker in another process gets the public options only and takes credentials from its own
 environment, so no secret travels with a task either.
 """
@@ -16,11 +16,11 @@ import contextlib
 from collections.abc import Iterator
 from typing import Any
 
-from swudi import held_options
-from swudi.checkpoint.retry import RETRY_KEY
-from swudi.checkpoint.secrets import is_secret_ref
-from swudi.config import MergeConfig, config_from_mapping
+from swudi.config.merge_config import MergeConfig, config_from_mapping
 from swudi.errors import ConfigError
+from swudi.storage import held_options
+from swudi.storage.retry import RETRY_KEY
+from swudi.storage.secrets import is_secret_ref
 
 
 @contextlib.contextmanager

@@ -24,7 +24,7 @@ from uuid import UUID
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from swudi.steps import MergedRecord
+from swudi.pipeline.records import MergedRecord
 
 ARTIFACT_KEY = "swudi-merge-progress"
 

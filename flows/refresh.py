@@ -6,14 +6,14 @@ Meant to run on a schedule (see ``deployments/``). One run:
 2. takes the output's *refresh lock* (``OUTPUT/.refresh/.lock``): refreshes of one output run one
    at a time; a second one waits, and usually then finds the first one's version published;
 3. fingerprints the inputs from headers and object metadata alone (S3 ETag / VersionId, local
-   size + mtime + inode), computes the version id (:func:`swudi.plan.version_id`) and compares it
+   size + mtime + inode), computes the version id (:func:`swudi.pipeline.plan.version_id`) and compares it
    with the version ``latest.json`` names;
 4. same version, and complete: a no-op (log line + ``swudi-refresh`` artifact), retention applied;
    otherwise the merge flow runs as a subflow (every cached step that still applies is reused),
    publishes the version, moves the pointer and prunes to ``keep_versions``.
 
 Defences against overlapping runs: the deployment's concurrency limit (one run at a time), then
-this refresh lock, then the output lock held by every publish (:mod:`swudi.publish_model`).
+this refresh lock, then the output lock held by every publish (:mod:`swudi.publish.publish_model`).
 """
 
 from __future__ import annotations
@@ -34,15 +34,15 @@ from prefect.cache_policies import NO_CACHE
 from prefect.context import FlowRunContext
 
 from flows.merge import run_merge
-from swudi.checkpoint import join_url, list_versions, output_lock, prune_versions, read_latest
-from swudi.checkpoint.fingerprint import digest
-from swudi.checkpoint.lock import Lock, acquire_lock, read_lock, release_lock, renew_lock
-from swudi.checkpoint.publish import is_version_complete
-from swudi.code_version import merge_code
-from swudi.config import MergeConfig, apply_overrides, config_from_mapping, load_config
+from swudi.config.merge_config import MergeConfig, apply_overrides, config_from_mapping, load_config
 from swudi.errors import PublishError
-from swudi.plan import build_plan, check_inputs_exist, version_id
-from swudi.publish_model import LOCK_WAIT_S, read_report
+from swudi.io.fingerprint import digest
+from swudi.pipeline.code_version import merge_code
+from swudi.pipeline.plan import build_plan, check_inputs_exist, version_id
+from swudi.publish.publish_model import LOCK_WAIT_S, read_report
+from swudi.publish.versions import is_version_complete, list_versions, prune_versions, read_latest
+from swudi.storage.filesystem import join_url
+from swudi.storage.lock import Lock, acquire_lock, output_lock, read_lock, release_lock, renew_lock
 from tasks.retry import retry_unless_input_error
 
 #: Folder under the output that holds the refresh lock (the output lock is ``OUTPUT/.lock``).

@@ -11,11 +11,10 @@ from prefect.artifacts import create_table_artifact
 
 from flows.merge import run_merge
 from flows.parameters import config_parameter, hold_storage_options, redacted
-from swudi.checkpoint import join_url
-from swudi.checkpoint.storage import write_bytes_atomic
-from swudi.config import MergeConfig
-from swudi.publish_model import read_report
-from swudi.sweep import parse_grid, point_configs, point_label, sweep_root
+from swudi.config.grid import parse_grid, point_configs, point_label, sweep_root
+from swudi.config.merge_config import MergeConfig
+from swudi.publish.publish_model import read_report
+from swudi.storage.filesystem import join_url, write_bytes_atomic
 
 SWEEP_FILE = "sweep.json"
 

@@ -10,11 +10,17 @@ The maths library (this package, no Prefect):
   (see :mod:`swudi.methods`).
 """
 
-from swudi.decomposition import Decomposition, decompose
-from swudi.device import resolve_device
+from swudi.core.decomposition import Decomposition, decompose
+from swudi.core.device import resolve_device
+from swudi.core.rank import RANK_RULES, select_rank
+from swudi.core.routing import DEFAULT_EXCLUDE, Route, route_tensor
+from swudi.core.spectral import apply_filter, exponential_filter, landweber_filter, pinv_filter, truncation_filter
+from swudi.core.state_dict import merge_state_dicts
+from swudi.core.task_vectors import check_task_vectors, stack_task_vectors
 from swudi.errors import (
     CheckpointError,
     CheckpointMismatchError,
+    CheckpointNotFoundError,
     ConfigError,
     InputError,
     PublishError,
@@ -37,11 +43,6 @@ from swudi.methods import (
     unregister_method,
     validate_params,
 )
-from swudi.rank import RANK_RULES, select_rank
-from swudi.routing import DEFAULT_EXCLUDE, Route, route_tensor
-from swudi.spectral import apply_filter, exponential_filter, landweber_filter, pinv_filter, truncation_filter
-from swudi.state_dict import merge_state_dicts
-from swudi.task_vectors import check_task_vectors, stack_task_vectors
 
 __version__ = "0.1.0"
 
@@ -51,6 +52,7 @@ __all__ = [
     "RANK_RULES",
     "CheckpointError",
     "CheckpointMismatchError",
+    "CheckpointNotFoundError",
     "ConfigError",
     "Decomposition",
     "InputError",

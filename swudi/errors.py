@@ -20,6 +20,12 @@ class CheckpointError(SwudiError):
     """A checkpoint that cannot be read safely (bad layout, corrupt header, pickle format...)."""
 
 
+class CheckpointNotFoundError(CheckpointError):
+    """Nothing is stored at a checkpoint's (or artefact's) location: no file, no index, an empty folder.
+
+    Told apart from a damaged checkpoint by its type, never by its message."""
+
+
 class CheckpointMismatchError(CheckpointError):
     """Base and experts do not fit together (missing tensors, different shapes)."""
 

@@ -1,7 +1,8 @@
-"""Prefect tasks: thin wrappers of the library steps (`swudi.plan`, `swudi.steps`, `swudi.report`).
+"""Prefect tasks: thin wrappers of the library steps (`swudi.pipeline.plan`, `swudi.pipeline`,
+`swudi.publish.report`).
 
 Tasks pass small records (URLs, keys, shapes, ranks, metrics), never tensors. What is done is
-decided by the artefacts in the work folder, not by Prefect's result cache (see `swudi.steps`).
+decided by the artefacts in the work folder, not by Prefect's result cache (see `swudi.pipeline`).
 """
 
 from tasks.evaluate import evaluate_merge

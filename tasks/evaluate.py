@@ -9,7 +9,8 @@ from prefect import task
 from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
-from swudi.steps import MergedRecord, summarize_layers
+from swudi.pipeline.records import MergedRecord
+from swudi.pipeline.summary import summarize_layers
 
 
 @task(name="evaluate", cache_policy=NO_CACHE)

@@ -1,6 +1,6 @@
 """Merge tasks: one per transformer block (for each 2-D weight of it: decompose, select rank,
 filter and merge), one per group of small tensors. The work folder's artefacts are the cache
-(:mod:`swudi.steps`): Prefect stores no result, so nothing is pickled to storage and no
+(:mod:`swudi.pipeline`): Prefect stores no result, so nothing is pickled to storage and no
 credentials reach Prefect's database."""
 
 from __future__ import annotations
@@ -10,11 +10,14 @@ from collections.abc import Sequence
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from swudi import steps
-from swudi.config import MergeConfig
-from swudi.held_options import with_held_options
-from swudi.plan import TensorJob, block_of
-from swudi.threads import apply_torch_threads, threads_per_task
+from swudi.config.merge_config import MergeConfig
+from swudi.core.threads import apply_torch_threads, threads_per_task
+from swudi.pipeline import group_step
+from swudi.pipeline.artefacts import find_merged
+from swudi.pipeline.layer_step import merge_layers
+from swudi.pipeline.plan import TensorJob, block_of
+from swudi.pipeline.records import MergedRecord
+from swudi.storage.held_options import with_held_options
 from tasks.retry import retry_unless_input_error
 
 
@@ -32,16 +35,16 @@ def merge_block(
     config: MergeConfig,
     run_id: str,
     storage_options_ref: str | None = None,
-) -> list[steps.MergedRecord]:
+) -> list[MergedRecord]:
     """For each 2-D weight of one block: decompose (or load the decomposition), select the rank, filter
     and store W = W0 + scale * theta. Each weight is its own artefact: a killed merge resumes per weight.
 
     ``block`` names the task run (the block and its tensors, :func:`task_label`); ``config`` holds
     public storage options only, the full ones are found by ``storage_options_ref`` in the process
-    that holds them (:mod:`swudi.held_options`); elsewhere credentials come from the environment."""
+    that holds them (:mod:`swudi.storage.held_options`); elsewhere credentials come from the environment."""
     config = with_held_options(config, storage_options_ref)
     apply_torch_threads(threads_per_task(config))  # workers x torch threads <= cores
-    return steps.merge_layers(jobs, config, run_id)
+    return merge_layers(jobs, config, run_id)
 
 
 @task(
@@ -58,12 +61,12 @@ def merge_group(
     config: MergeConfig,
     run_id: str,
     storage_options_ref: str | None = None,
-) -> steps.MergedRecord:
+) -> MergedRecord:
     """Mean (or the elementwise method) for biases, norms and excluded weights (``label`` names the
     task run; storage options as for :func:`merge_block`)."""
     config = with_held_options(config, storage_options_ref)
     apply_torch_threads(threads_per_task(config))
-    return steps.merge_group(jobs, config, run_id)
+    return group_step.merge_group(jobs, config, run_id)
 
 
 @task(
@@ -74,15 +77,15 @@ def merge_group(
     retry_condition_fn=retry_unless_input_error,
     retry_delay_seconds=5,
 )
-def find_completed(keys: Sequence[str], config: MergeConfig) -> dict[str, steps.MergedRecord]:
+def find_completed(keys: Sequence[str], config: MergeConfig) -> dict[str, MergedRecord]:
     """Records of the merged artefacts that already exist (one listing of the work folder + headers)."""
-    return steps.find_merged(keys, config)
+    return find_merged(keys, config)
 
 
 def task_label(jobs: Sequence[TensorJob], limit: int = 100) -> str:
     """The tensors of one task, for its run name: ``encoder.layer.0: attention.self.query, ... (+3)``.
 
-    One tensor: its name. One block (:func:`swudi.plan.block_of`): the block, then the names without
+    One tensor: its name. One block (:func:`swudi.pipeline.plan.block_of`): the block, then the names without
     it and without ``.weight``; several blocks: ``first..last``; else the number of tensors. The list
     is cut at about ``limit`` characters, with the number left out.
     """

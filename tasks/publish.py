@@ -9,13 +9,13 @@ from prefect import task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
-from swudi.checkpoint import join_url
-from swudi.checkpoint.publish import REPORT_NAME
-from swudi.config import MergeConfig
-from swudi.hub import push_version
-from swudi.plan import MergePlan
-from swudi.publish_model import publish_merged_model
-from swudi.steps import MergedRecord
+from swudi.config.merge_config import MergeConfig
+from swudi.pipeline.plan import MergePlan
+from swudi.pipeline.records import MergedRecord
+from swudi.publish.hub import push_version
+from swudi.publish.publish_model import publish_merged_model
+from swudi.publish.versions import REPORT_NAME
+from swudi.storage.filesystem import join_url
 from tasks.retry import retry_unless_input_error
 
 

@@ -96,12 +96,12 @@ class Store:
     storage_options: dict[str, Any] | None = None
 
     def url(self, *parts: str) -> str:
-        from swudi.checkpoint.storage import join_url
+        from swudi.storage.filesystem import join_url
 
         return join_url(self.root, *parts)
 
     def fs(self):
-        from swudi.checkpoint.storage import resolve
+        from swudi.storage.filesystem import resolve
 
         return resolve(self.root, self.storage_options)[0]
 
@@ -122,7 +122,7 @@ def store(request: pytest.FixtureRequest, tmp_path) -> Store:
 def prefect_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A real Prefect API (a server subprocess on SQLite in a temporary PREFECT_HOME) for the session.
 
-    Started by swudi's own embedded-server code (`swudi/prefect_server.py`: waits up to 600 s,
+    Started by swudi's own embedded-server code (`flows/server.py`: waits up to 600 s,
     where Prefect's test harness gives up after 90 s, which a loaded 2-core machine exceeds).
     Yields its URL; subprocesses that should report to the same API get it as PREFECT_API_URL.
     """
@@ -135,7 +135,7 @@ def prefect_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     })
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from swudi.prefect_server import EmbeddedServer
+    from flows.server import EmbeddedServer
 
     server = EmbeddedServer()
     url = server.start()

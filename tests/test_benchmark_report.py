@@ -1,4 +1,4 @@
-"""The benchmark report (swudi.benchmark_report): table statistics, the noise rule, plots, bad input, CLI.
+"""The benchmark report (swudi.reporting.benchmark_report): table statistics, the noise rule, plots, bad input, CLI.
 
 The numbers in the results dicts are made-up inputs; every expected value is computed here
 independently (numpy ddof=1, scipy's t quantile when scipy is installed, else the textbook values).
@@ -18,14 +18,14 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from swudi.benchmark_report import (
+from swudi.cli.app import app
+from swudi.reporting.benchmark_report import (
     BenchmarkResultsError,
     load_results,
     paired_comparison,
     t_quantile,
     write_benchmark_report,
 )
-from swudi.cli import app
 
 TASKS = [f"task_{i}" for i in range(8)]
 SEEDS = [0, 1, 2]

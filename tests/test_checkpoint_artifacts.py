@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers.builders import DTYPES, bit_equal, put_bytes, random_tensor
 from safetensors.torch import load as st_load
 
-from helpers.builders import DTYPES, bit_equal, put_bytes, random_tensor
-from swudi.checkpoint import exists, load_tensors, save_tensors
 from swudi.errors import CheckpointError
+from swudi.io.artifacts import exists, load_tensors, save_tensors
 
 
 def _path(store, url):

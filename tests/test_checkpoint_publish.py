@@ -12,12 +12,20 @@ import time
 
 import pytest
 import torch
-
 from helpers.builders import put_bytes
-from swudi.checkpoint import Checkpoint, list_versions, prune_versions, publish_version, read_latest, write_sharded
-from swudi.checkpoint.lock import acquire_lock, output_lock, read_lock, release_lock
-from swudi.checkpoint.publish import read_manifest, version_url
+
 from swudi.errors import PublishError
+from swudi.io.checkpoint import Checkpoint
+from swudi.io.writer import write_sharded
+from swudi.publish.versions import (
+    list_versions,
+    prune_versions,
+    publish_version,
+    read_latest,
+    read_manifest,
+    version_url,
+)
+from swudi.storage.lock import acquire_lock, output_lock, read_lock, release_lock
 
 HELPERS = pathlib.Path(__file__).parent / "helpers"
 REPO = pathlib.Path(__file__).resolve().parents[1]

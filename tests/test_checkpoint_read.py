@@ -8,12 +8,18 @@ import time
 
 import pytest
 import torch
+from helpers.builders import (
+    DTYPES,
+    bit_equal,
+    put_bytes,
+    random_tensor,
+    tiny_state_dict,
+    write_reference,
+    write_reference_checkpoint,
+)
 
-from helpers.builders import (DTYPES, bit_equal, put_bytes, random_tensor, tiny_state_dict, write_reference,
-                              write_reference_checkpoint)
-from swudi.checkpoint import Checkpoint, read_tensor
-from swudi.checkpoint.checkpoint import SPECULATIVE_READ
 from swudi.errors import CheckpointError
+from swudi.io.checkpoint import SPECULATIVE_READ, Checkpoint, read_tensor
 
 SHAPES = [(3, 5), (7,), (), (0, 4), (2, 3, 2)]
 

@@ -7,10 +7,10 @@ import json
 
 import pytest
 import torch
-
 from helpers.builders import put_bytes, write_reference, write_reference_checkpoint
-from swudi.checkpoint import Checkpoint
+
 from swudi.errors import CheckpointError
+from swudi.io.checkpoint import Checkpoint
 
 S1, S2 = "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from swudi.checkpoint.storage import join_url, open_atomic, parent_url, resolve, url_name
+from swudi.storage.filesystem import join_url, open_atomic, parent_url, resolve, url_name
 
 
 @pytest.mark.parametrize("url, parts, expected", [

@@ -13,11 +13,11 @@ from urllib.parse import urlparse
 import pytest
 import s3fs
 import torch
-
 from helpers.builders import bit_equal, random_tensor, raw_safetensors
 from helpers.proxy import CountingProxy
-from swudi.checkpoint import Checkpoint
-from swudi.checkpoint.storage import resolve
+
+from swudi.io.checkpoint import Checkpoint
+from swudi.storage.filesystem import resolve
 
 BIG = 200 * 10**6
 HTTP_SLACK = 16 * 1024  # headers of a handful of HTTP responses

@@ -6,10 +6,11 @@ import logging
 
 import pytest
 import torch
-
 from helpers.builders import tiny_state_dict, write_reference_checkpoint
-from swudi.checkpoint import Checkpoint, validate_checkpoints
+
 from swudi.errors import CheckpointMismatchError, InputError
+from swudi.io.checkpoint import Checkpoint
+from swudi.io.validate import validate_checkpoints
 
 
 def _open(store, name, tensors):
@@ -49,7 +50,7 @@ def test_every_mismatch_is_reported_at_once(store):
 def test_mixed_dtypes_warn_and_log(store, caplog):
     base = _open(store, "base", tiny_state_dict(0))
     half = _open(store, "bf16", tiny_state_dict(1, dtype=torch.bfloat16))
-    with caplog.at_level(logging.WARNING, logger="swudi.checkpoint.validate"):
+    with caplog.at_level(logging.WARNING, logger="swudi.io.validate"):
         warnings = validate_checkpoints(base, [half])
     assert len(warnings) == 1
     assert half.url in warnings[0] and "6 tensor(s) differ in dtype" in warnings[0]

@@ -7,12 +7,12 @@ import weakref
 
 import pytest
 import torch
+from helpers.builders import DTYPES, bit_equal, random_tensor, tiny_state_dict, write_reference_checkpoint
 from safetensors import safe_open
 
-from helpers.builders import DTYPES, bit_equal, random_tensor, tiny_state_dict, write_reference_checkpoint
-from swudi.checkpoint import Checkpoint, copy_extra_files, plan_shards, write_sharded
-from swudi.checkpoint.writer import parse_size, shard_names
 from swudi.errors import CheckpointError
+from swudi.io.checkpoint import Checkpoint
+from swudi.io.writer import copy_extra_files, parse_size, plan_shards, shard_names, write_sharded
 
 
 def _local_copy(store, url: str, tmp_path) -> str:
@@ -198,7 +198,7 @@ def test_row_chunks_stream_into_a_file_that_every_reader_agrees_with(store, tmp_
     assert fs.cat_file(strip(whole) + "/model.safetensors") == fs.cat_file(strip(chunked) + "/model.safetensors")
     ckpt = Checkpoint.open(chunked, store.storage_options)
     loc = ckpt.location("emb")
-    from swudi.checkpoint import read_tensor
+    from swudi.io.checkpoint import read_tensor
 
     for start, stop in [(0, 37), (3, 4), (10, 37), (36, 37), (5, 5)]:
         assert bit_equal(read_tensor(loc.rows(start, stop), store.storage_options), tensors["emb"][start:stop])

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from swudi import baselines, merge_elementwise, merge_matrix
+from swudi import merge_elementwise, merge_matrix
+from swudi.core import baselines
 
 
 def test_task_arithmetic_and_mean_by_hand():
@@ -101,7 +102,7 @@ def test_iterative_methods_fall_back_to_mean_on_zero_task_vectors():
 
 def test_streamed_mean_equals_the_stacked_mean_and_names_a_bad_expert() -> None:
     from swudi import InputError
-    from swudi.task_vectors import MeanAccumulator, stack_task_vectors
+    from swudi.core.task_vectors import MeanAccumulator, stack_task_vectors
 
     g = torch.Generator().manual_seed(3)
     base = torch.randn(40, 8, generator=g).to(torch.bfloat16)

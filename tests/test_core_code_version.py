@@ -8,10 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from swudi import steps
-from swudi.code_version import code_digest, merge_code, module_digest
-from swudi.config import config_from_mapping
-from swudi.synthetic import SyntheticModel, write_synthetic_models
+from swudi.config.merge_config import config_from_mapping
+from swudi.io.synthetic import SyntheticModel, write_synthetic_models
+from swudi.pipeline import keys as cache_keys
+from swudi.pipeline.keys import decomposition_key, delta_key, group_merge_key, layer_merge_key
+from swudi.pipeline.code_version import code_digest, merge_code, module_digest
 
 ORIGINAL = '''"""A module."""
 
@@ -60,25 +61,25 @@ def test_the_numerical_modules_are_in_the_keys(tmp_path: Path, monkeypatch: pyte
                                                                                    intermediate=16, vocab=8,
                                                                                    positions=4))
     cfg = config_from_mapping({"base": base, "experts": experts, "output": str(tmp_path / "out")})
-    from swudi.plan import build_plan
+    from swudi.pipeline.plan import build_plan
 
     plan = build_plan(cfg)
     job, group = plan.layer_jobs[0], plan.group_jobs[0]
-    before = (steps.decomposition_key(job, cfg), steps.layer_merge_key(job, cfg), steps.group_merge_key(group, cfg),
-              steps.delta_key(group, cfg))
+    before = (decomposition_key(job, cfg), layer_merge_key(job, cfg), group_merge_key(group, cfg),
+              delta_key(group, cfg))
     assert merge_code("swudi_a") == merge_code("swudi")  # both declared in swudi.methods
-    monkeypatch.setattr(steps, "decomposition_code", lambda: "changed-decomposition-code")
-    assert steps.decomposition_key(job, cfg) != before[0]
-    assert steps.layer_merge_key(job, cfg) == before[1]  # a merge key does not use this digest...
-    monkeypatch.setattr(steps, "merge_code", lambda method=None: "changed-merge-code")
-    after = (steps.layer_merge_key(job, cfg), steps.group_merge_key(group, cfg), steps.delta_key(group, cfg))
+    monkeypatch.setattr(cache_keys, "decomposition_code", lambda: "changed-decomposition-code")
+    assert decomposition_key(job, cfg) != before[0]
+    assert layer_merge_key(job, cfg) == before[1]  # a merge key does not use this digest...
+    monkeypatch.setattr(cache_keys, "merge_code", lambda method=None: "changed-merge-code")
+    after = (layer_merge_key(job, cfg), group_merge_key(group, cfg), delta_key(group, cfg))
     assert all(a != b for a, b in zip(after, before[1:], strict=True))  # ...but this one
 
 
 def test_merge_code_covers_the_module_that_declares_a_user_method(modules: Path) -> None:
     import torch
 
-    from swudi.registry import MethodParams, MethodSpec, registered_method
+    from swudi.methods.registry import MethodParams, MethodSpec, registered_method
 
     class P(MethodParams):
         """No parameters."""
@@ -107,7 +108,7 @@ import torch
 
 
 def f(x):
-    from swudi.task_vectors import LowRank
+    from swudi.core.task_vectors import LowRank
     return torch.zeros(2) * x
 '''
 MOVED_AFTER = '''"""After the move: other first-party import paths, another order."""
@@ -139,9 +140,9 @@ GOLDEN = Path(__file__).parent / "data" / "cache_keys.json"
 def current_cache_keys(tmp_path: Path) -> dict[str, str]:
     """The code digests and the four artefact keys of one fixed job (inputs fingerprinted by name only:
     a file's fingerprint holds its mtime and inode)."""
-    from swudi.code_version import decomposition_code
     from swudi.methods import METHODS
-    from swudi.plan import TensorJob, build_plan
+    from swudi.pipeline.code_version import decomposition_code
+    from swudi.pipeline.plan import TensorJob, build_plan
 
     base, experts = write_synthetic_models(str(tmp_path / "in"), 2, SyntheticModel(layers=1, hidden=8,
                                                                                    intermediate=16, vocab=8,
@@ -161,8 +162,8 @@ def current_cache_keys(tmp_path: Path) -> dict[str, str]:
 
 
 def _keys(job, group, cfg) -> dict[str, str]:  # type: ignore[no-untyped-def]
-    return {"decomposition_key": steps.decomposition_key(job, cfg), "layer_merge_key": steps.layer_merge_key(job, cfg),
-            "group_merge_key": steps.group_merge_key(group, cfg), "delta_key": steps.delta_key(group, cfg)}
+    return {"decomposition_key": decomposition_key(job, cfg), "layer_merge_key": layer_merge_key(job, cfg),
+            "group_merge_key": group_merge_key(group, cfg), "delta_key": delta_key(group, cfg)}
 
 
 def test_cache_keys_equal_the_recorded_ones(tmp_path: Path) -> None:

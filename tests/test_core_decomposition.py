@@ -16,7 +16,7 @@ from swudi import (
     merge_matrix,
     validate_params,
 )
-from swudi.decomposition import _dq_with_order
+from swudi.core.decomposition import _dq_with_order
 
 
 def make_tv(n: int, m: int, d: int, seed: int) -> torch.Tensor:
@@ -284,7 +284,7 @@ def test_huge_finite_values_are_not_mistaken_for_non_finite():
     tv[:, 0, 0] = 3e38  # the float32 sum overflows, the values are finite
     tv[1, 2, 3] = -1.0
     assert torch.equal(swudi.check_task_vectors(tv, "big"), tv)
-    from swudi.task_vectors import squared_norms
+    from swudi.core.task_vectors import squared_norms
 
     assert torch.allclose(squared_norms(tv), torch.tensor([9e76, 9e76 + 1.0], dtype=torch.float64), rtol=1e-6)
 
@@ -292,7 +292,7 @@ def test_huge_finite_values_are_not_mistaken_for_non_finite():
 def test_task_vector_norms_are_summed_in_float64() -> None:
     """||tau_i||^2 of float32 task vectors equals the float64 sum to 1e-12 (a float32 sum is off by
     ~1e-4 at this size), so trace(C) = N holds to float32 rounding of C, not of the norms."""
-    from swudi.task_vectors import squared_norms
+    from swudi.core.task_vectors import squared_norms
 
     tv = torch.randn((2, 2048, 2048), generator=torch.Generator().manual_seed(5)) * 1e-3
     want = tv.double().reshape(2, -1).square().sum(dim=1)

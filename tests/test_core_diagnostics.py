@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from swudi.diagnostics import interference_vs_sum, task_interference
+from swudi.core.diagnostics import interference_vs_sum, task_interference
 
 
 def _direct(theta: torch.Tensor, tv: torch.Tensor) -> torch.Tensor:
@@ -39,9 +39,9 @@ def test_ratios_are_relative_to_the_sum_and_zero_tasks_are_skipped() -> None:
 @pytest.mark.parametrize("init", ["sum", "mean", "zero"])
 def test_total_interference_from_the_decomposition_equals_the_task_vector_formula(shape, init) -> None:
     """O(m r) from theta Q and S Q == L(theta) / L(sum) computed from the task vectors themselves."""
-    from swudi.decomposition import decompose
-    from swudi.diagnostics import interference_from_decomposition
-    from swudi.spectral import apply_filter, exponential_filter, truncation_filter
+    from swudi.core.decomposition import decompose
+    from swudi.core.diagnostics import interference_from_decomposition
+    from swudi.core.spectral import apply_filter, exponential_filter, truncation_filter
 
     g = torch.Generator().manual_seed(sum(shape))
     tv = torch.randn(shape, generator=g)

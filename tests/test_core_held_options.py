@@ -1,13 +1,13 @@
-"""Credentials in storage options stay in the process that holds them (swudi.held_options)."""
+"""Credentials in storage options stay in the process that holds them (swudi.storage.held_options)."""
 
 from __future__ import annotations
 
 import pickle
 
 from flows.parameters import config_parameter, hold_storage_options
-from swudi import held_options
-from swudi.checkpoint.retry import RETRY_KEY
-from swudi.config import config_from_mapping
+from swudi.config.merge_config import config_from_mapping
+from swudi.storage import held_options
+from swudi.storage.retry import RETRY_KEY
 
 OPTIONS = {
     "endpoint_url": "http://minio:9000",

@@ -6,12 +6,12 @@ import pytest
 import torch
 
 from swudi import InputError, decompose, merge_decomposition
-from swudi.decomposition import Decomposition
-from swudi.diagnostics import interference_from_decomposition, interference_from_factors, interference_vs_sum
-from swudi.lowrank import decompose_factors
+from swudi.core.decomposition import Decomposition
+from swudi.core.diagnostics import interference_from_decomposition, interference_from_factors, interference_vs_sum
+from swudi.core.lowrank import decompose_factors
+from swudi.core.spectral import apply_filter, filtered_projection
+from swudi.core.task_vectors import LowRank
 from swudi.methods import spectral_filter
-from swudi.spectral import apply_filter, filtered_projection
-from swudi.task_vectors import LowRank
 
 
 def make_factors(m: int, d: int, ranks: list[int], seed: int) -> list[LowRank]:

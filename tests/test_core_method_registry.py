@@ -14,8 +14,8 @@ from typer.testing import CliRunner
 
 import swudi
 from swudi import ConfigError, decompose, merge_decomposition, merge_elementwise, merge_matrix, merge_state_dicts
-from swudi.cli import app
-from swudi.config import config_from_mapping
+from swudi.cli.app import app
+from swudi.config.merge_config import config_from_mapping
 from swudi.methods import (
     METHODS,
     MethodParams,

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from swudi import ConfigError, InputError, select_rank
-from swudi.rank import gavish_donoho_omega
+from swudi.core.rank import gavish_donoho_omega
 
 # lambda = [4, 1, 1, 1, 1]: sum 8, sum of squares 20, sqrt = [2, 1, 1, 1, 1]
 SPECTRUM = [4.0, 1.0, 1.0, 1.0, 1.0]

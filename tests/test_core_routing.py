@@ -144,7 +144,7 @@ def test_merge_state_dicts_errors():
 def test_merge_config_scale_defaults_to_one_and_an_explicit_one_wins(tmp_path):
     # swudi_a at 0.8 was the default for one release; the encoder benchmark of record (heads at the
     # encoder's lr) put it within noise of 1.0, so by the "wins on both benchmarks" rule it is not
-    from swudi.config import config_from_mapping
+    from swudi.config.merge_config import config_from_mapping
 
     paths = {"base": str(tmp_path / "b"), "experts": [str(tmp_path / "e")], "output": str(tmp_path / "o")}
     assert config_from_mapping(paths).scale == 1.0  # swudi_a, the default method

@@ -11,16 +11,16 @@ from typing import Any
 import pytest
 import torch
 
-from swudi import threads
-from swudi.config import config_from_mapping
-from swudi.errors import ConfigError
-from swudi.threads import (
+from swudi.config.merge_config import config_from_mapping
+from swudi.core import threads
+from swudi.core.threads import (
     apply_torch_threads,
     available_cores,
     cgroup_cpu_limit,
     threads_per_task,
     torch_threads_for,
 )
+from swudi.errors import ConfigError
 
 # ------------------------------------------------------------------------------ torch_threads_for
 
@@ -53,13 +53,13 @@ def fresh_warnings(monkeypatch) -> None:
 
 
 def test_explicit_setting_is_used_as_is_without_warning_when_it_fits(fresh_warnings, caplog):
-    with caplog.at_level(logging.WARNING, logger="swudi.threads"):
+    with caplog.at_level(logging.WARNING, logger="swudi.core.threads"):
         assert torch_threads_for(2, 3, cores=8) == 3
     assert not caplog.records
 
 
 def test_oversubscription_is_used_and_warned_once(fresh_warnings, caplog):
-    with caplog.at_level(logging.WARNING, logger="swudi.threads"):
+    with caplog.at_level(logging.WARNING, logger="swudi.core.threads"):
         assert torch_threads_for(2, 2, cores=2) == 2
         assert torch_threads_for(2, 2, cores=2) == 2  # every task asks; one warning is enough
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]

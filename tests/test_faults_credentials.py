@@ -18,12 +18,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from swudi.checkpoint.faults import mask_credentials, storage_fault
-from swudi.checkpoint.secrets import resolve_secret_refs
-from swudi.checkpoint.storage import resolve
+from flows.server import EmbeddedServer
 from swudi.errors import ConfigError
-from swudi.prefect_server import EmbeddedServer
-from swudi.synthetic import SyntheticModel, write_synthetic_models
+from swudi.io.synthetic import SyntheticModel, write_synthetic_models
+from swudi.storage.faults import mask_credentials, storage_fault
+from swudi.storage.filesystem import resolve
+from swudi.storage.secrets import resolve_secret_refs
 
 MODEL = SyntheticModel(layers=1, hidden=16, intermediate=32, vocab=16, positions=8)
 SECRET_IN_CONFIG = "SWUDIFAKESECRETinCONFIG0123456789"

@@ -1,6 +1,6 @@
 """Kill points: SIGKILL a real `swudi merge` at every storage mutation, then run it again.
 
-`SWUDI_KILL_AFTER_WRITES=k` (swudi/checkpoint/killpoints.py) makes the CLI process kill itself
+`SWUDI_KILL_AFTER_WRITES=k` (swudi/storage/killpoints.py) makes the CLI process kill itself
 with SIGKILL right after its k-th storage mutation (file staged, file committed, file or folder
 deleted). An uninterrupted run traced with `SWUDI_WRITE_TRACE` gives the number of kill points
 and the phase of each: plan (the run's lease), decompose, merge, publish (lock, shards, files,
@@ -31,11 +31,10 @@ import pytest
 import yaml
 
 from flows.merge import run_merge
-from swudi.checkpoint import read_latest
-from swudi.checkpoint.killpoints import TRACE_ENV
-from swudi.checkpoint.publish import is_version_complete, list_versions
-from swudi.config import load_config
-from swudi.synthetic import SyntheticModel, write_synthetic_models
+from swudi.config.merge_config import load_config
+from swudi.io.synthetic import SyntheticModel, write_synthetic_models
+from swudi.publish.versions import is_version_complete, list_versions, read_latest
+from swudi.storage.killpoints import TRACE_ENV
 
 MODEL = SyntheticModel(layers=2, hidden=16, intermediate=32, vocab=16, positions=8)
 PHASES = ("plan", "decompose", "merge", "publish", "prune")

@@ -17,15 +17,15 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import pytest
-from helpers.faults import EveryNth, FaultProxy
+from helpers.faults import FaultProxy
 
-from swudi.checkpoint.lock import LOCK_NAME, acquire_lock, output_lock, read_lock, release_lock
-from swudi.checkpoint.publish import publish_version, read_latest, read_manifest
 from swudi.errors import PublishError
+from swudi.publish.versions import publish_version, read_latest, read_manifest
+from swudi.storage.lock import LOCK_NAME, acquire_lock, output_lock, read_lock, release_lock
 
 HOLD = """
 import pathlib, sys, time
-from swudi.checkpoint.lock import output_lock
+from swudi.storage.lock import output_lock
 with output_lock(sys.argv[1], owner="doomed publish"):
     pathlib.Path(sys.argv[2]).write_text("held")
     time.sleep(300)

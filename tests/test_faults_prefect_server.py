@@ -1,7 +1,7 @@
 """The embedded Prefect server of a CLI merge: bounded start-up, no orphan, merges under CPU load.
 
 These run the real `swudi merge` command without PREFECT_API_URL, so that it starts its own
-server process (swudi/prefect_server.py), with a private PREFECT_HOME.
+server process (flows/server.py), with a private PREFECT_HOME.
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from flows.server import EmbeddedServer
 from swudi.errors import SwudiError
-from swudi.prefect_server import EmbeddedServer
-from swudi.synthetic import SyntheticModel, write_synthetic_models
+from swudi.io.synthetic import SyntheticModel, write_synthetic_models
 
 MODEL = SyntheticModel(layers=1, hidden=16, intermediate=32, vocab=16, positions=8)
 

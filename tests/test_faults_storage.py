@@ -21,13 +21,12 @@ import yaml
 from helpers.faults import FAULT_KINDS, EveryNth, FaultProxy, silent_from
 
 from flows.merge import run_merge
-from swudi.checkpoint import read_latest
-from swudi.checkpoint.faults import StorageFault, storage_fault
-from swudi.checkpoint.publish import list_versions
-from swudi.checkpoint.retry import RETRY_KEY, RetryPolicy
-from swudi.checkpoint.storage import resolve
-from swudi.config import config_from_mapping
-from swudi.synthetic import SyntheticModel, write_synthetic_models
+from swudi.config.merge_config import config_from_mapping
+from swudi.io.synthetic import SyntheticModel, write_synthetic_models
+from swudi.publish.versions import list_versions, read_latest
+from swudi.storage.faults import StorageFault, storage_fault
+from swudi.storage.filesystem import resolve
+from swudi.storage.retry import RETRY_KEY, RetryPolicy
 
 MODEL = SyntheticModel(layers=2, hidden=32, intermediate=64, vocab=32, positions=16)
 #: Short timeouts so that a stall (3 s) outlasts the read timeout and the tests stay quick.

@@ -18,14 +18,15 @@ import torch
 import yaml
 from typer.testing import CliRunner
 
-from swudi.baselines import ties
-from swudi.checkpoint import Checkpoint, prune_versions, publish_version, read_latest
-from swudi.checkpoint.readers import READERS, hold_versions, input_versions, read_versions, release_versions
-from swudi.checkpoint.storage import resolve
-from swudi.cli import app
-from swudi.config import EvaluatorConfig, config_from_mapping, load_config
+from swudi.cli.app import app
+from swudi.config.merge_config import EvaluatorConfig, config_from_mapping, load_config
+from swudi.core.baselines import ties
 from swudi.errors import CheckpointError, ConfigError, InputError, is_input_error
-from swudi.plan import build_plan, version_id
+from swudi.io.checkpoint import Checkpoint
+from swudi.pipeline.plan import build_plan, version_id
+from swudi.publish.readers import READERS, hold_versions, input_versions, read_versions, release_versions
+from swudi.publish.versions import prune_versions, publish_version, read_latest
+from swudi.storage.filesystem import resolve
 from tests.helpers.builders import tiny_state_dict, write_reference, write_reference_checkpoint
 
 
@@ -137,7 +138,7 @@ def test_merge_whose_base_is_an_earlier_version_keeps_it(prefect_api: str, tmp_p
     assert (old / "model.safetensors").exists(), "retention pruned the base of the merge that read it"
     assert not any((out / READERS).iterdir())  # released after publishing
     # the no-op check of `swudi merge`: this config is up to date, the same one with an evaluator is not
-    from swudi.cli import published_version
+    from swudi.cli.app import published_version
 
     assert published_version(cfg)["version"] == result["version"]
     evaluated = cfg.model_copy(update={"evaluators": [EvaluatorConfig(function="json:dumps")]})

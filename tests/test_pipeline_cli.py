@@ -10,10 +10,10 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from swudi.cli import app
-from swudi.config import load_config
+from swudi.cli.app import app
+from swudi.config.merge_config import load_config
 from swudi.errors import ConfigError
-from swudi.synthetic import SyntheticModel, write_synthetic_models
+from swudi.io.synthetic import SyntheticModel, write_synthetic_models
 
 MODEL = SyntheticModel(layers=1, hidden=16, intermediate=32, vocab=16, positions=8)
 
@@ -119,7 +119,7 @@ def test_a_running_local_prefect_server_is_used_instead_of_an_embedded_one(monke
     import threading
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-    from swudi.cli import local_prefect_server, prepare_prefect_environment
+    from swudi.cli.app import local_prefect_server, prepare_prefect_environment
 
     class Health(BaseHTTPRequestHandler):
         def do_GET(self) -> None:  # noqa: N802 - http.server's naming

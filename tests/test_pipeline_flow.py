@@ -16,10 +16,11 @@ from safetensors.torch import load_file
 
 from flows.merge import run_merge
 from swudi import merge_state_dicts
-from swudi.checkpoint import Checkpoint, read_latest
-from swudi.config import config_from_mapping
-from swudi.registry import MethodParams, MethodSpec, registered_method
-from swudi.synthetic import SyntheticModel, base_state_dict, expert_state_dict, write_synthetic_models
+from swudi.config.merge_config import config_from_mapping
+from swudi.io.checkpoint import Checkpoint
+from swudi.io.synthetic import SyntheticModel, base_state_dict, expert_state_dict, write_synthetic_models
+from swudi.methods.registry import MethodParams, MethodSpec, registered_method
+from swudi.publish.versions import read_latest
 
 MODEL = SyntheticModel(layers=2, hidden=32, intermediate=64, vocab=48, positions=16)
 NUM_EXPERTS = 3

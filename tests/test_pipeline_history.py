@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from swudi.synthetic import SyntheticModel, write_synthetic_models
+from swudi.io.synthetic import SyntheticModel, write_synthetic_models
 
 pytestmark = pytest.mark.slow  # two CLI merges, each starting its own embedded Prefect server
 
@@ -46,8 +46,8 @@ def test_cli_merge_records_every_task_run_on_the_embedded_server(tmp_path: Path)
                    for name, _ in tasks)
     # fetch, find-completed, one merge task per transformer block, one for the small tensors,
     # evaluate, publish: every one of them recorded, and finished
-    from swudi.config import load_config
-    from swudi.plan import batch_blocks, build_plan
+    from swudi.config.merge_config import load_config
+    from swudi.pipeline.plan import batch_blocks, build_plan
 
     batches = batch_blocks(build_plan(load_config(config)).layer_jobs, 2, 2)
     assert 2 <= len(batches) < MODEL.layers  # small blocks are packed together

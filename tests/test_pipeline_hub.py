@@ -16,11 +16,11 @@ import torch
 from safetensors.torch import save_file
 
 from flows.merge import run_merge
-from swudi.checkpoint import Checkpoint
-from swudi.config import config_from_mapping
+from swudi.config.merge_config import config_from_mapping
 from swudi.errors import ConfigError, PublishError
-from swudi.hub import local_folder, push_version
-from swudi.synthetic import SyntheticModel, write_synthetic_models
+from swudi.io.checkpoint import Checkpoint
+from swudi.io.synthetic import SyntheticModel, write_synthetic_models
+from swudi.publish.hub import local_folder, push_version
 
 MODEL = SyntheticModel(layers=1, hidden=16, intermediate=32, vocab=48, positions=16)
 WEIGHT = "encoder.layer.0.attention.self.query.weight"
@@ -99,7 +99,7 @@ def test_push_to_hub_config_is_validated() -> None:
 
 
 def test_push_stages_an_s3_version_locally_and_names_the_repository_when_the_hub_refuses(s3_bucket) -> None:
-    from swudi.config import PushToHubConfig
+    from swudi.config.merge_config import PushToHubConfig
 
     options = s3_bucket.storage_options
     s3_bucket.fs.pipe(f"{s3_bucket.name}/out/versions/v1/config.json", b"{}")
@@ -130,7 +130,7 @@ def test_push_to_hub_uploads_the_version(tmp_path: Path) -> None:
     branch = f"swudi-test-{uuid.uuid4().hex[:8]}"
     script = (
         "import sys; from huggingface_hub import HfApi; from swudi.config import PushToHubConfig; "
-        "from swudi.hub import push_version; "
+        "from swudi.publish.hub import push_version; "
         "push_version(sys.argv[1], 'v1', PushToHubConfig(repo_id=sys.argv[2], revision=sys.argv[3])); "
         "print(sorted(HfApi().list_repo_files(sys.argv[2], revision=sys.argv[3])))"
     )
@@ -147,7 +147,7 @@ def test_swudi_push_refuses_without_target_or_version_with_exit_code_2(tmp_path:
     import yaml
     from typer.testing import CliRunner
 
-    from swudi.cli import app
+    from swudi.cli.app import app
 
     data = {"base": "/m/base", "experts": ["/m/a"], "output": str(tmp_path / "out")}
     no_target = tmp_path / "plain.yaml"
@@ -164,7 +164,7 @@ def test_swudi_push_refuses_without_target_or_version_with_exit_code_2(tmp_path:
 def test_model_card_names_the_base_by_hub_id_when_known_and_parses_with_huggingface_hub() -> None:
     from huggingface_hub import ModelCard
 
-    from swudi.model_card import base_model_id, front_matter, render_card
+    from swudi.publish.card import base_model_id, front_matter, render_card
 
     report = {
         "version": "abc123", "method": "ties", "params": {"density": 0.2, "scale": 1.0}, "scale": 0.5,

@@ -16,13 +16,14 @@ import torch
 from typer.testing import CliRunner
 
 from swudi import merge_state_dicts
-from swudi.checkpoint import Checkpoint
-from swudi.checkpoint.adapter import LoraAdapter, LoraFactors
-from swudi.cli import app
-from swudi.config import config_from_mapping
+from swudi.cli.app import app
+from swudi.config.merge_config import config_from_mapping
 from swudi.errors import CheckpointError, CheckpointMismatchError, ConfigError
-from swudi.plan import build_plan, describe_plan, uses_factor_space
-from swudi.steps import merge_layer, read_task_vectors
+from swudi.io.adapter import LoraAdapter, LoraFactors
+from swudi.io.checkpoint import Checkpoint
+from swudi.pipeline.plan import build_plan, describe_plan, uses_factor_space
+from swudi.pipeline.layer_step import merge_layer
+from swudi.pipeline.reads import read_task_vectors
 from tests.helpers.lora import llama_config, write_adapter, write_base, write_full_expert
 
 CONFIG = llama_config()
@@ -188,7 +189,7 @@ def test_ranks_summing_past_min_m_d_take_the_dense_path(tmp_path: Path, caplog: 
     assert job.factor_rank is None and not uses_factor_space(job, cfg)
     (row,) = [r for r in describe_plan(cfg, plan)["tensors"] if r["name"] == job.name]
     assert row["path"] == "dense" and row["path_reason"] == "sum of ranks 18 >= min(m, d) = 16"
-    with caplog.at_level("INFO", logger="swudi.steps"):
+    with caplog.at_level("INFO", logger="swudi.pipeline"):
         record = merge_layer(job, cfg)
     assert f"{job.name}: LoRA experts merged on the dense path: sum of ranks 18 >= min(m, d) = 16" in caplog.text
     want = merge_state_dicts(base, dense, "pinv")[job.name]

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from swudi.checkpoint import TensorLocation
-from swudi.plan import GROUP_BYTES, MergePlan, TensorJob
+from swudi.io.checkpoint import TensorLocation
+from swudi.pipeline.plan import GROUP_BYTES, MergePlan, TensorJob
 
 
 def _job(name: str, nbytes: int, route: str = "mean", shape: tuple[int, ...] = (4,)) -> TensorJob:
@@ -22,12 +22,11 @@ def test_groups_are_bounded_skip_layers_and_base_and_keep_order() -> None:
 
 
 def test_layers_are_batched_by_whole_blocks_in_order() -> None:
-    from swudi.plan import batch_blocks, block_of, build_plan
-
     import tempfile
 
-    from swudi.config import config_from_mapping
-    from swudi.synthetic import SyntheticLlama, write_synthetic_models
+    from swudi.config.merge_config import config_from_mapping
+    from swudi.io.synthetic import SyntheticLlama, write_synthetic_models
+    from swudi.pipeline.plan import batch_blocks, block_of, build_plan
 
     with tempfile.TemporaryDirectory() as tmp:
         base, experts = write_synthetic_models(tmp, 2, SyntheticLlama(layers=12, hidden=16, intermediate=32,
@@ -47,9 +46,9 @@ def test_layers_are_batched_by_whole_blocks_in_order() -> None:
 
 
 def test_memory_budget_bounds_the_tasks_in_flight(tmp_path) -> None:
-    from swudi.config import config_from_mapping
-    from swudi.plan import build_plan, task_memory_bytes, workers_within_budget
-    from swudi.synthetic import SyntheticLlama, write_synthetic_models
+    from swudi.config.merge_config import config_from_mapping
+    from swudi.io.synthetic import SyntheticLlama, write_synthetic_models
+    from swudi.pipeline.plan import build_plan, task_memory_bytes, workers_within_budget
 
     base, experts = write_synthetic_models(str(tmp_path), 3, SyntheticLlama(layers=1, hidden=64, intermediate=128,
                                                                            heads=4, kv_heads=2, vocab=32))

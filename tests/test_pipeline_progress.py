@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from flows.progress import MergeProgress, human_bytes
-from swudi.checkpoint.checkpoint import TensorLocation
-from swudi.plan import TensorJob
-from swudi.steps import MergedRecord
+from swudi.io.checkpoint import TensorLocation
+from swudi.pipeline.plan import TensorJob
+from swudi.pipeline.records import MergedRecord
 from tasks.merge import task_label
 
 

@@ -13,9 +13,9 @@ import pytest
 import yaml
 
 from flows.merge import run_merge
-from swudi.checkpoint import read_latest
-from swudi.config import load_config
-from swudi.synthetic import SyntheticModel, write_synthetic_models
+from swudi.config.merge_config import load_config
+from swudi.io.synthetic import SyntheticModel, write_synthetic_models
+from swudi.publish.versions import read_latest
 
 pytestmark = pytest.mark.slow  # kills a merge subprocess and resumes it
 

@@ -8,10 +8,10 @@ from pathlib import Path
 import torch
 
 from flows.merge import run_merge
-from swudi.checkpoint import Checkpoint
-from swudi.config import config_from_mapping
-from swudi.plan import build_plan, chunk_budget, group_row_bytes, row_chunks
-from swudi.synthetic import SyntheticLlama, write_synthetic_models
+from swudi.config.merge_config import config_from_mapping
+from swudi.io.checkpoint import Checkpoint
+from swudi.io.synthetic import SyntheticLlama, write_synthetic_models
+from swudi.pipeline.plan import build_plan, chunk_budget, group_row_bytes, row_chunks
 
 LLAMA = SyntheticLlama(layers=1, hidden=32, intermediate=64, heads=4, kv_heads=2, vocab=3000)
 STREAMED = ("model.embed_tokens.weight", "lm_head.weight")

@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 
 from flows.sweep import run_sweep
-from swudi.config import config_from_mapping
+from swudi.config.grid import grid_points, parse_grid, point_label
+from swudi.config.merge_config import config_from_mapping
 from swudi.errors import ConfigError
-from swudi.plots import write_report
-from swudi.sweep import grid_points, parse_grid, point_label
-from swudi.synthetic import SyntheticModel, write_synthetic_models
+from swudi.io.synthetic import SyntheticModel, write_synthetic_models
+from swudi.reporting.plots import write_report
 
 MODEL = SyntheticModel(layers=1, hidden=32, intermediate=64, vocab=16, positions=8)
 

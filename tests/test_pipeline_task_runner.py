@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 
 from flows.merge import task_runner
-from swudi.config import config_from_mapping
+from swudi.config.merge_config import config_from_mapping
+from swudi.core.threads import threads_per_task
 from swudi.errors import ConfigError
-from swudi.threads import threads_per_task
 
 DATA = {"base": "/m/base", "experts": ["/m/a"], "output": "/m/out"}
 

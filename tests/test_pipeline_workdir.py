@@ -12,12 +12,13 @@ import yaml
 from typer.testing import CliRunner
 
 from flows.merge import run_merge
-from swudi.checkpoint import Checkpoint, read_latest
-from swudi.cli import app
-from swudi.config import config_from_mapping, load_config
-from swudi.steps import DECOMPOSITIONS, DELTAS, MERGED
-from swudi.synthetic import SyntheticModel, write_synthetic_models
-from swudi.workdir import LEASE_TTL_S, collect_garbage, list_artefacts, usage, write_lease
+from swudi.cli.app import app
+from swudi.config.merge_config import config_from_mapping, load_config
+from swudi.io.checkpoint import Checkpoint
+from swudi.io.synthetic import SyntheticModel, write_synthetic_models
+from swudi.pipeline.records import DECOMPOSITIONS, DELTAS, MERGED
+from swudi.pipeline.workdir import LEASE_TTL_S, collect_garbage, list_artefacts, usage, write_lease
+from swudi.publish.versions import read_latest
 
 MODEL = SyntheticModel(layers=2, hidden=24, intermediate=48, vocab=32, positions=8)
 

@@ -15,10 +15,9 @@ import pytest
 
 import flows.refresh as refresh_module
 from flows.refresh import refresh, refresh_lock_url
-from swudi.checkpoint.publish import is_version_complete
-from swudi.checkpoint import acquire_lock, list_versions, read_latest, release_lock
-from swudi.checkpoint.lock import read_lock
-from swudi.synthetic import SyntheticModel, write_synthetic_models
+from swudi.io.synthetic import SyntheticModel, write_synthetic_models
+from swudi.publish.versions import is_version_complete, list_versions, read_latest
+from swudi.storage.lock import acquire_lock, read_lock, release_lock
 
 MODEL = SyntheticModel(layers=1, hidden=16, intermediate=32, vocab=16, positions=8)
 

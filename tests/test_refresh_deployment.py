@@ -27,8 +27,15 @@ from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRun
 from prefect.client.schemas.objects import ConcurrencyLimitStrategy
 from prefect.deployments import run_deployment
 
-from swudi.checkpoint import Checkpoint, list_versions, read_latest, version_url
-from swudi.synthetic import SyntheticModel, base_state_dict, expert_state_dict, write_checkpoint, write_synthetic_models
+from swudi.io.checkpoint import Checkpoint
+from swudi.io.synthetic import (
+    SyntheticModel,
+    base_state_dict,
+    expert_state_dict,
+    write_checkpoint,
+    write_synthetic_models,
+)
+from swudi.publish.versions import list_versions, read_latest, version_url
 
 pytestmark = [pytest.mark.slow, pytest.mark.services]  # a served deployment with subprocess runs (~1.5 min): the services lane
 

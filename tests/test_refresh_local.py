@@ -15,8 +15,15 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
 
 from flows.refresh import refresh
-from swudi.checkpoint import Checkpoint, list_versions, read_latest
-from swudi.synthetic import SyntheticModel, base_state_dict, expert_state_dict, write_checkpoint, write_synthetic_models
+from swudi.io.checkpoint import Checkpoint
+from swudi.io.synthetic import (
+    SyntheticModel,
+    base_state_dict,
+    expert_state_dict,
+    write_checkpoint,
+    write_synthetic_models,
+)
+from swudi.publish.versions import list_versions, read_latest
 
 pytestmark = pytest.mark.slow  # several refresh flow runs per test
 

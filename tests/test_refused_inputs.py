@@ -29,12 +29,12 @@ import torch
 import yaml
 from typer.testing import CliRunner
 
-from swudi.cli import app
-from swudi.config import load_config
+from swudi.cli.app import app
+from swudi.config.merge_config import load_config
 from swudi.errors import CheckpointError, ConfigError, InputError, SwudiError
-from swudi.evaluators import check_evaluators
-from swudi.plan import build_plan
-from swudi.preflight import check_before_merge
+from swudi.evaluators.runner import check_evaluators
+from swudi.pipeline.plan import build_plan
+from swudi.pipeline.preflight import check_before_merge
 from tests.helpers.builders import tiny_state_dict, write_reference_checkpoint
 
 # --------------------------------------------------------------------------------------- inputs

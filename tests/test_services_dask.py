@@ -6,7 +6,7 @@ own process with `task_runner: {kind: dask, address: tcp://127.0.0.1:PORT}`. Inp
 and output are on S3 (moto server); workers run in another folder than the client.
 
 The client's config holds `key`/`secret` in `storage_options`; those stay in the client process
-(swudi.held_options). The workers get their credentials from their own environment, as on a real
+(swudi.storage.held_options). The workers get their credentials from their own environment, as on a real
 cluster, and the endpoint (a public option) with each task.
 """
 
@@ -25,11 +25,10 @@ import pytest
 import yaml
 
 from flows.merge import run_merge
-from swudi.checkpoint import read_latest
-from swudi.checkpoint.publish import MANIFEST_NAME, REPORT_NAME
-from swudi.config import config_from_mapping
-from swudi.model_card import CARD_NAME
-from swudi.synthetic import SyntheticModel, write_synthetic_models
+from swudi.config.merge_config import config_from_mapping
+from swudi.io.synthetic import SyntheticModel, write_synthetic_models
+from swudi.publish.card import CARD_NAME
+from swudi.publish.versions import MANIFEST_NAME, REPORT_NAME, read_latest
 from tests.helpers.services import Service, start, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.services]  # a scheduler, three workers, three merges (~2-4 min)

@@ -26,8 +26,14 @@ from typing import Any
 import pytest
 import yaml
 
-from swudi.checkpoint import read_latest
-from swudi.synthetic import SyntheticModel, base_state_dict, expert_state_dict, write_checkpoint, write_synthetic_models
+from swudi.io.synthetic import (
+    SyntheticModel,
+    base_state_dict,
+    expert_state_dict,
+    write_checkpoint,
+    write_synthetic_models,
+)
+from swudi.publish.versions import read_latest
 from tests.helpers.services import Service, free_port, start, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.services]  # a server, a worker, four flow runs (~3-5 min)

@@ -102,9 +102,9 @@ def merge_and_evaluate(build: Path, out: Path, seed: int, label: str, method: st
     """One merge flow run with the benchmark's evaluator; returns the published version's report.
     ``reuse``: when the row's output folder already has a published version, return its report."""
     from flows.merge import run_merge
-    from swudi.checkpoint.publish import read_latest
-    from swudi.config import config_from_mapping
-    from swudi.publish_model import read_report
+    from swudi.config.merge_config import config_from_mapping
+    from swudi.publish.publish_model import read_report
+    from swudi.publish.versions import read_latest
 
     manifest = json.loads((build / "manifest.json").read_text())
     domains = manifest["settings"]["domains"]
@@ -268,10 +268,10 @@ def study_vs_default(results: dict[str, Any], default: str = "swudi_a:participat
     """Markdown table: every study row and rank rule against the default row, paired over seeds.
 
     d_s = row(s) - default(s) of the primary metric on the seeds both have; beyond noise when
-    |mean d| > t(0.975, n-1) * sd(d) / sqrt(n) (:func:`swudi.benchmark_report.paired_comparison`,
+    |mean d| > t(0.975, n-1) * sd(d) / sqrt(n) (:func:`swudi.reporting.benchmark_report.paired_comparison`,
     with the default as the reference instead of the best row).
     """
-    from swudi.benchmark_report import paired_comparison
+    from swudi.reporting.benchmark_report import paired_comparison
 
     primary = results["primary"]
     by: dict[str, dict[int, float]] = {}
@@ -312,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    from swudi.cli import prepare_prefect_environment
+    from swudi.cli.app import prepare_prefect_environment
 
     prepare_prefect_environment()
     import torch
@@ -333,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
     results.save()
     (args.out / "study.md").write_text(study_vs_default(results.data))
     if args.report:
-        from swudi.benchmark_report import write_benchmark_report
+        from swudi.reporting.benchmark_report import write_benchmark_report
 
         args.report.mkdir(parents=True, exist_ok=True)
         for path in write_benchmark_report(results.data, args.report):

@@ -15,7 +15,7 @@ the ``swudi_a`` default row where their routing is the same (so their merge time
 decompositions), and get their own where the routing differs.
 
 Task arithmetic's scale is tuned per seed on the validation split (first ``--val-examples`` of each
-task) over :data:`TA_SCALES`, with :func:`swudi.state_dict.merge_state_dicts` in this process (the
+task) over :data:`TA_SCALES`, with :func:`swudi.core.state_dict.merge_state_dicts` in this process (the
 same merge the flow runs), and the chosen scale then runs through the flow on the test split.
 
 ``OUT/results.json`` follows the shared ``swudi-benchmark/1`` format and is written after every run;
@@ -62,7 +62,7 @@ DEFAULT_METHODS = list(METHODS)
 # MLP encoder.layer.N.intermediate.dense / encoder.layer.N.output.dense.
 MLP_PATTERNS = ["*.intermediate.dense.*", "*layer.[0-9].output.dense.*", "*layer.[0-9][0-9].output.dense.*"]
 # The default study (shared with the LM benchmark): label -> (method, params, config overrides).
-# Note on include: a non-empty include restricts the method to the matching tensors (swudi.routing
+# Note on include: a non-empty include restricts the method to the matching tensors (swudi.core.routing
 # rule 4), so "spectral on embeddings too" is include ["*"] (every 2-D tensor), not ["*embed*"].
 STUDY: dict[str, tuple[str, dict[str, Any], dict[str, Any]]] = {
     "study:routing=spectral_embeddings": (*DEFAULT, {"include": ["*"]}),
@@ -91,8 +91,8 @@ def merge_and_evaluate(build: Path, out: Path, label: str, method: str, params: 
                        threads: int | None, work: str | None = None) -> dict[str, Any]:
     """Run the merge flow on ``build``'s experts with the benchmark evaluator; return the report."""
     from flows.merge import run_merge
-    from swudi.config import config_from_mapping
-    from swudi.publish_model import read_report
+    from swudi.config.merge_config import config_from_mapping
+    from swudi.publish.publish_model import read_report
 
     options: dict[str, Any] = {"heads_dir": str(build / "heads"), "tasks": tasks, "split": split}
     if max_examples:
@@ -131,7 +131,7 @@ def tune_task_arithmetic(build: Path, tasks: list[str], val_examples: int | None
     from safetensors.torch import load_file, save_file
 
     from benchmarks.retention.evaluate import evaluate_encoder
-    from swudi.state_dict import merge_state_dicts
+    from swudi.core.state_dict import merge_state_dicts
 
     base = load_file(str(build / "base" / "model.safetensors"))
     experts = [load_file(str(build / "experts" / t / "model.safetensors")) for t in tasks]
@@ -190,8 +190,8 @@ def paired_difference(results: dict[str, Any], label: str, reference: str,
                       metric: str = "normalized_accuracy") -> tuple[float, float, bool] | None:
     """Mean and std over seeds of ``label - reference`` (paired by seed) and whether it exceeds the
     noise: |mean| > t_0.975(n-1) * std / sqrt(n) (a paired t-test at 95 %,
-    :func:`swudi.benchmark_report.paired_comparison`). None below 2 common seeds."""
-    from swudi.benchmark_report import paired_comparison
+    :func:`swudi.reporting.benchmark_report.paired_comparison`). None below 2 common seeds."""
+    from swudi.reporting.benchmark_report import paired_comparison
 
     by: dict[str, dict[int, float]] = {}
     for r in results["runs"]:
@@ -263,11 +263,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--val-examples", type=int, default=200, help="val examples per task (TA tuning)")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--report-dir", type=Path, default=None,
-                        help="also write the report (swudi.benchmark_report) and results.json here")
+                        help="also write the report (swudi.reporting.benchmark_report) and results.json here")
     args = parser.parse_args(argv)
 
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
-    from swudi.cli import prepare_prefect_environment
+    from swudi.cli.app import prepare_prefect_environment
 
     prepare_prefect_environment()
     if args.threads:
@@ -361,9 +361,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.report_dir is not None:
         _save(args.report_dir / "results.json", results)
         try:
-            from swudi.benchmark_report import write_benchmark_report
+            from swudi.reporting.benchmark_report import write_benchmark_report
         except ImportError:
-            print("swudi.benchmark_report is not available yet: wrote results.json only")
+            print("swudi.reporting.benchmark_report is not available yet: wrote results.json only")
         else:
             for p in write_benchmark_report(results, args.report_dir):
                 print(f"wrote {p}")

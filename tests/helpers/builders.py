@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from safetensors.torch import save as st_save
 
-from swudi.checkpoint.storage import is_local, join_url, resolve
+from swudi.storage.filesystem import is_local, join_url, resolve
 
 # Every dtype swudi reads, with a shape that includes odd sizes.
 DTYPES = {

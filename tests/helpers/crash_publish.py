@@ -14,7 +14,8 @@ import time
 
 import torch
 
-from swudi.checkpoint import publish_version, write_sharded
+from swudi.io.writer import write_sharded
+from swudi.publish.versions import publish_version
 
 
 def main() -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from swudi.checkpoint import Checkpoint
+from swudi.io.checkpoint import Checkpoint
 
 
 def weight_norms(model_path: str, names: tuple[str, ...] = ()) -> dict[str, dict[str, float]]:

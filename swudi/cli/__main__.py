@@ -1,0 +1,5 @@
+"""``python -m swudi.cli``."""
+
+from swudi.cli.app import main
+
+main()

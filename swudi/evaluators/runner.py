@@ -1,0 +1,73 @@
+"""User evaluators: ``module:function(model_path, **options) -> {task: {metric: value}}``.
+
+An evaluator is called with the URL of a merged model folder (before that version is pointed to
+by ``latest.json``) and returns metrics per task. Its results go into the merge report.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import math
+import os
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from swudi.config.merge_config import EvaluatorConfig
+from swudi.errors import ConfigError, SwudiError
+
+log = logging.getLogger(__name__)
+
+Metrics = dict[str, dict[str, float]]
+
+
+def load_evaluator(reference: str) -> Callable[..., Mapping[str, Mapping[str, float]]]:
+    """Import ``module:function`` from the installed packages or the current directory (as
+    ``python -m`` would); :class:`ConfigError` naming what is missing."""
+    module_name, _, function_name = reference.partition(":")
+    if os.getcwd() not in sys.path:
+        sys.path.append(os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as error:
+        raise ConfigError(f"evaluator {reference!r}: cannot import module {module_name!r} ({error})") from None
+    function = getattr(module, function_name, None)
+    if not callable(function):
+        raise ConfigError(f"evaluator {reference!r}: module {module_name!r} has no function {function_name!r}")
+    return function
+
+
+def _check_metrics(reference: str, metrics: Any) -> Metrics:
+    if not isinstance(metrics, Mapping):
+        raise SwudiError(
+            f"evaluator {reference!r} returned {type(metrics).__name__}, "
+            "expected a mapping {task: {metric: number}}"
+        )
+    checked: Metrics = {}
+    for task_name, values in metrics.items():
+        if not isinstance(values, Mapping):
+            raise SwudiError(f"evaluator {reference!r}: metrics of task {task_name!r} are not a mapping")
+        checked[str(task_name)] = {}
+        for metric, value in values.items():
+            number = float(value)
+            if not math.isfinite(number):
+                raise SwudiError(f"evaluator {reference!r}: {task_name}.{metric} is {value!r}")
+            checked[str(task_name)][str(metric)] = number
+    return checked
+
+
+def check_evaluators(evaluators: Sequence[EvaluatorConfig]) -> None:
+    """Import every evaluator now, so that a typo fails before any merge work."""
+    for evaluator in evaluators:
+        load_evaluator(evaluator.function)
+
+
+def run_evaluators(evaluators: Sequence[EvaluatorConfig], model_url: str) -> dict[str, Metrics]:
+    """Run every evaluator on the model at ``model_url``; ``{reference: metrics}``."""
+    results: dict[str, Metrics] = {}
+    for evaluator in evaluators:
+        function = load_evaluator(evaluator.function)
+        log.info("evaluating %s with %s", model_url, evaluator.function)
+        results[evaluator.function] = _check_metrics(evaluator.function, function(model_url, **evaluator.options))
+    return results

@@ -1,0 +1,1 @@
+"""Reports of merges, sweeps and benchmarks: tables, the paired noise test and plots."""
