@@ -234,7 +234,7 @@ def run_merge(config: MergeConfig) -> dict[str, Any]:
     with a ``memory_budget``, ``workers`` is lowered to what fits it, from the checkpoint headers)."""
     quiet_input_error_tracebacks()  # an input error is logged as one line, not with its traceback
     check_before_merge(config)  # inputs, output and work folder, device, scheduler: before Prefect starts
-    check_evaluators(config.evaluators)
+    check_evaluators(config.evaluators, config.storage_options)
     if config.memory_budget is not None:  # fewer tasks in flight when the budget asks for it
         workers = workers_within_budget(build_plan(config), config)
         if workers < config.workers:
