@@ -59,9 +59,15 @@ def lm(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     root = tmp_path_factory.mktemp("lm")
     tokenizer = _tokenizer([EOS], eos_token=EOS, pad_token=EOS)
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.eos_token_id,
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.eos_token_id,
     )
     torch.manual_seed(0)
     model = LlamaForCausalLM(config).eval()
@@ -86,7 +92,7 @@ def expected_lm_loss(folder: str, documents: list[str], block: int, max_tokens: 
     model = LlamaForCausalLM.from_pretrained(folder).double().eval()
     stream: list[int] = []
     for doc in documents:
-        stream += tok.encode(doc, add_special_tokens=False) + [tok.eos_token_id]
+        stream += [*tok.encode(doc, add_special_tokens=False), tok.eos_token_id]
     stream = stream[:max_tokens] if max_tokens else stream
     total, count = 0.0, 0
     with torch.no_grad():
@@ -126,20 +132,25 @@ def test_causal_lm_loss_on_s3_files_and_model(lm: dict[str, str], s3_bucket) -> 
     s3_bucket.fs.put(lm["base"] + "/", f"{s3_bucket.name}/models/base/", recursive=True)
     local = causal_lm_loss(lm["base"], files=[str(root / "wiki.jsonl")], block_size=16)
     remote = causal_lm_loss(
-        f"{s3_bucket.url}/models/base", files=[f"{s3_bucket.url}/eval/wiki.jsonl"], block_size=16,
+        f"{s3_bucket.url}/models/base",
+        files=[f"{s3_bucket.url}/eval/wiki.jsonl"],
+        block_size=16,
         storage_options=s3_bucket.storage_options,
     )
     assert remote == local
     # through the runner: the config's storage options reach the evaluator (not written in its options)
-    entry = EvaluatorConfig(function="swudi.evaluators:causal_lm_loss",
-                            options={"files": [f"{s3_bucket.url}/eval/wiki.jsonl"], "block_size": 16})
+    entry = EvaluatorConfig(
+        function="swudi.evaluators:causal_lm_loss",
+        options={"files": [f"{s3_bucket.url}/eval/wiki.jsonl"], "block_size": 16},
+    )
     from swudi.evaluators.runner import run_evaluator
 
     check_evaluators([entry], s3_bucket.storage_options)
     assert run_evaluator(entry, lm["base"], s3_bucket.storage_options) == local
     with pytest.raises(InputError, match=rf"{s3_bucket.url}/eval/missing.jsonl does not exist"):
-        causal_lm_loss(lm["base"], files=[f"{s3_bucket.url}/eval/missing.jsonl"],
-                       storage_options=s3_bucket.storage_options)
+        causal_lm_loss(
+            lm["base"], files=[f"{s3_bucket.url}/eval/missing.jsonl"], storage_options=s3_bucket.storage_options
+        )
 
 
 def test_bad_evaluation_files_are_named(lm: dict[str, str], tmp_path: Path) -> None:
@@ -163,12 +174,13 @@ def test_bad_evaluation_files_are_named(lm: dict[str, str], tmp_path: Path) -> N
             check_evaluators([EvaluatorConfig(function="swudi.evaluators:causal_lm_loss", options={"files": files})])
         with pytest.raises(error, match=message):
             causal_lm_loss(lm["base"], files=files)
-    with pytest.raises(ConfigError, match="unknown option 'max_token'; known: .*max_tokens"):
-        check_evaluators([EvaluatorConfig(function="swudi.evaluators:causal_lm_loss",
-                                          options={"files": [str(bad)], "max_token": 5})])
-    with pytest.raises(ConfigError, match="block_size 128 exceeds .*max_position_embeddings 64"):
+    with pytest.raises(ConfigError, match=r"unknown option 'max_token'; known: .*max_tokens"):
+        check_evaluators(
+            [EvaluatorConfig(function="swudi.evaluators:causal_lm_loss", options={"files": [str(bad)], "max_token": 5})]
+        )
+    with pytest.raises(ConfigError, match=r"block_size 128 exceeds .*max_position_embeddings 64"):
         causal_lm_loss(lm["base"], files=[str(Path(lm["root"]) / "wiki.jsonl")], block_size=128)
-    with pytest.raises(InputError, match="no config.json"):
+    with pytest.raises(InputError, match=r"no config\.json"):
         causal_lm_loss(str(tmp_path), files=[str(Path(lm["root"]) / "wiki.jsonl")])
 
 
@@ -186,9 +198,16 @@ def classifier(tmp_path_factory: pytest.TempPathFactory) -> str:
     folder = tmp_path_factory.mktemp("bert")
     tokenizer = _tokenizer(["[PAD]", "[CLS]", "[SEP]"], pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]")
     config = BertConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-        num_attention_heads=2, max_position_embeddings=64, num_labels=3,
-        id2label=LABELS, label2id={v: k for k, v in LABELS.items()}, pad_token_id=tokenizer.pad_token_id,
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        max_position_embeddings=64,
+        num_labels=3,
+        id2label=LABELS,
+        label2id={v: k for k, v in LABELS.items()},
+        pad_token_id=tokenizer.pad_token_id,
     )
     torch.manual_seed(1)
     BertForSequenceClassification(config).save_pretrained(folder)
@@ -228,8 +247,13 @@ def test_sequence_classification_accuracy(classifier: str, tmp_path: Path) -> No
         sequence_classification(classifier, **{**options, "files": [str(bad)]})
     bad.write_text(json.dumps({"sentence": "the cat"}) + "\n")
     with pytest.raises(InputError, match=rf"{bad} line 1: no field 'y'"):
-        check_evaluators([EvaluatorConfig(function="swudi.evaluators:sequence_classification",
-                                          options={**options, "files": [str(bad)]})])
+        check_evaluators(
+            [
+                EvaluatorConfig(
+                    function="swudi.evaluators:sequence_classification", options={**options, "files": [str(bad)]}
+                )
+            ]
+        )
 
 
 # ---------------------------------------------------------------------------- relative metrics
@@ -246,7 +270,8 @@ def test_relative_metrics_formula() -> None:
     assert (wiki["expert_index"], wiki["expert_rule"]) == (0, "best expert")
     assert wiki["gap_closed"] == pytest.approx((3.0 - 2.0) / (3.0 - 1.5))
     assert out["tasks"]["wiki"]["perplexity"]["gap_closed"] == pytest.approx(
-        (math.exp(3) - math.exp(2)) / (math.exp(3) - math.exp(1.5)))
+        (math.exp(3) - math.exp(2)) / (math.exp(3) - math.exp(1.5))
+    )
     assert "tokens" not in out["tasks"]["wiki"]  # neither lower nor higher is better
     code = out["tasks"]["code"]["accuracy"]
     assert code["expert_index"] == 1 and code["normalized"] == pytest.approx(0.6 / 0.8)
@@ -269,11 +294,22 @@ def test_relative_evaluations_cached_by_fingerprint(lm: dict[str, str], tmp_path
     experts = [str(tmp_path / "e0"), str(tmp_path / "e1")]
     for i, target in enumerate(experts):
         shutil.copytree(lm[f"expert{i}"], target)
-    cfg = config_from_mapping({
-        "base": lm["base"], "experts": experts, "output": str(tmp_path / "out"), "device": "cpu",
-        "evaluators": [{"function": "swudi.evaluators:causal_lm_loss", "options": {"files": files, "block_size": 16},
-                        "relative": True, "task_experts": {"wiki": experts[1]}}],
-    })
+    cfg = config_from_mapping(
+        {
+            "base": lm["base"],
+            "experts": experts,
+            "output": str(tmp_path / "out"),
+            "device": "cpu",
+            "evaluators": [
+                {
+                    "function": "swudi.evaluators:causal_lm_loss",
+                    "options": {"files": files, "block_size": 16},
+                    "relative": True,
+                    "task_experts": {"wiki": experts[1]},
+                }
+            ],
+        }
+    )
     entry = cfg.evaluators[0]
     assert entry.task_experts == {"wiki": experts[1]}
     merged = causal_lm_loss(lm["expert0"], files=files, block_size=16)  # any model stands for the merge
@@ -295,7 +331,9 @@ def test_relative_evaluations_cached_by_fingerprint(lm: dict[str, str], tmp_path
     assert again["base"]["wiki"]["loss"] == 123.0 and again["experts"][1]["wiki"]["loss"] == 123.0
     # new bytes of an expert: a new key, evaluated again; other options: a new key too
     shutil.copyfile(lm["base"] + "/model.safetensors", experts[1] + "/model.safetensors")
-    assert cached_evaluation(entry, experts[1], cfg.resolved_work_dir)["wiki"]["loss"] == pytest.approx(base_loss, rel=1e-5)
+    assert cached_evaluation(entry, experts[1], cfg.resolved_work_dir)["wiki"]["loss"] == pytest.approx(
+        base_loss, rel=1e-5
+    )
     other = EvaluatorConfig(function=entry.function, options={"files": files, "block_size": 8}, relative=True)
     assert cached_evaluation(other, lm["base"], cfg.resolved_work_dir)["wiki"]["loss"] != 123.0
     assert len(list((tmp_path / "out" / ".swudi-work" / "evaluations").glob("*.json"))) == 5
@@ -310,3 +348,51 @@ def test_relative_config_is_checked(tmp_path: Path) -> None:
         config_from_mapping({**data, "evaluators": [{**entry, "relative": True, "task_experts": {"x": 2}}]})
     with pytest.raises(ConfigError, match=r"task_experts\.x '/m/c' is not one of experts"):
         config_from_mapping({**data, "evaluators": [{**entry, "relative": True, "task_experts": {"x": "/m/c"}}]})
+
+
+@pytest.mark.slow
+def test_merge_report_and_card_carry_relative_metrics(prefect_api: str, lm: dict[str, str], tmp_path: Path) -> None:
+    """The real merge flow with a relative built-in evaluator: gap closed in the report and the card,
+    base and expert runs reused by the next merge of the same inputs."""
+    from flows.merge import run_merge
+
+    files = [str(Path(lm["root"]) / "wiki.jsonl")]
+    fn = "swudi.evaluators:causal_lm_loss"
+    data = {
+        "base": lm["base"],
+        "experts": [lm["expert0"], lm["expert1"]],
+        "output": str(tmp_path / "out"),
+        "method": "swudi_a",
+        "device": "cpu",
+        "workers": 1,
+        "evaluators": [
+            {
+                "function": fn,
+                "options": {"files": files, "block_size": 16},
+                "relative": True,
+                "task_experts": {"wiki": 1},
+            }
+        ],
+    }
+    result = run_merge(config_from_mapping(data))
+    version = Path(result["url"])
+    report = json.loads((version / "merge_report.json").read_text())
+    merged_loss, _ = expected_lm_loss(str(version), SENTENCES, block=16)
+    base_loss, _ = expected_lm_loss(lm["base"], SENTENCES, block=16)
+    expert_loss, _ = expected_lm_loss(lm["expert1"], SENTENCES, block=16)
+    assert report["evaluations"][fn]["wiki"]["loss"] == pytest.approx(merged_loss, rel=1e-5)
+    wiki = report["relative_evaluations"][fn]["tasks"]["wiki"]["loss"]
+    expected = (base_loss - merged_loss) / (base_loss - expert_loss)
+    assert wiki["expert_index"] == 1 and wiki["gap_closed"] == pytest.approx(expected, rel=1e-4)
+    card = (version / "README.md").read_text()
+    assert "## Against the base and the experts" in card
+    assert f"| wiki | loss (gap closed) | {wiki['merged']:.4f} | {wiki['base']:.4f} | 1: {wiki['expert']:.4f} |" in card
+
+    cache = tmp_path / "out" / ".swudi-work" / "evaluations"
+    stamps = {p.name: p.stat().st_mtime_ns for p in cache.glob("*.json")}
+    assert len(stamps) == 3
+    second = run_merge(config_from_mapping({**data, "scale": 0.5}))
+    assert second["url"] != result["url"]
+    assert {p.name: p.stat().st_mtime_ns for p in cache.glob("*.json")} == stamps  # reused, not re-run
+    again = json.loads((Path(second["url"]) / "merge_report.json").read_text())["relative_evaluations"][fn]
+    assert again["base"] == report["relative_evaluations"][fn]["base"]
