@@ -21,7 +21,12 @@ from swudi.config.merge_config import EvaluatorConfig, config_from_mapping
 from swudi.errors import ConfigError, InputError
 from swudi.evaluators import causal_lm_loss, check_evaluators, sequence_classification
 from swudi.evaluators.models import transformers_module
-from swudi.evaluators.relative import cached_evaluation, relative_evaluations, relative_metrics
+from swudi.evaluators.relative import (
+    cached_evaluation,
+    check_relative_inputs,
+    relative_evaluations,
+    relative_metrics,
+)
 
 SENTENCES = [
     "the cat sat on the mat",
@@ -337,6 +342,24 @@ def test_relative_evaluations_cached_by_fingerprint(lm: dict[str, str], tmp_path
     other = EvaluatorConfig(function=entry.function, options={"files": files, "block_size": 8}, relative=True)
     assert cached_evaluation(other, lm["base"], cfg.resolved_work_dir)["wiki"]["loss"] != 123.0
     assert len(list((tmp_path / "out" / ".swudi-work" / "evaluations").glob("*.json"))) == 5
+
+
+def test_relative_inputs_must_be_model_folders(lm: dict[str, str], tmp_path: Path) -> None:
+    """A relative built-in evaluator also runs on every expert: a bare safetensors expert is refused
+    before any merge work, naming it; without relative: true it is not the evaluator's concern."""
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    shutil.copyfile(lm["expert1"] + "/model.safetensors", bare / "model.safetensors")
+    entry = {"function": "swudi.evaluators:causal_lm_loss", "options": {"files": ["x.jsonl"]}}
+    data = {"base": lm["base"], "experts": [lm["expert0"], str(bare)], "output": str(tmp_path / "out")}
+    with pytest.raises(InputError, match=rf"{bare}: no config\.json; the built-in evaluators run on"):
+        check_relative_inputs(config_from_mapping({**data, "evaluators": [{**entry, "relative": True}]}))
+    check_relative_inputs(config_from_mapping({**data, "evaluators": [entry]}))
+    check_relative_inputs(
+        config_from_mapping(
+            {**data, "experts": [lm["expert0"], lm["expert1"]], "evaluators": [{**entry, "relative": True}]}
+        )
+    )
 
 
 def test_relative_config_is_checked(tmp_path: Path) -> None:

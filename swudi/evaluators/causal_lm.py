@@ -41,6 +41,7 @@ from swudi.evaluators.models import (
     load_tokenizer,
     local_model_folder,
     positive_int,
+    require_model_folder,
     torch_device,
     transformers_module,
 )
@@ -208,3 +209,4 @@ def causal_lm_loss(
 
 
 causal_lm_loss.check_options = check_causal_lm_options  # type: ignore[attr-defined]
+causal_lm_loss.check_model = require_model_folder  # type: ignore[attr-defined]

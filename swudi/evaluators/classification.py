@@ -35,6 +35,7 @@ from swudi.evaluators.models import (
     load_tokenizer,
     local_model_folder,
     positive_int,
+    require_model_folder,
     torch_device,
     transformers_module,
 )
@@ -183,3 +184,4 @@ def sequence_classification(
 
 
 sequence_classification.check_options = check_classification_options  # type: ignore[attr-defined]
+sequence_classification.check_model = require_model_folder  # type: ignore[attr-defined]

@@ -109,3 +109,14 @@ def positive_int(function: str, name: str, value: Any, allow_none: bool = False)
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ConfigError(f"evaluator {function}: option {name} must be a positive integer, got {value!r}")
     return value
+
+
+def require_model_folder(url: str, storage_options: Mapping[str, Any] | None = None) -> None:
+    """:class:`InputError` unless ``url`` is a Hugging Face model folder (holds a ``config.json``):
+    the check of a checkpoint a built-in evaluator runs on (``check_model``)."""
+    fs, path = resolve(url, storage_options)
+    if not fs.exists(f"{path.rstrip('/')}/config.json"):
+        raise InputError(
+            f"{url}: no config.json; the built-in evaluators run on Hugging Face model folders "
+            "(a LoRA adapter or a bare safetensors file cannot be evaluated)"
+        )

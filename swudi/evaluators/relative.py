@@ -176,6 +176,16 @@ def expert_indices(task_experts: Mapping[str, int | str], experts: Sequence[str]
     return {task: ref if isinstance(ref, int) else list(experts).index(ref) for task, ref in task_experts.items()}
 
 
+def check_relative_inputs(config: MergeConfig) -> None:
+    """Before any merge work: the base and every expert pass the ``check_model(url, storage_options)``
+    of each relative evaluator that has one (the built-in ones: a model folder with config.json)."""
+    for evaluator in config.evaluators:
+        check = getattr(load_evaluator(evaluator.function), "check_model", None)
+        if evaluator.relative and callable(check):
+            for url in (config.base, *config.experts):
+                check(url, config.storage_options)
+
+
 def relative_evaluations(config: MergeConfig, evaluations: Mapping[str, Metrics]) -> dict[str, Any]:
     """``{function: {"base": metrics, "experts": [metrics], **relative_metrics(...)}}`` for every
     evaluator entry with ``relative: true`` (base and expert runs cached in the work folder)."""
