@@ -293,6 +293,14 @@ def test_relative_metrics_formula() -> None:
     assert single["tasks"]["wiki"]["loss"]["expert_rule"] == "only expert"
     assert single["tasks"]["wiki"]["loss"]["gap_closed"] is None
 
+    # the model card's table: one row per task and compared metric, the mean last
+    from swudi.publish.card import _relative
+
+    card = "\n".join(_relative({"fn:eval": mapped}))
+    assert "| wiki | loss (gap closed) | 2.0000 | 3.0000 | 1: 2.5000 | 2.0000 | 0: 1.5000 | 0.6667 |" in card
+    assert "| code | accuracy (normalized) | 0.6000 | 0.3000 | 0: 0.5000 | 1.2000 | 1: 0.8000 | 0.7500 |" in card
+    assert "| mean of 1 | loss (gap closed) | | | | 2.0000 | | |" in card
+
 
 def test_relative_evaluations_cached_by_fingerprint(lm: dict[str, str], tmp_path: Path) -> None:
     files = [str(Path(lm["root"]) / "wiki.jsonl")]
