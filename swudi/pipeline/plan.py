@@ -26,6 +26,7 @@ from swudi.io.adapter import (
     input_fingerprint,
     input_nbytes,
     open_expert,
+    verify_base_layers,
 )
 from swudi.io.checkpoint import Checkpoint, TensorLocation
 from swudi.io.fingerprint import digest
@@ -294,6 +295,7 @@ def build_plan(
     names = _vocab_candidates(base, experts)
     warnings = validate_checkpoints(base, experts, names)
     vocab = plan_vocab(base, experts, names)
+    verify_base_layers(base, experts, chunk_budget(config))
     jobs = []
     for name, loc in base.tensors.items():
         inputs = tuple(expert_input(expert, name) for expert in experts)
