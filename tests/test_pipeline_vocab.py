@@ -42,9 +42,24 @@ def _build(root: Path, tied: bool) -> dict[str, Any]:
     return {"root": root, "base": base, "experts": experts, "tied": tied}
 
 
+_BUILT: dict[bool, dict[str, Any]] = {}
+
+
+def _built(tmp_path_factory: pytest.TempPathFactory, tied: bool) -> dict[str, Any]:
+    """The models of one kind, built once per session (each build saves four tiny models)."""
+    if tied not in _BUILT:
+        _BUILT[tied] = _build(tmp_path_factory.mktemp("vocab"), tied)
+    return _BUILT[tied]
+
+
 @pytest.fixture(scope="module", params=[False, True], ids=["untied", "tied"])
 def models(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    return _build(tmp_path_factory.mktemp("vocab"), request.param)
+    return _built(tmp_path_factory, request.param)
+
+
+@pytest.fixture(scope="module")
+def untied(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    return _built(tmp_path_factory, False)
 
 
 def _config(root: Path, experts: list[str], out: Path, **extra: Any) -> MergeConfig:
@@ -157,11 +172,6 @@ def _set_added(token_id: int, content: str):
     return change
 
 
-@pytest.fixture(scope="module")
-def untied(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    return _build(tmp_path_factory.mktemp("vocab-bad"), tied=False)
-
-
 def test_conflicting_and_foreign_tokenizers_are_refused_before_any_work(untied, tmp_path: Path) -> None:
     root = untied["root"]
     out = tmp_path / "out"
@@ -171,6 +181,12 @@ def test_conflicting_and_foreign_tokenizers_are_refused_before_any_work(untied, 
     message = str(error.value)
     assert "\n" not in message and str(conflict) in message and "id 101" in message
     assert "'<zzz>'" in message and "'<b>'" in message
+    config = tmp_path / "conflict.yaml"
+    config.write_text(
+        json.dumps({"base": str(root / "base"), "experts": [str(root / "two"), str(conflict)], "output": str(out)})
+    )
+    printed = CliRunner().invoke(app, ["plan", str(config)], terminal_width=400)
+    assert printed.exit_code == 2 and "id 101" in printed.output, printed.output
     moved = _retokenized(root / "four", tmp_path / "moved", lambda d: d["model"]["vocab"].update({"w5": 6, "w6": 5}))
     with pytest.raises(InputError, match=r"moved: token id 5 is 'w6', the base's is 'w5'"):
         build_plan(_config(root, [str(root / "two"), str(moved)], out))
@@ -222,3 +238,29 @@ def test_other_tensors_with_more_rows_and_adapter_output_are_still_refused(untie
         build_plan(
             config_from_mapping({"base": str(bigger), "experts": [str(root / "two")], "output": str(tmp_path / "o2")})
         )
+
+
+def test_vocab_extended_experts_on_s3(untied, s3_bucket, tmp_path: Path) -> None:
+    """Tokenizers and rows past the base's are read through fsspec from s3:// URLs."""
+    root = untied["root"]
+    for name in ("base", "two", "four"):
+        s3_bucket.fs.put(str(root / name), f"{s3_bucket.name}/{name}", recursive=True)
+    cfg = config_from_mapping(
+        {
+            "base": f"{s3_bucket.url}/base",
+            "experts": [f"{s3_bucket.url}/two", f"{s3_bucket.url}/four"],
+            "output": f"{s3_bucket.url}/out",
+            "device": "cpu",
+            "storage_options": s3_bucket.storage_options,
+        }
+    )
+    result = _merge(cfg)
+    got = Checkpoint.open(result["url"], s3_bucket.storage_options).read("lm_head.weight")
+    two, four = (untied["experts"][n]["lm_head.weight"].double() for n in ("two", "four"))
+    torch.testing.assert_close(got[100:].double(), torch.cat([(two[100:102] + four[100:102]) / 2, four[102:]]))
+    fs = s3_bucket.fs
+    assert json.loads(fs.cat_file(f"{s3_bucket.name}/out/{result['path']}/config.json"))["vocab_size"] == 112
+    assert (
+        fs.cat_file(f"{s3_bucket.name}/out/{result['path']}/tokenizer.json")
+        == (root / "four" / "tokenizer.json").read_bytes()
+    )
