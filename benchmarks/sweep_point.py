@@ -49,7 +49,7 @@ def main() -> None:
     args = parser.parse_args()
 
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
-    from swudi.cli.app import prepare_prefect_environment
+    from flows.commands import prepare_prefect_environment
 
     prepare_prefect_environment()
     import torch

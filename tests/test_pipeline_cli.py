@@ -119,7 +119,7 @@ def test_a_running_local_prefect_server_is_used_instead_of_an_embedded_one(monke
     import threading
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-    from swudi.cli.app import local_prefect_server, prepare_prefect_environment
+    from flows.commands import local_prefect_server, prepare_prefect_environment
 
     class Health(BaseHTTPRequestHandler):
         def do_GET(self) -> None:  # noqa: N802 - http.server's naming

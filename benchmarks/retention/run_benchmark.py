@@ -267,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
-    from swudi.cli.app import prepare_prefect_environment
+    from flows.commands import prepare_prefect_environment
 
     prepare_prefect_environment()
     if args.threads:

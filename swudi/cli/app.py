@@ -1,7 +1,8 @@
 """The ``swudi`` command line: plan, merge, methods, demo.
 
-Prefect is imported only by the commands that run flows; ``swudi plan`` needs headers alone.
-Without ``PREFECT_API_URL`` the flows run on Prefect's embedded (ephemeral) server.
+The commands that run flows reach them through :mod:`swudi.cli.flows_bridge` (the library imports
+no Prefect; ``swudi plan`` needs headers alone). Without ``PREFECT_API_URL`` (and no
+``prefect server start`` on this machine) the flows run on an embedded server (:mod:`flows.server`).
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ import functools
 import json
 import logging
 import os
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal, NoReturn, ParamSpec, TypeVar
@@ -21,6 +21,7 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 
+from swudi.cli.flows_bridge import run_flow_and_settle, run_refresh, serve_refresh_deployment
 from swudi.config.merge_config import MergeConfig, load_config
 from swudi.errors import ConfigError, PublishError, SwudiError, is_input_error
 from swudi.evaluators.runner import check_evaluators
@@ -40,66 +41,6 @@ out = Console()
 
 #: Help text of the ``--method`` options, from the method registry.
 METHOD_HELP = f"merge method: {method_choices()} (see `swudi methods`)"
-
-#: Defaults for Prefect on these machines (a cold ephemeral server needs ~15 s; no telemetry).
-PREFECT_DEFAULTS = {
-    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "90",
-    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-    "PREFECT_LOGGING_EXTRA_LOGGERS": "swudi",
-}
-
-
-#: Where ``prefect server start`` listens by default.
-LOCAL_PREFECT_API = "http://127.0.0.1:4200/api"
-
-
-def local_prefect_server(api_url: str = LOCAL_PREFECT_API, timeout_s: float = 0.3) -> str | None:
-    """``api_url`` when a Prefect server answers its health check there, else None (fast: loopback)."""
-    import urllib.request
-
-    try:
-        with urllib.request.urlopen(f"{api_url}/health", timeout=timeout_s) as response:
-            return api_url if response.read(16).strip() == b"true" else None
-    except (OSError, ValueError):
-        return None
-
-
-def prepare_prefect_environment(local_api: str | None = None) -> None:
-    """Apply :data:`PREFECT_DEFAULTS` where the user has not set them (before importing Prefect).
-
-    Without ``PREFECT_API_URL``, a Prefect server already running on this machine's default port
-    (``prefect server start``) is used instead of starting an embedded one for every command.
-    ``SWUDI_LOCAL_PREFECT_API`` names another address to look at; set to an empty string, it
-    turns the look-up off (always the embedded server).
-    """
-    for key, value in PREFECT_DEFAULTS.items():
-        os.environ.setdefault(key, value)
-    if local_api is None:
-        local_api = os.environ.get("SWUDI_LOCAL_PREFECT_API", LOCAL_PREFECT_API)
-    if local_api and not os.environ.get("PREFECT_API_URL") and (found := local_prefect_server(local_api)):
-        os.environ["PREFECT_API_URL"] = found
-        console.print(f"using the Prefect server at {found} (runs are kept in its history)")
-
-
-def ensure_prefect_api() -> None:
-    """:func:`prepare_prefect_environment`, then, if no Prefect API is named or found, start an embedded
-    server for this command (:mod:`flows.server`: bounded start-up, stopped with the command)."""
-    prepare_prefect_environment()
-    if not os.environ.get("PREFECT_API_URL") and not _prefect_api_in_settings():
-        from flows.server import start_embedded_server
-
-        console.print("starting an embedded Prefect server for this command (`prefect server start` avoids it)")
-        start_embedded_server()
-
-
-def _prefect_api_in_settings() -> bool:
-    """True when Prefect is already imported in this process and its settings name an API (an
-    in-process caller such as a test harness); never imports Prefect itself."""
-    if "prefect.settings" not in sys.modules:
-        return False
-    from prefect.settings import PREFECT_API_URL
-
-    return bool(PREFECT_API_URL.value())
 
 
 def _load(config: Path, method: str | None, overrides: list[str]) -> MergeConfig:
@@ -157,25 +98,6 @@ def storage_faults_fail_cleanly(command: Callable[P, R]) -> Callable[P, R]:
             _fail(fault)
 
     return wrapper
-
-
-def run_flow_and_settle(config: MergeConfig, grid: list[str] | None = None) -> dict[str, Any]:
-    """Run the merge flow (or, with a ``grid``, the sweep flow), then wait until every task run it
-    submitted is in the run history (:mod:`flows.history`), before the process exits."""
-    ensure_prefect_api()
-    if grid is None:
-        from flows.merge import run_merge
-
-        result = run_merge(config)
-    else:
-        from flows.sweep import run_sweep
-
-        result = run_sweep(config, grid)
-    from flows.history import wait_for_run_history
-
-    points = [result] if grid is None else result["points"]
-    wait_for_run_history({p["flow_run_id"]: p["task_runs"] for p in points})
-    return result
 
 
 def print_result(result: dict[str, Any]) -> None:
@@ -442,16 +364,9 @@ def refresh(
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING)
     try:
         load_config(config, overrides)  # a bad config fails here, before Prefect starts
-        ensure_prefect_api()
-        from flows.refresh import refresh as refresh_flow
-
-        result = refresh_flow(str(config.resolve()), overrides, wait)
+        result = run_refresh(config, overrides, wait)
     except (SwudiError, OSError) as error:
         _refuse(error)
-    from flows.history import wait_for_run_history
-
-    merge_run = {result["merge_flow_run_id"]: result["merge_task_runs"]} if "merge_flow_run_id" in result else {}
-    wait_for_run_history(merge_run)  # every task run reaches the run history before the process exits
     if result["status"] == "unchanged":
         console.print(
             f"[green]up to date[/green]: version {result['version']} already published; nothing changed, nothing merged"
@@ -485,26 +400,14 @@ def serve(
 ) -> None:
     """Serve the refresh flow as a scheduled deployment, one run at a time, until stopped."""
     logging.basicConfig(level=logging.WARNING)
-    prepare_prefect_environment()
     if collision not in ("enqueue", "cancel_new"):
         _fail(SwudiError(f"--collision must be enqueue or cancel_new, not {collision!r}"))
     strategy: Literal["enqueue", "cancel_new"] = "cancel_new" if collision == "cancel_new" else "enqueue"
     try:
         load_config(config, overrides)
+        serve_refresh_deployment(config, None if no_schedule else cron, name, overrides, timezone, strategy, wait)
     except (SwudiError, OSError) as error:
         _refuse(error)
-    from prefect.settings import PREFECT_API_URL
-
-    if not PREFECT_API_URL.value():
-        _fail(
-            SwudiError(
-                "swudi serve needs a Prefect server (an embedded one runs no schedules): "
-                "run `prefect server start` (found on 127.0.0.1:4200 by itself) or set PREFECT_API_URL"
-            )
-        )
-    from deployments.serve import serve_refresh
-
-    serve_refresh(config, None if no_schedule else cron, name, overrides, timezone, strategy, wait)
 
 
 @app.command()
