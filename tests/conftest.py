@@ -135,9 +135,9 @@ def prefect_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     })
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from flows.server import EmbeddedServer
+    from flows.server import PrefectServer
 
-    server = EmbeddedServer()
+    server = PrefectServer()
     url = server.start()
     try:
         with temporary_settings(updates={PREFECT_API_URL: url}):

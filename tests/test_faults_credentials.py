@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from flows.server import EmbeddedServer
+from flows.server import PrefectServer
 from swudi.errors import ConfigError
 from swudi.io.synthetic import SyntheticModel, write_synthetic_models
 from swudi.storage.faults import mask_credentials, storage_fault
@@ -67,7 +67,7 @@ def test_no_credential_is_written_anywhere_by_merge_sweep_plan_or_a_failing_merg
     home = tmp_path / "prefect-home"
     monkeypatch.setenv("PREFECT_HOME", str(home))
     monkeypatch.delenv("PREFECT_API_URL", raising=False)
-    server = EmbeddedServer()
+    server = PrefectServer()
     api = server.start()
     base, experts = write_synthetic_models(f"{s3_bucket.url}/in", 2, MODEL, storage_options=s3_bucket.storage_options)
     config = {"base": base, "experts": experts, "output": f"{s3_bucket.url}/out", "device": "cpu", "workers": 1,
