@@ -30,6 +30,7 @@ from swudi.pipeline.records import PHASES, MergedRecord
 from swudi.pipeline.summary import bytes_read
 from swudi.pipeline.workdir import remove_lease, write_lease
 from swudi.storage.held_options import without_secrets, worker_environment
+from swudi.units import format_bytes
 from tasks import (
     evaluate_merge,
     fetch_checkpoints,
@@ -155,7 +156,7 @@ def merge(config: dict[str, Any], storage_options_ref: str | None = None) -> dic
         summary["groups"],
         summary["computed"],
         summary["decompositions_computed"],
-        _size(published["io"]["input_bytes"]),
+        format_bytes(published["io"]["input_bytes"]),
         published["url"],
     )
     diagnostics_summary = {k: v for k, v in diagnostics.items() if k != "per_layer"}
@@ -215,10 +216,6 @@ def _parallelism(config: MergeConfig) -> int:
     if config.task_runner.kind == "dask":
         return config.task_runner.n_workers * config.task_runner.threads_per_worker
     return config.workers
-
-
-def _size(n: int) -> str:
-    return f"{n / 1e6:.1f} MB"
 
 
 def _flow_run_id() -> str:

@@ -12,7 +12,8 @@ from safetensors import safe_open
 
 from swudi.errors import CheckpointError
 from swudi.io.checkpoint import Checkpoint
-from swudi.io.writer import copy_extra_files, parse_size, plan_shards, shard_names, write_sharded
+from swudi.io.writer import copy_extra_files, plan_shards, shard_names, write_sharded
+from swudi.units import parse_size
 
 
 def _local_copy(store, url: str, tmp_path) -> str:

@@ -27,6 +27,7 @@ from swudi.errors import ConfigError, PublishError, SwudiError, is_input_error
 from swudi.evaluators.runner import check_evaluators
 from swudi.methods.registry import method_choices
 from swudi.storage.faults import mask_credentials, storage_fault
+from swudi.units import format_bytes
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -103,6 +104,7 @@ def storage_faults_fail_cleanly(command: Callable[P, R]) -> Callable[P, R]:
 def print_result(result: dict[str, Any]) -> None:
     """Human summary of a merge on stderr; the version URL alone on stdout."""
     diag = {k: (f"{v:.3f}" if isinstance(v, float) else v) for k, v in result.get("diagnostics", {}).items()}
+    io = result["io"]
     console.print(
         f"[green]published[/green] version {result['version']} at {result['url']}\n"
         f"  layers: {result['layers']} (+{result['groups']} groups of small tensors); computed now: "
@@ -111,14 +113,10 @@ def print_result(result: dict[str, Any]) -> None:
         f"  mean rank {diag.get('mean_rank')}, mean kept eigenvalue mass {diag.get('mean_kept_mass')}, "
         f"mean WUDI interference vs sum {diag.get('mean_interference_vs_sum')}\n"
         f"  {result['seconds']} s in the flow: {_split(result.get('time_split', {}))}\n"
-        f"  read {_mb(result['io']['input_bytes'])} of the inputs ({_mb(result['io']['header_bytes'])} headers) "
-        f"and {_mb(result['io']['work_bytes'])} of the work folder"
+        f"  read {format_bytes(io['input_bytes'])} of the inputs ({format_bytes(io['header_bytes'])} headers) "
+        f"and {format_bytes(io['work_bytes'])} of the work folder"
     )
     out.print(result["url"], soft_wrap=True)
-
-
-def _mb(n: int) -> str:
-    return f"{n / 1e6:.1f} MB"
 
 
 def _split(split: dict[str, float]) -> str:
@@ -215,12 +213,12 @@ def plan(
         table.add_row(*cells)
     out.print(table)
     out.print(
-        f"counts: {summary['counts']}; reads about {summary['estimated_read_bytes'] / 1e6:.1f} MB; "
+        f"counts: {summary['counts']}; reads about {format_bytes(summary['estimated_read_bytes'])}; "
         f"decompositions about {summary['estimated_decomposition_gflop']} GFLOP"
     )
     work = summary["work_folder"]
     out.print(
-        f"work folder {work['url']}: {work['files']} artefacts, {work['bytes'] / 1e6:.1f} MB; for this "
+        f"work folder {work['url']}: {work['files']} artefacts, {format_bytes(work['bytes'])}; for this "
         f"setting {work['stored']['merged']} of {work['needed']['merged']} merged and "
         f"{work['stored']['decompositions']} of {work['needed']['decompositions']} decompositions "
         f"are stored (`swudi gc` removes what no setting needs)"
@@ -299,15 +297,15 @@ def gc(
         _refuse(error)
     verb = "would remove" if dry_run else "removed"
     console.print(
-        f"{verb} {len(result.removed)} artefacts ({result.freed_bytes / 1e6:.1f} MB); kept "
-        f"{result.kept_files} ({result.kept_bytes / 1e6:.1f} MB, {result.young_files} of them only "
+        f"{verb} {len(result.removed)} artefacts ({format_bytes(result.freed_bytes)}); kept "
+        f"{result.kept_files} ({format_bytes(result.kept_bytes)}, {result.young_files} of them only "
         f"because they are younger than {min_age:.0f} s)"
     )
     for name in result.removed:
         out.print(name, soft_wrap=True)
     if not dry_run:
         after = usage(cfg)
-        console.print(f"work folder {after['url']}: {after['files']} artefacts, {after['bytes'] / 1e6:.1f} MB")
+        console.print(f"work folder {after['url']}: {after['files']} artefacts, {format_bytes(after['bytes'])}")
 
 
 @app.command()
