@@ -23,6 +23,7 @@ from rich.console import Console
 
 from swudi.config.merge_config import MergeConfig
 from swudi.errors import SwudiError
+from swudi.pipeline.results import MergeResult
 
 __all__ = [
     "PREFECT_DEFAULTS",
@@ -30,7 +31,8 @@ __all__ = [
     "local_prefect_server",
     "prepare_prefect_environment",
     "ensure_prefect_api",
-    "run_flow_and_settle",
+    "run_merge_and_settle",
+    "run_sweep_and_settle",
     "run_refresh",
     "serve_refresh_deployment",
 ]
@@ -95,22 +97,27 @@ def _prefect_api_in_settings() -> bool:
     return bool(PREFECT_API_URL.value())
 
 
-def run_flow_and_settle(config: MergeConfig, grid: list[str] | None = None) -> dict[str, Any]:
-    """Run the merge flow (or, with a ``grid``, the sweep flow), then wait until every task run it
-    submitted is in the run history (:mod:`flows.history`), before the process exits."""
+def run_merge_and_settle(config: MergeConfig) -> MergeResult:
+    """Run the merge flow, then wait until every task run it submitted is in the run history
+    (:mod:`flows.history`), before the process exits."""
     ensure_prefect_api()
-    if grid is None:
-        from flows.merge import run_merge
-
-        result = run_merge(config)
-    else:
-        from flows.sweep import run_sweep
-
-        result = run_sweep(config, grid)
     from flows.history import wait_for_run_history
+    from flows.merge import run_merge
 
-    points = [result] if grid is None else result["points"]
-    wait_for_run_history({p["flow_run_id"]: p["task_runs"] for p in points})
+    result = run_merge(config)
+    wait_for_run_history({result["flow_run_id"]: result["task_runs"]})
+    return result
+
+
+def run_sweep_and_settle(config: MergeConfig, grid: list[str]) -> dict[str, Any]:
+    """Run the sweep flow over ``grid`` (``key=v1,v2`` strings), then wait until every task run of
+    every point is in the run history."""
+    ensure_prefect_api()
+    from flows.history import wait_for_run_history
+    from flows.sweep import run_sweep
+
+    result = run_sweep(config, grid)
+    wait_for_run_history({p["flow_run_id"]: p["task_runs"] for p in result["points"]})
     return result
 
 

@@ -22,7 +22,8 @@ REPO = Path(__file__).resolve().parents[1]
 ORCHESTRATION = ("prefect", "prefect_dask", "flows", "tasks", "deployments")
 #: (file, function) -> the top-level packages it may import inside that function
 ALLOWED = {
-    ("swudi/cli/flows_bridge.py", "run_flow_and_settle"): {"flows"},
+    ("swudi/cli/flows_bridge.py", "run_merge_and_settle"): {"flows"},
+    ("swudi/cli/flows_bridge.py", "run_sweep_and_settle"): {"flows"},
     ("swudi/cli/flows_bridge.py", "run_refresh"): {"flows"},
     ("swudi/cli/flows_bridge.py", "serve_refresh_deployment"): {"flows"},
     ("swudi/storage/secrets.py", "_load_prefect_secret"): {"prefect"},

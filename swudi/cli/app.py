@@ -14,20 +14,24 @@ import logging
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal, NoReturn, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, NoReturn, ParamSpec, TypeVar
 
 import typer
 import yaml
 from rich.console import Console
 from rich.table import Table
 
-from swudi.cli.flows_bridge import run_flow_and_settle, run_refresh, serve_refresh_deployment
+from swudi.cli.flows_bridge import run_merge_and_settle, run_refresh, run_sweep_and_settle, serve_refresh_deployment
 from swudi.config.merge_config import MergeConfig, load_config
 from swudi.errors import ConfigError, PublishError, SwudiError, is_input_error
 from swudi.evaluators.runner import check_evaluators
 from swudi.methods.registry import method_choices
 from swudi.storage.faults import mask_credentials, storage_fault
 from swudi.units import format_bytes
+
+if TYPE_CHECKING:  # the plan and the results pull in the whole pipeline: imported by the commands that run it
+    from swudi.pipeline.plan import TensorRow
+    from swudi.pipeline.results import MergeResult, TimeSplit
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -101,28 +105,37 @@ def storage_faults_fail_cleanly(command: Callable[P, R]) -> Callable[P, R]:
     return wrapper
 
 
-def print_result(result: dict[str, Any]) -> None:
+def print_result(result: MergeResult) -> None:
     """Human summary of a merge on stderr; the version URL alone on stdout."""
-    diag = {k: (f"{v:.3f}" if isinstance(v, float) else v) for k, v in result.get("diagnostics", {}).items()}
+    diag = {k: (f"{v:.3f}" if isinstance(v, float) else v) for k, v in result["diagnostics"].items()}
     io = result["io"]
     console.print(
         f"[green]published[/green] version {result['version']} at {result['url']}\n"
         f"  layers: {result['layers']} (+{result['groups']} groups of small tensors); computed now: "
-        f"{result['computed']} merges, {result.get('decompositions_computed', 0)} decompositions; "
-        f"reused: {result['reused']} merges, {result.get('decompositions_reused', 0)} decompositions\n"
+        f"{result['computed']} merges, {result['decompositions_computed']} decompositions; "
+        f"reused: {result['reused']} merges, {result['decompositions_reused']} decompositions\n"
         f"  mean rank {diag.get('mean_rank')}, mean kept eigenvalue mass {diag.get('mean_kept_mass')}, "
         f"mean WUDI interference vs sum {diag.get('mean_interference_vs_sum')}\n"
-        f"  {result['seconds']} s in the flow: {_split(result.get('time_split', {}))}\n"
+        f"{_split(result['time_split'])}\n"
         f"  read {format_bytes(io['input_bytes'])} of the inputs ({format_bytes(io['header_bytes'])} headers) "
         f"and {format_bytes(io['work_bytes'])} of the work folder"
     )
     out.print(result["url"], soft_wrap=True)
 
 
-def _split(split: dict[str, float]) -> str:
-    """``read 1.2 s, decompose 3.4 s, ...`` (task phases are summed over parallel tasks)."""
-    order = ("plan", "read", "decompose", "merge", "diagnostics", "write", "publish", "orchestration")
-    return ", ".join(f"{k} {split[k]:.1f} s" for k in order if k in split) or "-"
+def _split(split: TimeSplit) -> str:
+    """Two lines: the run's wall seconds (plan, publish, orchestration = what the work does not explain,
+    of it the flow run's start and finish), then the task seconds summed over the merge tasks (they
+    run in parallel: their sum may exceed the wall)."""
+    wall = (
+        f"  {split['wall']:.1f} s wall: plan {split['plan']:.1f} s, publish {split['publish']:.1f} s, "
+        f"orchestration {split['orchestration']:.1f} s (of it {split['flow_run']:.1f} s starting and "
+        f"finishing the flow run), the rest merge tasks"
+    )
+    tasks = {"read": split["read"], "decompose": split["decompose"], "merge": split["merge"]}
+    tasks.update(diagnostics=split["diagnostics"], write=split["write"])
+    phases = ", ".join(f"{k} {v:.1f} s" for k, v in tasks.items())
+    return f"{wall}\n  task seconds summed over the merge tasks ({split['tasks_in_parallel']} in parallel): {phases}"
 
 
 @app.command()
@@ -145,7 +158,7 @@ def merge(
         check_evaluators(cfg.evaluators)
         if _report_up_to_date(cfg):
             return
-        result = run_flow_and_settle(cfg)
+        result = run_merge_and_settle(cfg)
     except (SwudiError, OSError) as error:
         _refuse(error)
     print_result(result)
@@ -198,9 +211,9 @@ def plan(
     except (SwudiError, OSError) as error:
         _refuse(error)
     summary = describe_plan(cfg, plan_)
-    summary["work_folder"] = work_folder_state(cfg, plan_)
+    work = work_folder_state(cfg, plan_)
     if as_json:
-        out.print_json(json.dumps(summary))
+        out.print_json(json.dumps({**summary, "work_folder": work}))
         return
     table = Table(title=f"swudi plan: {cfg.method} ({get_method(cfg.method).kind}) {cfg.params}")
     lora = any("adapter_ranks" in row for row in summary["tensors"])  # LoRA experts: ranks and path
@@ -216,7 +229,6 @@ def plan(
         f"counts: {summary['counts']}; reads about {format_bytes(summary['estimated_read_bytes'])}; "
         f"decompositions about {summary['estimated_decomposition_gflop']} GFLOP"
     )
-    work = summary["work_folder"]
     out.print(
         f"work folder {work['url']}: {work['files']} artefacts, {format_bytes(work['bytes'])}; for this "
         f"setting {work['stored']['merged']} of {work['needed']['merged']} merged and "
@@ -227,7 +239,7 @@ def plan(
         out.print(f"[yellow]warning:[/yellow] {warning}")
 
 
-def _lora_cells(row: dict[str, Any]) -> list[str]:
+def _lora_cells(row: TensorRow) -> list[str]:
     """``4+0+full`` (each expert's LoRA rank, "full" for a full tensor) and the decomposition path."""
     ranks = row.get("adapter_ranks")
     if ranks is None:
@@ -344,7 +356,7 @@ def demo(
         cfg = load_config(config_path)
         if _report_up_to_date(cfg):
             return
-        result = run_flow_and_settle(cfg)
+        result = run_merge_and_settle(cfg)
     except (SwudiError, OSError) as error:
         _refuse(error)
     print_result(result)
@@ -421,7 +433,7 @@ def sweep(
     try:
         cfg = _load(config, None, overrides)
         points = point_configs(cfg, parse_grid(grid))
-        summary = run_flow_and_settle(cfg, grid)
+        summary = run_sweep_and_settle(cfg, grid)
     except (SwudiError, OSError) as error:
         _refuse(error)
     table = Table(title=f"swudi sweep: {len(points)} points")

@@ -10,16 +10,26 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from swudi.config.merge_config import MergeConfig
 
-__all__ = ["run_flow_and_settle", "run_refresh", "serve_refresh_deployment"]
+if TYPE_CHECKING:
+    from swudi.pipeline.results import MergeResult
+
+__all__ = ["run_merge_and_settle", "run_sweep_and_settle", "run_refresh", "serve_refresh_deployment"]
 
 
-def run_flow_and_settle(config: MergeConfig, grid: list[str] | None = None) -> dict[str, Any]:
-    """:func:`flows.commands.run_flow_and_settle`: the merge flow (or the sweep flow over ``grid``)."""
-    from flows.commands import run_flow_and_settle as run
+def run_merge_and_settle(config: MergeConfig) -> MergeResult:
+    """:func:`flows.commands.run_merge_and_settle`: the merge flow."""
+    from flows.commands import run_merge_and_settle as run
+
+    return run(config)
+
+
+def run_sweep_and_settle(config: MergeConfig, grid: list[str]) -> dict[str, Any]:
+    """:func:`flows.commands.run_sweep_and_settle`: the sweep flow over ``grid``."""
+    from flows.commands import run_sweep_and_settle as run
 
     return run(config, grid)
 

@@ -13,7 +13,7 @@ import logging
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NotRequired, TypedDict
 
 from swudi.config.merge_config import MergeConfig
 from swudi.core.routing import Route, route_tensor
@@ -354,7 +354,35 @@ def version_id(config: MergeConfig, plan: MergePlan) -> str:
     return digest(merge_code(config.method), plan.inputs_fingerprint, settings)[:16]
 
 
-def describe_plan(config: MergeConfig, plan: MergePlan) -> dict[str, Any]:
+class TensorRow(TypedDict):
+    """One tensor's row of :func:`describe_plan`; the last four only with LoRA experts."""
+
+    name: str
+    shape: list[int]
+    dtype: str
+    treatment: str  # "layer" (a 2-D weight merged by the method), a group route, or "base ..."
+    adapter_ranks: NotRequired[list[int | None]]  # per expert; None: a full tensor
+    path: NotRequired[str]  # "factor space" or "dense"
+    decomposition_gflop: NotRequired[float]
+    path_reason: NotRequired[str]  # why the dense path
+
+
+class PlanDescription(TypedDict):
+    """:func:`describe_plan`: what a merge of this config would do, from headers alone (JSON-able)."""
+
+    base: str
+    experts: list[str]
+    method: str
+    params: dict[str, Any]
+    scale: float
+    counts: dict[str, int]  # tensors per treatment
+    estimated_read_bytes: int
+    estimated_decomposition_gflop: float
+    warnings: list[str]
+    tensors: list[TensorRow]
+
+
+def describe_plan(config: MergeConfig, plan: MergePlan) -> PlanDescription:
     """A JSON-able summary of the plan: counts, estimated work and the per-tensor routes."""
     spec = get_method(config.method)
     n = len(plan.expert_urls)
@@ -421,9 +449,9 @@ def dense_path_reason(job: TensorJob, config: MergeConfig) -> str | None:
     return f"decomposition.max_rank {config.decomposition.max_rank} < sum of ranks {total}"
 
 
-def _describe_job(job: TensorJob, config: MergeConfig, kind: str, num_experts: int) -> dict[str, Any]:
+def _describe_job(job: TensorJob, config: MergeConfig, kind: str, num_experts: int) -> TensorRow:
     """One tensor's row of the plan; with LoRA experts, their ranks and the decomposition path."""
-    row: dict[str, Any] = {
+    row: TensorRow = {
         "name": job.name,
         "shape": list(job.shape),
         "dtype": job.dtype,
