@@ -27,6 +27,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 
 def _cpu() -> float:
@@ -65,7 +66,7 @@ def main() -> None:
     base, experts = write_synthetic_models(str(root / "in"), args.experts, model)
     common = {"base": base, "experts": experts, "output": str(root / "out"), "method": "swudi",
               "device": "cpu", "workers": args.workers}
-    runs = [("first merge (t=1300)", {"params": {"t": 1300.0}}),
+    runs: list[tuple[str, dict[str, Any]]] = [("first merge (t=1300)", {"params": {"t": 1300.0}}),
             ("sweep point: t=300", {"params": {"t": 300.0}}),
             ("sweep point: t=300, scale=0.5", {"params": {"t": 300.0}, "scale": 0.5})]
     rows = []

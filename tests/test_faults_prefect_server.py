@@ -66,7 +66,7 @@ def _alive(pid: int) -> bool:
 
 def test_a_server_that_does_not_answer_in_time_is_stopped_with_a_clear_message() -> None:
     server = PrefectServer(startup_timeout_s=0.5, attempts=1)
-    with pytest.raises(SwudiError, match="did not answer within 0 s|did not answer within 1 s") as caught:
+    with pytest.raises(SwudiError, match=r"did not answer within [01] s") as caught:
         server.start()
     assert "PREFECT_API_URL" in str(caught.value) and "\n" not in str(caught.value)
     assert server.process is None  # stopped, not left running

@@ -246,7 +246,7 @@ def _set_interop_once(threads: int) -> None:
 def _limit_other_pools(threads: int) -> None:
     """Bound the BLAS/OpenMP pools torch does not own (e.g. numpy's OpenBLAS), if threadpoolctl is here."""
     try:
-        from threadpoolctl import threadpool_limits  # type: ignore[import-untyped]
+        from threadpoolctl import threadpool_limits
     except ImportError:  # optional: not a dependency of swudi
         return
     threadpool_limits(limits=threads)
