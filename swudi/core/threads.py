@@ -194,7 +194,7 @@ def _dask_worker_threads(default: int) -> int:
     """Threads of the Dask worker running this code, or ``default`` outside a Dask worker."""
     try:
         from distributed import get_worker
-    except ImportError:  # pragma: no cover - distributed is a dependency
+    except ImportError:  # pragma: no cover - distributed comes with the [dask] extra
         return default
     try:
         worker = get_worker()
