@@ -33,10 +33,10 @@ from pydantic import (
 from swudi.config.strict_yaml import load_yaml
 from swudi.config.validation import StrictModel
 from swudi.errors import ConfigError
-from swudi.io.writer import parse_size
 from swudi.storage.filesystem import is_local_url
 from swudi.storage.locations import check_locations
 from swudi.storage.retry import RETRY_KEY
+from swudi.units import parse_size
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ import logging
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NotRequired, TypedDict
 
 from swudi.config.merge_config import MergeConfig
 from swudi.core.routing import Route, route_tensor
@@ -393,7 +393,37 @@ def version_id(config: MergeConfig, plan: MergePlan) -> str:
     return digest(merge_code(config.method), plan.inputs_fingerprint, settings)[:16]
 
 
-def describe_plan(config: MergeConfig, plan: MergePlan) -> dict[str, Any]:
+class TensorRow(TypedDict):
+    """One tensor's row of :func:`describe_plan`; the last four only with LoRA experts."""
+
+    name: str
+    shape: list[int]
+    dtype: str
+    treatment: str  # "layer" (a 2-D weight merged by the method), a group route, or "base ..."
+    adapter_ranks: NotRequired[list[int | None]]  # per expert; None: a full tensor
+    path: NotRequired[str]  # "factor space" or "dense"
+    decomposition_gflop: NotRequired[float]
+    path_reason: NotRequired[str]  # why the dense path
+    rows: NotRequired[dict[str, int]]  # vocab tensors of vocab-extended experts: merged, appended, padding
+
+
+class PlanDescription(TypedDict):
+    """:func:`describe_plan`: what a merge of this config would do, from headers alone (JSON-able)."""
+
+    base: str
+    experts: list[str]
+    method: str
+    params: dict[str, Any]
+    scale: float
+    counts: dict[str, int]  # tensors per treatment
+    estimated_read_bytes: int
+    estimated_decomposition_gflop: float
+    warnings: list[str]
+    vocab: NotRequired[dict[str, Any]]  # vocab-extended experts (VocabPlan.describe)
+    tensors: list[TensorRow]
+
+
+def describe_plan(config: MergeConfig, plan: MergePlan) -> PlanDescription:
     """A JSON-able summary of the plan: counts, estimated work and the per-tensor routes."""
     spec = get_method(config.method)
     n = len(plan.expert_urls)
@@ -403,7 +433,7 @@ def describe_plan(config: MergeConfig, plan: MergePlan) -> dict[str, Any]:
         read_bytes += job.nbytes + sum(input_nbytes(x) for x in job.experts) if job.route != "base" else job.nbytes
         if job.is_matrix and spec.kind == "spectral":
             flops += layer_cost(job, n)  # C (or thin SVD) + eigensolver, or the factor-space work
-    return {
+    described: PlanDescription = {
         "base": plan.base_url,
         "experts": list(plan.expert_urls),
         "method": config.method,
@@ -413,9 +443,11 @@ def describe_plan(config: MergeConfig, plan: MergePlan) -> dict[str, Any]:
         "estimated_read_bytes": read_bytes,
         "estimated_decomposition_gflop": round(flops / 1e9, 3),
         "warnings": list(plan.warnings),
-        **({"vocab": plan.vocab.describe(plan.expert_urls)} if plan.vocab is not None else {}),
         "tensors": [_describe_job(job, config, spec.kind, n, plan.vocab) for job in plan.jobs],
     }
+    if plan.vocab is not None:
+        described["vocab"] = plan.vocab.describe(plan.expert_urls)
+    return described
 
 
 def adapter_output_problems(plan: MergePlan, config: MergeConfig) -> list[str]:
@@ -468,10 +500,10 @@ def dense_path_reason(job: TensorJob, config: MergeConfig) -> str | None:
 
 def _describe_job(
     job: TensorJob, config: MergeConfig, kind: str, num_experts: int, vocab: VocabPlan | None = None
-) -> dict[str, Any]:
+) -> TensorRow:
     """One tensor's row of the plan; with LoRA experts, their ranks and the decomposition path;
     for a vocab tensor of vocab-extended experts, its rows merged, appended and padding."""
-    row: dict[str, Any] = {
+    row: TensorRow = {
         "name": job.name,
         "shape": list(job.shape),
         "dtype": job.dtype,

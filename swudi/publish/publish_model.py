@@ -12,7 +12,7 @@ import json
 import logging
 import time
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, TypedDict
 
 from swudi.config.merge_config import MergeConfig
 from swudi.evaluators.relative import relative_evaluations
@@ -40,6 +40,32 @@ log = logging.getLogger(__name__)
 LOCK_WAIT_S = 600.0
 
 
+class IoSummary(TypedDict):
+    """Bytes a merge run read (:func:`io_summary`)."""
+
+    input_bytes: int  # tensors + headers of the input checkpoints
+    input_tensor_bytes: int
+    header_bytes: int
+    work_bytes: int  # artefacts read back from the work folder
+    per_checkpoint: list[dict[str, Any]]
+
+
+class PublishResult(TypedDict):
+    """What :func:`publish_merged_model` published: the ``latest.json`` pointer, the version's URL,
+    its merge report, the seconds the publish took and the bytes this run read."""
+
+    version: str
+    path: str  # relative to the output: versions/<id>
+    url: str
+    published_at: str
+    completed_at: str
+    previous: str | None  # the version latest named before
+    method: str
+    report: dict[str, Any]
+    seconds: float
+    io: IoSummary
+
+
 def publish_merged_model(
     config: MergeConfig,
     plan: MergePlan,
@@ -47,7 +73,7 @@ def publish_merged_model(
     diagnostics: Mapping[str, Any],
     timings: Mapping[str, Any] | None = None,
     io: Mapping[str, Any] | None = None,
-) -> dict[str, Any]:
+) -> PublishResult:
     """Write (or find) this merge's version under ``config.output`` and point ``latest.json`` at it.
 
     ``io`` holds the bytes this run read so far (:func:`swudi.pipeline.bytes_read` + ``headers``);
@@ -108,13 +134,18 @@ def publish_merged_model(
                 log.info("%s: pruned versions %s", config.output, ", ".join(removed))
     if not report:
         report = read_report(config.output, version, config.storage_options)
-    return {
-        **pointer,
-        "url": pointer.get("url") or join_url(config.output, pointer["path"]),
-        "report": report,
-        "seconds": time.perf_counter() - started,
-        "io": io_summary(plan, reads),
-    }
+    return PublishResult(
+        version=str(pointer["version"]),
+        path=str(pointer["path"]),
+        url=str(pointer.get("url") or join_url(config.output, pointer["path"])),
+        published_at=str(pointer["published_at"]),
+        completed_at=str(pointer["completed_at"]),
+        previous=pointer.get("previous"),
+        method=str(pointer.get("method", config.method)),
+        report=report,
+        seconds=time.perf_counter() - started,
+        io=io_summary(plan, reads),
+    )
 
 
 def write_model_card(config: MergeConfig, base: Checkpoint, report: Mapping[str, Any], version_url: str) -> str:
@@ -145,7 +176,7 @@ def write_model_card(config: MergeConfig, base: Checkpoint, report: Mapping[str,
     return url
 
 
-def io_summary(plan: MergePlan, reads: Mapping[str, Any]) -> dict[str, Any]:
+def io_summary(plan: MergePlan, reads: Mapping[str, Any]) -> IoSummary:
     """Bytes read per input checkpoint (tensor data and headers), from the work folder, and in total."""
     headers = list(reads.get("headers") or [0] * (len(plan.expert_urls) + 1))
     tensors = [int(reads["base"]), *(int(n) for n in reads["experts"])]
@@ -156,13 +187,13 @@ def io_summary(plan: MergePlan, reads: Mapping[str, Any]) -> dict[str, Any]:
             roles, [plan.base_url, *plan.expert_urls], tensors, headers, _needed_tensor_bytes(plan), strict=True
         )
     ]
-    return {
-        "input_bytes": sum(tensors) + sum(headers),
-        "input_tensor_bytes": sum(tensors),
-        "header_bytes": sum(headers),
-        "work_bytes": int(reads["work"]),
-        "per_checkpoint": per_checkpoint,
-    }
+    return IoSummary(
+        input_bytes=sum(tensors) + sum(headers),
+        input_tensor_bytes=sum(tensors),
+        header_bytes=sum(headers),
+        work_bytes=int(reads["work"]),
+        per_checkpoint=per_checkpoint,
+    )
 
 
 def _needed_tensor_bytes(plan: MergePlan) -> list[int]:
