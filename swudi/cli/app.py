@@ -335,13 +335,19 @@ def list_methods(
         typer.echo(methods_markdown())
         return
     table = Table(title="swudi merge methods")
-    for column in ("method", "kind", "description", "parameters (defaults)"):
+    for column in ("method", "kind", "description", "source", "parameters (defaults)"):
         table.add_column(column, no_wrap=column in ("method", "kind"), overflow="fold")
     for row in method_rows():
         table.add_row(
             *(
                 Text(text)
-                for text in (row["name"], row["kind"], row["description"], ", ".join(row["parameters"]) or "-")
+                for text in (
+                    row["name"],
+                    row["kind"],
+                    row["description"],
+                    row["source"] or "-",
+                    ", ".join(row["parameters"]) or "-",
+                )
             )
         )
     out.print(table)
