@@ -296,6 +296,12 @@ def plan(
         f"counts: {summary['counts']}; reads about {summary['estimated_read_bytes'] / 1e6:.1f} MB; "
         f"decompositions about {summary['estimated_decomposition_gflop']} GFLOP"
     )
+    if summary["estimated_task_svd_bytes"]:
+        what = f"{cfg.method}" + (f" + post {cfg.post}" if cfg.post else "")
+        out.print(
+            f"per-task SVDs ({what}): at most {summary['estimated_task_svd_bytes'] / 1e6:.1f} MB extra in the work "
+            "folder (WORK/task_svds), shared by every subspace method and post-filter"
+        )
     work = summary["work_folder"]
     out.print(
         f"work folder {work['url']}: {work['files']} artefacts, {work['bytes'] / 1e6:.1f} MB; for this "
@@ -314,7 +320,8 @@ def _lora_cells(row: dict[str, Any]) -> list[str]:
         return ["", ""]
     path = row.get("path", "")
     if path:
-        path += f", {row['decomposition_gflop']:g} GFLOP" + (f" ({row['path_reason']})" if "path_reason" in row else "")
+        gflop = f", {row['decomposition_gflop']:g} GFLOP" if "decomposition_gflop" in row else ""
+        path += gflop + (f" ({row['path_reason']})" if "path_reason" in row else "")
     return ["+".join("full" if r is None else str(r) for r in ranks), path]
 
 

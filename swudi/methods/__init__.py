@@ -22,6 +22,7 @@ from swudi.methods.declarations import (
     spectral_method,
     unregister_method,
     validate_params,
+    validate_post_params,
 )
 
 __all__ = [
@@ -45,4 +46,5 @@ __all__ = [
     "spectral_method",
     "unregister_method",
     "validate_params",
+    "validate_post_params",
 ]

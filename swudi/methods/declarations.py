@@ -102,6 +102,7 @@ __all__ = [
     "spectral_method",
     "unregister_method",
     "validate_params",
+    "validate_post_params",
 ]
 
 logger = logging.getLogger(__name__)
@@ -397,6 +398,11 @@ def get_method(name: str | MethodSpec) -> MethodSpec:
 def validate_params(method: str, params: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The method's full parameter dict (defaults filled in); :class:`ConfigError` if invalid."""
     return get_method(method).validate(params).model_dump()
+
+
+def validate_post_params(post: str, params: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The post-filter's full parameter dict (defaults filled in); :class:`ConfigError` if invalid."""
+    return get_post_filter(post).validate(params).model_dump()
 
 
 def _init_mode(p: BaseModel) -> str:
