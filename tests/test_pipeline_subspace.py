@@ -88,3 +88,64 @@ def test_subspace_methods_and_post_filter_through_the_flow(prefect_api: str, tmp
     assert _expert_bytes(fourth) == 0  # stored deltas + stored task SVDs
     want = _with_svc(merge_state_dicts(base, experts, "task_arithmetic", scale=2.0, device="cpu"), 2.0)
     _close(_published(common["output"]), want)
+
+    fifth = run_merge(config_from_mapping({**common, "method": "task_arithmetic", "scale": 2.0}))
+    assert fifth["version"] != fourth["version"] and _expert_bytes(fifth) == 0  # no post: another version
+    _close(_published(common["output"]), merge_state_dicts(base, experts, "task_arithmetic", scale=2.0, device="cpu"))
+
+
+# ------------------------------------------------------------------------------ LoRA experts
+LORA = {
+    "a": {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]},
+    "b": {"r": 2, "lora_alpha": 2, "target_modules": ["q_proj", "v_proj"]},
+}
+
+
+def test_lora_experts_in_factor_space_and_the_plan(tmp_path: Path) -> None:
+    """Per-task SVDs of LoRA experts come from their factors; the layer equals the in-memory merge of
+    PEFT's dense experts; the plan shows the path (ACE: dense, with its reason) and the storage."""
+    from swudi.core.task_svd import TaskSVDs
+    from swudi.pipeline.layer_step import merge_layer
+    from tests.helpers.lora import llama_config, write_adapter, write_base, write_full_expert
+
+    config = llama_config()
+    base = write_base(tmp_path / "base", config)
+    dense = [write_adapter(tmp_path / name, config, seed=i + 1, **spec) for i, (name, spec) in enumerate(LORA.items())]
+    common = {"base": str(tmp_path / "base"), "experts": [str(tmp_path / n) for n in LORA], "device": "cpu"}
+    name = "model.layers.0.self_attn.q_proj.weight"
+    m, d = base[name].shape
+
+    cfg = config_from_mapping({**common, "output": str(tmp_path / "out"), "method": "tsv_m", "post": "svc"})
+    rows = {row["name"]: row for row in describe_plan(cfg, build_plan(cfg))["tensors"]}
+    assert rows[name]["path"] == "factor space" and rows[name]["task_svd_bytes"] == 4 * (m + d + 1) * (4 + 2)
+    job = next(j for j in build_plan(cfg).layer_jobs if j.name == name)
+    record = merge_layer(job, cfg)
+    stored = list((tmp_path / "out" / ".swudi-work" / "task_svds").glob("*.safetensors"))
+    svds = TaskSVDs.from_tensors(*_load(stored[0]))
+    assert svds.route == "factors" and svds.ranks == [4, 2]
+    want = merge_state_dicts(base, dense, "tsv_m", device="cpu")[name]
+    tv = torch.stack([e[name] - base[name] for e in dense])
+    want = base[name] + apply_post_filter(want - base[name], task_svds(tv, device="cpu"), "svc", device="cpu")
+    got = Checkpoint.open(record.url).read(name)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * float((want - base[name]).abs().max()))
+
+    ace = config_from_mapping({**common, "output": str(tmp_path / "o2"), "method": "ace"})
+    row = {r["name"]: r for r in describe_plan(ace, build_plan(ace))["tensors"]}[name]
+    assert row["path"] == "dense" and "d x d system" in row["path_reason"]
+    write_full_expert(tmp_path / "full", base, seed=9, config=config)
+    mixed = config_from_mapping(
+        {
+            **common,
+            "experts": [str(tmp_path / "a"), str(tmp_path / "full")],
+            "output": str(tmp_path / "o3"),
+            "method": "iso_c",
+        }
+    )
+    row = {r["name"]: r for r in describe_plan(mixed, build_plan(mixed))["tensors"]}[name]
+    assert row["path"] == "dense" and "full checkpoint" in row["path_reason"]
+    assert row["task_svd_bytes"] == 4 * (m + d + 1) * (4 + min(m, d))
+
+
+def _load(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    artefact = Checkpoint.open(str(path))
+    return artefact.state_dict(), dict(artefact.metadata)

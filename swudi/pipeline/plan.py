@@ -360,6 +360,8 @@ def version_id(config: MergeConfig, plan: MergePlan) -> str:
         settings["evaluators"] = [e.model_dump() for e in config.evaluators]
     if config.output_format != "model":  # the version holds more files (keeps earlier ids unchanged)
         settings["output_format"] = config.output_format
+    if config.post is not None:  # another merged update (keeps earlier ids unchanged)
+        settings["post"] = {"name": config.post, "params": config.post_params}
     return digest(merge_code(config.method), plan.inputs_fingerprint, settings)[:16]
 
 
