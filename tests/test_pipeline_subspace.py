@@ -149,3 +149,34 @@ def test_lora_experts_in_factor_space_and_the_plan(tmp_path: Path) -> None:
 def _load(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     artefact = Checkpoint.open(str(path))
     return artefact.state_dict(), dict(artefact.metadata)
+
+
+def test_layer_step_on_local_and_s3_reuses_the_stored_task_svds(store) -> None:
+    """One weight, no Prefect: the first subspace merge reads the experts once and stores the per-task
+    SVDs; another method, a post-filter and a resume read no expert byte (local folder and S3)."""
+    from swudi.pipeline.layer_step import merge_layer
+
+    opts = store.storage_options
+    base_url, expert_urls = write_synthetic_models(store.url("in"), N, MODEL, storage_options=opts)
+    common = {"base": base_url, "experts": expert_urls, "output": store.url("out"), "device": "cpu"}
+    common["storage_options"] = opts or {}
+    base, experts = _inputs()
+    name = "encoder.layer.0.attention.self.query.weight"
+
+    def layer(**settings):  # type: ignore[no-untyped-def]
+        cfg = config_from_mapping({**common, **settings})
+        job = next(j for j in build_plan(cfg).layer_jobs if j.name == name)
+        record = merge_layer(job, cfg)
+        return record, Checkpoint.open(record.url, cfg.storage_options).read(name)
+
+    first, got = layer(method="iso_c")
+    assert first.decomposed and sum(first.bytes_read[1:]) > 0
+    torch.testing.assert_close(got, merge_state_dicts(base, experts, "iso_c", device="cpu")[name])
+    second, got = layer(method="cart", params={"rank_ratio": 0.3})
+    assert not second.decomposed and sum(second.bytes_read[1:]) == 0 and second.work_bytes_read > 0
+    want = merge_state_dicts(base, experts, "cart", device="cpu", rank_ratio=0.3)[name]
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    third, _ = layer(method="ace", post="svc", post_params={"alpha": 0.5})
+    assert sum(third.bytes_read[1:]) == 0
+    resumed, _ = layer(method="ace", post="svc", post_params={"alpha": 0.5})
+    assert (resumed.key, resumed.seconds) == (third.key, third.seconds)  # loaded: nothing recomputed

@@ -307,7 +307,12 @@ def plan(
         f"work folder {work['url']}: {work['files']} artefacts, {work['bytes'] / 1e6:.1f} MB; for this "
         f"setting {work['stored']['merged']} of {work['needed']['merged']} merged and "
         f"{work['stored']['decompositions']} of {work['needed']['decompositions']} decompositions "
-        f"are stored (`swudi gc` removes what no setting needs)"
+        + (
+            f"and {work['stored']['task_svds']} of {work['needed']['task_svds']} per-task SVDs "
+            if work["needed"].get("task_svds")
+            else ""
+        )
+        + "are stored (`swudi gc` removes what no setting needs)"
     )
     for warning in summary["warnings"]:
         out.print(f"[yellow]warning:[/yellow] {warning}")
