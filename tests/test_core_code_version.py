@@ -144,7 +144,7 @@ def current_cache_keys(tmp_path: Path) -> dict[str, str]:
     """The code digests and the four artefact keys of one fixed job (inputs fingerprinted by name only:
     a file's fingerprint holds its mtime and inode)."""
     from swudi.methods import METHODS
-    from swudi.pipeline.code_version import decomposition_code
+    from swudi.pipeline.code_version import decomposition_code, task_svd_code
     from swudi.pipeline.plan import TensorJob, build_plan
 
     base, experts = write_synthetic_models(str(tmp_path / "in"), 2, SyntheticModel(layers=1, hidden=8,
@@ -160,13 +160,15 @@ def current_cache_keys(tmp_path: Path) -> dict[str, str]:
     finally:
         TensorJob.input_key = original  # type: ignore[method-assign]
     keys["decomposition_code"] = decomposition_code()
+    keys["task_svd_code"] = task_svd_code()
     keys.update({f"merge_code:{name}": merge_code(name) for name in sorted(METHODS)})
     return keys
 
 
 def _keys(job, group, cfg) -> dict[str, str]:
     return {"decomposition_key": decomposition_key(job, cfg), "layer_merge_key": layer_merge_key(job, cfg),
-            "group_merge_key": group_merge_key(group, cfg), "delta_key": delta_key(group, cfg)}
+            "group_merge_key": group_merge_key(group, cfg), "delta_key": delta_key(group, cfg),
+            "task_svd_key": cache_keys.task_svd_key(job)}
 
 
 def test_cache_keys_equal_the_recorded_ones(tmp_path: Path) -> None:

@@ -233,13 +233,24 @@ def plan(
         f"counts: {summary['counts']}; reads about {format_bytes(summary['estimated_read_bytes'])}; "
         f"decompositions about {summary['estimated_decomposition_gflop']} GFLOP"
     )
+    if summary["estimated_task_svd_bytes"]:
+        what = f"{cfg.method}" + (f" + post {cfg.post}" if cfg.post else "")
+        out.print(
+            f"per-task SVDs ({what}): at most {summary['estimated_task_svd_bytes'] / 1e6:.1f} MB extra in the work "
+            "folder (WORK/task_svds), shared by every subspace method and post-filter"
+        )
     if "vocab" in summary:
         out.print(_vocab_line(summary["vocab"]))
     out.print(
         f"work folder {work['url']}: {work['files']} artefacts, {format_bytes(work['bytes'])}; for this "
         f"setting {work['stored']['merged']} of {work['needed']['merged']} merged and "
         f"{work['stored']['decompositions']} of {work['needed']['decompositions']} decompositions "
-        f"are stored (`swudi gc` removes what no setting needs)"
+        + (
+            f"and {work['stored']['task_svds']} of {work['needed']['task_svds']} per-task SVDs "
+            if work["needed"].get("task_svds")
+            else ""
+        )
+        + "are stored (`swudi gc` removes what no setting needs)"
     )
     for warning in summary["warnings"]:
         out.print(f"[yellow]warning:[/yellow] {warning}")
@@ -267,7 +278,8 @@ def _lora_cells(row: TensorRow) -> list[str]:
         return ["", ""]
     path = row.get("path", "")
     if path:
-        path += f", {row['decomposition_gflop']:g} GFLOP" + (f" ({row['path_reason']})" if "path_reason" in row else "")
+        gflop = f", {row['decomposition_gflop']:g} GFLOP" if "decomposition_gflop" in row else ""
+        path += gflop + (f" ({row['path_reason']})" if "path_reason" in row else "")
     return ["+".join("full" if r is None else str(r) for r in ranks), path]
 
 
@@ -288,13 +300,19 @@ def list_methods(
         typer.echo(methods_markdown())
         return
     table = Table(title="swudi merge methods")
-    for column in ("method", "kind", "description", "parameters (defaults)"):
+    for column in ("method", "kind", "description", "source", "parameters (defaults)"):
         table.add_column(column, no_wrap=column in ("method", "kind"), overflow="fold")
     for row in method_rows():
         table.add_row(
             *(
                 Text(text)
-                for text in (row["name"], row["kind"], row["description"], ", ".join(row["parameters"]) or "-")
+                for text in (
+                    row["name"],
+                    row["kind"],
+                    row["description"],
+                    row["source"] or "-",
+                    ", ".join(row["parameters"]) or "-",
+                )
             )
         )
     out.print(table)

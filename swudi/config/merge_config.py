@@ -158,6 +158,10 @@ class MergeConfig(StrictModel):
     method: str = "swudi_a"
     params: dict[str, Any] = Field(default_factory=dict, description="method parameters")
     scale: float = Field(1.0, description="alpha in W = W0 + alpha * theta")
+    post: str | None = Field(
+        None, description="post-filter of every 2-D weight's theta after the method (`swudi methods`: svc)"
+    )
+    post_params: dict[str, Any] = Field(default_factory=dict, description="post-filter parameters")
     output: Location = Field(description="where versions are published (with a latest.json pointer)")
     work_dir: Location | None = Field(
         None, description="cache of decompositions and merged tensors; default: OUTPUT/.swudi-work"
@@ -225,6 +229,12 @@ class MergeConfig(StrictModel):
         from swudi.methods import validate_params
 
         object.__setattr__(self, "params", validate_params(self.method, self.params))
+        if self.post is not None:
+            from swudi.methods import validate_post_params
+
+            object.__setattr__(self, "post_params", validate_post_params(self.post, self.post_params))
+        elif self.post_params:
+            raise ValueError("post_params given without a post-filter (set `post`, e.g. post: svc)")
         check_locations(self.base, self.experts, self.output, self.resolved_work_dir)
         return self
 

@@ -193,6 +193,15 @@ def batch_blocks(jobs: list[TensorJob], num_experts: int, workers: int, per_work
     return batches
 
 
+def task_svd_bytes(job: TensorJob) -> int:
+    """Upper bound of the bytes of a weight's stored per-task SVDs (:mod:`swudi.core.task_svd`):
+    4 (m + d + 1) k_i per expert, k_i = its LoRA rank, or min(m, d) for a full tensor (the numerical
+    rank of a dense update is usually min(m, d)); 0 for an expert that leaves the weight unchanged."""
+    m, d = job.shape[0], job.shape[1]
+    ranks = [min(m, d) if r is None else r for r in job.lora_ranks]
+    return 4 * (m + d + 1) * sum(ranks)
+
+
 def task_memory_bytes(job: TensorJob, num_experts: int) -> int:
     """Rough peak bytes of merging one 2-D weight in a task: its raw inputs twice (this weight and
     the next one, read ahead), the float32 task vectors, C's eigen-pieces (3 x k x d floats,
@@ -390,6 +399,8 @@ def version_id(config: MergeConfig, plan: MergePlan) -> str:
         ]
     if config.output_format != "model":  # the version holds more files (keeps earlier ids unchanged)
         settings["output_format"] = config.output_format
+    if config.post is not None:  # another merged update (keeps earlier ids unchanged)
+        settings["post"] = {"name": config.post, "params": config.post_params}
     return digest(merge_code(config.method), plan.inputs_fingerprint, settings)[:16]
 
 
@@ -404,6 +415,7 @@ class TensorRow(TypedDict):
     path: NotRequired[str]  # "factor space" or "dense"
     decomposition_gflop: NotRequired[float]
     path_reason: NotRequired[str]  # why the dense path
+    task_svd_bytes: NotRequired[int]  # per-task SVDs stored for a subspace method or a post-filter
     rows: NotRequired[dict[str, int]]  # vocab tensors of vocab-extended experts: merged, appended, padding
 
 
@@ -418,6 +430,9 @@ class PlanDescription(TypedDict):
     counts: dict[str, int]  # tensors per treatment
     estimated_read_bytes: int
     estimated_decomposition_gflop: float
+    post: str | None  # the post-filter (svc) applied after the method, if any
+    post_params: dict[str, Any]
+    estimated_task_svd_bytes: int  # per-task SVDs stored for subspace methods / post-filters (upper bound)
     warnings: list[str]
     vocab: NotRequired[dict[str, Any]]  # vocab-extended experts (VocabPlan.describe)
     tensors: list[TensorRow]
@@ -429,10 +444,13 @@ def describe_plan(config: MergeConfig, plan: MergePlan) -> PlanDescription:
     n = len(plan.expert_urls)
     flops = 0.0
     read_bytes = 0
+    svd_bytes = 0
     for job in plan.jobs:
         read_bytes += job.nbytes + sum(input_nbytes(x) for x in job.experts) if job.route != "base" else job.nbytes
         if job.is_matrix and spec.kind == "spectral":
             flops += layer_cost(job, n)  # C (or thin SVD) + eigensolver, or the factor-space work
+        if job.is_matrix and (spec.kind == "subspace" or config.post is not None):
+            svd_bytes += task_svd_bytes(job)
     described: PlanDescription = {
         "base": plan.base_url,
         "experts": list(plan.expert_urls),
@@ -442,6 +460,10 @@ def describe_plan(config: MergeConfig, plan: MergePlan) -> PlanDescription:
         "counts": plan.counts(),
         "estimated_read_bytes": read_bytes,
         "estimated_decomposition_gflop": round(flops / 1e9, 3),
+        "post": config.post,
+        "post_params": config.post_params,
+        # the per-task SVDs a subspace method or a post-filter stores in WORK/task_svds (upper bound)
+        "estimated_task_svd_bytes": svd_bytes,
         "warnings": list(plan.warnings),
         "tensors": [_describe_job(job, config, spec.kind, n, plan.vocab) for job in plan.jobs],
     }
@@ -460,6 +482,8 @@ def adapter_output_problems(plan: MergePlan, config: MergeConfig) -> list[str]:
         )
     if get_method(config.method).kind != "spectral":
         problems.append(f"method {config.method!r} is not spectral: its merged update is not of low rank")
+    if config.post is not None:
+        problems.append(f"post-filter {config.post!r}: the merged update is not written from the decomposition")
     for job in plan.jobs:
         if job.route == "base":
             continue
@@ -485,10 +509,22 @@ def uses_factor_space(job: TensorJob, config: MergeConfig) -> bool:
 
 
 def dense_path_reason(job: TensorJob, config: MergeConfig) -> str | None:
-    """Why a 2-D weight with LoRA experts is decomposed densely (on B A), or None when it is not
-    (factor space, or no LoRA expert at all)."""
+    """Why a 2-D weight with LoRA experts is merged densely (on B A), or None when it is not
+    (factor space, or no LoRA expert at all).
+
+    Spectral methods decompose in factor space when the sum of ranks is below min(m, d); subspace
+    methods take each expert's SVD from its factors (any rank), unless a full tensor is among the
+    experts or the method's maths needs dense matrices (its ``dense_reason``, e.g. ACE's d x d solve).
+    """
     ranks = job.lora_ranks
-    if not job.is_matrix or uses_factor_space(job, config) or all(r is None for r in ranks):
+    if not job.is_matrix or all(r is None for r in ranks):
+        return None
+    spec = get_method(config.method)
+    if spec.kind == "subspace":
+        if any(r is None for r in ranks):
+            return "a full checkpoint or modules_to_save tensor among the experts"
+        return spec.dense_reason
+    if uses_factor_space(job, config):
         return None
     total = sum(r or 0 for r in ranks)
     if any(r is None for r in ranks):
@@ -521,10 +557,13 @@ def _describe_job(
         row["adapter_ranks"] = list(ranks)  # per expert; None: a full tensor
         if job.route == "base" and all(x is None for x in job.experts):
             row["treatment"] = "base (no expert changes it)"
-        elif job.is_matrix and kind == "spectral":
+        elif job.is_matrix and kind in ("spectral", "subspace"):
             reason = dense_path_reason(job, config)
             row["path"] = "dense" if reason else "factor space"
-            row["decomposition_gflop"] = round(layer_cost(job, num_experts) / 1e9, 6)
+            if kind == "spectral":
+                row["decomposition_gflop"] = round(layer_cost(job, num_experts) / 1e9, 6)
             if reason:
                 row["path_reason"] = reason
+    if job.is_matrix and (kind == "subspace" or config.post is not None):
+        row["task_svd_bytes"] = task_svd_bytes(job)
     return row
