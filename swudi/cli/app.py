@@ -567,13 +567,14 @@ def tune(
     try:
         cfg = _load(config, None, overrides)
         setup = prepare_tune(cfg, objective, grid, refine, minimize)
-        if dry_run:
-            table = Table(title=f"swudi tune {setup.tune_id}: {len(setup.candidates)} candidates on {objective}")
-            for column in ("candidate", "method", "params", "scale"):
-                table.add_column(column)
+        if dry_run:  # one line per candidate (greppable), nothing merged or evaluated
+            console.print(f"swudi tune {setup.tune_id}: {len(setup.candidates)} candidates on {objective}")
             for row in describe_candidates(setup.candidates):
-                table.add_row(row["label"], row["method"], str(row["params"]), _num(row["scale"]))
-            out.print(table)
+                out.print(
+                    f"{row['label']}  method={row['method']} params={row['params']} scale={row['scale']}",
+                    soft_wrap=True,
+                    markup=False,
+                )
             if refine:
                 out.print(f"then up to {refine} more scales around the best (bracketing + golden section)")
             return
