@@ -52,13 +52,24 @@ def _setup(root: str, options=None) -> tuple[str, list[str], str, torch.Tensor]:
 
 
 def _config(base, experts, target, output, log=None, options=None, evaluator_options=None):
-    return config_from_mapping({
-        "base": base, "experts": experts, "output": output, "method": "task_arithmetic", "params": {"scale": 1.0},
-        "device": "cpu",
-        "workers": 1, "storage_options": options or {},
-        "evaluators": [{"function": EVALUATOR, "options": {
-            "target": target, "names": NAMES, "log": log, **(evaluator_options or {})}}],
-    })
+    return config_from_mapping(
+        {
+            "base": base,
+            "experts": experts,
+            "output": output,
+            "method": "task_arithmetic",
+            "params": {"scale": 1.0},
+            "device": "cpu",
+            "workers": 1,
+            "storage_options": options or {},
+            "evaluators": [
+                {
+                    "function": EVALUATOR,
+                    "options": {"target": target, "names": NAMES, "log": log, **(evaluator_options or {})},
+                }
+            ],
+        }
+    )
 
 
 def test_tune_scores_candidates_from_stored_deltas_and_publishes_only_the_winner(prefect_api, tmp_path: Path):
@@ -124,9 +135,19 @@ def test_bad_objectives_fail_before_any_merge_and_a_non_number_after_one_release
     # an evaluator that gives NaN on a merged model: exit 2 naming it, lease released, nothing published
     nan = "tests.helpers.evaluators:nan_unless"
     path = tmp_path / "merge.yaml"
-    path.write_text(yaml.safe_dump({
-        "base": base, "experts": experts, "output": str(tmp_path / "out"), "method": "task_arithmetic",
-        "device": "cpu", "workers": 1, "evaluators": [{"function": nan, "options": {"base": base}}]}))
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "base": base,
+                "experts": experts,
+                "output": str(tmp_path / "out"),
+                "method": "task_arithmetic",
+                "device": "cpu",
+                "workers": 1,
+                "evaluators": [{"function": nan, "options": {"base": base}}],
+            }
+        )
+    )
     run = CliRunner().invoke(app, ["tune", str(path), "--objective", f"{nan}:all.distance", "--grid", "scale=0.5,1"])
     assert run.exit_code == 2, run.output
     assert f"evaluator '{nan}' returned nan" in " ".join(run.output.split())
@@ -137,19 +158,41 @@ def test_bad_objectives_fail_before_any_merge_and_a_non_number_after_one_release
 
 def test_cli_dry_run_and_empty_grid(tmp_path: Path) -> None:
     path = tmp_path / "merge.yaml"
-    path.write_text(yaml.safe_dump({
-        "base": str(tmp_path / "b"), "experts": [str(tmp_path / "e0"), str(tmp_path / "e1")],
-        "output": str(tmp_path / "out"), "evaluators": [{"function": EVALUATOR, "options": {"target": "t"}}]}))
-    run = CliRunner().invoke(app, ["tune", str(path), "--objective", OBJECTIVE, "--grid", "scale=0.5,1",
-                                   "--grid", "method=swudi_a,task_arithmetic", "--refine", "2", "--dry-run"])
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "base": str(tmp_path / "b"),
+                "experts": [str(tmp_path / "e0"), str(tmp_path / "e1")],
+                "output": str(tmp_path / "out"),
+                "evaluators": [{"function": EVALUATOR, "options": {"target": "t"}}],
+            }
+        )
+    )
+    run = CliRunner().invoke(
+        app,
+        [
+            "tune",
+            str(path),
+            "--objective",
+            OBJECTIVE,
+            "--grid",
+            "scale=0.5,1",
+            "--grid",
+            "method=swudi_a,task_arithmetic",
+            "--refine",
+            "2",
+            "--dry-run",
+        ],
+    )
     assert run.exit_code == 0, run.output
     for label in ("scale-0.5_method-swudi_a", "scale-1_method-task_arithmetic"):
         assert label in run.output
     assert "up to 2 more scales" in run.output and not (tmp_path / "out").exists()
     empty = CliRunner().invoke(app, ["tune", str(path), "--objective", OBJECTIVE])
     assert empty.exit_code == 2 and "at least one --grid" in empty.output
-    unknown = CliRunner().invoke(app, ["tune", str(path), "--objective", "mypkg.eval:evaluate:all.acc",
-                                       "--grid", "scale=1"])
+    unknown = CliRunner().invoke(
+        app, ["tune", str(path), "--objective", "mypkg.eval:evaluate:all.acc", "--grid", "scale=1"]
+    )
     assert unknown.exit_code == 2 and "is not one of the config's evaluators" in " ".join(unknown.output.split())
 
 
@@ -157,8 +200,14 @@ def test_tune_on_s3(prefect_api, s3_bucket) -> None:
     options = dict(s3_bucket.storage_options)
     root = f"{s3_bucket.url}/t"
     base, experts, target, norm = _setup(root, options)
-    cfg = _config(base, experts, target, f"{root}/out", options=options,
-                  evaluator_options={"storage_options": {"endpoint_url": s3_bucket.endpoint_url}})
+    cfg = _config(
+        base,
+        experts,
+        target,
+        f"{root}/out",
+        options=options,
+        evaluator_options={"storage_options": {"endpoint_url": s3_bucket.endpoint_url}},
+    )
     result = run_tune(cfg, OBJECTIVE, ["scale=0.5,1"], minimize=True)
     rows = result["rows"]
     assert [r["scale"] for r in rows] == [0.5, 1.0] and result["winner"]["scale"] == 0.5
@@ -168,8 +217,11 @@ def test_tune_on_s3(prefect_api, s3_bucket) -> None:
     assert latest["version"] == result["published"]["version"]
     fs, _ = resolve(root, options)
     assert not fs.exists(resolve(join_url(cfg.resolved_work_dir, "tune", result["tune_id"], "staged"), options)[1])
-    for url in (result["results"], join_url(cfg.resolved_work_dir, "scores.json"),
-                join_url(latest["url"], "merge_report.json")):
+    for url in (
+        result["results"],
+        join_url(cfg.resolved_work_dir, "scores.json"),
+        join_url(latest["url"], "merge_report.json"),
+    ):
         text = fs.cat_file(resolve(url, options)[1]).decode()
         assert "testing" not in text  # no credential is written (the key and secret are "testing")
     assert fs.cat_file(resolve(result["plot"], options)[1])[:4] == b"\x89PNG"

@@ -112,8 +112,13 @@ def test_scores_file_keys_by_model_and_evaluator_options(tmp_path: Path) -> None
 # ------------------------------------------------------------------------------ gate and tune
 def _config(tmp_path: Path, **extra):
     base, e0, e1 = (tmp_path / n for n in ("base", "e0", "e1"))
-    return {"base": str(base), "experts": [str(e0), str(e1)], "output": str(tmp_path / "out"),
-            "evaluators": [{"function": EVALUATOR, "options": {"target": "t"}}], **extra}
+    return {
+        "base": str(base),
+        "experts": [str(e0), str(e1)],
+        "output": str(tmp_path / "out"),
+        "evaluators": [{"function": EVALUATOR, "options": {"target": "t"}}],
+        **extra,
+    }
 
 
 def test_gate_config_is_strict(tmp_path: Path) -> None:
@@ -136,10 +141,17 @@ def test_prepare_tune_checks_everything_before_any_merge(tmp_path: Path) -> None
     cfg = config_from_mapping(_config(tmp_path))
     objective = f"{EVALUATOR}:all.distance"
     setup = prepare_tune(cfg, objective, ["scale=0.5,1", "params.t=100,200"], refine=2, minimize=True)
-    assert [c.label for c in setup.candidates] == ["scale-0.5_t-100", "scale-0.5_t-200", "scale-1_t-100", "scale-1_t-200"]
+    assert [c.label for c in setup.candidates] == [
+        "scale-0.5_t-100",
+        "scale-0.5_t-200",
+        "scale-1_t-100",
+        "scale-1_t-200",
+    ]
     for c in setup.candidates:  # staged in the work folder; no evaluator, gate, Hub push of their own
         assert c.config.output.startswith(cfg.resolved_work_dir + "/tune/" + setup.tune_id + "/staged/")
-        assert c.config.evaluators == [] and c.config.gate is None and c.config.resolved_work_dir == cfg.resolved_work_dir
+        assert (
+            c.config.evaluators == [] and c.config.gate is None and c.config.resolved_work_dir == cfg.resolved_work_dir
+        )
     assert prepare_tune(cfg, objective, ["scale=0.5,1"]).tune_id != setup.tune_id
     with pytest.raises(ConfigError, match="at least one --grid"):
         prepare_tune(cfg, objective, [])
