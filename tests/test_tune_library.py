@@ -73,7 +73,7 @@ def test_objective_names_one_of_the_evaluators() -> None:
     assert objective_value(dotted, {"valid.jsonl": {"loss": 2.5}}) == 2.5
     with pytest.raises(ConfigError, match=r"'mypkg.eval:evaluate' is not one of the config's evaluators \(tests"):
         parse_objective("mypkg.eval:evaluate:all.acc", evaluators)
-    with pytest.raises(ConfigError, match="module:function:TASK.METRIC"):
+    with pytest.raises(ConfigError, match=r"module:function:TASK\.METRIC"):
         parse_objective(f"{EVALUATOR}:nodot", evaluators)
 
 
