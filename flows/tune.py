@@ -90,14 +90,15 @@ class _Tuner:
         if cached is not None:
             log.info("tune: %s scored %.6g before (cached)", cand.label, cached.value)
             row.update(score=cached.value, merge_seconds=0.0, eval_seconds=cached.seconds, cached=True)
-            row.update(seconds=cached.seconds, expert_bytes_read=0, metrics=cached.metrics)
+            row.update(seconds=cached.seconds, expert_bytes_read=0, metrics=cached.metrics, merge_cpu_seconds=0.0)
             self._add(cand, row, set())
             return row
         self._clear_staged()
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), time.process_time()
         try:
             merged = run_merge(cand.config)
             merge_seconds = time.perf_counter() - started
+            merge_cpu = time.process_time() - cpu  # this process: the flow, its tasks (threads), publishing
             score: Score = evaluate(self.objective, merged["url"])
             self.store.put(key, self.objective, score, cand.label)
         finally:
@@ -106,6 +107,7 @@ class _Tuner:
         row.update(score=score.value, merge_seconds=round(merge_seconds, 3), eval_seconds=round(score.seconds, 3))
         row.update(seconds=round(merge_seconds + score.seconds, 3), expert_bytes_read=experts, cached=False)
         row.update(metrics=score.metrics, decompositions_computed=merged.get("decompositions_computed", 0))
+        row.update(merge_cpu_seconds=round(merge_cpu, 3), time_split=merged.get("time_split", {}))
         log.info(
             "tune: %s scored %.6g (%.1f s, %d expert bytes read)", cand.label, score.value, row["seconds"], experts
         )
@@ -169,7 +171,9 @@ class _Tuner:
             "grid": [[k, v] for k, v in self.setup.grid],
             "refine": self.setup.refine,
             "base_score": self.base_score,
-            "candidates": [{k: r.get(k) for k in (*keys, "cached", "expert_bytes_read")} for r in self.rows],
+            "candidates": [
+                {k: r.get(k) for k in (*keys, "merge_cpu_seconds", "cached", "expert_bytes_read")} for r in self.rows
+            ],
             "winner": {k: winner[k] for k in ("label", "method", "params", "scale", "score")} if winner else None,
             "results": join_url(self.root, RESULTS_NAME),
             "plot": join_url(self.root, PLOT_NAME),
@@ -257,7 +261,11 @@ def run_tune(
 ) -> dict[str, Any]:
     """Run the tune flow (``objective``: ``module:function:TASK.METRIC``; ``grid``: ``KEY=V1,V2,...``
     strings as for ``swudi sweep``). Everything that can be checked without evaluating is checked
-    before Prefect starts. Returns what :func:`tune` returns."""
+    before Prefect starts. Returns what :func:`tune` returns; each of its ``rows`` holds the
+    candidate's settings, ``score``, ``metrics`` (all the evaluator returned), ``merge_seconds`` and
+    ``merge_cpu_seconds`` (the candidate's merge flow, evaluator excluded; CPU of this process, the
+    thread runner's tasks included), ``eval_seconds``, ``expert_bytes_read``, ``time_split`` (the
+    merge's phases) and ``cached`` (scored by an earlier run: nothing merged or evaluated)."""
     setup = prepare_tune(config, objective, list(grid), refine, minimize)
     check_before_merge(config)
     check_objective(setup.objective)
