@@ -4,7 +4,8 @@ One run (:func:`run_tune`):
 
 1. checks everything before any merge: the objective names one of the config's evaluators, every
    grid point is a valid config, the inputs are there, and the objective evaluated on the *base*
-   checkpoint is a number (an unknown task or metric, or a non-number, fails here);
+   checkpoint is a number (an unknown task or metric, or a non-number, fails here; the base's
+   result is cached in ``WORK/evaluations`` as for relative metrics and the gate);
 2. for each grid point: look up its score (``WORK/scores.json``, keyed by the candidate's version
    id and the evaluator); if absent, merge it (a subflow, publishing into a staging folder of the
    work folder: the first candidate reads the experts, later ones the stored decompositions or
@@ -35,7 +36,7 @@ from prefect.artifacts import create_table_artifact
 from flows.merge import run_merge
 from flows.parameters import config_parameter, hold_storage_options
 from swudi.config.merge_config import MergeConfig
-from swudi.evaluators.objective import Objective, Score, check_objective, evaluate
+from swudi.evaluators.objective import Objective, Score, check_objective, checkpoint_value, evaluate
 from swudi.evaluators.scores import ScoreStore
 from swudi.pipeline.keys import artefact_keys
 from swudi.pipeline.plan import MergePlan, build_plan, version_id
@@ -99,7 +100,7 @@ class _Tuner:
             merged = run_merge(cand.config)
             merge_seconds = time.perf_counter() - started
             merge_cpu = time.process_time() - cpu  # this process: the flow, its tasks (threads), publishing
-            score: Score = evaluate(self.objective, merged["url"])
+            score: Score = evaluate(self.objective, merged["url"], self.config.storage_options)
             self.store.put(key, self.objective, score, cand.label)
         finally:
             self._clear_staged()  # the staged candidate goes once scored (or failed)
@@ -230,9 +231,7 @@ def tune(
     write_lease(cfg, lease, _lease_keys(setup))  # `swudi gc` keeps the shared decompositions meanwhile
     try:
         # the objective on the base: a wrong task or metric, or a non-number, fails before any merge
-        tuner.base_score = tuner.store.score(
-            plan.base_fingerprint, setup.objective, cfg.base, lambda: evaluate(setup.objective, cfg.base)
-        ).value
+        tuner.base_score = checkpoint_value(setup.objective, cfg.base, cfg.resolved_work_dir, cfg.storage_options)
         for cand in setup.candidates:
             tuner.score(cand)
         tuner.refine(setup.refine)

@@ -20,7 +20,6 @@ from swudi.config.merge_config import config_from_mapping
 from swudi.errors import GateError
 from swudi.io.checkpoint import Checkpoint
 from swudi.io.synthetic import SyntheticModel, write_checkpoint, write_synthetic_models
-from swudi.pipeline.plan import build_plan
 from swudi.publish.gate import check_gate
 from swudi.publish.versions import is_version_complete, list_versions, read_latest
 from tests.helpers.builders import write_reference_checkpoint
@@ -118,11 +117,11 @@ def test_gate_refuses_a_damaged_refresh_and_lets_a_good_one_publish(prefect_api,
     # no_worse_than: base evaluates the base once (cached by its fingerprint and the evaluator)
     calls = len(log.read_text().splitlines())
     cfg = config_from_mapping({**config, "gate": {"objective": OBJECTIVE, "no_worse_than": "base"}})
-    result = check_gate(cfg, build_plan(cfg), good["url"])
+    result = check_gate(cfg, good["url"])
     base_closeness = 1.0 / (
         1.0 + float(torch.sqrt(sum((target[n].double() - w0[n].double()).pow(2).sum() for n in NAMES)))
     )
     assert result.passed and result.bounds[0]["reference"] == pytest.approx(base_closeness, rel=1e-5)
     assert len(log.read_text().splitlines()) == calls + 1
-    assert check_gate(cfg, build_plan(cfg), good["url"]).passed
+    assert check_gate(cfg, good["url"]).passed
     assert len(log.read_text().splitlines()) == calls + 1

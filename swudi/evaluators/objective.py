@@ -21,7 +21,8 @@ from typing import Any
 
 from swudi.config.merge_config import EvaluatorConfig
 from swudi.errors import ConfigError, InputError
-from swudi.evaluators.runner import load_evaluator
+from swudi.evaluators.relative import cached_evaluation
+from swudi.evaluators.runner import evaluator_options, load_evaluator
 from swudi.io.fingerprint import digest
 from swudi.storage.held_options import public_options
 
@@ -127,12 +128,14 @@ class Score:
     seconds: float
 
 
-def evaluate(objective: Objective, model_url: str) -> Score:
-    """Run the objective's evaluator on the model at ``model_url`` and read the objective's value."""
+def evaluate(objective: Objective, model_url: str, storage_options: Mapping[str, Any] | None = None) -> Score:
+    """Run the objective's evaluator on the model at ``model_url`` (with the config's
+    ``storage_options`` when the function takes them, :func:`~swudi.evaluators.runner.evaluator_options`)
+    and read the objective's value; the objective is checked first, so a non-number names it."""
     function = load_evaluator(objective.evaluator.function)
     log.info("evaluating %s with %s", model_url, objective.evaluator.function)
     started = time.perf_counter()
-    metrics = function(model_url, **objective.evaluator.options)
+    metrics = function(model_url, **evaluator_options(objective.evaluator, function, storage_options))
     seconds = time.perf_counter() - started
     value = objective_value(objective, metrics, model_url)
     numeric = {
@@ -144,6 +147,16 @@ def evaluate(objective: Objective, model_url: str) -> Score:
         for task, values in metrics.items()
     }
     return Score(value, numeric, seconds)
+
+
+def checkpoint_value(
+    objective: Objective, model_url: str, work_dir: str, storage_options: Mapping[str, Any] | None = None
+) -> float:
+    """The objective on a stored checkpoint (the base, a published version), evaluated once and
+    cached by the checkpoint's fingerprint and the evaluator
+    (:func:`swudi.evaluators.relative.cached_evaluation`, ``WORK/evaluations``)."""
+    metrics = cached_evaluation(objective.evaluator, model_url, work_dir, storage_options)
+    return objective_value(objective, metrics, model_url)
 
 
 def check_objective(objective: Objective) -> None:

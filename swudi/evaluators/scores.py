@@ -1,7 +1,9 @@
-"""Cached evaluation scores: ``WORK/scores.json``, one entry per (model, evaluator).
+"""Cached scores of ``swudi tune`` candidates: ``WORK/scores.json``, one entry per (candidate, evaluator).
 
-A model is named by a content key: a candidate's or a version's version id
-(:func:`swudi.pipeline.plan.version_id`), or a checkpoint's fingerprint. An entry is keyed by
+A candidate is deleted once scored, so it is named by its version id
+(:func:`swudi.pipeline.plan.version_id`: inputs, settings, code), not by the fingerprint of files
+that no longer exist (stored checkpoints, the base or a published version, are cached by
+:func:`swudi.evaluators.relative.cached_evaluation` instead). An entry is keyed by
 ``digest(model key, evaluator function, evaluator options)`` and holds every numeric metric the
 evaluator returned, so another objective of the same evaluator needs no new run. The file is
 rewritten in one piece (:func:`swudi.storage.filesystem.write_bytes_atomic`) after each new score:

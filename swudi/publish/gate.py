@@ -9,10 +9,10 @@ objective is better (higher; lower with ``minimize``) and ``t`` the tolerance:
 - ``at_least`` / ``at_most``: value >= at_least, value <= at_most;
 - ``no_worse_than: base``: value >= base's value - t (minimize: <= base's + t); the base checkpoint
   is evaluated once, its score cached by the base's fingerprint and the evaluator
-  (:mod:`swudi.evaluators.scores`);
+  (:func:`swudi.evaluators.objective.checkpoint_value`, ``WORK/evaluations``);
 - ``no_worse_than: latest``: the same against the version ``latest.json`` names, read from its
-  report when that recorded the same evaluator (function and options), else evaluated (cached by
-  its version id). With nothing published yet there is no reference: the bound is skipped (logged).
+  report when that recorded the same evaluator (function and options), else evaluated (cached the
+  same way). With nothing published yet there is no reference: the bound is skipped (logged).
 """
 
 from __future__ import annotations
@@ -24,9 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from swudi.config.merge_config import MergeConfig
-from swudi.evaluators.objective import Objective, evaluate, objective_value, parse_objective
-from swudi.evaluators.scores import ScoreStore
-from swudi.pipeline.plan import MergePlan
+from swudi.evaluators.objective import Objective, checkpoint_value, objective_value, parse_objective
 from swudi.publish.versions import REPORT_NAME, read_latest
 from swudi.storage.filesystem import join_url, resolve
 
@@ -73,26 +71,23 @@ def _value_from_report(objective: Objective, report: Mapping[str, Any], url: str
 
 
 def version_value(
-    config: MergeConfig, objective: Objective, version: str, url: str, report: Mapping[str, Any] | None = None
+    config: MergeConfig, objective: Objective, url: str, report: Mapping[str, Any] | None = None
 ) -> float:
-    """The objective on a published version: from its report, else evaluated (cached by version id)."""
+    """The objective on a published version: from its report, else evaluated (cached by the
+    version's fingerprint and the evaluator, :func:`~swudi.evaluators.objective.checkpoint_value`)."""
     report = report if report is not None else _report(url, config.storage_options)
     value = _value_from_report(objective, report, url)
     if value is not None:
         return value
-    store = ScoreStore(config.resolved_work_dir, config.storage_options)
-    return store.score(version, objective, url, lambda: evaluate(objective, url)).value
+    return checkpoint_value(objective, url, config.resolved_work_dir, config.storage_options)
 
 
-def base_value(config: MergeConfig, objective: Objective, plan: MergePlan) -> float:
+def base_value(config: MergeConfig, objective: Objective) -> float:
     """The objective on the base checkpoint (cached by the base's fingerprint and the evaluator)."""
-    store = ScoreStore(config.resolved_work_dir, config.storage_options)
-    return store.score(plan.base_fingerprint, objective, config.base, lambda: evaluate(objective, config.base)).value
+    return checkpoint_value(objective, config.base, config.resolved_work_dir, config.storage_options)
 
 
-def check_gate(
-    config: MergeConfig, plan: MergePlan, version_url: str, report: Mapping[str, Any] | None = None
-) -> GateResult:
+def check_gate(config: MergeConfig, version_url: str, report: Mapping[str, Any] | None = None) -> GateResult:
     """Check the config's gate on the version at ``version_url`` (module doc); never raises for a
     failed bound (see :attr:`GateResult.passed`)."""
     gate = config.gate
@@ -100,7 +95,7 @@ def check_gate(
         raise ValueError("the config has no gate")
     objective = parse_objective(gate.objective, config.evaluators, gate.minimize, where="gate.objective")
     version = version_url.rstrip("/").rsplit("/", 1)[-1]
-    value = version_value(config, objective, version, version_url, report)
+    value = version_value(config, objective, version_url, report)
     sign = -1.0 if gate.minimize else 1.0  # sign * (value - bound) >= 0 passes
     bounds: list[dict[str, Any]] = []
     if gate.at_least is not None:
@@ -108,14 +103,14 @@ def check_gate(
     if gate.at_most is not None:
         bounds.append({"name": "at_most", "bound": gate.at_most, "what": f"at_most {gate.at_most:.6g}"})
     if gate.no_worse_than == "base":
-        ref = base_value(config, objective, plan)
+        ref = base_value(config, objective)
         bounds.append(_relative("the base's", ref, gate.tolerance, sign))
     elif gate.no_worse_than == "latest":
         latest = read_latest(config.output, config.storage_options)
         if latest is None:
             log.info("gate: nothing published yet under %s; no_worse_than: latest is skipped", config.output)
         elif latest["version"] != version:
-            ref = version_value(config, objective, latest["version"], latest["url"])
+            ref = version_value(config, objective, latest["url"])
             bounds.append(_relative(f"latest version {latest['version']}'s", ref, gate.tolerance, sign))
     for bound in bounds:
         bound["passed"] = sign * (value - bound["bound"]) >= 0

@@ -17,6 +17,7 @@ from typing import Any
 from swudi.config.merge_config import MergeConfig
 from swudi.errors import GateError
 from swudi.evaluators.objective import evaluator_key
+from swudi.evaluators.relative import relative_evaluations
 from swudi.evaluators.runner import run_evaluators
 from swudi.io.adapter import input_nbytes
 from swudi.io.checkpoint import Checkpoint
@@ -79,19 +80,21 @@ def publish_merged_model(
         # config, tokenizer, generation config... and the same in subfolders (never weights)
         names = [*base.extra_files, *nested_extra_files(base)]
         copy_extra_files(base, version_url, config.storage_options, names=names)
-        evaluations = run_evaluators(config.evaluators, version_url)
+        evaluations = run_evaluators(config.evaluators, version_url, config.storage_options)
         report.update(
             build_report(
                 config, plan, version, merged, diagnostics, evaluations, timings, io_summary(plan, reads), usage(config)
             )
         )
+        if any(e.relative for e in config.evaluators):  # base and experts too (cached): gap closed per task
+            report["relative_evaluations"] = relative_evaluations(config, evaluations)
         keys = artefact_keys(plan.layer_jobs, plan.group_jobs, config)
         report["artefacts"] = {kind: sorted(values) for kind, values in keys.items()}  # kept by `swudi gc`
         report["evaluator_keys"] = {e.function: evaluator_key(e) for e in config.evaluators}
         if tuning:
             report["tuning"] = dict(tuning)
         if config.gate is not None:  # the bounds as they stand now, recorded for inspection
-            gate_results.append(check_gate(config, plan, version_url, report))
+            gate_results.append(check_gate(config, version_url, report))
             report["gate"] = gate_results[0].as_dict()
         write_bytes_atomic(
             join_url(version_url, REPORT_NAME),
@@ -104,7 +107,7 @@ def publish_merged_model(
         """Before latest moves: the gate's result of this run, or (a version found complete) a new one."""
         if config.gate is None:
             return
-        result = gate_results[0] if gate_results else check_gate(config, plan, version_url)
+        result = gate_results[0] if gate_results else check_gate(config, version_url)
         if not result.passed:
             log.error("%s", result.reason)
             raise GateError(result.reason)
