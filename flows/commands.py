@@ -121,6 +121,21 @@ def run_sweep_and_settle(config: MergeConfig, grid: list[str]) -> dict[str, Any]
     return result
 
 
+def run_tune_and_settle(
+    config: MergeConfig, objective: str, grid: list[str], refine: int, minimize: bool
+) -> dict[str, Any]:
+    """Run the tune flow (:func:`flows.tune.run_tune`), then wait until every task run of the
+    published winner's merge is in the run history."""
+    ensure_prefect_api()
+    from flows.history import wait_for_run_history
+    from flows.tune import run_tune
+
+    result = run_tune(config, objective, grid, refine, minimize)
+    published = result["published"]
+    wait_for_run_history({published["flow_run_id"]: published["task_runs"]})
+    return result
+
+
 def run_refresh(config: Path, overrides: Sequence[str], wait_s: float) -> dict[str, Any]:
     """Run the refresh flow on the YAML file ``config``; return once its merge's task runs (if it
     merged) are in the run history."""

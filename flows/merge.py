@@ -86,14 +86,17 @@ def _wait(futures: Sequence[PrefectFuture], progress: MergeProgress) -> list[Mer
 
 
 @flow(name="swudi-merge", log_prints=True, validate_parameters=False)
-def merge(config: dict[str, Any], storage_options_ref: str | None = None) -> MergeResult:
+def merge(
+    config: dict[str, Any], storage_options_ref: str | None = None, tuning: dict[str, Any] | None = None
+) -> MergeResult:
     """Merge the configured base and experts and publish the result.
 
     ``config`` is a :class:`~swudi.config.MergeConfig` as a mapping (validated here), its storage
     options held in memory under ``storage_options_ref`` (:mod:`flows.parameters`). What is done
     is decided by the work folder's artefacts: only layers and groups without a complete merged
     artefact are submitted. Returns the published version and URL, what was computed or reused in
-    this run, the bytes read, the diagnostics summary and the per-tensor records.
+    this run, the bytes read, the diagnostics summary and the per-tensor records. ``tuning``: the
+    table of ``swudi tune`` whose winner this merge publishes (into the report and the model card).
     """
     cfg = config_parameter(config, storage_options_ref)
     started = time.perf_counter()
@@ -147,7 +150,7 @@ def merge(config: dict[str, Any], storage_options_ref: str | None = None) -> Mer
         "decompose_seconds_computed": sum(r.decompose_seconds for r in now),
     }
     mark = time.perf_counter()
-    published = publish_model(cfg, plan, records, diagnostics, timings, io)
+    published = publish_model(cfg, plan, records, diagnostics, timings, io, tuning)
     remove_lease(cfg, run_id)  # the published version's report now names its artefacts
     stages["publish"] = time.perf_counter() - mark
     hub_commit = push_to_hub(cfg, published) if cfg.push_to_hub else None
@@ -242,10 +245,11 @@ def _flow_run_id() -> str:
     return str(context.flow_run.id)
 
 
-def run_merge(config: MergeConfig) -> MergeResult:
+def run_merge(config: MergeConfig, tuning: dict[str, Any] | None = None) -> MergeResult:
     """Run the merge flow with the runner the config asks for
     (:func:`swudi.pipeline.preflight.check_before_merge` first;
-    with a ``memory_budget``, ``workers`` is lowered to what fits it, from the checkpoint headers)."""
+    with a ``memory_budget``, ``workers`` is lowered to what fits it, from the checkpoint headers;
+    ``tuning``: see :func:`merge`)."""
     quiet_input_error_tracebacks()  # an input error is logged as one line, not with its traceback
     check_before_merge(config)  # inputs, output and work folder, device, scheduler: before Prefect starts
     check_evaluators(config.evaluators, config.storage_options)
@@ -257,7 +261,7 @@ def run_merge(config: MergeConfig) -> MergeResult:
             config = config.model_copy(update={"workers": workers})
     started = time.perf_counter()
     with hold_storage_options(config) as (parameter, ref):
-        result: MergeResult = merge.with_options(task_runner=task_runner(config))(parameter, ref)
+        result: MergeResult = merge.with_options(task_runner=task_runner(config))(parameter, ref, tuning)
     # creating and finishing the flow run and the task runner happen outside the flow body: part of
     # the wall and of the orchestration, and said apart (``flow_run``)
     split = result["time_split"]

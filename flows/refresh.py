@@ -34,6 +34,7 @@ from prefect.context import FlowRunContext
 
 from flows.merge import run_merge
 from swudi.config.merge_config import MergeConfig, apply_overrides, config_from_mapping, load_config
+from swudi.errors import GateError
 from swudi.io.fingerprint import digest
 from swudi.pipeline.code_version import merge_code
 from swudi.pipeline.plan import build_plan, check_inputs_exist, version_id
@@ -250,7 +251,16 @@ def refresh(
             }
         else:
             logger.info("refreshing %s: %s", cfg.output, "; ".join(check.changes))
-            merged = run_merge(cfg)  # a subflow; publish prunes to keep_versions
+            try:
+                merged = run_merge(cfg)  # a subflow; publish prunes to keep_versions
+            except GateError as refused:  # the run ends Failed; latest still names `previous`
+                logger.error("%s", refused)
+                create_markdown_artifact(
+                    _refused(cfg, check, previous, str(refused)),
+                    key=_artifact_key(cfg.output),
+                    description=f"swudi refresh of {cfg.output}: refused by the publish gate",
+                )
+                raise
             result = {
                 "status": "published",
                 "version": merged["version"],
@@ -292,6 +302,23 @@ def refresh(
 def _artifact_key(output: str) -> str:
     """One artifact key per output, so the UI shows the history of its refreshes."""
     return f"swudi-refresh-{digest(output)[:12]}"
+
+
+def _refused(config: MergeConfig, check: RefreshCheck, previous: str | None, reason: str) -> str:
+    """The artifact of a refresh whose version the publish gate refused."""
+    lines = [
+        "# swudi refresh: refused by the publish gate",
+        "",
+        f"**{reason}**",
+        "",
+        f"- version `{check.version}` is kept for inspection under `{config.output}/versions/` "
+        "(retention or `swudi gc` can remove it)",
+        f"- latest still names `{previous}`",
+        f"- method: `{config.method}` {config.params}",
+    ]
+    if check.changes:
+        lines += ["", "## What changed", "", *(f"- {change}" for change in check.changes)]
+    return "\n".join(lines)
 
 
 def _summary(config: MergeConfig, check: RefreshCheck, result: Mapping[str, Any]) -> str:

@@ -33,9 +33,11 @@ def publish_model(
     diagnostics: Mapping[str, Any],
     timings: Mapping[str, Any] | None = None,
     io: Mapping[str, Any] | None = None,
+    tuning: Mapping[str, Any] | None = None,
 ) -> PublishResult:
-    """Write the version folder (shards, config files, evaluations, report), then the pointer."""
-    published = publish_merged_model(config, plan, merged, diagnostics, timings, io)
+    """Write the version folder (shards, config files, evaluations, report), then the pointer
+    (after the publish gate, if any: a refused version raises :class:`~swudi.errors.GateError`)."""
+    published = publish_merged_model(config, plan, merged, diagnostics, timings, io, tuning)
     evaluations = published["report"].get("evaluations") or {}
     lines = [
         f"# swudi merge {published['version']}",

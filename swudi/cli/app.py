@@ -21,9 +21,15 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 
-from swudi.cli.flows_bridge import run_merge_and_settle, run_refresh, run_sweep_and_settle, serve_refresh_deployment
+from swudi.cli.flows_bridge import (
+    run_merge_and_settle,
+    run_refresh,
+    run_sweep_and_settle,
+    run_tune_and_settle,
+    serve_refresh_deployment,
+)
 from swudi.config.merge_config import MergeConfig, load_config
-from swudi.errors import ConfigError, PublishError, SwudiError, is_input_error
+from swudi.errors import ConfigError, GateError, PublishError, SwudiError, is_input_error
 from swudi.evaluators.runner import check_evaluators
 from swudi.methods.registry import method_choices
 from swudi.storage.faults import mask_credentials, storage_fault
@@ -53,13 +59,17 @@ def _load(config: Path, method: str | None, overrides: list[str]) -> MergeConfig
     return load_config(config, [*extra, *overrides])
 
 
+#: Exit code of a version refused by the publish gate (``latest`` unchanged); input errors exit 2.
+GATE_EXIT_CODE = 3
+
+
 def _fail(error: Exception) -> NoReturn:
-    """One line (or one line per problem) on stderr, exit code 2."""
+    """One line (or one line per problem) on stderr, exit code 2 (3 for a version the gate refused)."""
     from rich.text import Text
 
     message = _os_message(error) if isinstance(error, OSError) else str(error)
     console.print(Text.assemble(("error:", "red"), " ", mask_credentials(message)), soft_wrap=True)
-    raise typer.Exit(2)
+    raise typer.Exit(GATE_EXIT_CODE if isinstance(error, GateError) else 2)
 
 
 def _os_message(error: OSError) -> str:
@@ -490,6 +500,59 @@ def sweep(
         )
     console.print(table)
     out.print(summary["url"], soft_wrap=True)
+
+
+@app.command()
+@storage_faults_fail_cleanly
+def tune(
+    config: Path = typer.Argument(..., help="YAML merge config (the base settings; evaluators and output)"),
+    objective: str = typer.Option(
+        ..., "--objective", help="module:function:TASK.METRIC, the function one of the config's evaluators"
+    ),
+    grid: list[str] = typer.Option([], "--grid", help="key=v1,v2,... (scale, method, params.*; repeatable)"),
+    minimize: bool = typer.Option(False, "--minimize", help="lower is better (a loss); default: higher is better"),
+    refine: int = typer.Option(0, "--refine", min=0, help="up to N more scales around the best grid point"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="print the candidates; merge nothing"),
+    overrides: list[str] = typer.Option([], "--set", help="key=value override (dotted keys)"),
+) -> None:
+    """Merge each grid point from the cached decompositions, score it with the objective, publish the winner.
+
+    Candidates are staged in the work folder and deleted once scored; scores are cached, so a
+    killed tune resumes. Writes WORK/tune/<id>/tune.json and tune.png; prints the winner's URL.
+    """
+    from swudi.tuning.candidates import describe_candidates, prepare_tune
+
+    try:
+        cfg = _load(config, None, overrides)
+        setup = prepare_tune(cfg, objective, grid, refine, minimize)
+        if dry_run:  # one line per candidate (greppable), nothing merged or evaluated
+            console.print(f"swudi tune {setup.tune_id}: {len(setup.candidates)} candidates on {objective}")
+            for row in describe_candidates(setup.candidates):
+                out.print(
+                    f"{row['label']}  method={row['method']} params={row['params']} scale={row['scale']}",
+                    soft_wrap=True,
+                    markup=False,
+                )
+            if refine:
+                out.print(f"then up to {refine} more scales around the best (bracketing + golden section)")
+            return
+        result = run_tune_and_settle(cfg, objective, grid, refine, minimize)
+        published = result["published"]
+    except (SwudiError, OSError) as error:
+        _refuse(error)
+    table = Table(title=f"swudi tune {result['tune_id']}: {objective} (base model: {_num(result['base_score'])})")
+    for column in ("candidate", "stage", "method", "scale", "score", "s", "cached", ""):
+        table.add_column(column)
+    for row in result["rows"]:
+        won = "winner" if row["label"] == result["winner"]["label"] else ""
+        table.add_row(
+            row["label"], row["stage"], row["method"], _num(row["scale"]), _num(row["score"]),
+            _num(row["seconds"]), str(row["cached"]), won,
+        )  # fmt: skip
+    console.print(table)
+    console.print(f"results {result['results']}; plot {result['plot']}")
+    console.print(f"[green]published[/green] the winner {result['winner']['label']} as version {published['version']}")
+    out.print(published["url"], soft_wrap=True)
 
 
 def _num(value: Any) -> str:

@@ -17,7 +17,13 @@ from swudi.config.merge_config import MergeConfig
 if TYPE_CHECKING:
     from swudi.pipeline.results import MergeResult
 
-__all__ = ["run_merge_and_settle", "run_sweep_and_settle", "run_refresh", "serve_refresh_deployment"]
+__all__ = [
+    "run_merge_and_settle",
+    "run_sweep_and_settle",
+    "run_tune_and_settle",
+    "run_refresh",
+    "serve_refresh_deployment",
+]
 
 
 def run_merge_and_settle(config: MergeConfig) -> MergeResult:
@@ -32,6 +38,15 @@ def run_sweep_and_settle(config: MergeConfig, grid: list[str]) -> dict[str, Any]
     from flows.commands import run_sweep_and_settle as run
 
     return run(config, grid)
+
+
+def run_tune_and_settle(
+    config: MergeConfig, objective: str, grid: list[str], refine: int, minimize: bool
+) -> dict[str, Any]:
+    """:func:`flows.commands.run_tune_and_settle`: the tune flow; publishes the winner."""
+    from flows.commands import run_tune_and_settle as run
+
+    return run(config, objective, grid, refine, minimize)
 
 
 def run_refresh(config: Path, overrides: Sequence[str], wait_s: float) -> dict[str, Any]:

@@ -373,13 +373,15 @@ def output_dtype(config: MergeConfig, job: TensorJob) -> str:
     return {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}[config.output_dtype]
 
 
-def version_id(config: MergeConfig, plan: MergePlan) -> str:
+def version_id(config: MergeConfig, plan: MergePlan, tune_id: str | None = None) -> str:
     """Identity of a merged model: inputs + method + parameters + treatment + the merge code.
 
     The same inputs merged with the same settings always get the same id, so a refresh with nothing
     changed finds its version already published. The evaluators (function and options) are part of
     the identity when there are any: their results are in the version's report, so adding one to an
     unchanged config publishes a version that carries them (the merged tensors are reused).
+    So are the gate (a version refused by one gate may pass another) and, for the winner of
+    ``swudi tune``, the tune's id (``tune_id``): its report carries the tuning table.
     """
     settings = {
         "method": config.method,
@@ -401,6 +403,10 @@ def version_id(config: MergeConfig, plan: MergePlan) -> str:
         settings["output_format"] = config.output_format
     if config.post is not None:  # another merged update (keeps earlier ids unchanged)
         settings["post"] = {"name": config.post, "params": config.post_params}
+    if config.gate is not None:  # its result is in the report (keeps earlier ids unchanged)
+        settings["gate"] = config.gate.model_dump()
+    if tune_id is not None:
+        settings["tune"] = tune_id
     return digest(merge_code(config.method), plan.inputs_fingerprint, settings)[:16]
 
 

@@ -15,6 +15,8 @@ from collections.abc import Mapping, Sequence
 from typing import Any, TypedDict
 
 from swudi.config.merge_config import MergeConfig
+from swudi.errors import GateError
+from swudi.evaluators.objective import evaluator_key
 from swudi.evaluators.relative import relative_evaluations
 from swudi.evaluators.runner import run_evaluators
 from swudi.io.adapter import input_nbytes
@@ -28,6 +30,7 @@ from swudi.pipeline.vocab_rows import appended_bytes
 from swudi.pipeline.workdir import usage
 from swudi.publish.adapter_output import write_merged_adapter
 from swudi.publish.card import CARD_NAME, base_model_id, front_matter, render_card
+from swudi.publish.gate import GateResult, check_gate
 from swudi.publish.report import build_report
 from swudi.publish.versions import REPORT_NAME, prune_versions, publish_version, version_url
 from swudi.publish.vocab_files import write_vocab_files
@@ -73,8 +76,14 @@ def publish_merged_model(
     diagnostics: Mapping[str, Any],
     timings: Mapping[str, Any] | None = None,
     io: Mapping[str, Any] | None = None,
+    tuning: Mapping[str, Any] | None = None,
 ) -> PublishResult:
     """Write (or find) this merge's version under ``config.output`` and point ``latest.json`` at it.
+
+    With a ``gate`` in the config, the complete version must pass it (:mod:`swudi.publish.gate`)
+    before ``latest.json`` moves: a refused version stays for inspection and
+    :class:`~swudi.errors.GateError` is raised. ``tuning`` (the table of ``swudi tune``, with its
+    ``tune_id``) goes into the report and the model card, and the tune's id into the version id.
 
     ``io`` holds the bytes this run read so far (:func:`swudi.pipeline.bytes_read` + ``headers``);
     the base tensors read while publishing are added. Returns the pointer (``version``, ``path``,
@@ -82,8 +91,9 @@ def publish_merged_model(
     the version was already complete) and ``io``, this run's bytes read (:func:`io_summary`).
     """
     started = time.perf_counter()
-    version = version_id(config, plan)
+    version = version_id(config, plan, tuning["tune_id"] if tuning else None)
     report: dict[str, Any] = {}
+    gate_results: list[GateResult] = []
     reads = {"base": 0, "experts": [0] * len(plan.expert_urls), "work": 0, "headers": [], **(io or {})}
 
     def write_files(version_url: str) -> None:
@@ -111,12 +121,28 @@ def publish_merged_model(
             report["relative_evaluations"] = relative_evaluations(config, evaluations)
         keys = artefact_keys(plan.layer_jobs, plan.group_jobs, config)
         report["artefacts"] = {kind: sorted(values) for kind, values in keys.items()}  # kept by `swudi gc`
+        report["evaluator_keys"] = {e.function: evaluator_key(e) for e in config.evaluators}
+        if tuning:
+            report["tuning"] = dict(tuning)
+        if config.gate is not None:  # the bounds as they stand now, recorded for inspection
+            gate_results.append(check_gate(config, version_url, report))
+            report["gate"] = gate_results[0].as_dict()
         write_bytes_atomic(
             join_url(version_url, REPORT_NAME),
             (json.dumps(report, indent=2, sort_keys=True) + "\n").encode(),
             config.storage_options,
         )
         write_model_card(config, base, report, version_url)
+
+    def gate(version_url: str) -> None:
+        """Before latest moves: the gate's result of this run, or (a version found complete) a new one."""
+        if config.gate is None:
+            return
+        result = gate_results[0] if gate_results else check_gate(config, version_url)
+        if not result.passed:
+            log.error("%s", result.reason)
+            raise GateError(result.reason)
+        log.info("%s", result.reason)
 
     with output_lock(config.output, storage_options=config.storage_options, wait_s=LOCK_WAIT_S) as lock:
         pointer = publish_version(
@@ -126,6 +152,7 @@ def publish_merged_model(
             storage_options=config.storage_options,
             pointer_extra={"method": config.method},
             guard=lock.check,
+            check=gate,
         )
         if config.keep_versions:
             lock.check()
