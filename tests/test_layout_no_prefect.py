@@ -24,6 +24,7 @@ ORCHESTRATION = ("prefect", "prefect_dask", "flows", "tasks", "deployments")
 ALLOWED = {
     ("swudi/cli/flows_bridge.py", "run_merge_and_settle"): {"flows"},
     ("swudi/cli/flows_bridge.py", "run_sweep_and_settle"): {"flows"},
+    ("swudi/cli/flows_bridge.py", "run_tune_and_settle"): {"flows"},
     ("swudi/cli/flows_bridge.py", "run_refresh"): {"flows"},
     ("swudi/cli/flows_bridge.py", "serve_refresh_deployment"): {"flows"},
     ("swudi/storage/secrets.py", "_load_prefect_secret"): {"prefect"},
