@@ -34,7 +34,7 @@ OBJECTIVE = f"{EVALUATOR}:all.loss_gap_closed"
 
 
 def _config(build: Path, seed: int, out: Path, label: str, scale: float, evaluate_on: str | None,
-            threads: int) -> Any:
+            threads: int, method: str = "swudi_a", params: dict[str, Any] | None = None) -> Any:
     from swudi.config.merge_config import config_from_mapping
 
     manifest = json.loads((build / "manifest.json").read_text())
@@ -42,7 +42,7 @@ def _config(build: Path, seed: int, out: Path, label: str, scale: float, evaluat
     mapping: dict[str, Any] = {
         "base": str(build / "base"),
         "experts": [str(build / "experts" / f"seed{seed}" / d) for d in domains],
-        "method": "swudi_a", "scale": scale,
+        "method": method, "params": params or {}, "scale": scale,
         "output": str(out / f"seed{seed}" / "merged" / label),
         "work_dir": str(out / f"seed{seed}" / "work"),  # shared: decompositions computed once per seed
         "device": "cpu", "workers": 1, "torch_threads": threads,
