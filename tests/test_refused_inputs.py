@@ -205,7 +205,27 @@ def _config_cases() -> list[Case]:
         Case("dask-address-malformed", ("task_runner.address", "tcp://host:port"),
              config=_with(task_runner={"kind": "dask", "address": "tcp://nowhere"})),
     ]
+    # credentials in URLs (issue 24): refused at load, pointing at secret references; never echoed
+    for case_id, key, change in [
+        ("secret-userinfo-in-base", "base", lambda w, out: {"base": f"http://user:{PLANTED}@host/base"}),
+        ("secret-s3-key-in-expert", "experts[1]",
+         lambda w, out: {"experts": [w.path("expert-0"), f"s3://AKIAX:{PLANTED}@bucket/expert"]}),
+        ("secret-userinfo-in-endpoint", "storage_options.endpoint_url",
+         lambda w, out: {"storage_options": {"endpoint_url": f"http://admin:{PLANTED}@127.0.0.1:9"}}),
+        ("secret-signed-url-output", "output",
+         lambda w, out: {"output": f"https://h.example/b/out?X-Amz-Date=1&X-Amz-Signature={PLANTED}"}),
+        ("secret-sas-sig-in-work-dir", "work_dir",
+         lambda w, out: {"work_dir": f"abfs://c/work?sv=2024&sig={PLANTED}"}),
+        ("secret-token-in-evaluator-option", "evaluators[0].options.url",
+         lambda w, out: {"evaluators": [{"function": "m:f", "options": {"url": f"https://h/x?token={PLANTED}"}}]}),
+    ]:
+        cases.append(Case(case_id, (key, "credential", "from_env"),
+                          config=lambda w, out, change=change: {**_good(w, out), **change(w, out)}))
     return cases
+
+
+#: A secret planted in URLs: no message, file or database may ever hold it.
+PLANTED = "PLANTEDsecret4242"
 
 
 def _yaml_line(key: str, value: str) -> Callable[[World, Path], str]:
@@ -287,6 +307,23 @@ def test_config_case_is_refused(case: Case, world: World, tmp_path: Path) -> Non
         assert fragment in message, (fragment, message)
     assert not out.exists() or not any(p.name != ".swudi-work" for p in out.iterdir())
     _nothing_published(out)
+    assert PLANTED not in str(error) and PLANTED not in result.output
+
+
+def test_a_secret_in_a_url_is_found_nowhere(world: World, tmp_path: Path, prefect_api: str) -> None:
+    """Every URL-secret case through the CLI, then a byte search of the output, the work folder and
+    Prefect's database (the session server's PREFECT_HOME) for the planted secret."""
+    secret_cases = [c for c in CONFIG_CASES if c.id.startswith("secret-")]
+    for case in secret_cases:
+        (tmp_path / case.id).mkdir()
+        path, out = _write_case(case, world, tmp_path / case.id)
+        assert PLANTED.encode() in path.read_bytes()  # the search below would find it
+        result = CliRunner().invoke(app, ["merge", str(path), "-v"])
+        assert result.exit_code == 2 and PLANTED not in result.output, result.output
+    searched = [p for root in (tmp_path, Path(os.environ["PREFECT_HOME"])) for p in root.rglob("*")
+                if p.is_file() and p.suffix != ".yaml"]
+    assert any(p.suffix == ".db" for p in searched), "the Prefect database was not searched"
+    assert not [str(p) for p in searched if PLANTED.encode() in p.read_bytes()]
 
 
 def test_output_bucket_missing_is_refused(world: World, tmp_path: Path, s3_bucket) -> None:

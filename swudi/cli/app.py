@@ -25,7 +25,10 @@ from swudi.config.merge_config import MergeConfig, load_config
 from swudi.errors import ConfigError, PublishError, SwudiError, is_input_error
 from swudi.evaluators.runner import check_evaluators
 from swudi.methods.registry import method_choices
-from swudi.storage.faults import mask_credentials, storage_fault
+from swudi.storage.faults import storage_fault
+from swudi.storage.redact import install_log_redaction, mask_credentials
+
+install_log_redaction()  # no credential of a URL in any log record of a swudi command
 
 P = ParamSpec("P")
 R = TypeVar("R")

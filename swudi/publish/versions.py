@@ -37,6 +37,7 @@ from swudi.errors import PublishError
 from swudi.publish.readers import read_versions
 from swudi.storage.filesystem import join_url, resolve, write_bytes_atomic
 from swudi.storage.killpoints import storage_event
+from swudi.storage.redact import mask_in
 
 __all__ = [
     "VERSIONS_DIR",
@@ -187,7 +188,7 @@ def publish_version(
         if report is not None:
             write_bytes_atomic(
                 join_url(vurl, REPORT_NAME),
-                (json.dumps(report, indent=2, sort_keys=True, default=str) + "\n").encode(),
+                (json.dumps(mask_in(report), indent=2, sort_keys=True, default=str) + "\n").encode(),
                 storage_options,
             )
         files = _files(fs, vpath)
@@ -201,7 +202,7 @@ def publish_version(
             "files": {name: int(info["size"]) for name, info in sorted(files.items())},
         }
         write_bytes_atomic(
-            join_url(vurl, MANIFEST_NAME), (json.dumps(manifest, indent=2) + "\n").encode(), storage_options
+            join_url(vurl, MANIFEST_NAME), (json.dumps(mask_in(manifest), indent=2) + "\n").encode(), storage_options
         )
 
     previous = read_latest(output_url, storage_options)
@@ -218,7 +219,9 @@ def publish_version(
         **dict(pointer_extra or {}),
     }
     write_bytes_atomic(
-        join_url(output_url, LATEST_NAME), (json.dumps(pointer, indent=2, default=str) + "\n").encode(), storage_options
+        join_url(output_url, LATEST_NAME),
+        (json.dumps(mask_in(pointer), indent=2, default=str) + "\n").encode(),
+        storage_options,
     )
     log.info("%s: published version %s", output_url, version_id)
     return {**pointer, "url": vurl}
