@@ -65,6 +65,14 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> World:
     os.symlink(root / "expert-0", root / "link-to-expert-0")
     os.symlink(root / "base", root / "link-to-base")
     (root / "a-file").write_text("not a folder")
+    # files from outside a base (issue 24): a link at the top and one in a sentence-transformers folder
+    (root / "private").mkdir()
+    (root / "private" / "secret").write_text("PRIVATE-CONTENT")
+    shutil.copytree(root / "base", root / "base-link-out")
+    os.symlink(root / "private" / "secret", root / "base-link-out" / "special_tokens_map.json")
+    shutil.copytree(root / "base", root / "base-nested-link-out")
+    (root / "base-nested-link-out" / "1_Pooling").mkdir()
+    os.symlink(os.path.join("..", "..", "private", "secret"), root / "base-nested-link-out" / "1_Pooling" / "config.json")
     shutil.copytree(root / "base", root / "published" / "versions" / "draft")  # no manifest: not published
     # data cases: one bad value each
     bad = dict(base)
@@ -204,6 +212,13 @@ def _config_cases() -> list[Case]:
              config=_with(task_runner={"kind": "dask", "address": "tcp://127.0.0.1:9"})),
         Case("dask-address-malformed", ("task_runner.address", "tcp://host:port"),
              config=_with(task_runner={"kind": "dask", "address": "tcp://nowhere"})),
+    ]
+    # a base file linked from outside its folder (issue 24): refused before work, naming the link
+    cases += [
+        Case("base-link-to-a-file-outside", ("base-link-out/special_tokens_map.json", "outside the checkpoint folder"),
+             CheckpointError, config=lambda w, out: {**_good(w, out), "base": w.path("base-link-out")}),
+        Case("base-nested-link-outside", ("1_Pooling/config.json", "outside the checkpoint folder"),
+             CheckpointError, config=lambda w, out: {**_good(w, out), "base": w.path("base-nested-link-out")}),
     ]
     # credentials in URLs (issue 24): refused at load, pointing at secret references; never echoed
     for case_id, key, change in [

@@ -31,6 +31,7 @@ from swudi.io.checkpoint import Checkpoint, TensorLocation
 from swudi.io.fingerprint import digest
 from swudi.io.header import torch_dtype
 from swudi.io.validate import validate_checkpoints
+from swudi.io.writer import files_to_copy
 from swudi.methods import get_method
 from swudi.pipeline.code_version import merge_code
 from swudi.storage.filesystem import resolve
@@ -305,7 +306,7 @@ def build_plan(
         base.fingerprint,
         tuple(e.fingerprint for e in experts),
         tuple(jobs),
-        tuple(base.extra_files),
+        files_to_copy(base),  # the copy policy; a link out of the base folder is refused here
         tuple(warnings),
         tuple(c.header_bytes for c in (base, *experts)),
     )

@@ -16,9 +16,17 @@ from urllib.parse import urlsplit
 from swudi.config.merge_config import MergeConfig
 from swudi.core.device import resolve_device
 from swudi.errors import CheckpointError, ConfigError
+from swudi.io.writer import check_folder_links
 from swudi.storage.filesystem import is_local, resolve
 
-__all__ = ["check_before_merge", "check_device", "check_scheduler", "check_writable", "check_inputs_readable"]
+__all__ = [
+    "check_base_links",
+    "check_before_merge",
+    "check_device",
+    "check_scheduler",
+    "check_writable",
+    "check_inputs_readable",
+]
 
 #: Seconds to wait for the Dask scheduler's TCP port.
 SCHEDULER_TIMEOUT_S = 5.0
@@ -100,10 +108,19 @@ def check_scheduler(config: MergeConfig) -> None:
         ) from None
 
 
+def check_base_links(config: MergeConfig) -> None:
+    """A local base folder's files that a version may get resolve inside it (or the hub cache's
+    blobs): :func:`swudi.io.writer.check_folder_links`."""
+    fs, path = resolve(config.base, config.storage_options)
+    if is_local(fs):
+        check_folder_links(path)
+
+
 def check_before_merge(config: MergeConfig) -> None:
     """All of the module's checks, cheapest first."""
     check_device(config)
     check_inputs_readable(config)
+    check_base_links(config)
     check_writable("output", config.output, config)
     check_writable("work_dir", config.resolved_work_dir, config)
     check_scheduler(config)

@@ -18,7 +18,7 @@ from swudi.config.merge_config import MergeConfig
 from swudi.evaluators.runner import run_evaluators
 from swudi.io.adapter import input_nbytes
 from swudi.io.checkpoint import Checkpoint
-from swudi.io.writer import copy_extra_files, nested_extra_files, write_sharded
+from swudi.io.writer import copy_extra_files, files_to_copy, write_sharded
 from swudi.pipeline.keys import artefact_keys
 from swudi.pipeline.merged_reader import MergedTensorReader
 from swudi.pipeline.plan import MergePlan, output_dtype, version_id
@@ -66,9 +66,8 @@ def publish_merged_model(
         reads["base"] += reader.base_bytes_read
         reads["work"] += reader.work_bytes_read
         base = Checkpoint.open(config.base, config.storage_options)
-        # config, tokenizer, generation config... and the same in subfolders (never weights)
-        names = [*base.extra_files, *nested_extra_files(base)]
-        copy_extra_files(base, version_url, config.storage_options, names=names)
+        # config, tokenizer, generation config... by the copy policy, links checked (never weights)
+        copy_extra_files(base, version_url, config.storage_options, names=files_to_copy(base))
         evaluations = run_evaluators(config.evaluators, version_url)
         report.update(
             build_report(
