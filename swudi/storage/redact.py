@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import re
+import threading
 from typing import Any
 
 __all__ = ["mask_credentials", "mask_in", "url_secret", "install_log_redaction"]
@@ -111,6 +112,7 @@ def _redact_record(record: logging.LogRecord) -> None:
 
 
 _INSTALLED: list[bool] = []
+_BUSY = threading.local()
 
 
 def install_log_redaction() -> None:
@@ -123,7 +125,12 @@ def install_log_redaction() -> None:
 
     def factory(*args: Any, **kwargs: Any) -> logging.LogRecord:
         record = previous(*args, **kwargs)
-        _redact_record(record)
+        if not getattr(_BUSY, "on", False):  # a record made while formatting one is left as it is
+            _BUSY.on = True
+            try:
+                _redact_record(record)
+            finally:
+                _BUSY.on = False
         return record
 
     logging.setLogRecordFactory(factory)
