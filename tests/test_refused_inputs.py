@@ -88,6 +88,13 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> World:
     big = _expert(base, 9)
     big["layer.0.mlp.down.weight"][2, 3] = 1.0e6  # beyond float16's 65504 once merged
     write_reference_checkpoint(str(root / "huge-expert"), big)
+    # a float8 (E4M3, largest value 448) model whose task arithmetic goes beyond 448
+    f8 = {k: (v * 0.1).to(torch.float8_e4m3fn) for k, v in base.items()}
+    write_reference_checkpoint(str(root / "f8-base"), f8)
+    for i in range(2):
+        f8_expert = {k: (v.float() + 0.01 * (i + 1)).to(torch.float8_e4m3fn) for k, v in f8.items()}
+        f8_expert["layer.0.mlp.down.weight"][2, 3] = 400.0
+        write_reference_checkpoint(str(root / f"f8-expert-{i}"), f8_expert)
     return World(root)
 
 
@@ -219,6 +226,16 @@ def _config_cases() -> list[Case]:
              CheckpointError, config=lambda w, out: {**_good(w, out), "base": w.path("base-link-out")}),
         Case("base-nested-link-outside", ("1_Pooling/config.json", "outside the checkpoint folder"),
              CheckpointError, config=lambda w, out: {**_good(w, out), "base": w.path("base-nested-link-out")}),
+    ]
+    # routing patterns that cannot give the merge asked for (issue 24)
+    cases += [
+        Case("include-typo-gives-a-plain-mean", ("include", "'model.layer.*' matches no tensor", "plain mean"),
+             config=_with(include=["model.layer.*"])),
+        Case("exclude-everything-gives-a-plain-mean", ("exclude", "plain mean"), config=_with(exclude=["*"])),
+        Case("keep-base-everything", ("keep_base", "every tensor", "base model unchanged"),
+             config=_with(keep_base=["*"])),
+        Case("keep-base-every-float-and-a-typo", ("keep_base", "every tensor", "'*.wieght' matches no tensor"),
+             config=_with(keep_base=["*weight", "*bias", "*.wieght"])),
     ]
     # credentials in URLs (issue 24): refused at load, pointing at secret references; never echoed
     for case_id, key, change in [
@@ -420,6 +437,9 @@ DATA_CASES = [
              ("layer.0.attn.q.bias", "expert 0 in", "nan-bias-expert/model.safetensors")),
     DataCase("float16-overflow-names-the-tensor", "base", ("expert-0", "huge-expert"),
              ("layer.0.mlp.down.weight", "float16", "output_dtype"), {"output_dtype": "float16"}),
+    DataCase("float8-e4m3-overflow-names-the-tensor", "f8-base", ("f8-expert-0", "f8-expert-1"),
+             ("layer.0.mlp.down.weight", "float8_e4m3fn", "largest finite value 448", "output_dtype"),
+             {"method": "task_arithmetic", "scale": 3.0}),
     DataCase("nan-in-a-tensor-kept-at-the-base", "nan-base", ("expert-0", "expert-1"),
              ("layer.0.attn.q.weight", "kept at the base value", "nan-base/model.safetensors"),
              {"keep_base": ["*attn.q.weight"]}),

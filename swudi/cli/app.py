@@ -254,10 +254,11 @@ def published_version(cfg: MergeConfig) -> dict[str, Any] | None:
     from swudi.publish.versions import is_version_complete, read_latest
 
     check_before_merge(cfg)
+    plan = build_plan(cfg)  # headers only: every input error of the plan is one line before Prefect starts
     latest = read_latest(cfg.output, cfg.storage_options)
     if latest is None:
         return None
-    version = version_id(cfg, build_plan(cfg))
+    version = version_id(cfg, plan)
     if latest["version"] != version or not is_version_complete(cfg.output, version, cfg.storage_options):
         return None
     return latest
