@@ -31,7 +31,7 @@ from typing import Any
 from swudi.errors import CheckpointError
 from swudi.io.checkpoint import PICKLE_SUFFIXES, Checkpoint, TensorLocation, _raise_pickle
 from swudi.io.fingerprint import digest
-from swudi.storage.filesystem import join_url, resolve
+from swudi.storage.filesystem import join_url, list_folder, resolve
 
 __all__ = [
     "ADAPTER_CONFIG",
@@ -152,7 +152,7 @@ class LoraAdapter:
         weights_url = join_url(url, ADAPTER_WEIGHTS)
         if not fs.exists(resolve(weights_url, storage_options)[1]):
             try:
-                names = [e.rstrip("/").rsplit("/", 1)[-1] for e in fs.ls(path, detail=False)]
+                names = [e.rstrip("/").rsplit("/", 1)[-1] for e in list_folder(fs, path, detail=False)]
             except FileNotFoundError:
                 names = []
             pickles = [n for n in names if n.lower().endswith(PICKLE_SUFFIXES)]

@@ -30,7 +30,7 @@ from fsspec import AbstractFileSystem
 from swudi.errors import CheckpointError, CheckpointNotFoundError
 from swudi.io.fingerprint import checkpoint_fingerprint, shard_fingerprint, tensor_fingerprint
 from swudi.io.header import DuplicateKeyError, Header, header_length, parse_header, reject_duplicate_keys, torch_dtype
-from swudi.storage.filesystem import is_local, join_url, parent_url, resolve
+from swudi.storage.filesystem import is_local, join_url, list_folder, parent_url, resolve
 
 __all__ = [
     "Checkpoint",
@@ -312,7 +312,7 @@ class Checkpoint:
             return cls._open_file(url, fs, path, storage_options)
 
         try:
-            listing = _followed(fs, fs.ls(path, detail=True))
+            listing = _followed(fs, list_folder(fs, path))
         except (FileNotFoundError, NotADirectoryError):
             listing = []
         if (
@@ -525,7 +525,7 @@ class Checkpoint:
 
 def _list_files(fs: AbstractFileSystem, folder: str) -> dict[str, dict[str, Any]]:
     try:
-        listing = _followed(fs, fs.ls(folder, detail=True))
+        listing = _followed(fs, list_folder(fs, folder))
     except (FileNotFoundError, NotADirectoryError):
         return {}
     return {posixpath.basename(e["name"].rstrip("/")): e for e in listing if e.get("type") == "file"}

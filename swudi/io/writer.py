@@ -28,7 +28,7 @@ from fsspec import AbstractFileSystem
 from swudi.errors import CheckpointError
 from swudi.io.checkpoint import _OTHER_WEIGHT_SUFFIXES, INDEX_NAME, WEIGHTS_NAME, Checkpoint
 from swudi.io.header import DTYPE_SIZES, dtype_name, torch_dtype
-from swudi.storage.filesystem import is_local, join_url, open_atomic, resolve, write_bytes_atomic
+from swudi.storage.filesystem import find_files, is_local, join_url, open_atomic, resolve, write_bytes_atomic
 
 __all__ = [
     "TensorSpec",
@@ -497,7 +497,7 @@ def nested_extra_files(checkpoint: Checkpoint) -> tuple[str, ...]:
     fs, root = resolve(checkpoint.folder_url, checkpoint.storage_options)
     prefix = root.rstrip("/") + "/"
     names = []
-    for path in fs.find(root):
+    for path in find_files(fs, root):
         rel = path[len(prefix) :] if path.startswith(prefix) else ""
         parts = rel.split("/")
         if len(parts) < 2 or any(part.startswith(".") for part in parts):

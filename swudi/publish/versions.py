@@ -35,7 +35,7 @@ from fsspec import AbstractFileSystem
 
 from swudi.errors import PublishError
 from swudi.publish.readers import read_versions
-from swudi.storage.filesystem import join_url, resolve, write_bytes_atomic
+from swudi.storage.filesystem import find_files, join_url, list_folder, remove_tree, resolve, write_bytes_atomic
 from swudi.storage.killpoints import storage_event
 from swudi.storage.redact import mask_in
 
@@ -86,7 +86,7 @@ def version_url(output_url: str, version_id: str) -> str:
 def _files(fs: AbstractFileSystem, folder: str) -> dict[str, dict[str, Any]]:
     """Relative name -> info of every file under `folder` (recursive), ignoring temp files."""
     try:
-        found = fs.find(folder, detail=True)
+        found = find_files(fs, folder)
     except FileNotFoundError:
         return {}
     prefix = folder.rstrip("/") + "/"
@@ -174,7 +174,7 @@ def publish_version(
             )
         if fs.exists(vpath):
             log.info("%s: clearing leftovers of an unfinished publish of %s", output_url, version_id)
-            fs.rm(vpath, recursive=True)
+            remove_tree(fs, vpath)
             storage_event("deleted", vpath)
         try:
             write_files(vurl)
@@ -183,7 +183,7 @@ def publish_version(
             # holder owns this folder; latest.json still names the previous version)
             with contextlib.suppress(Exception):
                 if fs.exists(vpath):
-                    fs.rm(vpath, recursive=True)
+                    remove_tree(fs, vpath)
             raise
         if report is not None:
             write_bytes_atomic(
@@ -253,7 +253,7 @@ def list_versions(
     """
     fs, root = resolve(join_url(output_url, VERSIONS_DIR), storage_options)
     try:
-        entries = fs.ls(root, detail=True)
+        entries = list_folder(fs, root)
     except FileNotFoundError:
         return []
     out = []
@@ -295,7 +295,7 @@ def _newest_mtime(fs: AbstractFileSystem, folder: str) -> float | None:
 
 def _files_with_tmp(fs: AbstractFileSystem, folder: str) -> dict[str, dict[str, Any]]:
     try:
-        return fs.find(folder, detail=True)
+        return find_files(fs, folder)
     except FileNotFoundError:
         return {}
 
@@ -346,7 +346,7 @@ def prune_versions(
             fs.rm_file(mpath)
             storage_event("deleted", mpath)
         if fs.exists(path):
-            fs.rm(path, recursive=True)
+            remove_tree(fs, path)
             storage_event("deleted", path)
         log.info("%s: pruned version %s", output_url, version)
     return doomed
