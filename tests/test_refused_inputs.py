@@ -13,6 +13,7 @@ Input errors are not retried by the task runner (``tests/test_input_safety.py``)
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -88,6 +89,11 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> World:
     big = _expert(base, 9)
     big["layer.0.mlp.down.weight"][2, 3] = 1.0e6  # beyond float16's 65504 once merged
     write_reference_checkpoint(str(root / "huge-expert"), big)
+    # LoRA adapter configs that are not a LoRA update (issue 24): one line naming the key, before work
+    for name, changes in BAD_LORA.items():
+        (root / name).mkdir()
+        config = {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q"], **changes}
+        (root / name / "adapter_config.json").write_text(json.dumps(config))
     # a float8 (E4M3, largest value 448) model whose task arithmetic goes beyond 448
     f8 = {k: (v * 0.1).to(torch.float8_e4m3fn) for k, v in base.items()}
     write_reference_checkpoint(str(root / "f8-base"), f8)
@@ -227,6 +233,10 @@ def _config_cases() -> list[Case]:
         Case("base-nested-link-outside", ("1_Pooling/config.json", "outside the checkpoint folder"),
              CheckpointError, config=lambda w, out: {**_good(w, out), "base": w.path("base-nested-link-out")}),
     ]
+    # LoRA adapter configs
+    for name in BAD_LORA:
+        cases.append(Case(f"{name}", (f"{name}/adapter_config.json", _LORA_KEY[name]), CheckpointError,
+                          config=_experts("expert-0", name)))
     # routing patterns that cannot give the merge asked for (issue 24)
     cases += [
         Case("include-typo-gives-a-plain-mean", ("include", "'model.layer.*' matches no tensor", "plain mean"),
@@ -254,6 +264,18 @@ def _config_cases() -> list[Case]:
         cases.append(Case(case_id, (key, "credential", "from_env"),
                           config=lambda w, out, change=change: {**_good(w, out), **change(w, out)}))
     return cases
+
+
+#: adapter_config.json changes that must be refused, by folder name (issue 24)
+BAD_LORA: dict[str, dict[str, Any]] = {
+    "lora-r-infinity": {"r": float("inf")},
+    "lora-rank-pattern-fraction": {"rank_pattern": {"q": 2.5}},
+    "lora-alpha-pattern-null": {"alpha_pattern": {"q": None}},
+    "lora-rank-zero": {"r": 0},
+    "lora-alpha-nan": {"lora_alpha": float("nan")},
+}
+_LORA_KEY = {"lora-r-infinity": "'r'", "lora-rank-pattern-fraction": "'rank_pattern.q'",
+             "lora-alpha-pattern-null": "'alpha_pattern.q'", "lora-rank-zero": "'r'", "lora-alpha-nan": "'lora_alpha'"}
 
 
 #: A secret planted in URLs: no message, file or database may ever hold it.
