@@ -94,6 +94,9 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> World:
         (root / name).mkdir()
         config = {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q"], **changes}
         (root / name / "adapter_config.json").write_text(json.dumps(config))
+    # a header whose empty tensor has a dimension of 2**64 (issue 24): refused from the header
+    (root / "huge-shape-base").mkdir()
+    (root / "huge-shape-base" / "model.safetensors").write_bytes(_with_huge_empty_tensor(base))
     # a float8 (E4M3, largest value 448) model whose task arithmetic goes beyond 448
     f8 = {k: (v * 0.1).to(torch.float8_e4m3fn) for k, v in base.items()}
     write_reference_checkpoint(str(root / "f8-base"), f8)
@@ -102,6 +105,20 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> World:
         f8_expert["layer.0.mlp.down.weight"][2, 3] = 400.0
         write_reference_checkpoint(str(root / f"f8-expert-{i}"), f8_expert)
     return World(root)
+
+
+def _with_huge_empty_tensor(tensors: dict[str, torch.Tensor]) -> bytes:
+    """A safetensors file of ``tensors`` plus ``buf`` of shape [0, 2**64] (0 bytes, a valid sum)."""
+    header: dict[str, Any] = {}
+    data = b""
+    for name, value in tensors.items():
+        raw = value.contiguous().numpy().tobytes()
+        header[name] = {"dtype": "F32", "shape": list(value.shape), "data_offsets": [len(data), len(data) + len(raw)]}
+        data += raw
+    header["buf"] = {"dtype": "F32", "shape": [0, 2**64], "data_offsets": [len(data), len(data)]}
+    blob = json.dumps(header).encode()
+    blob += b" " * (-len(blob) % 8)
+    return len(blob).to_bytes(8, "little") + blob + data
 
 
 # ---------------------------------------------------------------------------------------- cases
@@ -233,6 +250,8 @@ def _config_cases() -> list[Case]:
         Case("base-nested-link-outside", ("1_Pooling/config.json", "outside the checkpoint folder"),
              CheckpointError, config=lambda w, out: {**_good(w, out), "base": w.path("base-nested-link-out")}),
     ]
+    cases.append(Case("header-shape-2-to-the-64", ("huge-shape-base/model.safetensors", "'buf'", "2**63"),
+                      CheckpointError, config=lambda w, out: {**_good(w, out), "base": w.path("huge-shape-base")}))
     # LoRA adapter configs
     for name in BAD_LORA:
         cases.append(Case(f"{name}", (f"{name}/adapter_config.json", _LORA_KEY[name]), CheckpointError,
