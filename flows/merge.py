@@ -21,6 +21,7 @@ from flows.log_filters import install as quiet_input_error_tracebacks
 from flows.parameters import config_parameter, hold_storage_options
 from flows.progress import MergeProgress
 from swudi.config.merge_config import MergeConfig
+from swudi.errors import is_input_error
 from swudi.evaluators.runner import check_evaluators
 from swudi.methods import get_method
 from swudi.pipeline.keys import artefact_keys, group_merge_key, layer_merge_key
@@ -143,7 +144,12 @@ def merge(config: dict[str, Any], storage_options_ref: str | None = None) -> dic
         "decompose_seconds_computed": sum(r.decompose_seconds for r in now),
     }
     mark = time.perf_counter()
-    published = publish_model(cfg, plan, records, diagnostics, timings, io)
+    try:
+        published = publish_model(cfg, plan, records, diagnostics, timings, io)
+    except Exception as error:
+        if is_input_error(error):  # e.g. an evaluator that fails: this run is over, a re-run needs a fix
+            remove_lease(cfg, run_id)
+        raise
     remove_lease(cfg, run_id)  # the published version's report now names its artefacts
     stages["publish"] = time.perf_counter() - mark
     hub_commit = push_to_hub(cfg, published) if cfg.push_to_hub else None

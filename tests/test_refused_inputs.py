@@ -515,3 +515,22 @@ def test_data_case_is_refused(case: DataCase, world: World, tmp_path: Path, pref
 def test_the_corpus_is_large_enough() -> None:
     """docs/reliability.md counts these; the issue asks for at least 40 generated cases."""
     assert len(CONFIG_CASES) + len(DATA_CASES) + 4 >= 40
+
+
+@pytest.mark.parametrize("function", [
+    "tests.helpers.evaluators:fails",
+    pytest.param("tests.helpers.evaluators:not_a_number", marks=pytest.mark.slow),
+])
+def test_a_failing_evaluator_is_one_line_and_releases_its_lease(function: str, world: World, tmp_path: Path,
+                                                                prefect_api: str) -> None:
+    out = tmp_path / "out"
+    cfg = {**_good(world, out), "workers": 1, "method": "task_arithmetic", "evaluators": [{"function": function}]}
+    path = tmp_path / "merge.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    result = CliRunner().invoke(app, ["merge", str(path)])
+    assert result.exit_code == 2, result.output
+    message = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(message) == 1 and function in message[0] and "Traceback" not in result.output, result.output
+    _nothing_published(out)
+    runs = out / ".swudi-work" / "runs"
+    assert not runs.exists() or not any(runs.iterdir())  # the run's lease is released

@@ -15,7 +15,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from swudi.config.merge_config import EvaluatorConfig
-from swudi.errors import ConfigError, SwudiError
+from swudi.errors import ConfigError, InputError
 
 log = logging.getLogger(__name__)
 
@@ -40,19 +40,20 @@ def load_evaluator(reference: str) -> Callable[..., Mapping[str, Mapping[str, fl
 
 def _check_metrics(reference: str, metrics: Any) -> Metrics:
     if not isinstance(metrics, Mapping):
-        raise SwudiError(
+        raise InputError(
             f"evaluator {reference!r} returned {type(metrics).__name__}, "
             "expected a mapping {task: {metric: number}}"
         )
     checked: Metrics = {}
     for task_name, values in metrics.items():
         if not isinstance(values, Mapping):
-            raise SwudiError(f"evaluator {reference!r}: metrics of task {task_name!r} are not a mapping")
+            raise InputError(f"evaluator {reference!r}: metrics of task {task_name!r} are not a mapping")
         checked[str(task_name)] = {}
         for metric, value in values.items():
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                shown = repr(value) if len(repr(value)) <= 60 else f"a {type(value).__name__}"
+                raise InputError(f"evaluator {reference!r}: {task_name}.{metric} is {shown}, expected a finite number")
             number = float(value)
-            if not math.isfinite(number):
-                raise SwudiError(f"evaluator {reference!r}: {task_name}.{metric} is {value!r}")
             checked[str(task_name)][str(metric)] = number
     return checked
 
@@ -64,10 +65,21 @@ def check_evaluators(evaluators: Sequence[EvaluatorConfig]) -> None:
 
 
 def run_evaluators(evaluators: Sequence[EvaluatorConfig], model_url: str) -> dict[str, Metrics]:
-    """Run every evaluator on the model at ``model_url``; ``{reference: metrics}``."""
+    """Run every evaluator on the model at ``model_url``; ``{reference: metrics}``.
+
+    An evaluator that raises, or returns anything but ``{task: {metric: finite number}}``, is an
+    :class:`~swudi.errors.InputError` naming it (the same code would fail again: not retried)."""
     results: dict[str, Metrics] = {}
     for evaluator in evaluators:
         function = load_evaluator(evaluator.function)
         log.info("evaluating %s with %s", model_url, evaluator.function)
-        results[evaluator.function] = _check_metrics(evaluator.function, function(model_url, **evaluator.options))
+        try:
+            metrics = function(model_url, **evaluator.options)
+        except Exception as error:  # noqa: BLE001 - the user's code: any failure is reported as one line
+            message = " ".join(str(error).split())[:300]
+            raise InputError(
+                f"evaluator {evaluator.function!r} failed on {model_url}: {type(error).__name__}: {message} "
+                "(fix the evaluator or remove it from evaluators; nothing was published)"
+            ) from None
+        results[evaluator.function] = _check_metrics(evaluator.function, metrics)
     return results

@@ -9,3 +9,13 @@ def weight_norms(model_path: str, names: tuple[str, ...] = ()) -> dict[str, dict
     """Frobenius norm of the named weights of the model at ``model_path`` (one task per weight)."""
     checkpoint = Checkpoint.open(model_path)
     return {name: {"frobenius_norm": float(checkpoint.read(name).float().norm())} for name in names}
+
+
+def fails(model_path: str) -> dict[str, dict[str, float]]:
+    """An evaluator with a bug: it raises."""
+    raise RuntimeError(f"cannot score {model_path}: tokenizer missing")
+
+
+def not_a_number(model_path: str) -> dict[str, dict[str, object]]:
+    """An evaluator that returns a word where a number belongs."""
+    return {"task": {"accuracy": "high"}}
