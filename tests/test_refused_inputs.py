@@ -534,3 +534,33 @@ def test_a_failing_evaluator_is_one_line_and_releases_its_lease(function: str, w
     _nothing_published(out)
     runs = out / ".swudi-work" / "runs"
     assert not runs.exists() or not any(runs.iterdir())  # the run's lease is released
+
+
+@pytest.mark.parametrize("damage", ["lease-keys-a-list", "lease-truncated", "kept-report-truncated"])
+def test_gc_reading_a_damaged_file_is_one_line_naming_it(damage: str, world: World, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    path = tmp_path / "merge.yaml"
+    path.write_text(yaml.safe_dump(_good(world, out)))
+    runs = out / ".swudi-work" / "runs"
+    runs.mkdir(parents=True)
+    if damage == "kept-report-truncated":
+        damaged = out / "versions" / "0123456789abcdef" / "merge_report.json"
+        damaged.parent.mkdir(parents=True)
+        damaged.write_text('{"artefacts": {"merged": ["ab')
+    else:
+        damaged = runs / "run-1.json"
+        damaged.write_text(json.dumps({"created": time.time(), "keys": []}) if damage == "lease-keys-a-list"
+                           else '{"created": 17')
+    result = CliRunner().invoke(app, ["gc", str(path)])
+    assert result.exit_code == 2, result.output
+    assert str(damaged) in _one_line_error(result.output) and "damaged" in result.output
+
+
+def test_report_of_a_truncated_merge_report_is_one_line_naming_it(tmp_path: Path) -> None:
+    version = tmp_path / "versions" / "0123456789abcdef"
+    version.mkdir(parents=True)
+    (version / "merge_report.json").write_text('{"version": "0123456789abcdef", "diagnos')
+    result = CliRunner().invoke(app, ["report", str(version), "--out", str(tmp_path / "r")])
+    assert result.exit_code == 2, result.output
+    line = _one_line_error(result.output)
+    assert "merge_report.json is damaged" in line and str(version) in line

@@ -29,6 +29,7 @@ from typing import Any
 from fsspec import AbstractFileSystem
 
 from swudi.config.merge_config import MergeConfig
+from swudi.errors import DamagedFileError
 from swudi.pipeline.artefacts import list_artefacts
 from swudi.pipeline.records import ARTEFACT_KINDS
 from swudi.publish.readers import hold_versions, input_versions, release_versions
@@ -114,8 +115,11 @@ def _leases(config: MergeConfig, now: float) -> Keys:
                 keys.setdefault(kind, set()).update(values)
         except FileNotFoundError:
             continue  # the merge finished meanwhile
-        except (ValueError, KeyError, TypeError):
-            log.warning("unreadable lease %s is ignored", name)
+        except (ValueError, KeyError, TypeError, AttributeError):  # what it protects is unknown: stop
+            raise DamagedFileError(
+                f"{name}: the lease of a merge is damaged (expected JSON {{created, keys}}); gc cannot tell what it "
+                "protects: remove it once that merge is over, then run gc again"
+            ) from None
     return keys
 
 
@@ -130,8 +134,13 @@ def _kept_versions_keys(config: MergeConfig) -> Keys:
             path = f"{version}/{REPORT_NAME}"
             try:
                 report = json.loads(fs.cat_file(path))
-            except (FileNotFoundError, ValueError):
+            except FileNotFoundError:
                 continue
+            except ValueError:  # its artefacts would be deleted: stop instead
+                raise DamagedFileError(
+                    f"{path}: the merge report of a kept version is damaged (not valid JSON); gc would delete "
+                    "the artefacts it names: restore it, or remove the version, then run gc again"
+                ) from None
             for kind, values in (report.get("artefacts") or {}).items():
                 keys.setdefault(kind, set()).update(values)
     return keys

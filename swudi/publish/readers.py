@@ -92,6 +92,6 @@ def read_versions(root: str, storage_options: Mapping[str, Any] | None = None, n
                 held.update(str(v) for v in lease["versions"])
         except FileNotFoundError:
             continue
-        except (ValueError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError, AttributeError):
             log.warning("unreadable reader lease %s is ignored", name)
     return held
