@@ -57,6 +57,8 @@ def parse_json(raw: bytes | str, where: str, expect: type = dict) -> Any:
 
     try:
         doc = json.loads(raw)
+    except RecursionError:
+        raise DamagedFileError(f"{where} is damaged: JSON nested too deeply") from None
     except ValueError as error:  # JSONDecodeError and UnicodeDecodeError
         raise DamagedFileError(
             f"{where} is damaged: not valid JSON ({' '.join(str(error).split())[:160]}); restore or remove it"

@@ -107,6 +107,13 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> World:
     return World(root)
 
 
+def _alias_bomb() -> str:
+    """'Billion laughs': 9 aliases of 9 aliases ... 9**9 values once expanded, 600 bytes of YAML."""
+    lines = ["storage_options:", '  l0: &l0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    lines += [f"  l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 9)}]" for i in range(1, 9)]
+    return "\n".join(lines) + "\n"
+
+
 def _with_huge_empty_tensor(tensors: dict[str, torch.Tensor]) -> bytes:
     """A safetensors file of ``tensors`` plus ``buf`` of shape [0, 2**64] (0 bytes, a valid sum)."""
     header: dict[str, Any] = {}
@@ -252,6 +259,12 @@ def _config_cases() -> list[Case]:
     ]
     cases.append(Case("header-shape-2-to-the-64", ("huge-shape-base/model.safetensors", "'buf'", "2**63"),
                       CheckpointError, config=lambda w, out: {**_good(w, out), "base": w.path("huge-shape-base")}))
+    # YAML built to exhaust the loader (issue 24, own cases): an alias bomb, deep nesting
+    cases += [
+        Case("yaml-alias-bomb", ("alias bomb",), text=lambda w, out: yaml.safe_dump(_good(w, out)) + _alias_bomb()),
+        Case("yaml-nested-thousands-deep", ("nested too deeply",),
+             text=lambda w, out: yaml.safe_dump(_good(w, out)) + "params: {x: " + "[" * 3000 + "]" * 3000 + "}\n"),
+    ]
     # LoRA adapter configs
     for name in BAD_LORA:
         cases.append(Case(f"{name}", (f"{name}/adapter_config.json", _LORA_KEY[name]), CheckpointError,

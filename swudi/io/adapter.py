@@ -146,6 +146,8 @@ class LoraAdapter:
             raise CheckpointError(f"{config_url}: file not found (not a PEFT adapter folder)") from None
         try:
             config = json.loads(raw)
+        except RecursionError:
+            raise CheckpointError(f"{config_url}: JSON nested too deeply") from None
         except ValueError as error:
             raise CheckpointError(f"{config_url}: not valid JSON ({error})") from None
         if not isinstance(config, dict):

@@ -419,6 +419,8 @@ class Checkpoint:
             ) from None
         except ValueError as exc:
             raise CheckpointError(f"{index_url}: not valid JSON: {exc}") from None
+        except RecursionError:
+            raise CheckpointError(f"{index_url}: JSON nested too deeply; not an index file") from None
         weight_map = index.get("weight_map") if isinstance(index, dict) else None
         if not isinstance(weight_map, dict) or not weight_map:
             raise CheckpointError(f"{index_url}: index must be a JSON object with a non-empty 'weight_map'")

@@ -222,6 +222,8 @@ def parse_header(raw: bytes, file_size: int, source: str) -> Header:
         raise _fail(source, f"header is not valid UTF-8: {exc}") from None
     except ValueError as exc:  # JSONDecodeError and duplicate keys
         raise _fail(source, f"header is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise _fail(source, "header JSON is nested too deeply: not a safetensors header") from None
     if not isinstance(doc, dict):
         raise _fail(source, f"header JSON must be an object, got {type(doc).__name__}")
 
