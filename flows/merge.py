@@ -72,12 +72,23 @@ def task_runner(config: MergeConfig) -> Any:
 
 
 def _wait(futures: Sequence[PrefectFuture], progress: MergeProgress) -> list[MergedRecord | list[MergedRecord]]:
-    """Results of ``futures`` in their order; ``progress`` counts each task's records as it finishes."""
-    for future in as_completed(list(futures)):
+    """Results of ``futures`` in their order; ``progress`` counts each task's records as it finishes.
+
+    The first task that fails ends the wait: the tasks not started yet are cancelled and its error
+    is raised. (Waiting for all of them let every queued task meet a silent store in turn, each
+    spending its whole retry deadline: a blackholed S3 endpoint kept a merge running for minutes,
+    far past the bound of docs/reliability.md, when the machine was busy.)
+    """
+    pending = list(futures)
+    for future in as_completed(pending):
         try:
             result = future.result()
-        except Exception:  # noqa: BLE001 - raised again below, in submission order
-            continue
+        except Exception:
+            for other in pending:
+                wrapped = getattr(other, "wrapped_future", None)
+                if other is not future and wrapped is not None and hasattr(wrapped, "cancel"):
+                    wrapped.cancel()  # a task not started never starts; running ones end within their deadline
+            raise
         progress.finished(result if isinstance(result, list) else [result])
     return [future.result() for future in futures]
 
