@@ -96,7 +96,7 @@ def half_sum() -> Iterator[str]:
 def registry_is_restored() -> Iterator[None]:
     before = dict(METHODS)
     yield
-    assert METHODS == before, "a test left the registry changed"
+    assert before == METHODS, "a test left the registry changed"
 
 
 # ------------------------------------------------------------------------------- (1) spectral

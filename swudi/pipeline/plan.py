@@ -13,7 +13,7 @@ import logging
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NotRequired, TypedDict
 
 from swudi.config.merge_config import MergeConfig
 from swudi.core.routing import Route, matches_any, route_tensor
@@ -26,11 +26,13 @@ from swudi.io.adapter import (
     input_fingerprint,
     input_nbytes,
     open_expert,
+    verify_base_layers,
 )
 from swudi.io.checkpoint import Checkpoint, TensorLocation
 from swudi.io.fingerprint import digest
 from swudi.io.header import torch_dtype
 from swudi.io.validate import validate_checkpoints
+from swudi.io.vocab import VocabPlan, base_vocab_size, plan_vocab, vocab_tensor_names
 from swudi.io.writer import files_to_copy
 from swudi.methods import get_method
 from swudi.pipeline.code_version import merge_code
@@ -98,6 +100,14 @@ class MergePlan:
     extra_files: tuple[str, ...]
     warnings: tuple[str, ...] = field(default=())
     header_bytes: tuple[int, ...] = field(default=())  # read to open (base, expert 0, ...)
+    vocab: VocabPlan | None = None  # experts with more vocab rows than the base (:mod:`swudi.io.vocab`)
+
+    def output_shape(self, job: TensorJob) -> tuple[int, ...]:
+        """The shape of the tensor in the merged model: the job's, with the output vocabulary's
+        rows for a vocab tensor of vocab-extended experts."""
+        if self.vocab is not None and job.name in self.vocab.tensors:
+            return (self.vocab.rows, *job.shape[1:])
+        return job.shape
 
     @property
     def layer_jobs(self) -> list[TensorJob]:
@@ -283,10 +293,15 @@ def build_plan(
     (unless ``output_dtype`` asks for a cast: then it is merged, as zeros).
     """
     base, experts = checkpoints or open_checkpoints(config)
-    warnings = validate_checkpoints(base, experts)
+    names = _vocab_candidates(base, experts)
+    warnings = validate_checkpoints(base, experts, names)
+    vocab = plan_vocab(base, experts, names)
+    verify_base_layers(base, experts, chunk_budget(config))
     jobs = []
     for name, loc in base.tensors.items():
         inputs = tuple(expert_input(expert, name) for expert in experts)
+        if vocab is not None and name in vocab.tensors:  # the base's rows merge as any tensor does
+            inputs = tuple(_base_rows(x, vocab.base_rows) for x in inputs)
         if config.output_dtype == "auto" and all(x is None for x in inputs):
             jobs.append(TensorJob(name, tuple(loc.shape), loc.dtype, "base", loc, inputs))
             continue
@@ -310,6 +325,7 @@ def build_plan(
         files_to_copy(base),  # the copy policy; a link out of the base folder is refused here
         tuple(warnings),
         tuple(c.header_bytes for c in (base, *experts)),
+        vocab,
     )
     if config.output_format == "adapter" and (problems := adapter_output_problems(plan, config)):
         raise ConfigError(
@@ -366,6 +382,26 @@ def check_patterns(config: MergeConfig, jobs: Sequence[TensorJob]) -> list[str]:
     return found
 
 
+def _vocab_candidates(base: Checkpoint, experts: Sequence[Checkpoint | LoraAdapter]) -> frozenset[str]:
+    """The vocab tensors (:func:`swudi.io.vocab.vocab_tensor_names`) when a full-checkpoint expert
+    has more rows in one of them than the base (the base's ``config.json`` is read only then), else
+    none."""
+    names = vocab_tensor_names(base, None)
+    grown = any(
+        isinstance(e, Checkpoint) and name in e.tensors and e.tensors[name].shape[:1] > base.tensors[name].shape[:1]
+        for e in experts
+        for name in names
+    )
+    return vocab_tensor_names(base, base_vocab_size(base)) if grown else frozenset()
+
+
+def _base_rows(item: ExpertInput, rows: int) -> ExpertInput:
+    """An expert's vocab tensor cut to the base's ``rows`` (LoRA inputs have the base's shape)."""
+    if isinstance(item, TensorLocation) and item.shape[0] > rows:
+        return item.rows(0, rows)
+    return item
+
+
 def output_dtype(config: MergeConfig, job: TensorJob) -> str:
     """The safetensors dtype a merged tensor is written in: the config's, or the base's ("auto").
 
@@ -396,13 +432,46 @@ def version_id(config: MergeConfig, plan: MergePlan) -> str:
         "max_rank": config.decomposition.max_rank,
     }
     if config.evaluators:  # the version's report holds their results: another set is another version
-        settings["evaluators"] = [e.model_dump() for e in config.evaluators]
+        # the relative settings only when used: ids of versions without them stay as they were
+        settings["evaluators"] = [
+            e.model_dump(exclude=None if e.relative else {"relative", "task_experts"}) for e in config.evaluators
+        ]
     if config.output_format != "model":  # the version holds more files (keeps earlier ids unchanged)
         settings["output_format"] = config.output_format
     return digest(merge_code(config.method), plan.inputs_fingerprint, settings)[:16]
 
 
-def describe_plan(config: MergeConfig, plan: MergePlan) -> dict[str, Any]:
+class TensorRow(TypedDict):
+    """One tensor's row of :func:`describe_plan`; the last four only with LoRA experts."""
+
+    name: str
+    shape: list[int]
+    dtype: str
+    treatment: str  # "layer" (a 2-D weight merged by the method), a group route, or "base ..."
+    adapter_ranks: NotRequired[list[int | None]]  # per expert; None: a full tensor
+    path: NotRequired[str]  # "factor space" or "dense"
+    decomposition_gflop: NotRequired[float]
+    path_reason: NotRequired[str]  # why the dense path
+    rows: NotRequired[dict[str, int]]  # vocab tensors of vocab-extended experts: merged, appended, padding
+
+
+class PlanDescription(TypedDict):
+    """:func:`describe_plan`: what a merge of this config would do, from headers alone (JSON-able)."""
+
+    base: str
+    experts: list[str]
+    method: str
+    params: dict[str, Any]
+    scale: float
+    counts: dict[str, int]  # tensors per treatment
+    estimated_read_bytes: int
+    estimated_decomposition_gflop: float
+    warnings: list[str]
+    vocab: NotRequired[dict[str, Any]]  # vocab-extended experts (VocabPlan.describe)
+    tensors: list[TensorRow]
+
+
+def describe_plan(config: MergeConfig, plan: MergePlan) -> PlanDescription:
     """A JSON-able summary of the plan: counts, estimated work and the per-tensor routes."""
     spec = get_method(config.method)
     n = len(plan.expert_urls)
@@ -412,7 +481,7 @@ def describe_plan(config: MergeConfig, plan: MergePlan) -> dict[str, Any]:
         read_bytes += job.nbytes + sum(input_nbytes(x) for x in job.experts) if job.route != "base" else job.nbytes
         if job.is_matrix and spec.kind == "spectral":
             flops += layer_cost(job, n)  # C (or thin SVD) + eigensolver, or the factor-space work
-    return {
+    described: PlanDescription = {
         "base": plan.base_url,
         "experts": list(plan.expert_urls),
         "method": config.method,
@@ -422,13 +491,21 @@ def describe_plan(config: MergeConfig, plan: MergePlan) -> dict[str, Any]:
         "estimated_read_bytes": read_bytes,
         "estimated_decomposition_gflop": round(flops / 1e9, 3),
         "warnings": list(plan.warnings),
-        "tensors": [_describe_job(job, config, spec.kind, n) for job in plan.jobs],
+        "tensors": [_describe_job(job, config, spec.kind, n, plan.vocab) for job in plan.jobs],
     }
+    if plan.vocab is not None:
+        described["vocab"] = plan.vocab.describe(plan.expert_urls)
+    return described
 
 
 def adapter_output_problems(plan: MergePlan, config: MergeConfig) -> list[str]:
     """Why the merged update cannot be a LoRA adapter of rank <= sum r_i (empty: it can)."""
     problems = []
+    if plan.vocab is not None:
+        problems.append(
+            f"vocab-extended experts: the merged model has {plan.vocab.rows} vocab rows, the base "
+            f"{plan.vocab.base_rows}; a LoRA adapter cannot add rows (use output_format: model)"
+        )
     if get_method(config.method).kind != "spectral":
         problems.append(f"method {config.method!r} is not spectral: its merged update is not of low rank")
     for job in plan.jobs:
@@ -469,14 +546,24 @@ def dense_path_reason(job: TensorJob, config: MergeConfig) -> str | None:
     return f"decomposition.max_rank {config.decomposition.max_rank} < sum of ranks {total}"
 
 
-def _describe_job(job: TensorJob, config: MergeConfig, kind: str, num_experts: int) -> dict[str, Any]:
-    """One tensor's row of the plan; with LoRA experts, their ranks and the decomposition path."""
-    row: dict[str, Any] = {
+def _describe_job(
+    job: TensorJob, config: MergeConfig, kind: str, num_experts: int, vocab: VocabPlan | None = None
+) -> TensorRow:
+    """One tensor's row of the plan; with LoRA experts, their ranks and the decomposition path;
+    for a vocab tensor of vocab-extended experts, its rows merged, appended and padding."""
+    row: TensorRow = {
         "name": job.name,
         "shape": list(job.shape),
         "dtype": job.dtype,
         "treatment": "layer" if job.is_matrix else job.route,
     }
+    if vocab is not None and job.name in vocab.tensors:
+        row["shape"] = [vocab.rows, *job.shape[1:]]
+        row["rows"] = {
+            "merged": vocab.base_rows,
+            "appended": sum(vocab.named),
+            "padding": len(vocab.named) - sum(vocab.named),
+        }
     ranks = job.lora_ranks
     if any(r is not None for r in ranks):
         row["adapter_ranks"] = list(ranks)  # per expert; None: a full tensor
