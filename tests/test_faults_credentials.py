@@ -3,9 +3,10 @@ recognisable fake secrets, then every byte they wrote is searched for them.
 
 Secrets are put where users put them: `storage_options.secret` by value in the config, the
 `AWS_SECRET_ACCESS_KEY` environment variable, and `user:password@` in an endpoint URL (refused at
-config load since issue 24; the failing merge uses an unreachable endpoint). Searched: the work folder and the output (S3 objects), the sweep folder, PREFECT_HOME (the
-Prefect server's SQLite database with flow runs, task runs, logs, artifacts, blocks), and the
-captured stdout/stderr of every command run at DEBUG level.
+config load since issue 24; the failing merge uses an unreachable endpoint). Searched: the work
+folder and the output (S3 objects), the sweep folder, PREFECT_HOME (the Prefect server's SQLite
+database with flow runs, task runs, logs, artifacts, blocks), and the captured stdout/stderr of
+every command run at DEBUG level.
 """
 
 from __future__ import annotations
@@ -25,8 +26,8 @@ from swudi.errors import ConfigError
 from swudi.io.synthetic import SyntheticModel, write_synthetic_models
 from swudi.publish.card import render_card
 from swudi.storage.faults import mask_credentials, storage_fault
-from swudi.storage.redact import install_log_redaction, mask_in, url_secret
 from swudi.storage.filesystem import resolve
+from swudi.storage.redact import install_log_redaction, mask_in, url_secret
 from swudi.storage.secrets import resolve_secret_refs
 
 MODEL = SyntheticModel(layers=1, hidden=16, intermediate=32, vocab=16, positions=8)

@@ -29,13 +29,13 @@ def test_values_beyond_the_largest_are_refused_and_within_it_kept(dtype: torch.d
     inside = merged_in_range(base, theta, 2.0, dtype, name="w")  # exactly the largest value
     assert inside.dtype == dtype and float(inside.float()[1, 2]) == LARGEST[dtype]
     theta[1, 2] = -LARGEST[dtype] * 0.6  # beyond, negative side
-    with pytest.raises(InputError, match=r"tensor 'w'|'w'") as caught:
+    with pytest.raises(InputError, match=r"tensor 'w'") as caught:
         merged_in_range(base, theta, 2.0, dtype, name="w")
     assert "exceed the range" in str(caught.value) and "output_dtype" in str(caught.value)
 
 
 def test_an_integer_output_is_never_a_merged_weight() -> None:
-    with pytest.raises(InputError, match="exceed the range of torch.int8"):
+    with pytest.raises(InputError, match=r"exceed the range of torch\.int8"):
         merged_in_range(torch.zeros(2), torch.tensor([100.0, 30.0]), 2.0, torch.int8, name="w")
     with pytest.raises(InputError, match="integer tensor"):
         merged_in_range(torch.zeros(2), torch.tensor([1.0, 3.0]), 2.0, torch.int8, name="w")

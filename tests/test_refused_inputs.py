@@ -73,7 +73,8 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> World:
     os.symlink(root / "private" / "secret", root / "base-link-out" / "special_tokens_map.json")
     shutil.copytree(root / "base", root / "base-nested-link-out")
     (root / "base-nested-link-out" / "1_Pooling").mkdir()
-    os.symlink(os.path.join("..", "..", "private", "secret"), root / "base-nested-link-out" / "1_Pooling" / "config.json")
+    nested = root / "base-nested-link-out" / "1_Pooling" / "config.json"
+    os.symlink(os.path.join("..", "..", "private", "secret"), nested)
     shutil.copytree(root / "base", root / "published" / "versions" / "draft")  # no manifest: not published
     # data cases: one bad value each
     bad = dict(base)
@@ -281,7 +282,7 @@ def _config_cases() -> list[Case]:
              config=_with(keep_base=["*weight", "*bias", "*.wieght"])),
     ]
     # credentials in URLs (issue 24): refused at load, pointing at secret references; never echoed
-    for case_id, key, change in [
+    secret_changes: list[tuple[str, str, Callable[[World, Path], dict[str, Any]]]] = [
         ("secret-userinfo-in-base", "base", lambda w, out: {"base": f"http://user:{PLANTED}@host/base"}),
         ("secret-s3-key-in-expert", "experts[1]",
          lambda w, out: {"experts": [w.path("expert-0"), f"s3://AKIAX:{PLANTED}@bucket/expert"]}),
@@ -293,10 +294,14 @@ def _config_cases() -> list[Case]:
          lambda w, out: {"work_dir": f"abfs://c/work?sv=2024&sig={PLANTED}"}),
         ("secret-token-in-evaluator-option", "evaluators[0].options.url",
          lambda w, out: {"evaluators": [{"function": "m:f", "options": {"url": f"https://h/x?token={PLANTED}"}}]}),
-    ]:
-        cases.append(Case(case_id, (key, "credential", "from_env"),
-                          config=lambda w, out, change=change: {**_good(w, out), **change(w, out)}))
+    ]
+    for case_id, key, change in secret_changes:
+        cases.append(Case(case_id, (key, "credential", "from_env"), config=_good_plus(change)))
     return cases
+
+
+def _good_plus(change: Callable[[World, Path], dict[str, Any]]) -> Callable[[World, Path], dict[str, Any]]:
+    return lambda w, out: {**_good(w, out), **change(w, out)}
 
 
 #: adapter_config.json changes that must be refused, by folder name (issue 24)
@@ -404,7 +409,7 @@ def test_a_secret_in_a_url_is_found_nowhere(world: World, tmp_path: Path, prefec
     secret_cases = [c for c in CONFIG_CASES if c.id.startswith("secret-")]
     for case in secret_cases:
         (tmp_path / case.id).mkdir()
-        path, out = _write_case(case, world, tmp_path / case.id)
+        path, _ = _write_case(case, world, tmp_path / case.id)
         assert PLANTED.encode() in path.read_bytes()  # the search below would find it
         result = CliRunner().invoke(app, ["merge", str(path), "-v"])
         assert result.exit_code == 2 and PLANTED not in result.output, result.output
