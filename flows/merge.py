@@ -21,6 +21,7 @@ from flows.log_filters import install as quiet_input_error_tracebacks
 from flows.parameters import config_parameter, hold_storage_options
 from flows.progress import MergeProgress
 from swudi.config.merge_config import MergeConfig
+from swudi.errors import is_input_error
 from swudi.evaluators.relative import check_relative_inputs
 from swudi.evaluators.runner import check_evaluators
 from swudi.methods import get_method
@@ -75,12 +76,23 @@ def task_runner(config: MergeConfig) -> Any:
 
 
 def _wait(futures: Sequence[PrefectFuture], progress: MergeProgress) -> list[MergedRecord | list[MergedRecord]]:
-    """Results of ``futures`` in their order; ``progress`` counts each task's records as it finishes."""
-    for future in as_completed(list(futures)):
+    """Results of ``futures`` in their order; ``progress`` counts each task's records as it finishes.
+
+    The first task that fails ends the wait: the tasks not started yet are cancelled and its error
+    is raised. (Waiting for all of them let every queued task meet a silent store in turn, each
+    spending its whole retry deadline: a blackholed S3 endpoint kept a merge running for minutes,
+    far past the bound of docs/reliability.md, when the machine was busy.)
+    """
+    pending = list(futures)
+    for future in as_completed(pending):
         try:
             result = future.result()
-        except Exception:  # noqa: BLE001 - raised again below, in submission order
-            continue
+        except Exception:
+            for other in pending:
+                wrapped = getattr(other, "wrapped_future", None)
+                if other is not future and wrapped is not None and hasattr(wrapped, "cancel"):
+                    wrapped.cancel()  # a task not started never starts; running ones end within their deadline
+            raise
         progress.finished(result if isinstance(result, list) else [result])
     return [future.result() for future in futures]
 
@@ -150,7 +162,12 @@ def merge(
         "decompose_seconds_computed": sum(r.decompose_seconds for r in now),
     }
     mark = time.perf_counter()
-    published = publish_model(cfg, plan, records, diagnostics, timings, io, tuning)
+    try:
+        published = publish_model(cfg, plan, records, diagnostics, timings, io, tuning)
+    except Exception as error:
+        if is_input_error(error):  # e.g. an evaluator that fails: this run is over, a re-run needs a fix
+            remove_lease(cfg, run_id)
+        raise
     remove_lease(cfg, run_id)  # the published version's report now names its artefacts
     stages["publish"] = time.perf_counter() - mark
     hub_commit = push_to_hub(cfg, published) if cfg.push_to_hub else None

@@ -96,9 +96,23 @@ def test_a_merge_through_resets_5xx_throttling_stalls_and_truncation_is_bit_iden
 
 @pytest.mark.faults
 @pytest.mark.slow
+@pytest.mark.parametrize("cpu_load", [False, True], ids=["idle", "cpu-load"])
 def test_a_silent_store_fails_in_one_line_within_its_deadline_and_publishes_nothing(
-    prefect_api: str, s3_bucket, tmp_path: Path
+    prefect_api: str, s3_bucket, tmp_path: Path, cpu_load: bool
 ) -> None:
+    """Also with two busy loops per core (issue 24: the merge still ran at 150 s under load, because
+    the flow waited for every queued task to meet the silent store in turn)."""
+    burners = [subprocess.Popen([sys.executable, "-c", "while True: pass"])
+               for _ in range(2 * (os.cpu_count() or 2) if cpu_load else 0)]
+    try:
+        _silent_store_run(prefect_api, s3_bucket, tmp_path)
+    finally:
+        for burner in burners:
+            burner.kill()
+            burner.wait()
+
+
+def _silent_store_run(prefect_api: str, s3_bucket, tmp_path: Path) -> None:
     host, port = _target(s3_bucket)
     base, experts = write_synthetic_models(f"{s3_bucket.url}/in", 2, MODEL, storage_options=s3_bucket.storage_options)
     retry: dict[str, Any] = {"attempts": 2, "connect_timeout_s": 1.0, "read_timeout_s": 1.0}

@@ -32,12 +32,15 @@ from swudi.config.merge_config import MergeConfig, load_config
 from swudi.errors import ConfigError, GateError, PublishError, SwudiError, is_input_error
 from swudi.evaluators.runner import check_evaluators
 from swudi.methods.registry import method_choices
-from swudi.storage.faults import mask_credentials, storage_fault
+from swudi.storage.faults import storage_fault
+from swudi.storage.redact import install_log_redaction, mask_credentials
 from swudi.units import format_bytes
 
 if TYPE_CHECKING:  # the plan and the results pull in the whole pipeline: imported by the commands that run it
     from swudi.pipeline.plan import TensorRow
     from swudi.pipeline.results import MergeResult, TimeSplit
+
+install_log_redaction()  # no credential of a URL in any log record of a swudi command
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -194,10 +197,11 @@ def published_version(cfg: MergeConfig) -> dict[str, Any] | None:
     from swudi.publish.versions import is_version_complete, read_latest
 
     check_before_merge(cfg)
+    plan = build_plan(cfg)  # headers only: every input error of the plan is one line before Prefect starts
     latest = read_latest(cfg.output, cfg.storage_options)
     if latest is None:
         return None
-    version = version_id(cfg, build_plan(cfg))
+    version = version_id(cfg, plan)
     if latest["version"] != version or not is_version_complete(cfg.output, version, cfg.storage_options):
         return None
     return latest

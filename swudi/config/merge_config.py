@@ -5,8 +5,9 @@ model is published and how the work is run. Every field has one meaning; unknown
 with the valid ones listed, and method parameters are checked against the method registry, so a bad
 config fails before any checkpoint is opened. Also refused: a key given twice in the YAML file
 (:mod:`swudi.config.strict_yaml`), NaN or infinite numbers, ``true``/``false`` where a number is expected,
-empty locations, ``scale: 0`` (it would publish the base), and inputs that repeat or overlap the
-output or the work folder (:mod:`swudi.storage.locations`).
+empty locations, ``scale: 0`` (it would publish the base), credentials in any URL
+(:mod:`swudi.storage.redact`; they belong in ``storage_options`` as secret references), and inputs
+that repeat or overlap the output or the work folder (:mod:`swudi.storage.locations`).
 
 Switching the method on the command line (``--method`` or ``--set method=...``) drops the config
 file's ``params``: they were chosen for the file's method (``t`` of ``swudi_a`` is not ``t`` of
@@ -35,6 +36,7 @@ from swudi.config.validation import StrictModel
 from swudi.errors import ConfigError
 from swudi.storage.filesystem import is_local_url
 from swudi.storage.locations import check_locations
+from swudi.storage.redact import url_secret
 from swudi.storage.retry import RETRY_KEY
 from swudi.units import parse_size
 
@@ -240,6 +242,22 @@ class MergeConfig(StrictModel):
         None, description="publish gate: the objective a version must pass before latest.json moves to it"
     )
 
+    @model_validator(mode="before")
+    @classmethod
+    def _no_credentials_in_urls(cls, data: Any) -> Any:
+        """A URL holding a credential (``user:password@``, ``?X-Amz-Signature=``, ``sig=``...) would be
+        written into the card, the report, logs and Prefect's database: refused, naming the key."""
+        if isinstance(data, dict):
+            for where, text in _strings(data):
+                found = url_secret(text)
+                if found is not None:
+                    raise ValueError(
+                        f"{where}: the URL holds a credential ({found}); remove it and give credentials in "
+                        "storage_options as a secret reference, e.g. storage_options: {secret: {from_env: NAME}} "
+                        "(or the environment: AWS_ACCESS_KEY_ID, a profile)"
+                    )
+        return data
+
     @field_validator("max_shard_size", mode="before")
     @classmethod
     def _size(cls, value: Any) -> int:
@@ -303,6 +321,17 @@ class MergeConfig(StrictModel):
         if self.work_dir:
             return self.work_dir
         return self.output.rstrip("/") + "/.swudi-work"
+
+
+def _strings(value: Any, where: str = "") -> list[tuple[str, str]]:
+    """Every string of a raw config value with its dotted key (``experts[1]``, ``storage_options.endpoint_url``)."""
+    if isinstance(value, str):
+        return [(where or "(top level)", value)]
+    if isinstance(value, dict):
+        return [pair for key, item in value.items() for pair in _strings(item, f"{where}.{key}" if where else str(key))]
+    if isinstance(value, (list, tuple)):
+        return [pair for i, item in enumerate(value) for pair in _strings(item, f"{where}[{i}]")]
+    return []
 
 
 def _size_value(value: Any) -> Any:

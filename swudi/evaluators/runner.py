@@ -41,24 +41,20 @@ def load_evaluator(reference: str) -> Callable[..., Mapping[str, Mapping[str, fl
 
 def _check_metrics(reference: str, metrics: Any) -> Metrics:
     if not isinstance(metrics, Mapping):
-        raise SwudiError(
+        raise InputError(
             f"evaluator {reference!r} returned {type(metrics).__name__}, "
             "expected a mapping {task: {metric: number}}"
         )
     checked: Metrics = {}
     for task_name, values in metrics.items():
         if not isinstance(values, Mapping):
-            raise SwudiError(f"evaluator {reference!r}: metrics of task {task_name!r} are not a mapping")
+            raise InputError(f"evaluator {reference!r}: metrics of task {task_name!r} are not a mapping")
         checked[str(task_name)] = {}
         for metric, value in values.items():
-            try:  # a string or a boolean is not a metric, even when float() would take it
-                if isinstance(value, (str, bytes, bool)):
-                    raise TypeError
-                number = float(value)
-            except (TypeError, ValueError):
-                raise InputError(f"evaluator {reference!r}: {task_name}.{metric} is {value!r}, not a number") from None
-            if not math.isfinite(number):
-                raise SwudiError(f"evaluator {reference!r}: {task_name}.{metric} is {value!r}")
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                shown = repr(value) if len(repr(value)) <= 60 else f"a {type(value).__name__}"
+                raise InputError(f"evaluator {reference!r}: {task_name}.{metric} is {shown}, expected a finite number")
+            number = float(value)
             checked[str(task_name)][str(metric)] = number
     return checked
 
@@ -98,10 +94,22 @@ def check_evaluators(evaluators: Sequence[EvaluatorConfig], storage_options: Map
 def run_evaluator(
     evaluator: EvaluatorConfig, model_url: str, storage_options: Mapping[str, Any] | None = None
 ) -> Metrics:
-    """Run one evaluator on the model at ``model_url``; its checked metrics ``{task: {metric: value}}``."""
+    """Run one evaluator on the model at ``model_url``; its checked metrics ``{task: {metric: value}}``.
+
+    An evaluator that raises, or returns anything but ``{task: {metric: finite number}}``, is an
+    :class:`~swudi.errors.InputError` naming it (the same code would fail again: not retried)."""
     function = load_evaluator(evaluator.function)
     log.info("evaluating %s with %s", model_url, evaluator.function)
-    metrics = function(model_url, **evaluator_options(evaluator, function, storage_options))
+    try:
+        metrics = function(model_url, **evaluator_options(evaluator, function, storage_options))
+    except SwudiError:
+        raise
+    except Exception as error:  # noqa: BLE001 - the user's code: any failure is reported as one line
+        message = " ".join(str(error).split())[:300]
+        raise InputError(
+            f"evaluator {evaluator.function!r} failed on {model_url}: {type(error).__name__}: {message} "
+            "(fix the evaluator or remove it from evaluators; nothing was published)"
+        ) from None
     return _check_metrics(evaluator.function, metrics)
 
 

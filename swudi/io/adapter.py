@@ -32,14 +32,15 @@ import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator
 
 from swudi.errors import CheckpointError, CheckpointMismatchError
 from swudi.io.checkpoint import PICKLE_SUFFIXES, Checkpoint, TensorLocation, _raise_pickle, read_tensor
 from swudi.io.fingerprint import digest
-from swudi.storage.filesystem import join_url, resolve
+from swudi.storage.filesystem import join_url, list_folder, resolve
 
 __all__ = [
     "ADAPTER_CONFIG",
@@ -156,6 +157,8 @@ class LoraAdapter:
             raise CheckpointError(f"{config_url}: file not found (not a PEFT adapter folder)") from None
         try:
             config = json.loads(raw)
+        except RecursionError:
+            raise CheckpointError(f"{config_url}: JSON nested too deeply") from None
         except ValueError as error:
             raise CheckpointError(f"{config_url}: not valid JSON ({error})") from None
         if not isinstance(config, dict):
@@ -164,7 +167,7 @@ class LoraAdapter:
         weights_url = join_url(url, ADAPTER_WEIGHTS)
         if not fs.exists(resolve(weights_url, storage_options)[1]):
             try:
-                names = [e.rstrip("/").rsplit("/", 1)[-1] for e in fs.ls(path, detail=False)]
+                names = [e.rstrip("/").rsplit("/", 1)[-1] for e in list_folder(fs, path, detail=False)]
             except FileNotFoundError:
                 names = []
             pickles = [n for n in names if n.lower().endswith(PICKLE_SUFFIXES)]
@@ -261,6 +264,43 @@ class LoraAdapter:
         return f"LoraAdapter({self.url!r}, {lora} LoRA weights, {len(self.inputs) - lora} full tensors)"
 
 
+PositiveRank = Annotated[StrictInt, Field(gt=0)]
+PositiveAlpha = Annotated[float, Field(gt=0, allow_inf_nan=False, strict=True)]
+
+
+class AdapterConfigModel(BaseModel):
+    """The keys of ``adapter_config.json`` that define the update ``(alpha / r) * B @ A``, strictly:
+    ``r`` and every ``rank_pattern`` value a whole number >= 1; ``lora_alpha`` and every
+    ``alpha_pattern`` value a finite number > 0 (never a boolean, null, NaN or Infinity). Other
+    keys of PEFT's config are kept as they are."""
+
+    model_config = ConfigDict(extra="allow")
+
+    r: PositiveRank
+    lora_alpha: PositiveAlpha
+    rank_pattern: dict[str, PositiveRank] | None = None
+    alpha_pattern: dict[str, PositiveAlpha] | None = None
+
+    @field_validator("lora_alpha", mode="before")
+    @classmethod
+    def _number(cls, value: Any) -> Any:
+        return _no_bool(value)
+
+    @field_validator("alpha_pattern", mode="before")
+    @classmethod
+    def _numbers(cls, value: Any) -> Any:
+        if isinstance(value, dict):
+            for item in value.values():
+                _no_bool(item)
+        return value
+
+
+def _no_bool(value: Any) -> Any:
+    if isinstance(value, bool):
+        raise ValueError("must be a number, not a boolean")
+    return float(value) if isinstance(value, int) else value
+
+
 def verify_base_layers(
     base: Checkpoint, experts: Sequence[Checkpoint | LoraAdapter], max_bytes: int = 64 * 2**20
 ) -> None:
@@ -290,20 +330,25 @@ def verify_base_layers(
 
 
 def _check_config(config: dict[str, Any], source: str) -> None:
-    """Refuse adapter configs whose update is not ``scaling * B @ A`` (or that lack r / alpha)."""
+    """Refuse adapter configs whose update is not ``scaling * B @ A`` (or that lack r / alpha):
+    :class:`AdapterConfigModel`, one line naming the key."""
     if config.get("peft_type", "LORA") != "LORA":
         raise CheckpointError(f"{source}: peft_type {config.get('peft_type')!r} is not supported (only LORA)")
     if config.get("use_dora"):
         raise CheckpointError(f"{source}: use_dora is true; DoRA updates are not B A products and cannot be merged")
     if config.get("lora_bias"):
         raise CheckpointError(f"{source}: lora_bias is true; LoRA bias terms are not supported")
-    for key in ("r", "lora_alpha"):
-        value = config.get(key)
-        if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
-            raise CheckpointError(f"{source}: {key!r} must be a positive number, got {value!r}")
-    for key in ("rank_pattern", "alpha_pattern"):
-        if not isinstance(config.get(key) or {}, dict):
-            raise CheckpointError(f"{source}: {key!r} must be a mapping of module pattern -> value")
+    try:
+        AdapterConfigModel.model_validate(config)
+    except ValidationError as error:
+        item = error.errors()[0]
+        key = ".".join(str(part) for part in item["loc"])
+        value = item.get("input")
+        raise CheckpointError(
+            f"{source}: {key!r} must be a "
+            f"{'whole number >= 1' if key.split('.')[0] in ('r', 'rank_pattern') else 'finite number > 0'}, "
+            f"got {value!r} ({item['msg']})"
+        ) from None
 
 
 def is_adapter(url: str, storage_options: Mapping[str, Any] | None = None) -> bool:

@@ -20,7 +20,7 @@ from swudi.io.artifacts import save_tensors
 from swudi.io.checkpoint import Checkpoint
 from swudi.pipeline.reads import StepCost
 from swudi.pipeline.records import DELTA_FORMAT, MERGED, MERGED_FORMAT, RECORD_FORMAT_VERSION, MergedRecord
-from swudi.storage.filesystem import is_local, join_url, resolve
+from swudi.storage.filesystem import is_local, join_url, list_folder, resolve
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +68,7 @@ def list_artefacts(config: MergeConfig, kind: str) -> dict[str, dict[str, Any]]:
     """``{key: {"size": bytes, "mtime": seconds or None}}`` of one kind of artefact (one listing)."""
     fs, path = resolve(join_url(config.resolved_work_dir, kind), config.storage_options)
     try:
-        entries = fs.ls(path, detail=True)
+        entries = list_folder(fs, path)
     except (FileNotFoundError, NotADirectoryError):
         return {}
     out = {}

@@ -19,7 +19,7 @@ from swudi.core.diagnostics import interference_from_decomposition, interference
 from swudi.core.lowrank import decompose_factors
 from swudi.core.spectral import apply_filter
 from swudi.core.task_svd import TaskSVDs, task_svds, task_svds_from_factors
-from swudi.core.task_vectors import ExpertValue, LowRank, merged_weight, stack_task_vectors
+from swudi.core.task_vectors import ExpertValue, LowRank, stack_task_vectors
 from swudi.io.artifacts import exists as artefact_exists
 from swudi.io.artifacts import save_tensors
 from swudi.io.header import torch_dtype
@@ -33,6 +33,7 @@ from swudi.pipeline.artefacts import (
     save_merged,
 )
 from swudi.pipeline.keys import decomposition_key, delta_key, layer_merge_key, task_svd_key
+from swudi.pipeline.output_range import merged_in_range
 from swudi.pipeline.plan import (
     TensorJob,
     dense_path_reason,
@@ -278,7 +279,7 @@ def merge_layer(
             interference["per_task"] = found["per_task"]
     base = inputs[0] if inputs is not None else reads.tensor(0, job.base, config.storage_options)
     with reads.phase("merge"):
-        merged = merged_weight(base, theta, config.scale, torch_dtype(output_dtype(config, job)), name=job.name)
+        merged = merged_in_range(base, theta, config.scale, torch_dtype(output_dtype(config, job)), name=job.name)
     per_task = interference.get("per_task")
     record = MergedRecord(
         key,

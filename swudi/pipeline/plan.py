@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, NotRequired, TypedDict
 
 from swudi.config.merge_config import MergeConfig
-from swudi.core.routing import Route, route_tensor
+from swudi.core.routing import Route, matches_any, route_tensor
 from swudi.errors import CheckpointError, ConfigError
 from swudi.io.adapter import (
     ExpertInput,
@@ -33,6 +33,7 @@ from swudi.io.fingerprint import digest
 from swudi.io.header import torch_dtype
 from swudi.io.validate import validate_checkpoints
 from swudi.io.vocab import VocabPlan, base_vocab_size, plan_vocab, vocab_tensor_names
+from swudi.io.writer import files_to_copy
 from swudi.methods import get_method
 from swudi.pipeline.code_version import merge_code
 from swudi.storage.filesystem import resolve
@@ -323,13 +324,14 @@ def build_plan(
             config.keep_base,
         )
         jobs.append(TensorJob(name, tuple(loc.shape), loc.dtype, route, loc, inputs))
+    warnings = [*warnings, *check_patterns(config, jobs)]
     plan = MergePlan(
         base.url,
         tuple(e.url for e in experts),
         base.fingerprint,
         tuple(e.fingerprint for e in experts),
         tuple(jobs),
-        tuple(base.extra_files),
+        files_to_copy(base),  # the copy policy; a link out of the base folder is refused here
         tuple(warnings),
         tuple(c.header_bytes for c in (base, *experts)),
         vocab,
@@ -341,6 +343,52 @@ def build_plan(
         )
     log.info("plan: %d tensors (%s) from %d experts", len(jobs), plan.counts(), len(experts))
     return plan
+
+
+def check_patterns(config: MergeConfig, jobs: Sequence[TensorJob]) -> list[str]:
+    """Refuse routing patterns that leave the model unchanged or silently change the method.
+
+    - ``keep_base`` covering every floating tensor: the version would be the base (refused as
+      ``scale: 0`` is);
+    - ``include`` / ``exclude`` leaving no tensor to the method (every tensor gets the plain mean of
+      the task vectors, which the method did not ask for), unless the method is ``mean``;
+    - a pattern of ``include``, ``exclude`` or ``keep_base`` that matches no tensor: named in the
+      refusals above; otherwise a warning (returned, and logged) when another pattern matches.
+    """
+    names = [job.name for job in jobs]
+    floating = [job for job in jobs if torch_dtype(job.dtype).is_floating_point]
+    unmatched = [
+        f"{key}: {pattern!r}"
+        for key in ("include", "exclude", "keep_base")
+        for pattern in getattr(config, key)
+        if not any(matches_any(name, (pattern,)) for name in names)
+    ]
+    hint = f" ({'; '.join(unmatched)} matches no tensor: a typo?)" if unmatched else ""
+    if config.keep_base and floating and all(job.route == "base" for job in floating):
+        raise ConfigError(
+            f"keep_base {config.keep_base} covers every tensor: the version would be the base model unchanged"
+            f"{hint}; narrow keep_base"
+        )
+    if (
+        (config.include or config.exclude)
+        and config.method != "mean"
+        and floating
+        and not any(job.route == "method" for job in floating)
+    ):
+        raise ConfigError(
+            f"include {config.include} / exclude {config.exclude} leave no tensor to {config.method}: every "
+            f"tensor would get the plain mean of the task vectors{hint}; fix the patterns (tensor names look "
+            f"like {names[0]!r}) or use method: mean"
+        )
+    patterns = len(config.include) + len(config.exclude) + len(config.keep_base)
+    found = []
+    if unmatched and len(unmatched) < patterns:
+        found = [f"routing pattern {item} matches no tensor (the other patterns do): a typo?" for item in unmatched]
+    elif unmatched:
+        found = [f"routing pattern {item} matches no tensor: a typo?" for item in unmatched]
+    for warning in found:
+        log.warning("%s", warning)
+    return found
 
 
 def _vocab_candidates(base: Checkpoint, experts: Sequence[Checkpoint | LoraAdapter]) -> frozenset[str]:

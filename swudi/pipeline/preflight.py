@@ -18,9 +18,11 @@ from urllib.parse import urlsplit
 from swudi.config.merge_config import MergeConfig
 from swudi.core.device import resolve_device
 from swudi.errors import CheckpointError, ConfigError
+from swudi.io.writer import check_folder_links
 from swudi.storage.filesystem import is_local, resolve
 
 __all__ = [
+    "check_base_links",
     "check_before_merge",
     "check_extras",
     "check_device",
@@ -112,6 +114,14 @@ def check_scheduler(config: MergeConfig) -> None:
         ) from None
 
 
+def check_base_links(config: MergeConfig) -> None:
+    """A local base folder's files that a version may get resolve inside it (or the hub cache's
+    blobs): :func:`swudi.io.writer.check_folder_links`."""
+    fs, path = resolve(config.base, config.storage_options)
+    if is_local(fs):
+        check_folder_links(path)
+
+
 def check_extras(config: MergeConfig) -> None:
     """The optional packages this config needs are installed: ``task_runner.kind: dask`` the
     ``[dask]`` extra, an ``s3://`` location the ``[s3]`` extra (one error naming the extra)."""
@@ -133,6 +143,7 @@ def check_before_merge(config: MergeConfig) -> None:
     check_extras(config)
     check_device(config)
     check_inputs_readable(config)
+    check_base_links(config)
     check_writable("output", config.output, config)
     check_writable("work_dir", config.resolved_work_dir, config)
     check_scheduler(config)

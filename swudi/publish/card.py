@@ -18,6 +18,7 @@ from typing import Any
 import yaml
 
 from swudi.methods.registry import METHODS
+from swudi.storage.redact import mask_credentials
 
 CARD_NAME = "README.md"
 #: A Hub repository id: ``name`` or ``owner/name``.
@@ -59,9 +60,10 @@ def front_matter(
 
 
 def render_card(report: Mapping[str, Any], metadata: Mapping[str, Any], title: str | None = None) -> str:
-    """The whole ``README.md``: ``---`` front matter ``---`` then the Markdown body."""
+    """The whole ``README.md``: ``---`` front matter ``---`` then the Markdown body; credentials in
+    any URL masked (:func:`swudi.storage.redact.mask_credentials`)."""
     head = yaml.safe_dump(dict(metadata), sort_keys=False, allow_unicode=True).strip()
-    return f"---\n{head}\n---\n\n" + _body(report, title or f"swudi merge {report['version']}")
+    return mask_credentials(f"---\n{head}\n---\n\n" + _body(report, title or f"swudi merge {report['version']}"))
 
 
 def _body(report: Mapping[str, Any], title: str) -> str:

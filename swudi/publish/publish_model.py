@@ -21,7 +21,7 @@ from swudi.evaluators.relative import relative_evaluations
 from swudi.evaluators.runner import run_evaluators
 from swudi.io.adapter import input_nbytes
 from swudi.io.checkpoint import Checkpoint
-from swudi.io.writer import copy_extra_files, nested_extra_files, write_sharded
+from swudi.io.writer import copy_extra_files, files_to_copy, write_sharded
 from swudi.pipeline.keys import artefact_keys
 from swudi.pipeline.merged_reader import MergedTensorReader
 from swudi.pipeline.plan import MergePlan, output_dtype, version_id
@@ -106,8 +106,8 @@ def publish_merged_model(
         reads["work"] += reader.work_bytes_read
         reads["experts"] = [a + b for a, b in zip(reads["experts"], reader.expert_bytes_read, strict=True)]
         base = Checkpoint.open(config.base, config.storage_options)
-        # config, tokenizer, generation config... and the same in subfolders (never weights)
-        names = [*base.extra_files, *nested_extra_files(base)]
+        # config, tokenizer, generation config... by the copy policy, links checked (never weights)
+        names = list(files_to_copy(base))
         if plan.vocab is not None:  # the largest expert tokenizer, config.json's vocab_size
             names = write_vocab_files(plan.vocab, plan.expert_urls, base, names, version_url, config)
         copy_extra_files(base, version_url, config.storage_options, names=names)

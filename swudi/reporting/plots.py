@@ -8,12 +8,12 @@ each). matplotlib is imported lazily and drawn off-screen (Agg).
 from __future__ import annotations
 
 import html
-import json
 import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from swudi.errors import parse_json
 from swudi.io.checkpoint import Checkpoint
 from swudi.publish.versions import read_latest
 from swudi.storage.filesystem import join_url, resolve
@@ -48,7 +48,7 @@ def load_run(run: str, storage_options: Mapping[str, Any] | None = None) -> tupl
     for url, kind in candidates:
         fs_, p = resolve(url, storage_options)
         if fs_.exists(p):
-            data = json.loads(fs_.cat_file(p))
+            data = parse_json(fs_.cat_file(p), url)
             if kind is None:
                 kind = "benchmark" if "schema" in data else ("sweep" if "points" in data else "merge")
             return kind, data

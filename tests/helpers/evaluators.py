@@ -42,3 +42,13 @@ def fixed_metrics(model_path: str, metrics: dict | None = None) -> dict:
 def nan_unless(model_path: str, base: str) -> dict[str, dict[str, float]]:
     """``all.distance`` 0 on ``base`` and NaN on any other model (a merge that diverged)."""
     return {"all": {"distance": 0.0 if model_path == base else float("nan")}}
+
+
+def fails(model_path: str) -> dict[str, dict[str, float]]:
+    """An evaluator with a bug: it raises."""
+    raise RuntimeError(f"cannot score {model_path}: tokenizer missing")
+
+
+def not_a_number(model_path: str) -> dict[str, dict[str, object]]:
+    """An evaluator that returns a word where a number belongs."""
+    return {"task": {"accuracy": "high"}}
