@@ -41,7 +41,7 @@ from swudi.evaluators.scores import ScoreStore
 from swudi.pipeline.keys import artefact_keys
 from swudi.pipeline.plan import MergePlan, build_plan, version_id
 from swudi.pipeline.preflight import check_before_merge
-from swudi.pipeline.records import DECOMPOSITIONS, DELTAS, MERGED
+from swudi.pipeline.records import ARTEFACT_KINDS, MERGED
 from swudi.pipeline.workdir import remove_lease, write_lease
 from swudi.reporting.plots import plot_tune
 from swudi.storage.filesystem import join_url, resolve, write_bytes_atomic
@@ -196,11 +196,12 @@ class _Tuner:
 
 
 def _lease_keys(setup: TuneSetup) -> dict[str, set[str]]:
-    """The decompositions and deltas the grid's settings use (one plan per method and params)."""
-    keys: dict[str, set[str]] = {DECOMPOSITIONS: set(), DELTAS: set(), MERGED: set()}
+    """The decompositions, deltas and per-task SVDs the grid's settings use (one plan per method,
+    params and post-filter)."""
+    keys: dict[str, set[str]] = {kind: set() for kind in ARTEFACT_KINDS}
     seen: list[Any] = []
     for cand in setup.candidates:
-        setting = (cand.config.method, cand.config.params)
+        setting = (cand.config.method, cand.config.params, cand.config.post, cand.config.post_params)
         if setting in seen:
             continue
         seen.append(setting)
