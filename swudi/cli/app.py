@@ -287,7 +287,8 @@ def plan(
     for column in ("tensor", "shape", "dtype", "treatment", *(("LoRA ranks", "decomposition") if lora else ())):
         table.add_column(column)
     for row in summary["tensors"]:
-        cells = [row["name"], "x".join(map(str, row["shape"])), row["dtype"], row["treatment"]]
+        treatment = row["treatment"] + (", stored [in, out]" if row.get("orientation") == "in_out" else "")
+        cells = [row["name"], "x".join(map(str, row["shape"])), row["dtype"], treatment]
         if lora:
             cells += _lora_cells(row)
         table.add_row(*cells)
