@@ -77,3 +77,44 @@ def test_orientation_override_wins_over_the_architecture(gpt2: tuple[Path, list[
 def test_orientation_config_refuses_an_unknown_value(gpt2: tuple[Path, list[Path]], tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="orientation"):
         _config(gpt2, tmp_path / "out", orientation={"*.c_fc.weight": "transposed"})
+
+
+def test_fan_in_fan_out_adapters_merge_to_an_adapter_peft_loads(prefect_api: str, tmp_path: Path) -> None:
+    """GPT-2 LoRA experts with fan_in_fan_out (PEFT's Conv1D form), merged in [out, in] and written
+    as a merged adapter (output_format: adapter): PEFT loads it onto the base and reproduces the
+    published dense model."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from flows.merge import run_merge
+
+    family = BY_NAME["gpt2"]
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(family.build_config()).save_pretrained(tmp_path / "base")
+    experts = []
+    for i in range(2):
+        model = AutoModelForCausalLM.from_pretrained(tmp_path / "base")
+        lora = LoraConfig(r=3, lora_alpha=6, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True)
+        peft_model = get_peft_model(model, lora)
+        with torch.no_grad():
+            for name, param in peft_model.named_parameters():
+                if "lora_" in name:
+                    param.copy_(torch.randn(param.shape, generator=torch.Generator().manual_seed(10 * i + len(name))))
+        peft_model.save_pretrained(tmp_path / f"ad{i}")
+        experts.append(str(tmp_path / f"ad{i}"))
+    config = MergeConfig(
+        base=str(tmp_path / "base"),
+        experts=experts,
+        output=str(tmp_path / "out"),
+        device="cpu",
+        scale=0.7,
+        output_format="adapter",
+    )
+    assert all(job.orientation == "in_out" for job in build_plan(config).layer_jobs)
+    version = Path(run_merge(config)["url"])
+    published = Checkpoint.open(str(version)).state_dict()
+    merged = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tmp_path / "base"), version / "adapter")
+    loaded = merged.merge_and_unload().state_dict()
+    for name in ("transformer.h.0.attn.c_attn.weight", "transformer.h.1.mlp.c_fc.weight"):
+        scale = float(published[name].abs().max())
+        torch.testing.assert_close(loaded[name], published[name], atol=1e-5 * scale, rtol=1e-5, msg=name)
