@@ -63,3 +63,18 @@ def test_a_fused_tensor_resumes_per_expert(gpt_oss: tuple[Path, list[Path]], tmp
     assert [r.url for r in again[:2]] == [r.url for r in first]
     work = Path(config.resolved_work_dir)
     assert len(list((work / "decompositions").glob("*.safetensors"))) == 4
+
+
+def test_merge_state_dicts_merges_each_fused_expert_on_its_own() -> None:
+    """The in-memory API routes a fused tensor the same way: each expert's [m, d] weight on its own."""
+    from swudi import merge_state_dicts
+
+    g = torch.Generator().manual_seed(3)
+    name = "model.layers.0.mlp.experts.gate_up_proj"
+    base = {name: torch.randn(3, 6, 5, generator=g)}
+    experts = [{name: base[name] + 0.1 * torch.randn(3, 6, 5, generator=g)} for _ in range(3)]
+    merged = merge_state_dicts(base, experts, "swudi_a")[name].double()
+    w0 = base[name].double()
+    for e in range(3):
+        want = w0[e] + swudi_a([x[name][e].double() - w0[e] for x in experts])
+        torch.testing.assert_close(merged[e], want, rtol=1e-4, atol=1e-6)

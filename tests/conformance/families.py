@@ -60,6 +60,10 @@ class Family:
     max_shard_size: str | None = None  # save sharded (a small size: several shards)
     dtype: torch.dtype = torch.float32
     note: str = ""
+    #: builds the experts from the base model instead of :func:`low_rank_experts` (the hook for other
+    #: kinds of experts, e.g. vocab-extended experts or PEFT adapters): (family, model, root) -> paths;
+    #: the test reads each expert's tensors with :func:`expert_tensors`, which such experts extend
+    experts_builder: Callable[[Family, Any, Path], list[Path]] | None = None
 
     def model_class(self) -> Any:
         import transformers
@@ -78,7 +82,7 @@ FAMILIES: tuple[Family, ...] = (
         "llama",
         "AutoModelForCausalLM",
         dict(_CAUSAL),
-        max_shard_size="20KB",
+        max_shard_size="8KB",
         note="GQA (4 heads, 2 kv heads), sharded",
     ),
     Family(
@@ -150,7 +154,7 @@ FAMILIES: tuple[Family, ...] = (
             "num_heads": 2,
         },
         inputs=_seq2seq,
-        max_shard_size="20KB",
+        max_shard_size="8KB",
         note="encoder-decoder, shared embeddings, sharded",
     ),
     Family(
@@ -183,7 +187,7 @@ FAMILIES: tuple[Family, ...] = (
         {**_CAUSAL, "num_local_experts": 4, "num_experts_per_tok": 2, "head_dim": 8},
         in_out=("*.experts.gate_up_proj", "*.experts.down_proj"),
         fused=("*.experts.gate_up_proj", "*.experts.down_proj"),
-        max_shard_size="20KB",
+        max_shard_size="8KB",
         note="fused 3-D experts [E, in, out] with [E, out] biases, sharded",
     ),
     Family(
@@ -234,19 +238,29 @@ def _low_rank_update(shape: tuple[int, ...], generator: torch.Generator, size: f
 
 
 def build_family(family: Family, root: Path, seed: int = 0) -> tuple[Path, list[Path]]:
-    """Write ``root/base`` and ``root/expert_i`` (``save_pretrained``, safetensors); return their paths.
-
-    Each expert is the base plus :func:`_low_rank_update` on every floating parameter (tied
-    parameters are one parameter, updated once, so they stay tied).
-    """
+    """Write ``root/base`` (``from_config`` seeded, ``save_pretrained``, safetensors) and the experts
+    (:func:`low_rank_experts` unless the family has its own ``experts_builder``); return their paths."""
     cls = family.model_class()
     torch.manual_seed(seed)
     model = cls.from_config(family.build_config()).to(family.dtype).eval()
+    kwargs = _save_kwargs(family)
+    base = root / "base"
+    model.save_pretrained(base, **kwargs)
+    builder = family.experts_builder or low_rank_experts
+    return base, builder(family, model, root)
+
+
+def _save_kwargs(family: Family) -> dict[str, Any]:
     kwargs: dict[str, Any] = {"safe_serialization": True}
     if family.max_shard_size:
         kwargs["max_shard_size"] = family.max_shard_size
-    base = root / "base"
-    model.save_pretrained(base, **kwargs)
+    return kwargs
+
+
+def low_rank_experts(family: Family, model: Any, root: Path, seed: int = 0) -> list[Path]:
+    """NUM_EXPERTS full checkpoints ``root/expert_i``: the base plus :func:`_low_rank_update` on every
+    floating parameter (tied parameters are one parameter, updated once, so they stay tied)."""
+    kwargs = _save_kwargs(family)
     original = {name: p.detach().clone() for name, p in model.named_parameters()}
     experts = []
     for i in range(NUM_EXPERTS):
@@ -259,4 +273,17 @@ def build_family(family: Family, root: Path, seed: int = 0) -> tuple[Path, list[
         path = root / f"expert_{i}"
         model.save_pretrained(path, **kwargs)
         experts.append(path)
-    return base, experts
+    return experts
+
+
+def expert_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint folder (all its safetensors shards), each name once."""
+    from safetensors import safe_open
+
+    out: dict[str, torch.Tensor] = {}
+    for shard in sorted(path.glob("*.safetensors")):
+        with safe_open(str(shard), "pt") as f:
+            for name in f.keys():  # noqa: SIM118 (a safetensors handle, not a dict)
+                assert name not in out, f"{name} saved twice in {path}"
+                out[name] = f.get_tensor(name)
+    return out

@@ -21,13 +21,12 @@ from typing import Any
 import pytest
 import torch
 import yaml
-from safetensors import safe_open
 from typer.testing import CliRunner
 
 from flows.merge import run_merge
 from swudi.cli.app import app
 from swudi.config.merge_config import load_config
-from tests.conformance.families import FAMILIES, Family, build_family
+from tests.conformance.families import FAMILIES, Family, build_family, expert_tensors
 from tests.conformance.reference import expected_treatment, matches, reference_tensor
 
 pytestmark = pytest.mark.conformance
@@ -37,16 +36,6 @@ METHODS: dict[str, dict[str, Any]] = {
     "task_arithmetic": {"scale": 0.5},
     "ties": {"density": 0.5, "scale": 1.0},
 }
-
-
-def _tensors(folder: Path) -> dict[str, torch.Tensor]:
-    out: dict[str, torch.Tensor] = {}
-    for path in sorted(folder.glob("*.safetensors")):
-        with safe_open(str(path), "pt") as f:
-            for name in f.keys():  # noqa: SIM118 (a safetensors handle, not a dict)
-                assert name not in out, f"{name} saved twice in {folder}"
-                out[name] = f.get_tensor(name)
-    return out
 
 
 def _close(got: torch.Tensor, ref: torch.Tensor) -> tuple[bool, float]:
@@ -137,8 +126,8 @@ def test_family_merges_correctly(family: Family, prefect_api: str, tmp_path: Pat
     }
     try:
         base_dir, expert_dirs = build_family(family, tmp_path / "in")
-        base = _tensors(base_dir)
-        experts = [_tensors(e) for e in expert_dirs]
+        base = expert_tensors(base_dir)
+        experts = [expert_tensors(e) for e in expert_dirs]
         record["tensors"] = len(base)
         record["shards"] = len(list(base_dir.glob("*.safetensors")))
         record["methods"] = {}
@@ -147,7 +136,7 @@ def test_family_merges_correctly(family: Family, prefect_api: str, tmp_path: Pat
             counts = _check_plan(family, config, method, base)
             result = run_merge(load_config(config))
             version = Path(result["url"])
-            merged = _tensors(version)
+            merged = expert_tensors(version)
             assert sorted(merged) == sorted(base), "published tensors are the base's (tied weights saved once)"
             worst = 0.0
             for name, w0 in base.items():
