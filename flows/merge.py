@@ -21,6 +21,7 @@ from flows.log_filters import install as quiet_input_error_tracebacks
 from flows.parameters import config_parameter, hold_storage_options
 from flows.progress import MergeProgress
 from swudi.config.merge_config import MergeConfig
+from swudi.evaluators.relative import check_relative_inputs
 from swudi.evaluators.runner import check_evaluators
 from swudi.methods import get_method
 from swudi.pipeline.keys import artefact_keys, group_merge_key, layer_merge_key
@@ -234,7 +235,8 @@ def run_merge(config: MergeConfig) -> dict[str, Any]:
     with a ``memory_budget``, ``workers`` is lowered to what fits it, from the checkpoint headers)."""
     quiet_input_error_tracebacks()  # an input error is logged as one line, not with its traceback
     check_before_merge(config)  # inputs, output and work folder, device, scheduler: before Prefect starts
-    check_evaluators(config.evaluators)
+    check_evaluators(config.evaluators, config.storage_options)
+    check_relative_inputs(config)  # the base and experts a relative evaluator also runs on
     if config.memory_budget is not None:  # fewer tasks in flight when the budget asks for it
         workers = workers_within_budget(build_plan(config), config)
         if workers < config.workers:

@@ -222,7 +222,7 @@ def merge(
         logging.getLogger("swudi").setLevel(logging.DEBUG)
     try:
         cfg = _load(config, method, overrides)
-        check_evaluators(cfg.evaluators)
+        check_evaluators(cfg.evaluators, cfg.storage_options)
         if _report_up_to_date(cfg):
             return
         result = run_flow_and_settle(cfg)

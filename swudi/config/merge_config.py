@@ -78,10 +78,27 @@ class DecompositionConfig(StrictModel):
 
 
 class EvaluatorConfig(StrictModel):
-    """A user evaluator ``module:function(model_path, **options) -> {task: {metric: value}}``."""
+    """An evaluator ``module:function(model_path, **options) -> {task: {metric: value}}``.
+
+    With ``relative: true`` it is also run on the base and on every expert (cached by checkpoint
+    fingerprint in the work folder) and the report gives, per task, ``gap_closed`` for losses and
+    ``normalized`` for accuracies (:mod:`swudi.evaluators.relative`); ``task_experts`` names the
+    expert of a task (index in ``experts``, 0-based, or its URL) where the default rule (the only
+    expert, else the best one) is not wanted.
+    """
 
     function: str
     options: dict[str, Any] = Field(default_factory=dict)
+    relative: bool = Field(False, description="also evaluate the base and each expert; report gap_closed/normalized")
+    task_experts: dict[str, int | str] = Field(
+        default_factory=dict, description="{task: expert index (0-based) or URL}: the expert of each task"
+    )
+
+    @model_validator(mode="after")
+    def _task_experts_need_relative(self) -> EvaluatorConfig:
+        if self.task_experts and not self.relative:
+            raise ValueError("task_experts is only used with relative: true")
+        return self
 
     @field_validator("function")
     @classmethod
@@ -214,6 +231,21 @@ class MergeConfig(StrictModel):
 
         object.__setattr__(self, "params", validate_params(self.method, self.params))
         check_locations(self.base, self.experts, self.output, self.resolved_work_dir)
+        return self
+
+    @model_validator(mode="after")
+    def _task_experts_exist(self) -> MergeConfig:
+        for evaluator in self.evaluators:
+            for task, ref in evaluator.task_experts.items():
+                if isinstance(ref, int) and not 0 <= ref < len(self.experts):
+                    raise ValueError(
+                        f"evaluator {evaluator.function}: task_experts.{task} is {ref}, "
+                        f"not an expert index (0 to {len(self.experts) - 1})"
+                    )
+                if isinstance(ref, str) and ref not in self.experts:
+                    raise ValueError(
+                        f"evaluator {evaluator.function}: task_experts.{task} {ref!r} is not one of experts"
+                    )
         return self
 
     @property
@@ -360,4 +392,13 @@ def _resolve_local_paths(data: dict[str, Any], root: Path) -> dict[str, Any]:
             fixed[key] = fix(fixed[key])
     if isinstance(fixed.get("experts"), list):
         fixed["experts"] = [fix(url) for url in fixed["experts"]]
+    if isinstance(fixed.get("evaluators"), list):  # task_experts may name experts by their (relative) path
+        fixed["evaluators"] = [_resolve_task_experts(e, fix) for e in fixed["evaluators"]]
     return fixed
+
+
+def _resolve_task_experts(evaluator: Any, fix: Any) -> Any:
+    if not isinstance(evaluator, dict) or not isinstance(evaluator.get("task_experts"), dict):
+        return evaluator
+    mapping = {task: fix(ref) if isinstance(ref, str) else ref for task, ref in evaluator["task_experts"].items()}
+    return {**evaluator, "task_experts": mapping}

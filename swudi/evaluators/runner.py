@@ -7,6 +7,7 @@ by ``latest.json``) and returns metrics per task. Its results go into the merge 
 from __future__ import annotations
 
 import importlib
+import inspect
 import logging
 import math
 import os
@@ -57,17 +58,50 @@ def _check_metrics(reference: str, metrics: Any) -> Metrics:
     return checked
 
 
-def check_evaluators(evaluators: Sequence[EvaluatorConfig]) -> None:
-    """Import every evaluator now, so that a typo fails before any merge work."""
-    for evaluator in evaluators:
-        load_evaluator(evaluator.function)
+def _accepts_storage_options(function: Callable[..., Any]) -> bool:
+    try:
+        return "storage_options" in inspect.signature(function).parameters
+    except (TypeError, ValueError):  # a builtin or C function: no signature to inspect
+        return False
 
 
-def run_evaluators(evaluators: Sequence[EvaluatorConfig], model_url: str) -> dict[str, Metrics]:
-    """Run every evaluator on the model at ``model_url``; ``{reference: metrics}``."""
-    results: dict[str, Metrics] = {}
+def evaluator_options(
+    evaluator: EvaluatorConfig,
+    function: Callable[..., Any],
+    storage_options: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The keyword arguments of one call: the entry's options, plus the merge config's
+    ``storage_options`` when the function has a ``storage_options`` parameter the entry does not set
+    (so credentials are written once, in the config, and stay out of the options and the version id)."""
+    options = dict(evaluator.options)
+    if storage_options is not None and "storage_options" not in options and _accepts_storage_options(function):
+        options["storage_options"] = dict(storage_options)
+    return options
+
+
+def check_evaluators(evaluators: Sequence[EvaluatorConfig], storage_options: Mapping[str, Any] | None = None) -> None:
+    """Import every evaluator now, so that a typo fails before any merge work. An evaluator function
+    with a ``check_options(options)`` attribute (the built-in ones) has its options checked too
+    (unknown option, evaluation files missing or malformed): :class:`ConfigError` / :class:`InputError`."""
     for evaluator in evaluators:
         function = load_evaluator(evaluator.function)
-        log.info("evaluating %s with %s", model_url, evaluator.function)
-        results[evaluator.function] = _check_metrics(evaluator.function, function(model_url, **evaluator.options))
-    return results
+        check = getattr(function, "check_options", None)
+        if callable(check):
+            check(evaluator_options(evaluator, function, storage_options))
+
+
+def run_evaluator(
+    evaluator: EvaluatorConfig, model_url: str, storage_options: Mapping[str, Any] | None = None
+) -> Metrics:
+    """Run one evaluator on the model at ``model_url``; its checked metrics ``{task: {metric: value}}``."""
+    function = load_evaluator(evaluator.function)
+    log.info("evaluating %s with %s", model_url, evaluator.function)
+    metrics = function(model_url, **evaluator_options(evaluator, function, storage_options))
+    return _check_metrics(evaluator.function, metrics)
+
+
+def run_evaluators(
+    evaluators: Sequence[EvaluatorConfig], model_url: str, storage_options: Mapping[str, Any] | None = None
+) -> dict[str, Metrics]:
+    """Run every evaluator on the model at ``model_url``; ``{reference: metrics}``."""
+    return {evaluator.function: run_evaluator(evaluator, model_url, storage_options) for evaluator in evaluators}

@@ -422,7 +422,10 @@ def version_id(config: MergeConfig, plan: MergePlan) -> str:
         "max_rank": config.decomposition.max_rank,
     }
     if config.evaluators:  # the version's report holds their results: another set is another version
-        settings["evaluators"] = [e.model_dump() for e in config.evaluators]
+        # the relative settings only when used: ids of versions without them stay as they were
+        settings["evaluators"] = [
+            e.model_dump(exclude=None if e.relative else {"relative", "task_experts"}) for e in config.evaluators
+        ]
     if config.output_format != "model":  # the version holds more files (keeps earlier ids unchanged)
         settings["output_format"] = config.output_format
     if config.orientation:  # the architecture's orientations are in the layers' input keys

@@ -99,6 +99,7 @@ def _body(report: Mapping[str, Any], title: str) -> str:
     ]
     lines += _diagnostics(report.get("diagnostics") or {})
     lines += _evaluations(report.get("evaluations") or {})
+    lines += _relative(report.get("relative_evaluations") or {})
     software = report.get("software") or {}
     lines += [
         "",
@@ -157,4 +158,41 @@ def _evaluations(evaluations: Mapping[str, Any]) -> list[str]:
             for task, metrics in tasks.items()
             for metric, value in metrics.items()
         ]
+    return lines
+
+
+def _relative(relative: Mapping[str, Any]) -> list[str]:
+    """The merged model against the base and the experts (:mod:`swudi.evaluators.relative`)."""
+    if not relative:
+        return []
+    lines = [
+        "",
+        "## Against the base and the experts",
+        "",
+        "gap closed = (base - merged) / (base - expert) for losses (1: as good as the expert, 0: no better "
+        "than the base); normalized = merged / expert for accuracies. The expert of a task is the one named "
+        "in `task_experts`, else the only expert, else the best one.",
+    ]
+    for evaluator, result in relative.items():
+        lines += [
+            "",
+            f"`{evaluator}`",
+            "",
+            "| task | metric | merged | base | expert | vs expert | best expert | vs best |",
+            "|---|---|---:|---:|---|---:|---|---:|",
+        ]
+        for task, metrics in (result.get("tasks") or {}).items():
+            for metric, e in metrics.items():
+                measure = "gap_closed" if "gap_closed" in e else "normalized"
+                lines.append(
+                    f"| {task} | {metric} ({measure.replace('_', ' ')}) | {_number(e['merged'])} | "
+                    f"{_number(e['base'])} | {e['expert_index']}: {_number(e['expert'])} | {_number(e[measure])} | "
+                    f"{e['best_expert_index']}: {_number(e['best_expert'])} | {_number(e[f'{measure}_best'])} |"
+                )
+        for metric, mean in (result.get("mean") or {}).items():
+            measure = "gap_closed" if "gap_closed" in mean else "normalized"
+            lines.append(
+                f"| mean of {mean['tasks']} | {metric} ({measure.replace('_', ' ')}) | | | | "
+                f"{_number(mean[measure])} | | |"
+            )
     return lines

@@ -15,6 +15,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from swudi.config.merge_config import MergeConfig
+from swudi.evaluators.relative import relative_evaluations
 from swudi.evaluators.runner import run_evaluators
 from swudi.io.adapter import input_nbytes
 from swudi.io.checkpoint import Checkpoint
@@ -69,12 +70,14 @@ def publish_merged_model(
         # config, tokenizer, generation config... and the same in subfolders (never weights)
         names = [*base.extra_files, *nested_extra_files(base)]
         copy_extra_files(base, version_url, config.storage_options, names=names)
-        evaluations = run_evaluators(config.evaluators, version_url)
+        evaluations = run_evaluators(config.evaluators, version_url, config.storage_options)
         report.update(
             build_report(
                 config, plan, version, merged, diagnostics, evaluations, timings, io_summary(plan, reads), usage(config)
             )
         )
+        if any(e.relative for e in config.evaluators):  # base and experts too (cached): gap closed per task
+            report["relative_evaluations"] = relative_evaluations(config, evaluations)
         keys = artefact_keys(plan.layer_jobs, plan.group_jobs, config)
         report["artefacts"] = {kind: sorted(values) for kind, values in keys.items()}  # kept by `swudi gc`
         write_bytes_atomic(
