@@ -287,7 +287,7 @@ def plan(
     for column in ("tensor", "shape", "dtype", "treatment", *(("LoRA ranks", "decomposition") if lora else ())):
         table.add_column(column)
     for row in summary["tensors"]:
-        treatment = row["treatment"] + (", stored [in, out]" if row.get("orientation") == "in_out" else "")
+        treatment = row["treatment"] + (r" \[in, out]" if row.get("orientation") == "in_out" else "")  # \[: not Rich markup
         cells = [row["name"], "x".join(map(str, row["shape"])), row["dtype"], treatment]
         if lora:
             cells += _lora_cells(row)

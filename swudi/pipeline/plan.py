@@ -511,7 +511,7 @@ def _describe_job(job: TensorJob, config: MergeConfig, kind: str, num_experts: i
         "treatment": "layer" if job.is_matrix else job.route,
     }
     if job.fused:
-        row["treatment"] = f"layer per expert ({job.shape[0]} experts, each its own decomposition)"
+        row["treatment"] = f"layer per expert ({job.shape[0]})"  # each expert's weight its own layer task
     if job.is_matrix or job.fused:
         row["orientation"] = job.orientation
     ranks = job.lora_ranks

@@ -64,7 +64,7 @@ def render(records: list[dict]) -> str:
         "embeddings, lm_head, 1-D and 4-D tensors.",
         "",
         "| family | model_type | result | tensors (base shards) | layer | experts | mean | in_out | "
-        "max rel. error (swudi_a / TA / TIES) | seconds | notes |",
+        "max error / max abs. reference (swudi_a / TA / TIES) | seconds (build + 3 merges + checks) | notes |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for family in FAMILIES:
