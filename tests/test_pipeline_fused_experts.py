@@ -34,7 +34,7 @@ def test_fused_experts_are_merged_one_expert_at_a_time(gpt_oss: tuple[Path, list
     plan = build_plan(config)
     fused = {job.name: job for job in plan.jobs}[FUSED]
     rows = {row["name"]: row for row in describe_plan(config, plan)["tensors"]}
-    assert rows[FUSED]["treatment"].== "layer per expert (4)"
+    assert rows[FUSED]["treatment"] == "layer per expert (4)"
     assert rows[FUSED]["orientation"] == "in_out"
     assert rows["model.layers.0.mlp.experts.gate_up_proj_bias"]["treatment"] == "mean"  # [E, out] biases
     parts = [job for job in plan.layer_jobs if job.name.startswith(FUSED + "[")]
