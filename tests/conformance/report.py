@@ -61,7 +61,8 @@ def render(records: list[dict]) -> str:
         "",
         "Treatments (swudi_a): layer = a 2-D weight merged on its own; experts = a fused [E, a, b] tensor, "
         "E weights each merged on its own; in_out = of those, stored [in, out]; mean = biases, norms, "
-        "embeddings, lm_head, 1-D and 4-D tensors.",
+        "embeddings, lm_head, 1-D and 4-D tensors. Seconds: wall time on the shared 2-core machine; the first "
+        "family's includes starting the Prefect test server.",
         "",
         "| family | model_type | result | tensors (base shards) | layer | experts | mean | in_out | "
         "max error / max abs. reference (swudi_a / TA / TIES) | seconds (build + 3 merges + checks) | notes |",
