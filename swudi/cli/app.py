@@ -287,7 +287,11 @@ def plan(
     for column in ("tensor", "shape", "dtype", "treatment", *(("LoRA ranks", "decomposition") if lora else ())):
         table.add_column(column)
     for row in summary["tensors"]:
-        treatment = row["treatment"] + (r" \[in, out]" if row.get("orientation") == "in_out" else "")  # \[: not Rich markup
+        # "\[": a literal bracket, not Rich markup
+        treatment = row["treatment"] + (r" \[in, out]" if row.get("orientation") == "in_out" else "")
+        if "rows" in row:  # a vocab tensor of vocab-extended experts
+            rows = row["rows"]
+            treatment += f" ({rows['merged']} rows) + {rows['appended']} appended + {rows['padding']} padding rows"
         cells = [row["name"], "x".join(map(str, row["shape"])), row["dtype"], treatment]
         if lora:
             cells += _lora_cells(row)
@@ -297,6 +301,8 @@ def plan(
         f"counts: {summary['counts']}; reads about {summary['estimated_read_bytes'] / 1e6:.1f} MB; "
         f"decompositions about {summary['estimated_decomposition_gflop']} GFLOP"
     )
+    if "vocab" in summary:
+        out.print(_vocab_line(summary["vocab"]))
     work = summary["work_folder"]
     out.print(
         f"work folder {work['url']}: {work['files']} artefacts, {work['bytes'] / 1e6:.1f} MB; for this "
@@ -306,6 +312,21 @@ def plan(
     )
     for warning in summary["warnings"]:
         out.print(f"[yellow]warning:[/yellow] {warning}")
+
+
+def _vocab_line(vocab: dict[str, Any]) -> str:
+    """One line on vocab-extended experts: rows merged / appended / padding, tokenizer, per expert."""
+    experts = "; ".join(
+        f"{e['url']}: {e['rows']} rows, {e['appended_tokens']} appended tokens, "
+        f"{e['padding_rows_taken']} padding rows taken"
+        for e in vocab["experts"]
+    )
+    return (
+        f"vocab: {vocab['base_rows']} -> {vocab['rows']} rows ({vocab['rows_merged']} merged, "
+        f"{vocab['rows_appended']} appended token rows = mean of the experts that have the token, "
+        f"{vocab['rows_padding']} padding rows from the first expert that has them); tokenizer from "
+        f"{vocab['tokenizer_from']}; {experts}"
+    )
 
 
 def _lora_cells(row: dict[str, Any]) -> list[str]:

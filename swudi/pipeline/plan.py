@@ -29,11 +29,13 @@ from swudi.io.adapter import (
     input_fingerprint,
     input_nbytes,
     open_expert,
+    verify_base_layers,
 )
 from swudi.io.checkpoint import Checkpoint, TensorLocation
 from swudi.io.fingerprint import digest
 from swudi.io.header import torch_dtype
 from swudi.io.validate import validate_checkpoints
+from swudi.io.vocab import VocabPlan, base_vocab_size, plan_vocab, vocab_tensor_names
 from swudi.methods import get_method
 from swudi.pipeline.code_version import merge_code
 from swudi.storage.filesystem import resolve
@@ -143,6 +145,14 @@ class MergePlan:
     extra_files: tuple[str, ...]
     warnings: tuple[str, ...] = field(default=())
     header_bytes: tuple[int, ...] = field(default=())  # read to open (base, expert 0, ...)
+    vocab: VocabPlan | None = None  # experts with more vocab rows than the base (:mod:`swudi.io.vocab`)
+
+    def output_shape(self, job: TensorJob) -> tuple[int, ...]:
+        """The shape of the tensor in the merged model: the job's, with the output vocabulary's
+        rows for a vocab tensor of vocab-extended experts."""
+        if self.vocab is not None and job.name in self.vocab.tensors:
+            return (self.vocab.rows, *job.shape[1:])
+        return job.shape
 
     @property
     def layer_jobs(self) -> list[TensorJob]:
@@ -333,11 +343,16 @@ def build_plan(
     (unless ``output_dtype`` asks for a cast: then it is merged, as zeros).
     """
     base, experts = checkpoints or open_checkpoints(config)
-    warnings = validate_checkpoints(base, experts)
+    names = _vocab_candidates(base, experts)
+    warnings = validate_checkpoints(base, experts, names)
+    vocab = plan_vocab(base, experts, names)
+    verify_base_layers(base, experts, chunk_budget(config))
     model_type = base_model_type(base)
     jobs = []
     for name, loc in base.tensors.items():
         inputs = tuple(expert_input(expert, name) for expert in experts)
+        if vocab is not None and name in vocab.tensors:  # the base's rows merge as any tensor does
+            inputs = tuple(_base_rows(x, vocab.base_rows) for x in inputs)
         if config.output_dtype == "auto" and all(x is None for x in inputs):
             jobs.append(TensorJob(name, tuple(loc.shape), loc.dtype, "base", loc, inputs))
             continue
@@ -368,6 +383,7 @@ def build_plan(
         tuple(base.extra_files),
         tuple(warnings),
         tuple(c.header_bytes for c in (base, *experts)),
+        vocab,
     )
     if config.output_format == "adapter" and (problems := adapter_output_problems(plan, config)):
         raise ConfigError(
@@ -390,6 +406,26 @@ def base_model_type(base: Checkpoint) -> str | None:
         return None
     model_type = loaded.get("model_type") if isinstance(loaded, dict) else None
     return model_type if isinstance(model_type, str) else None
+
+
+def _vocab_candidates(base: Checkpoint, experts: Sequence[Checkpoint | LoraAdapter]) -> frozenset[str]:
+    """The vocab tensors (:func:`swudi.io.vocab.vocab_tensor_names`) when a full-checkpoint expert
+    has more rows in one of them than the base (the base's ``config.json`` is read only then), else
+    none."""
+    names = vocab_tensor_names(base, None)
+    grown = any(
+        isinstance(e, Checkpoint) and name in e.tensors and e.tensors[name].shape[:1] > base.tensors[name].shape[:1]
+        for e in experts
+        for name in names
+    )
+    return vocab_tensor_names(base, base_vocab_size(base)) if grown else frozenset()
+
+
+def _base_rows(item: ExpertInput, rows: int) -> ExpertInput:
+    """An expert's vocab tensor cut to the base's ``rows`` (LoRA inputs have the base's shape)."""
+    if isinstance(item, TensorLocation) and item.shape[0] > rows:
+        return item.rows(0, rows)
+    return item
 
 
 def output_dtype(config: MergeConfig, job: TensorJob) -> str:
@@ -453,13 +489,19 @@ def describe_plan(config: MergeConfig, plan: MergePlan) -> dict[str, Any]:
         "estimated_read_bytes": read_bytes,
         "estimated_decomposition_gflop": round(flops / 1e9, 3),
         "warnings": list(plan.warnings),
-        "tensors": [_describe_job(job, config, spec.kind, n) for job in plan.jobs],
+        **({"vocab": plan.vocab.describe(plan.expert_urls)} if plan.vocab is not None else {}),
+        "tensors": [_describe_job(job, config, spec.kind, n, plan.vocab) for job in plan.jobs],
     }
 
 
 def adapter_output_problems(plan: MergePlan, config: MergeConfig) -> list[str]:
     """Why the merged update cannot be a LoRA adapter of rank <= sum r_i (empty: it can)."""
     problems = []
+    if plan.vocab is not None:
+        problems.append(
+            f"vocab-extended experts: the merged model has {plan.vocab.rows} vocab rows, the base "
+            f"{plan.vocab.base_rows}; a LoRA adapter cannot add rows (use output_format: model)"
+        )
     if get_method(config.method).kind != "spectral":
         problems.append(f"method {config.method!r} is not spectral: its merged update is not of low rank")
     for job in plan.jobs:
@@ -502,8 +544,11 @@ def dense_path_reason(job: TensorJob, config: MergeConfig) -> str | None:
     return f"decomposition.max_rank {config.decomposition.max_rank} < sum of ranks {total}"
 
 
-def _describe_job(job: TensorJob, config: MergeConfig, kind: str, num_experts: int) -> dict[str, Any]:
-    """One tensor's row of the plan; with LoRA experts, their ranks and the decomposition path."""
+def _describe_job(
+    job: TensorJob, config: MergeConfig, kind: str, num_experts: int, vocab: VocabPlan | None = None
+) -> dict[str, Any]:
+    """One tensor's row of the plan; with LoRA experts, their ranks and the decomposition path;
+    for a vocab tensor of vocab-extended experts, its rows merged, appended and padding."""
     row: dict[str, Any] = {
         "name": job.name,
         "shape": list(job.shape),
@@ -514,6 +559,13 @@ def _describe_job(job: TensorJob, config: MergeConfig, kind: str, num_experts: i
         row["treatment"] = f"layer per expert ({job.shape[0]})"  # each expert's weight its own layer task
     if job.is_matrix or job.fused:
         row["orientation"] = job.orientation
+    if vocab is not None and job.name in vocab.tensors:
+        row["shape"] = [vocab.rows, *job.shape[1:]]
+        row["rows"] = {
+            "merged": vocab.base_rows,
+            "appended": sum(vocab.named),
+            "padding": len(vocab.named) - sum(vocab.named),
+        }
     ranks = job.lora_ranks
     if any(r is not None for r in ranks):
         row["adapter_ranks"] = list(ranks)  # per expert; None: a full tensor

@@ -24,11 +24,13 @@ from swudi.pipeline.keys import artefact_keys
 from swudi.pipeline.merged_reader import MergedTensorReader
 from swudi.pipeline.plan import MergePlan, output_dtype, version_id
 from swudi.pipeline.records import MergedRecord
+from swudi.pipeline.vocab_rows import appended_bytes
 from swudi.pipeline.workdir import usage
 from swudi.publish.adapter_output import write_merged_adapter
 from swudi.publish.card import CARD_NAME, base_model_id, front_matter, render_card
 from swudi.publish.report import build_report
 from swudi.publish.versions import REPORT_NAME, prune_versions, publish_version, version_url
+from swudi.publish.vocab_files import write_vocab_files
 from swudi.storage.filesystem import join_url, resolve, write_bytes_atomic
 from swudi.storage.lock import output_lock
 
@@ -59,16 +61,19 @@ def publish_merged_model(
     reads = {"base": 0, "experts": [0] * len(plan.expert_urls), "work": 0, "headers": [], **(io or {})}
 
     def write_files(version_url: str) -> None:
-        specs = [(job.name, output_dtype(config, job), job.shape) for job in plan.jobs]
-        reader = MergedTensorReader(merged, plan.jobs, config)
+        specs = [(job.name, output_dtype(config, job), plan.output_shape(job)) for job in plan.jobs]
+        reader = MergedTensorReader(merged, plan.jobs, config, plan.vocab)
         write_sharded(version_url, specs, reader, config.max_shard_size, config.storage_options)
         if config.output_format == "adapter":  # also the merged update as a PEFT LoRA adapter
             report["adapter"] = write_merged_adapter(version_url, plan, merged, reader.tensor, config)
         reads["base"] += reader.base_bytes_read
         reads["work"] += reader.work_bytes_read
+        reads["experts"] = [a + b for a, b in zip(reads["experts"], reader.expert_bytes_read, strict=True)]
         base = Checkpoint.open(config.base, config.storage_options)
         # config, tokenizer, generation config... and the same in subfolders (never weights)
         names = [*base.extra_files, *nested_extra_files(base)]
+        if plan.vocab is not None:  # the largest expert tokenizer, config.json's vocab_size
+            names = write_vocab_files(plan.vocab, plan.expert_urls, base, names, version_url, config)
         copy_extra_files(base, version_url, config.storage_options, names=names)
         evaluations = run_evaluators(config.evaluators, version_url, config.storage_options)
         report.update(
@@ -162,11 +167,16 @@ def io_summary(plan: MergePlan, reads: Mapping[str, Any]) -> dict[str, Any]:
 
 def _needed_tensor_bytes(plan: MergePlan) -> list[int]:
     """Bytes of the tensors a merge needs from each checkpoint (base, expert 0, ...): every base
-    tensor, and the experts' tensors that are merged (not those kept at the base value)."""
+    tensor, the experts' tensors that are merged (not those kept at the base value), and the
+    experts' vocab rows past the base's."""
     merged = [job for job in plan.jobs if job.route != "base"]
+    vocab = plan.vocab
     return [
         sum(job.base.nbytes for job in plan.jobs),
-        *(sum(input_nbytes(job.experts[i]) for job in merged) for i in range(len(plan.expert_urls))),
+        *(
+            sum(input_nbytes(job.experts[i]) for job in merged) + (appended_bytes(vocab, i) if vocab else 0)
+            for i in range(len(plan.expert_urls))
+        ),
     ]
 
 
