@@ -4,7 +4,8 @@
 # every kill point); `make test-faults-sample`: the sample of it that .ci/run runs; `make test-conformance`:
 # real transformers families merged and checked (docs/conformance.md), `make test-conformance-sample` CI's
 # sample of it. None is in `make test`.
-# `make lint`: ruff (lint + format check) and mypy, as .ci/run runs them after the tests.
+# `make lint`: ruff (lint of everything, format check of the library) and mypy (pyproject's `files`: the
+# library, tests and benchmarks), as .ci/run runs them after the tests.
 
 .PHONY: setup demo test test-services test-faults test-faults-sample test-conformance test-conformance-sample lint lock
 
@@ -43,7 +44,7 @@ test-conformance-sample: setup
 	.venv/bin/python -m pytest -m conformance tests/conformance --lane-sample $(CONFORMANCE_SAMPLE)
 
 lint: setup
-	.venv/bin/ruff check swudi tasks flows deployments && .venv/bin/ruff format --check swudi tasks flows deployments && .venv/bin/mypy swudi tasks flows
+	.venv/bin/ruff check swudi tasks flows deployments tests benchmarks && .venv/bin/ruff format --check swudi tasks flows deployments && .venv/bin/mypy
 
 lock:
 	uv pip compile pyproject.toml --extra dev --find-links "$$(python3 -m pip config get global.find-links)" -o requirements.lock

@@ -40,6 +40,12 @@ class PublishError(SwudiError):
     """Publishing a merged model failed or the output location is in an unexpected state."""
 
 
+class GateError(PublishError):
+    """The publish gate refused a version: its objective missed a bound (``latest`` did not move).
+
+    The message is one line naming the metric, its value and the bound; the CLI exits with 3."""
+
+
 #: errno values of storage that will not take the write however often it is tried.
 _FULL_OR_READ_ONLY = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
 
@@ -51,7 +57,7 @@ def is_input_error(exc: BaseException) -> bool:
     checks (no underlying cause) or caused by such an error; access denied; a full or read-only
     disk. A connection reset, a timeout or an S3 5xx is a fault and may be retried.
     """
-    if isinstance(exc, (InputError, ConfigError)):
+    if isinstance(exc, (InputError, ConfigError, GateError)):
         return True
     if isinstance(exc, PermissionError):
         return True

@@ -13,6 +13,7 @@ import math
 import shutil
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -202,7 +203,7 @@ def classifier(tmp_path_factory: pytest.TempPathFactory) -> str:
 
     folder = tmp_path_factory.mktemp("bert")
     tokenizer = _tokenizer(["[PAD]", "[CLS]", "[SEP]"], pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]")
-    config = BertConfig(
+    config = BertConfig(  # type: ignore[call-arg]  # num_labels: a PretrainedConfig keyword, not in BertConfig's stub
         vocab_size=len(tokenizer),
         hidden_size=32,
         intermediate_size=64,
@@ -238,7 +239,7 @@ def test_sequence_classification_accuracy(classifier: str, tmp_path: Path) -> No
     labels += [(p + 1) % 3 for p in predicted[5:]]
     path = tmp_path / "sentiment.jsonl"
     path.write_text("".join(json.dumps({"sentence": t, "y": y}) + "\n" for t, y in zip(texts, labels, strict=True)))
-    options = {"files": [str(path)], "text_column": "sentence", "label_column": "y", "batch_size": 3}
+    options: dict[str, Any] = {"files": [str(path)], "text_column": "sentence", "label_column": "y", "batch_size": 3}
     result = sequence_classification(classifier, **options)
     assert result == {"sentiment": {"accuracy": 5 / 8, "examples": 8.0}}
     assert sequence_classification(classifier, **{**options, "batch_size": 8}) == result

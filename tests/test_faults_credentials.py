@@ -14,11 +14,12 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
 
-from flows.server import EmbeddedServer
+from flows.server import PrefectServer
 from swudi.errors import ConfigError
 from swudi.io.synthetic import SyntheticModel, write_synthetic_models
 from swudi.storage.faults import mask_credentials, storage_fault
@@ -42,7 +43,7 @@ def test_secret_references_resolve_only_when_a_filesystem_is_built(monkeypatch: 
     assert fs.key == "the-key" and fs.client_kwargs["aws_session_token"] == SECRET_IN_ENV
     assert options["key"] == {"from_env": "SWUDI_TEST_KEY"}  # the config keeps the reference
     monkeypatch.delenv("SWUDI_TEST_KEY")
-    with pytest.raises(ConfigError, match="storage_options.key: environment variable SWUDI_TEST_KEY is not set"):
+    with pytest.raises(ConfigError, match=r"storage_options\.key: environment variable SWUDI_TEST_KEY is not set"):
         resolve("s3://bucket/y", options)
 
 
@@ -67,10 +68,11 @@ def test_no_credential_is_written_anywhere_by_merge_sweep_plan_or_a_failing_merg
     home = tmp_path / "prefect-home"
     monkeypatch.setenv("PREFECT_HOME", str(home))
     monkeypatch.delenv("PREFECT_API_URL", raising=False)
-    server = EmbeddedServer()
+    server = PrefectServer()
     api = server.start()
     base, experts = write_synthetic_models(f"{s3_bucket.url}/in", 2, MODEL, storage_options=s3_bucket.storage_options)
-    config = {"base": base, "experts": experts, "output": f"{s3_bucket.url}/out", "device": "cpu", "workers": 1,
+    config: dict[str, Any] = {"base": base, "experts": experts, "output": f"{s3_bucket.url}/out", "device": "cpu",
+              "workers": 1,
               "storage_options": {"endpoint_url": s3_bucket.endpoint_url, "key": "testing",
                                   "secret": SECRET_IN_CONFIG}}
     good = tmp_path / "merge.yaml"

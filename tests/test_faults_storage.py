@@ -14,11 +14,11 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlparse
 
 import pytest
 import yaml
-from helpers.faults import FAULT_KINDS, EveryNth, FaultProxy, silent_from
 
 from flows.merge import run_merge
 from swudi.config.merge_config import config_from_mapping
@@ -27,6 +27,7 @@ from swudi.publish.versions import list_versions, read_latest
 from swudi.storage.faults import StorageFault, storage_fault
 from swudi.storage.filesystem import resolve
 from swudi.storage.retry import RETRY_KEY, RetryPolicy
+from tests.helpers.faults import FAULT_KINDS, EveryNth, FaultProxy, silent_from
 
 MODEL = SyntheticModel(layers=2, hidden=32, intermediate=64, vocab=32, positions=16)
 #: Short timeouts so that a stall (3 s) outlasts the read timeout and the tests stay quick.
@@ -100,7 +101,7 @@ def test_a_silent_store_fails_in_one_line_within_its_deadline_and_publishes_noth
 ) -> None:
     host, port = _target(s3_bucket)
     base, experts = write_synthetic_models(f"{s3_bucket.url}/in", 2, MODEL, storage_options=s3_bucket.storage_options)
-    retry = {"attempts": 2, "connect_timeout_s": 1.0, "read_timeout_s": 1.0}
+    retry: dict[str, Any] = {"attempts": 2, "connect_timeout_s": 1.0, "read_timeout_s": 1.0}
     with FaultProxy(host, port, silent_from(40)) as proxy:  # silent after the plan, mid-merge
         data = _config_data(s3_bucket, base, experts, "out", proxy.endpoint_url, retry)
         config = tmp_path / "merge.yaml"

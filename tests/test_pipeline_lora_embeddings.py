@@ -27,12 +27,12 @@ from swudi.pipeline.layer_step import merge_layers
 from swudi.pipeline.plan import build_plan
 from swudi.pipeline.reads import read_task_vectors
 from swudi.pipeline.summary import bytes_read, summarize_layers
-from swudi.publish.publish_model import publish_merged_model
+from swudi.publish.publish_model import PublishResult, publish_merged_model
 from tests.helpers.lora import llama_config, write_adapter, write_base
 
 CONFIG = llama_config(hidden=32, intermediate=48, layers=1, vocab=40)
 EMBED = "model.embed_tokens.weight"
-ADAPTERS = {
+ADAPTERS: dict[str, dict[str, Any]] = {
     "emb": {"r": 2, "lora_alpha": 4, "target_modules": ["embed_tokens", "q_proj"]},
     "emb_rslora": {"r": 3, "lora_alpha": 3, "use_rslora": True, "target_modules": ["embed_tokens", "v_proj"]},
 }
@@ -55,7 +55,7 @@ def _config(root: Path, out: Path, experts: list[str] | None = None, **extra: An
     )
 
 
-def _merge(cfg: MergeConfig) -> dict[str, Any]:
+def _merge(cfg: MergeConfig) -> PublishResult:
     """The flow's steps without Prefect: plan, layers, groups, publish."""
     plan = build_plan(cfg)
     records = merge_layers(plan.layer_jobs, cfg) + [merge_group(group, cfg) for group in plan.group_jobs]

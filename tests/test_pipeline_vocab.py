@@ -24,7 +24,7 @@ from swudi.pipeline.group_step import merge_group
 from swudi.pipeline.layer_step import merge_layers
 from swudi.pipeline.plan import build_plan, describe_plan
 from swudi.pipeline.summary import bytes_read, summarize_layers
-from swudi.publish.publish_model import publish_merged_model
+from swudi.publish.publish_model import PublishResult, publish_merged_model
 from tests.helpers.vocab import write_base, write_expert
 
 BASE_VOCAB = 100
@@ -68,7 +68,7 @@ def _config(root: Path, experts: list[str], out: Path, **extra: Any) -> MergeCon
     )
 
 
-def _merge(cfg: MergeConfig) -> dict[str, Any]:
+def _merge(cfg: MergeConfig) -> PublishResult:
     """The flow's steps without Prefect: plan, layers, groups, publish."""
     plan = build_plan(cfg)
     records = merge_layers(plan.layer_jobs, cfg) + [merge_group(group, cfg) for group in plan.group_jobs]
@@ -113,8 +113,8 @@ def test_vocab_extended_experts_merge_load_and_generate(models, tmp_path: Path, 
     assert json.loads((version / "config.json").read_text())["vocab_size"] == 112
     tokenizer = AutoTokenizer.from_pretrained(version)
     assert len(tokenizer) == 104 and tokenizer.convert_tokens_to_ids(["<a>", "<d>"]) == [100, 103]
-    model = LlamaForCausalLM.from_pretrained(version, output_loading_info=True)
-    model, info = model
+    loaded: Any = LlamaForCausalLM.from_pretrained(version, output_loading_info=True)
+    model, info = loaded
     assert not info["missing_keys"] and not info["unexpected_keys"]
     assert model.get_input_embeddings().weight.shape[0] == 112
     if models["tied"]:

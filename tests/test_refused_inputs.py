@@ -132,7 +132,7 @@ def _config_cases() -> list[Case]:
         Case("min-rank-true", ("min_rank", "boolean"), config=_with(params={"min_rank": True})),
     ]
     # wrong types and empty locations
-    for key, value, expect in [
+    wrong: list[tuple[str, Any, str]] = [
         ("max_shard_size", True, "max_shard_size"),
         ("max_shard_size", 0, "max_shard_size"),
         ("max_shard_size", -5, "max_shard_size"),
@@ -150,7 +150,8 @@ def _config_cases() -> list[Case]:
         ("experts", [], "experts"),
         ("output_dtype", "float8", "output_dtype"),
         ("task_runner", {"kind": "dask", "address": ""}, "task_runner.address"),
-    ]:
+    ]
+    for key, value, expect in wrong:
         cases.append(Case(f"type-{key}-{value!r}", (expect,), config=_with(**{key: value})))
     # duplicated YAML keys (file and --set values) and bad overrides
     cases += [
@@ -241,7 +242,8 @@ def _write_case(case: Case, world: World, tmp_path: Path) -> tuple[Path, Path]:
 
 def _overrides(args: tuple[str, ...]) -> list[str]:
     """The --set / --method arguments as load_config overrides (what the CLI builds)."""
-    out, method = [], []
+    out: list[str] = []
+    method: list[str] = []
     it = iter(args)
     for flag in it:
         value = next(it)

@@ -33,10 +33,10 @@ from pydantic import (
 from swudi.config.strict_yaml import load_yaml
 from swudi.config.validation import StrictModel
 from swudi.errors import ConfigError
-from swudi.io.writer import parse_size
 from swudi.storage.filesystem import is_local_url
 from swudi.storage.locations import check_locations
 from swudi.storage.retry import RETRY_KEY
+from swudi.units import parse_size
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +108,43 @@ class EvaluatorConfig(StrictModel):
         return value
 
 
+class GateConfig(StrictModel):
+    """The publish gate: a version becomes ``latest`` only if its objective passes every bound.
+
+    ``objective`` is ``module:function:TASK.METRIC``, the function one of the config's
+    ``evaluators`` (:mod:`swudi.evaluators.objective`). With ``minimize: false`` (higher is better)
+    the value must be ``>= at_least`` and ``>= reference - tolerance``; with ``minimize: true``
+    ``<= at_most`` and ``<= reference + tolerance``. The reference (``no_worse_than``) is the base
+    checkpoint's value or that of the version ``latest.json`` names (:mod:`swudi.publish.gate`).
+    """
+
+    objective: str = Field(description="module:function:TASK.METRIC, the function one of the config's evaluators")
+    minimize: bool = Field(False, description="lower is better (a loss); default: higher is better")
+    at_least: float | None = Field(None, description="the value must be at least this (higher is better)")
+    at_most: float | None = Field(None, description="the value must be at most this (lower is better)")
+    no_worse_than: Literal["base", "latest"] | None = Field(
+        None, description="the value must not be worse than the base checkpoint's or the latest version's"
+    )
+    tolerance: float = Field(0.0, ge=0, description="how much worse than no_worse_than is still accepted")
+
+    @field_validator("objective")
+    @classmethod
+    def _objective_form(cls, value: str) -> str:
+        if not re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*:[^.\s]+(\.[^.\s]+)*\.[^.\s]+", value):
+            raise ValueError(f"objective must be 'module:function:TASK.METRIC', got {value!r}")
+        return value
+
+    @model_validator(mode="after")
+    def _some_bound(self) -> GateConfig:
+        if self.at_least is None and self.at_most is None and self.no_worse_than is None:
+            raise ValueError("a gate needs at least one of at_least, at_most, no_worse_than")
+        if self.at_least is not None and self.minimize:
+            raise ValueError("at_least is the bound of a score to maximize; with minimize: true give at_most")
+        if self.at_most is not None and not self.minimize:
+            raise ValueError("at_most is the bound of a loss (minimize: true); for a score give at_least")
+        return self
+
+
 class StorageRetryConfig(StrictModel):
     """How each storage request is retried before the merge fails (:mod:`swudi.storage.retry`).
 
@@ -158,6 +195,10 @@ class MergeConfig(StrictModel):
     method: str = "swudi_a"
     params: dict[str, Any] = Field(default_factory=dict, description="method parameters")
     scale: float = Field(1.0, description="alpha in W = W0 + alpha * theta")
+    post: str | None = Field(
+        None, description="post-filter of every 2-D weight's theta after the method (`swudi methods`: svc)"
+    )
+    post_params: dict[str, Any] = Field(default_factory=dict, description="post-filter parameters")
     output: Location = Field(description="where versions are published (with a latest.json pointer)")
     work_dir: Location | None = Field(
         None, description="cache of decompositions and merged tensors; default: OUTPUT/.swudi-work"
@@ -200,6 +241,9 @@ class MergeConfig(StrictModel):
     keep_versions: int | None = Field(None, ge=1, description="published versions kept; None keeps all")
     model_card: ModelCardConfig = Field(default_factory=ModelCardConfig)
     push_to_hub: PushToHubConfig | None = Field(None, description="upload each published version to the Hub")
+    gate: GateConfig | None = Field(
+        None, description="publish gate: the objective a version must pass before latest.json moves to it"
+    )
 
     @field_validator("max_shard_size", mode="before")
     @classmethod
@@ -230,6 +274,16 @@ class MergeConfig(StrictModel):
         from swudi.methods import validate_params
 
         object.__setattr__(self, "params", validate_params(self.method, self.params))
+        if self.post is not None:
+            from swudi.methods import validate_post_params
+
+            object.__setattr__(self, "post_params", validate_post_params(self.post, self.post_params))
+        elif self.post_params:
+            raise ValueError("post_params given without a post-filter (set `post`, e.g. post: svc)")
+        if self.gate is not None:  # its evaluator must be one of the evaluators (a typo fails here)
+            from swudi.evaluators.objective import parse_objective
+
+            parse_objective(self.gate.objective, self.evaluators, self.gate.minimize, where="gate.objective")
         check_locations(self.base, self.experts, self.output, self.resolved_work_dir)
         return self
 

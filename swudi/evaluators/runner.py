@@ -16,7 +16,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from swudi.config.merge_config import EvaluatorConfig
-from swudi.errors import ConfigError, SwudiError
+from swudi.errors import ConfigError, InputError, SwudiError
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +51,12 @@ def _check_metrics(reference: str, metrics: Any) -> Metrics:
             raise SwudiError(f"evaluator {reference!r}: metrics of task {task_name!r} are not a mapping")
         checked[str(task_name)] = {}
         for metric, value in values.items():
-            number = float(value)
+            try:  # a string or a boolean is not a metric, even when float() would take it
+                if isinstance(value, (str, bytes, bool)):
+                    raise TypeError
+                number = float(value)
+            except (TypeError, ValueError):
+                raise InputError(f"evaluator {reference!r}: {task_name}.{metric} is {value!r}, not a number") from None
             if not math.isfinite(number):
                 raise SwudiError(f"evaluator {reference!r}: {task_name}.{metric} is {value!r}")
             checked[str(task_name)][str(metric)] = number

@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import re
 import struct
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -28,12 +27,12 @@ from swudi.errors import CheckpointError
 from swudi.io.checkpoint import _OTHER_WEIGHT_SUFFIXES, INDEX_NAME, WEIGHTS_NAME, Checkpoint
 from swudi.io.header import DTYPE_SIZES, dtype_name, torch_dtype
 from swudi.storage.filesystem import join_url, open_atomic, resolve, write_bytes_atomic
+from swudi.units import parse_size
 
 __all__ = [
     "TensorSpec",
     "WrittenModel",
     "DEFAULT_MAX_SHARD_SIZE",
-    "parse_size",
     "tensor_nbytes",
     "plan_shards",
     "shard_names",
@@ -52,18 +51,6 @@ TensorData = torch.Tensor | Iterable[torch.Tensor]
 #: transformers' historical default (5 GB, decimal).
 DEFAULT_MAX_SHARD_SIZE = 5_000_000_000
 _COPY_CHUNK = 8 * 2**20
-_UNITS = {
-    "": 1,
-    "B": 1,
-    "KB": 10**3,
-    "MB": 10**6,
-    "GB": 10**9,
-    "TB": 10**12,
-    "KIB": 2**10,
-    "MIB": 2**20,
-    "GIB": 2**30,
-    "TIB": 2**40,
-}
 
 
 @dataclass(frozen=True)
@@ -94,20 +81,6 @@ class WrittenModel:
     files: list[str]
     total_size: int
     weight_map: dict[str, str] = field(repr=False)
-
-
-def parse_size(size: int | str) -> int:
-    """Bytes from an int or a string like "500MB", "2GiB", "5GB" (decimal units as transformers)."""
-    if isinstance(size, int):
-        value = size
-    else:
-        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B?)\s*", str(size).upper())
-        if not m or m.group(2) not in _UNITS:
-            raise ValueError(f"cannot read size {size!r}: use bytes or e.g. '500MB', '2GiB'")
-        value = int(float(m.group(1)) * _UNITS[m.group(2)])
-    if value <= 0:
-        raise ValueError(f"size must be positive, got {size!r}")
-    return value
 
 
 def tensor_nbytes(dtype: str | torch.dtype, shape: Sequence[int]) -> int:

@@ -14,6 +14,7 @@ import torch
 
 from swudi.config.merge_config import MergeConfig
 from swudi.core.decomposition import Decomposition
+from swudi.core.task_svd import TaskSVDs
 from swudi.errors import CheckpointError, CheckpointNotFoundError, InputError
 from swudi.io.artifacts import save_tensors
 from swudi.io.checkpoint import Checkpoint
@@ -124,6 +125,21 @@ def load_decomposition(url: str, key: str, config: MergeConfig, reads: StepCost)
         return Decomposition.from_tensors(tensors, dict(artefact.metadata))
     except (CheckpointError, InputError) as error:
         log.warning("damaged decomposition %s is recomputed: %s", url, error)
+        return None
+
+
+def load_task_svds(url: str, key: str, config: MergeConfig, reads: StepCost) -> TaskSVDs | None:
+    """The stored per-task SVDs of a weight, or None when missing or damaged (then recomputed)."""
+    artefact = open_artefact(url, config, None, key)
+    if artefact is None:
+        return None
+    try:
+        with reads.phase("read"):
+            tensors = artefact.state_dict()
+        reads.work += sum(loc.nbytes for loc in artefact.tensors.values())
+        return TaskSVDs.from_tensors(tensors, dict(artefact.metadata))
+    except (CheckpointError, InputError) as error:
+        log.warning("damaged task SVDs %s are recomputed: %s", url, error)
         return None
 
 

@@ -15,7 +15,7 @@ import logging
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NotRequired, TypedDict
 
 from swudi.config.merge_config import MergeConfig
 from swudi.core.orientation import Orientation, orientation_of
@@ -244,6 +244,15 @@ def batch_blocks(jobs: list[TensorJob], num_experts: int, workers: int, per_work
     return batches
 
 
+def task_svd_bytes(job: TensorJob) -> int:
+    """Upper bound of the bytes of a weight's stored per-task SVDs (:mod:`swudi.core.task_svd`):
+    4 (m + d + 1) k_i per expert, k_i = its LoRA rank, or min(m, d) for a full tensor (the numerical
+    rank of a dense update is usually min(m, d)); 0 for an expert that leaves the weight unchanged."""
+    m, d = job.shape[0], job.shape[1]
+    ranks = [min(m, d) if r is None else r for r in job.lora_ranks]
+    return 4 * (m + d + 1) * sum(ranks)
+
+
 def task_memory_bytes(job: TensorJob, num_experts: int) -> int:
     """Rough peak bytes of merging one 2-D weight in a task: its raw inputs twice (this weight and
     the next one, read ahead), the float32 task vectors, C's eigen-pieces (3 x k x d floats,
@@ -438,13 +447,15 @@ def output_dtype(config: MergeConfig, job: TensorJob) -> str:
     return {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}[config.output_dtype]
 
 
-def version_id(config: MergeConfig, plan: MergePlan) -> str:
+def version_id(config: MergeConfig, plan: MergePlan, tune_id: str | None = None) -> str:
     """Identity of a merged model: inputs + method + parameters + treatment + the merge code.
 
     The same inputs merged with the same settings always get the same id, so a refresh with nothing
     changed finds its version already published. The evaluators (function and options) are part of
     the identity when there are any: their results are in the version's report, so adding one to an
     unchanged config publishes a version that carries them (the merged tensors are reused).
+    So are the gate (a version refused by one gate may pass another) and, for the winner of
+    ``swudi tune``, the tune's id (``tune_id``): its report carries the tuning table.
     """
     settings = {
         "method": config.method,
@@ -466,20 +477,63 @@ def version_id(config: MergeConfig, plan: MergePlan) -> str:
         settings["output_format"] = config.output_format
     if config.orientation:  # the architecture's orientations are in the layers' input keys
         settings["orientation"] = config.orientation
+    if config.post is not None:  # another merged update (keeps earlier ids unchanged)
+        settings["post"] = {"name": config.post, "params": config.post_params}
+    if config.gate is not None:  # its result is in the report (keeps earlier ids unchanged)
+        settings["gate"] = config.gate.model_dump()
+    if tune_id is not None:
+        settings["tune"] = tune_id
     return digest(merge_code(config.method), plan.inputs_fingerprint, settings)[:16]
 
 
-def describe_plan(config: MergeConfig, plan: MergePlan) -> dict[str, Any]:
+class TensorRow(TypedDict):
+    """One tensor's row of :func:`describe_plan`; the last four only with LoRA experts."""
+
+    name: str
+    shape: list[int]
+    dtype: str
+    treatment: str  # "layer" (a 2-D weight merged by the method), a group route, or "base ..."
+    adapter_ranks: NotRequired[list[int | None]]  # per expert; None: a full tensor
+    path: NotRequired[str]  # "factor space" or "dense"
+    decomposition_gflop: NotRequired[float]
+    path_reason: NotRequired[str]  # why the dense path
+    task_svd_bytes: NotRequired[int]  # per-task SVDs stored for a subspace method or a post-filter
+    rows: NotRequired[dict[str, int]]  # vocab tensors of vocab-extended experts: merged, appended, padding
+
+
+class PlanDescription(TypedDict):
+    """:func:`describe_plan`: what a merge of this config would do, from headers alone (JSON-able)."""
+
+    base: str
+    experts: list[str]
+    method: str
+    params: dict[str, Any]
+    scale: float
+    counts: dict[str, int]  # tensors per treatment
+    estimated_read_bytes: int
+    estimated_decomposition_gflop: float
+    post: str | None  # the post-filter (svc) applied after the method, if any
+    post_params: dict[str, Any]
+    estimated_task_svd_bytes: int  # per-task SVDs stored for subspace methods / post-filters (upper bound)
+    warnings: list[str]
+    vocab: NotRequired[dict[str, Any]]  # vocab-extended experts (VocabPlan.describe)
+    tensors: list[TensorRow]
+
+
+def describe_plan(config: MergeConfig, plan: MergePlan) -> PlanDescription:
     """A JSON-able summary of the plan: counts, estimated work and the per-tensor routes."""
     spec = get_method(config.method)
     n = len(plan.expert_urls)
     flops = 0.0
     read_bytes = 0
+    svd_bytes = 0
     for job in plan.jobs:
         read_bytes += job.nbytes + sum(input_nbytes(x) for x in job.experts) if job.route != "base" else job.nbytes
         if job.is_matrix and spec.kind == "spectral":
             flops += layer_cost(job, n)  # C (or thin SVD) + eigensolver, or the factor-space work
-    return {
+        if job.is_matrix and (spec.kind == "subspace" or config.post is not None):
+            svd_bytes += task_svd_bytes(job)
+    described: PlanDescription = {
         "base": plan.base_url,
         "experts": list(plan.expert_urls),
         "method": config.method,
@@ -488,10 +542,16 @@ def describe_plan(config: MergeConfig, plan: MergePlan) -> dict[str, Any]:
         "counts": plan.counts(),
         "estimated_read_bytes": read_bytes,
         "estimated_decomposition_gflop": round(flops / 1e9, 3),
+        "post": config.post,
+        "post_params": config.post_params,
+        # the per-task SVDs a subspace method or a post-filter stores in WORK/task_svds (upper bound)
+        "estimated_task_svd_bytes": svd_bytes,
         "warnings": list(plan.warnings),
-        **({"vocab": plan.vocab.describe(plan.expert_urls)} if plan.vocab is not None else {}),
         "tensors": [_describe_job(job, config, spec.kind, n, plan.vocab) for job in plan.jobs],
     }
+    if plan.vocab is not None:
+        described["vocab"] = plan.vocab.describe(plan.expert_urls)
+    return described
 
 
 def adapter_output_problems(plan: MergePlan, config: MergeConfig) -> list[str]:
@@ -504,6 +564,8 @@ def adapter_output_problems(plan: MergePlan, config: MergeConfig) -> list[str]:
         )
     if get_method(config.method).kind != "spectral":
         problems.append(f"method {config.method!r} is not spectral: its merged update is not of low rank")
+    if config.post is not None:
+        problems.append(f"post-filter {config.post!r}: the merged update is not written from the decomposition")
     for job in plan.jobs:
         if job.route == "base":
             continue
@@ -531,10 +593,22 @@ def uses_factor_space(job: TensorJob, config: MergeConfig) -> bool:
 
 
 def dense_path_reason(job: TensorJob, config: MergeConfig) -> str | None:
-    """Why a 2-D weight with LoRA experts is decomposed densely (on B A), or None when it is not
-    (factor space, or no LoRA expert at all)."""
+    """Why a 2-D weight with LoRA experts is merged densely (on B A), or None when it is not
+    (factor space, or no LoRA expert at all).
+
+    Spectral methods decompose in factor space when the sum of ranks is below min(m, d); subspace
+    methods take each expert's SVD from its factors (any rank), unless a full tensor is among the
+    experts or the method's maths needs dense matrices (its ``dense_reason``, e.g. ACE's d x d solve).
+    """
     ranks = job.lora_ranks
-    if not job.is_matrix or uses_factor_space(job, config) or all(r is None for r in ranks):
+    if not job.is_matrix or all(r is None for r in ranks):
+        return None
+    spec = get_method(config.method)
+    if spec.kind == "subspace":
+        if any(r is None for r in ranks):
+            return "a full checkpoint or modules_to_save tensor among the experts"
+        return spec.dense_reason
+    if uses_factor_space(job, config):
         return None
     total = sum(r or 0 for r in ranks)
     if any(r is None for r in ranks):
@@ -546,10 +620,10 @@ def dense_path_reason(job: TensorJob, config: MergeConfig) -> str | None:
 
 def _describe_job(
     job: TensorJob, config: MergeConfig, kind: str, num_experts: int, vocab: VocabPlan | None = None
-) -> dict[str, Any]:
+) -> TensorRow:
     """One tensor's row of the plan; with LoRA experts, their ranks and the decomposition path;
     for a vocab tensor of vocab-extended experts, its rows merged, appended and padding."""
-    row: dict[str, Any] = {
+    row: TensorRow = {
         "name": job.name,
         "shape": list(job.shape),
         "dtype": job.dtype,
@@ -571,10 +645,13 @@ def _describe_job(
         row["adapter_ranks"] = list(ranks)  # per expert; None: a full tensor
         if job.route == "base" and all(x is None for x in job.experts):
             row["treatment"] = "base (no expert changes it)"
-        elif job.is_matrix and kind == "spectral":
+        elif job.is_matrix and kind in ("spectral", "subspace"):
             reason = dense_path_reason(job, config)
             row["path"] = "dense" if reason else "factor space"
-            row["decomposition_gflop"] = round(layer_cost(job, num_experts) / 1e9, 6)
+            if kind == "spectral":
+                row["decomposition_gflop"] = round(layer_cost(job, num_experts) / 1e9, 6)
             if reason:
                 row["path_reason"] = reason
+    if job.is_matrix and (kind == "subspace" or config.post is not None):
+        row["task_svd_bytes"] = task_svd_bytes(job)
     return row

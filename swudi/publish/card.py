@@ -99,6 +99,9 @@ def _body(report: Mapping[str, Any], title: str) -> str:
     ]
     lines += _diagnostics(report.get("diagnostics") or {})
     lines += _evaluations(report.get("evaluations") or {})
+    lines += _tuning(report.get("tuning") or {})
+    if report.get("gate"):
+        lines += ["", "## Publish gate", "", str(report["gate"].get("reason", ""))]
     lines += _relative(report.get("relative_evaluations") or {})
     software = report.get("software") or {}
     lines += [
@@ -158,6 +161,33 @@ def _evaluations(evaluations: Mapping[str, Any]) -> list[str]:
             for task, metrics in tasks.items()
             for metric, value in metrics.items()
         ]
+    return lines
+
+
+def _tuning(tuning: Mapping[str, Any]) -> list[str]:
+    """The table of ``swudi tune``: every candidate's settings, score and seconds; the winner marked."""
+    rows = tuning.get("candidates") or []
+    if not rows:
+        return []
+    objective = tuning.get("objective") or {}
+    direction = "lower is better" if objective.get("minimize") else "higher is better"
+    lines = [
+        "",
+        "## Tuning",
+        "",
+        f"Chosen by `swudi tune` among {len(rows)} candidates on `{objective.get('objective', '?')}` ({direction}); "
+        f"the base model scores {_number(tuning.get('base_score'))}. Tune `{tuning.get('tune_id', '?')}`"
+        + (f", plot `{tuning['plot']}`." if tuning.get("plot") else "."),
+        "",
+        "| candidate | method | params | scale | score | seconds | |",
+        "|---|---|---|---:|---:|---:|---|",
+    ]
+    winner = tuning.get("winner", {}).get("label")
+    lines += [
+        f"| {row['label']} | `{row['method']}` | `{row['params']}` | {_number(row['scale'])} | "
+        f"{_number(row['score'])} | {_number(row['seconds'], 1)} | {'**winner**' if row['label'] == winner else ''} |"
+        for row in rows
+    ]
     return lines
 
 

@@ -150,6 +150,7 @@ def publish_version(
     report: Mapping[str, Any] | None = None,
     pointer_extra: Mapping[str, Any] | None = None,
     guard: Callable[[], None] | None = None,
+    check: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Publish a version: `write_files(version_url)` writes the model files, then the manifest, then
     `latest.json` is pointed at it. Returns the pointer written (plus `url`, the version's URL).
@@ -159,6 +160,9 @@ def publish_version(
     `pointer_extra` adds keys to `latest.json`. If the version is already complete, `write_files`
     is not called and only the pointer is (re)written. `guard()` is called before the manifest and
     before the pointer are written (e.g. `Lock.check`: raise if the output lock was lost).
+    `check(version_url)` is called once the version is complete, before the pointer moves (unless
+    `latest.json` already names it): when it raises (the publish gate), the complete version stays
+    for inspection and `latest.json` is unchanged.
     """
     guard = guard or (lambda: None)
     vurl = version_url(output_url, version_id)
@@ -208,6 +212,8 @@ def publish_version(
     if previous is not None and previous.get("version") == version_id:
         log.info("%s: latest already names %s", output_url, version_id)
         return previous
+    if check is not None:
+        check(vurl)
     guard()
     pointer = {
         "version": version_id,

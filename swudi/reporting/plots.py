@@ -118,6 +118,51 @@ def plot_sweep(summary: Mapping[str, Any], out: Path) -> list[Path]:
     return written
 
 
+def plot_tune(rows: Sequence[Mapping[str, Any]], objective: str, winner: str | None = None) -> bytes:
+    """PNG bytes of ``swudi tune``: the score against the scale, one line per method and parameter
+    setting (grid points and refinement probes together, sorted by scale); the winner circled and
+    the base model's score, when a row ``{"label": "base", "score"}`` is given, as a dashed line."""
+    import io
+
+    plt = _pyplot()
+    lines: dict[str, list[tuple[float, float]]] = {}
+    base = next((r["score"] for r in rows if r.get("label") == "base"), None)
+    for row in rows:
+        if row.get("label") == "base":
+            continue
+        params = ", ".join(f"{k}={v}" for k, v in sorted(dict(row.get("params") or {}).items()))
+        name = f"{row['method']}" + (f" ({params})" if params else "")
+        lines.setdefault(name, []).append((float(row["scale"]), float(row["score"])))
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, points in lines.items():
+        points.sort()
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=name)
+    for row in rows:
+        if winner is not None and row.get("label") == winner:
+            ax.plot(
+                [row["scale"]],
+                [row["score"]],
+                marker="o",
+                markersize=14,
+                fillstyle="none",
+                color="black",
+                linestyle="none",
+                label=f"winner: {winner}",
+            )
+    if base is not None:
+        ax.axhline(base, linestyle="--", color="grey", label="base model")
+    ax.set_xlabel("scale")
+    ax.set_ylabel(objective)
+    ax.set_title(f"swudi tune: {objective} vs scale")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    plt.close(fig)
+    return buffer.getvalue()
+
+
 def plot_ranks(report: Mapping[str, Any], out: Path) -> Path | None:
     """Bar chart of the rank chosen for every layer (SWUDI-A), layers in checkpoint order."""
     per_layer = report.get("diagnostics", {}).get("per_layer", {})
