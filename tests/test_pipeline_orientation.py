@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from swudi.config.merge_config import MergeConfig
-from swudi.io.checkpoint import Checkpoint, read_tensor
+from swudi.io.checkpoint import Checkpoint, TensorLocation, read_tensor
 from swudi.pipeline.layer_step import merge_layer
-from swudi.pipeline.plan import build_plan, describe_plan, version_id
+from swudi.pipeline.plan import TensorJob, build_plan, describe_plan, version_id
 from tests.conformance.families import BY_NAME, build_family
 from tests.conformance.reference import swudi_a
 
@@ -30,13 +30,15 @@ def _config(gpt2: tuple[Path, list[Path]], out: Path, **extra: object) -> MergeC
     return MergeConfig(base=str(base), experts=[str(e) for e in experts], output=str(out), device="cpu", **extra)
 
 
-def _merged(job, config: MergeConfig) -> torch.Tensor:  # type: ignore[no-untyped-def]
+def _merged(job: TensorJob, config: MergeConfig) -> torch.Tensor:
     record = merge_layer(job, config)
     return read_tensor(Checkpoint.open(record.url).location(job.name))
 
 
-def _inputs(job) -> tuple[torch.Tensor, list[torch.Tensor]]:  # type: ignore[no-untyped-def]
-    return read_tensor(job.base).double(), [read_tensor(e).double() for e in job.experts]
+def _inputs(job: TensorJob) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    experts = [read_tensor(e).double() for e in job.experts if isinstance(e, TensorLocation)]
+    assert len(experts) == len(job.experts)
+    return read_tensor(job.base).double(), experts
 
 
 def test_conv1d_weights_merge_over_their_input_dimension(gpt2: tuple[Path, list[Path]], tmp_path: Path) -> None:
@@ -100,7 +102,7 @@ def test_fan_in_fan_out_adapters_merge_to_an_adapter_peft_loads(prefect_api: str
             for name, param in peft_model.named_parameters():
                 if "lora_" in name:
                     param.copy_(torch.randn(param.shape, generator=torch.Generator().manual_seed(10 * i + len(name))))
-        peft_model.save_pretrained(tmp_path / f"ad{i}")
+        peft_model.save_pretrained(str(tmp_path / f"ad{i}"))
         experts.append(str(tmp_path / f"ad{i}"))
     config = MergeConfig(
         base=str(tmp_path / "base"),

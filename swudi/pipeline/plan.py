@@ -492,7 +492,8 @@ class TensorRow(TypedDict):
     name: str
     shape: list[int]
     dtype: str
-    treatment: str  # "layer" (a 2-D weight merged by the method), a group route, or "base ..."
+    treatment: str  # "layer" (a 2-D weight merged by the method), "layer per expert (E)", a group route, "base ..."
+    orientation: NotRequired[str]  # layers and fused experts: "out_in" or "in_out" (stored [in, out])
     adapter_ranks: NotRequired[list[int | None]]  # per expert; None: a full tensor
     path: NotRequired[str]  # "factor space" or "dense"
     decomposition_gflop: NotRequired[float]

@@ -22,7 +22,7 @@ def swudi_a(taus: list[torch.Tensor]) -> torch.Tensor:
     """
     d = taus[0].shape[1]
     norms = [float((t * t).sum()) for t in taus]
-    s = sum(taus)
+    s = torch.stack(taus).sum(0)
     if max(norms) < 1e-12:
         return s / len(taus)
     c = torch.zeros(d, d, dtype=torch.float64)
@@ -41,7 +41,7 @@ def swudi_a(taus: list[torch.Tensor]) -> torch.Tensor:
 
 def task_arithmetic(taus: list[torch.Tensor], scale: float) -> torch.Tensor:
     """theta = scale * sum_i tau_i."""
-    return scale * sum(taus)
+    return scale * torch.stack(taus).sum(0)
 
 
 def ties(taus: list[torch.Tensor], density: float, scale: float) -> torch.Tensor:
@@ -61,7 +61,7 @@ def ties(taus: list[torch.Tensor], density: float, scale: float) -> torch.Tensor
 
 
 def mean(taus: list[torch.Tensor]) -> torch.Tensor:
-    return sum(taus) / len(taus)
+    return torch.stack(taus).mean(0)
 
 
 def matches(name: str, patterns: tuple[str, ...]) -> bool:
