@@ -1,11 +1,13 @@
 # The two commands of the README: `make demo` (main job) and `make test` (the test suite).
 # Both install what they need first (scripts/bootstrap.sh, idempotent). `make test-services`: the
 # services lane; `make test-faults`: the faults lane in full (fault injection, CPU load, full disk, then
-# every kill point); `make test-faults-sample`: the sample of it that .ci/run runs. None is in `make test`.
+# every kill point); `make test-faults-sample`: the sample of it that .ci/run runs; `make test-conformance`:
+# real transformers families merged and checked (docs/conformance.md), `make test-conformance-sample` CI's
+# sample of it. None is in `make test`.
 # `make lint`: ruff (lint of everything, format check of the library) and mypy (pyproject's `files`: the
 # library, tests and benchmarks), as .ci/run runs them after the tests.
 
-.PHONY: setup demo test test-services test-faults test-faults-sample lint lock
+.PHONY: setup demo test test-services test-faults test-faults-sample test-conformance test-conformance-sample lint lock
 
 setup:
 	./scripts/bootstrap.sh
@@ -30,6 +32,16 @@ test-faults: setup
 LANE_SAMPLE ?= 2
 test-faults-sample: setup
 	.venv/bin/python -m pytest -m faults --lane-sample $(LANE_SAMPLE)
+
+# The conformance lane (docs/conformance.md): every transformers family, a few minutes;
+# `python -m tests.conformance.report` runs it and rewrites docs/conformance.md.
+test-conformance: setup
+	.venv/bin/python -m pytest -m conformance tests/conformance
+
+# CI's sample of it: CONFORMANCE_SAMPLE families drawn by the day's seed (SWUDI_LANE_SEED overrides).
+CONFORMANCE_SAMPLE ?= 2
+test-conformance-sample: setup
+	.venv/bin/python -m pytest -m conformance tests/conformance --lane-sample $(CONFORMANCE_SAMPLE)
 
 lint: setup
 	.venv/bin/ruff check swudi tasks flows deployments tests benchmarks && .venv/bin/ruff format --check swudi tasks flows deployments && .venv/bin/mypy

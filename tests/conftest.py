@@ -177,7 +177,7 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
 
 
 # ------------------------------------------------------------------------------- the faults lane
-LANE_MARKERS = ("faults",)
+LANE_MARKERS = ("faults", "conformance")
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -186,7 +186,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "--lane-sample",
         type=int,
         default=None,
-        help="run only this many tests of the long lanes (marker 'faults'), drawn with --lane-seed; "
+        help="run only this many tests of the long lanes (markers 'faults', 'conformance'), drawn with --lane-seed; "
         "the other lane tests are deselected. Default: all that -m selects",
     )
     group.addoption(
@@ -216,6 +216,7 @@ def lane_sample(nodeids: list[str], k: int, seed: str) -> list[str]:
     return sorted(random.Random(seed).sample(ids, min(k, len(ids))))
 
 
+@pytest.hookimpl(trylast=True)  # after -m has deselected the other lanes
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     k = config.getoption("--lane-sample")
     if k is None:

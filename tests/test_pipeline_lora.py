@@ -113,9 +113,9 @@ def test_fan_in_fan_out_adapter_of_a_conv1d_model(tmp_path: Path) -> None:
     )
     jobs = {job.name: job for job in build_plan(cfg).jobs}
     job = jobs["transformer.h.0.attn.c_attn.weight"]
-    assert job.shape == (32, 96) and uses_factor_space(job, cfg)
-    _, tv = read_task_vectors(job, cfg)
-    torch.testing.assert_close(tv[0], dense[job.name] - base[job.name], rtol=1e-5, atol=1e-6)
+    assert job.shape == (32, 96) and job.orientation == "in_out" and uses_factor_space(job, cfg)
+    _, tv = read_task_vectors(job, cfg)  # read as [out, in]: the stored [in, out] update transposed
+    torch.testing.assert_close(tv[0], (dense[job.name] - base[job.name]).T, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize(("method", "params"), [("swudi_a", {}), ("pinv", {}), ("swudi_soft", {"t": 300.0})])

@@ -234,7 +234,8 @@ def plan(
     for column in ("tensor", "shape", "dtype", "treatment", *(("LoRA ranks", "decomposition") if lora else ())):
         table.add_column(column)
     for row in summary["tensors"]:
-        treatment = row["treatment"]
+        # "\[": a literal bracket, not Rich markup
+        treatment = row["treatment"] + (r" \[in, out]" if row.get("orientation") == "in_out" else "")
         if "rows" in row:  # a vocab tensor of vocab-extended experts
             rows = row["rows"]
             treatment += f" ({rows['merged']} rows) + {rows['appended']} appended + {rows['padding']} padding rows"

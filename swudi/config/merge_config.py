@@ -210,6 +210,11 @@ class MergeConfig(StrictModel):
         default_factory=list, description="glob patterns kept out of the matrix method (mean instead)"
     )
     keep_base: list[str] = Field(default_factory=list, description="glob patterns that keep the base value")
+    orientation: dict[str, Literal["out_in", "in_out"]] = Field(
+        default_factory=dict,
+        description="glob pattern -> how its 2-D weights are stored: out_in ([out, in], nn.Linear) or in_out "
+        "([in, out], Conv1D); first match wins, before the architecture's own (config.json model_type)",
+    )
     output_dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     output_format: Literal["model", "adapter"] = Field(
         "model",

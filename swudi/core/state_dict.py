@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from swudi.core import baselines
-from swudi.core.routing import route_tensor
+from swudi.core.routing import is_fused_experts, route_tensor
 from swudi.core.task_vectors import merged_weight, stack_task_vectors
 from swudi.errors import ConfigError, InputError
 from swudi.methods import get_method
@@ -85,9 +85,16 @@ def merge_state_dicts(
         tv = stack_task_vectors(w0, [expert[key] for expert in experts], key)
         if route == "mean":
             theta = baselines.mean(tv)
-        elif spec.kind == "elementwise":
-            theta = _merge_elementwise_f32(tv, spec, p)
+        elif is_fused_experts(key, w0.shape):  # [N, E, m, d]: each expert's weight merged on its own
+            theta = torch.stack([_merge_one(tv[:, e], spec, p, f"{key}[{e}]", device) for e in range(w0.shape[0])])
         else:
-            theta = _merge_matrix_f32(tv, spec, p, name=key, device=device)
+            theta = _merge_one(tv, spec, p, key, device)
         merged[key] = merged_weight(w0, theta, scale, w0.dtype, name=key)
     return merged
+
+
+def _merge_one(tv: torch.Tensor, spec: Any, p: Any, name: str, device: str | torch.device) -> torch.Tensor:
+    """theta of one tensor under the method (elementwise, or a matrix method on a 2-D weight)."""
+    if spec.kind == "elementwise":
+        return _merge_elementwise_f32(tv, spec, p)
+    return _merge_matrix_f32(tv, spec, p, name=name, device=device)

@@ -40,7 +40,7 @@ from swudi.pipeline.plan import (
     output_dtype,
     uses_factor_space,
 )
-from swudi.pipeline.reads import StepCost, read_task_vectors, sources_of
+from swudi.pipeline.reads import StepCost, read_task_vectors, sources_of, to_matrix
 from swudi.pipeline.records import (
     DECOMPOSITIONS,
     DELTA_FORMAT,
@@ -87,7 +87,7 @@ def decompose_layer(
     base, experts = prefetched if prefetched is not None else reads.inputs_of(job, config.storage_options)
     task_vectors: torch.Tensor | list[LowRank]
     if uses_factor_space(job, config):
-        m, d = job.shape
+        m, d = job.matrix_shape
         # uses_factor_space: every expert gives LoRA factors or leaves the weight unchanged
         task_vectors = [x if isinstance(x, LowRank) else LowRank(torch.zeros(m, 0), torch.zeros(0, d)) for x in experts]
         with reads.phase("decompose"):
@@ -277,9 +277,10 @@ def merge_layer(
             else:
                 found = interference_vs_sum(theta, inputs[1], config.device)
             interference["per_task"] = found["per_task"]
-    base = inputs[0] if inputs is not None else reads.tensor(0, job.base, config.storage_options)
+    base = inputs[0] if inputs is not None else to_matrix(job, reads.tensor(0, job.base, config.storage_options))
     with reads.phase("merge"):
         merged = merged_in_range(base, theta, config.scale, torch_dtype(output_dtype(config, job)), name=job.name)
+        merged = to_matrix(job, merged)  # back as stored
     per_task = interference.get("per_task")
     record = MergedRecord(
         key,

@@ -29,6 +29,7 @@ class MergedTensorReader:
     """``read(name) -> Tensor or its row chunks`` over the merged artefacts, falling back to the base
     tensor.
 
+    A fused expert tensor [E, a, b] is read as E row chunks, its experts' merged weights in order.
     Artefacts are opened from their headers once and read one tensor at a time, a large tensor
     (embeddings, lm_head) in row chunks, so publishing holds at most one chunk in memory.
     ``base_bytes_read`` counts the base tensors read (those kept at the base value);
@@ -46,6 +47,7 @@ class MergedTensorReader:
     ):
         self._where = {name: record.url for record in records for name in record.names}
         self._base = {job.name: job.base for job in jobs}
+        self._experts = {job.name: [part.name for part in job.expert_slices()] for job in jobs if job.fused}
         self._options = config.storage_options
         self._chunk = chunk_budget(config)
         self._opened: dict[str, Checkpoint] = {}
@@ -70,6 +72,8 @@ class MergedTensorReader:
         yield from appended_rows(self._vocab, name, dtype, self._options, self.expert_bytes_read, self._chunk)
 
     def _merged_or_base(self, name: str) -> TensorData:
+        if name in self._experts and name not in self._where:
+            return (self.tensor(part).unsqueeze(0) for part in self._experts[name])
         url = self._where.get(name)
         if url is None:
             self.base_bytes_read += self._base[name].nbytes

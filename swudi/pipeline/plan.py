@@ -9,6 +9,8 @@ they need without reopening a checkpoint.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 import re
 from collections.abc import Sequence
@@ -16,7 +18,8 @@ from dataclasses import dataclass, field
 from typing import Any, NotRequired, TypedDict
 
 from swudi.config.merge_config import MergeConfig
-from swudi.core.routing import Route, matches_any, route_tensor
+from swudi.core.orientation import Orientation, orientation_of
+from swudi.core.routing import Route, is_fused_experts, matches_any, route_tensor
 from swudi.errors import CheckpointError, ConfigError
 from swudi.io.adapter import (
     ExpertInput,
@@ -48,7 +51,13 @@ GROUP_BYTES = 64 * 2**20
 @dataclass(frozen=True)
 class TensorJob:
     """One tensor of the merged model: its route and where its inputs are (per expert: the
-    fine-tuned tensor, LoRA factors, or None when the expert leaves it at the base value)."""
+    fine-tuned tensor, LoRA factors, or None when the expert leaves it at the base value).
+
+    ``orientation`` (:mod:`swudi.core.orientation`): how a 2-D weight is stored; an ``in_out``
+    weight is read transposed, merged as [out, in] and written back as stored. ``fused``: a 3-D
+    mixture-of-experts tensor [E, a, b] merged as E weights (:meth:`expert_slices`), each its own
+    layer job.
+    """
 
     name: str
     shape: tuple[int, ...]
@@ -56,6 +65,8 @@ class TensorJob:
     route: Route
     base: TensorLocation
     experts: tuple[ExpertInput, ...]
+    orientation: Orientation = "out_in"
+    fused: bool = False
 
     @property
     def is_matrix(self) -> bool:
@@ -63,9 +74,38 @@ class TensorJob:
         return self.route == "method" and len(self.shape) == 2
 
     @property
+    def matrix_shape(self) -> tuple[int, ...]:
+        """(m, d) = (out, in) of a 2-D weight whatever its storage; other shapes as stored."""
+        if self.orientation == "in_out" and len(self.shape) == 2:
+            return (self.shape[1], self.shape[0])
+        return self.shape
+
+    @property
     def input_key(self) -> str:
-        """Digest of the exact inputs: the content fingerprints of this tensor in every checkpoint."""
-        return digest(self.name, list(self.shape), self.base.fingerprint, [input_fingerprint(x) for x in self.experts])
+        """Digest of the exact inputs: the content fingerprints of this tensor in every checkpoint
+        (and its orientation when it is stored [in, out]: the decomposition differs)."""
+        fingerprints = [input_fingerprint(x) for x in self.experts]
+        if self.orientation == "in_out":
+            return digest(self.name, list(self.shape), self.base.fingerprint, fingerprints, "in_out")
+        return digest(self.name, list(self.shape), self.base.fingerprint, fingerprints)
+
+    def expert_slices(self) -> tuple[TensorJob, ...]:
+        """A fused tensor's E 2-D weights as layer jobs ``NAME[e]`` (each input read as rows
+        ``[e, e+1)`` of the stored tensor); empty for any other job."""
+        if not self.fused:
+            return ()
+        return tuple(
+            TensorJob(
+                f"{self.name}[{e}]",
+                self.shape[1:],
+                self.dtype,
+                self.route,
+                _expert_slice(self.base, e),
+                tuple(x if x is None else _expert_slice(x, e) for x in self.experts),  # type: ignore[arg-type]
+                self.orientation,
+            )
+            for e in range(self.shape[0])
+        )
 
     @property
     def lora_ranks(self) -> tuple[int | None, ...]:
@@ -86,6 +126,12 @@ class TensorJob:
     @property
     def nbytes(self) -> int:
         return self.base.nbytes
+
+
+def _expert_slice(location: TensorLocation, e: int) -> TensorLocation:
+    """Where expert ``e``'s 2-D weight of a fused [E, a, b] tensor is: one contiguous byte range."""
+    part = location.rows(e, e + 1)
+    return dataclasses.replace(part, name=f"{location.name}[{e}]", shape=location.shape[1:])
 
 
 @dataclass(frozen=True)
@@ -111,8 +157,9 @@ class MergePlan:
 
     @property
     def layer_jobs(self) -> list[TensorJob]:
-        """2-D weights merged one task each (decomposition, rank, filter)."""
-        return [job for job in self.jobs if job.is_matrix]
+        """2-D weights merged one task each (decomposition, rank, filter); a fused expert tensor
+        gives one per expert."""
+        return [part for job in self.jobs for part in (job.expert_slices() if job.fused else [job]) if part.is_matrix]
 
     @property
     def group_jobs(self) -> list[list[TensorJob]]:
@@ -120,7 +167,7 @@ class MergePlan:
         groups: list[list[TensorJob]] = []
         size = 0
         for job in self.jobs:
-            if job.is_matrix or job.route == "base":
+            if job.is_matrix or job.fused or job.route == "base":
                 continue
             if not groups or size + job.nbytes > GROUP_BYTES:
                 groups.append([])
@@ -140,8 +187,12 @@ class MergePlan:
         for job in self.jobs:
             if job.route == "base":
                 out["base"] += 1
-            elif not job.is_matrix:
+            elif not (job.is_matrix or job.fused):
                 out["mean_or_elementwise"] += 1
+        if fused := sum(job.fused for job in self.jobs):
+            out["fused_expert_tensors"] = fused
+        if transposed := sum(job.orientation == "in_out" for job in self.jobs if job.route != "base"):
+            out["in_out_weights"] = transposed
         return out
 
 
@@ -157,9 +208,9 @@ def block_of(name: str) -> str:
 
 def layer_cost(job: TensorJob, num_experts: int) -> float:
     """Rough multiply-adds of merging one 2-D weight: C (or the thin SVD) plus its eigensolver."""
-    m, d = job.shape
+    m, d = job.matrix_shape
     if job.factor_rank is not None:
-        return factor_space_cost(job.shape, job.factor_rank, num_experts)
+        return factor_space_cost(job.matrix_shape, job.factor_rank, num_experts)
     k = min(d, num_experts * m)
     return 2.0 * num_experts * m * d * k + 9.0 * k**3
 
@@ -207,7 +258,7 @@ def task_memory_bytes(job: TensorJob, num_experts: int) -> int:
     """Rough peak bytes of merging one 2-D weight in a task: its raw inputs twice (this weight and
     the next one, read ahead), the float32 task vectors, C's eigen-pieces (3 x k x d floats,
     k = min(d, N m)) and a few m x d float32 results (S, D, theta, W)."""
-    m, d = job.shape
+    m, d = job.matrix_shape
     if job.factor_rank is not None:  # the factors, their float64 copies, and S, theta, W
         return 2 * (job.base.nbytes + 3 * (m + d) * job.factor_rank * 8) + 4 * 4 * m * d
     raw = (num_experts + 1) * job.base.nbytes
@@ -306,6 +357,7 @@ def build_plan(
     warnings = validate_checkpoints(base, experts, names)
     vocab = plan_vocab(base, experts, names)
     verify_base_layers(base, experts, chunk_budget(config))
+    model_type = base_model_type(base)
     jobs = []
     for name, loc in base.tensors.items():
         inputs = tuple(expert_input(expert, name) for expert in experts)
@@ -323,7 +375,15 @@ def build_plan(
             config.exclude,
             config.keep_base,
         )
-        jobs.append(TensorJob(name, tuple(loc.shape), loc.dtype, route, loc, inputs))
+        fused = route == "method" and is_fused_experts(name, loc.shape)
+        if fused and any(isinstance(x, LoraFactors) for x in inputs):
+            raise ConfigError(
+                f"tensor {name!r}: LoRA factors for a fused expert tensor {list(loc.shape)} are not supported; "
+                "give full checkpoints, or keep it out of the merge with keep_base"
+            )
+        shaped = len(loc.shape) == 2 or fused
+        orientation = orientation_of(name, model_type, config.orientation) if shaped else "out_in"
+        jobs.append(TensorJob(name, tuple(loc.shape), loc.dtype, route, loc, inputs, orientation, fused))
     warnings = [*warnings, *check_patterns(config, jobs)]
     plan = MergePlan(
         base.url,
@@ -391,6 +451,20 @@ def check_patterns(config: MergeConfig, jobs: Sequence[TensorJob]) -> list[str]:
     return found
 
 
+def base_model_type(base: Checkpoint) -> str | None:
+    """``model_type`` of the base's ``config.json`` (None without one, or when it is not a JSON object)."""
+    if "config.json" not in base.extra_files:
+        return None
+    fs, path = resolve(base.file_url("config.json"), base.storage_options)
+    try:
+        loaded = json.loads(fs.cat_file(path))
+    except ValueError:
+        log.warning("%s: config.json is not JSON; weights are taken as [out, in]", base.url)
+        return None
+    model_type = loaded.get("model_type") if isinstance(loaded, dict) else None
+    return model_type if isinstance(model_type, str) else None
+
+
 def _vocab_candidates(base: Checkpoint, experts: Sequence[Checkpoint | LoraAdapter]) -> frozenset[str]:
     """The vocab tensors (:func:`swudi.io.vocab.vocab_tensor_names`) when a full-checkpoint expert
     has more rows in one of them than the base (the base's ``config.json`` is read only then), else
@@ -449,6 +523,8 @@ def version_id(config: MergeConfig, plan: MergePlan, tune_id: str | None = None)
         ]
     if config.output_format != "model":  # the version holds more files (keeps earlier ids unchanged)
         settings["output_format"] = config.output_format
+    if config.orientation:  # the architecture's orientations are in the layers' input keys
+        settings["orientation"] = config.orientation
     if config.post is not None:  # another merged update (keeps earlier ids unchanged)
         settings["post"] = {"name": config.post, "params": config.post_params}
     if config.gate is not None:  # its result is in the report (keeps earlier ids unchanged)
@@ -464,7 +540,8 @@ class TensorRow(TypedDict):
     name: str
     shape: list[int]
     dtype: str
-    treatment: str  # "layer" (a 2-D weight merged by the method), a group route, or "base ..."
+    treatment: str  # "layer" (a 2-D weight merged by the method), "layer per expert (E)", a group route, "base ..."
+    orientation: NotRequired[str]  # layers and fused experts: "out_in" or "in_out" (stored [in, out])
     adapter_ranks: NotRequired[list[int | None]]  # per expert; None: a full tensor
     path: NotRequired[str]  # "factor space" or "dense"
     decomposition_gflop: NotRequired[float]
@@ -542,7 +619,9 @@ def adapter_output_problems(plan: MergePlan, config: MergeConfig) -> list[str]:
         if job.route == "base":
             continue
         lora = any(isinstance(x, LoraFactors) for x in job.experts)
-        if job.is_matrix and lora and not uses_factor_space(job, config):
+        if job.fused:
+            problems.append(f"{job.name}: a fused expert tensor has no LoRA form")
+        elif job.is_matrix and lora and not uses_factor_space(job, config):
             problems.append(
                 f"{job.name}: merged on the dense path (a full tensor among the experts, or sum r_i too large)"
             )
@@ -599,6 +678,10 @@ def _describe_job(
         "dtype": job.dtype,
         "treatment": "layer" if job.is_matrix else job.route,
     }
+    if job.fused:
+        row["treatment"] = f"layer per expert ({job.shape[0]})"  # each expert's weight its own layer task
+    if job.is_matrix or job.fused:
+        row["orientation"] = job.orientation
     if vocab is not None and job.name in vocab.tensors:
         row["shape"] = [vocab.rows, *job.shape[1:]]
         row["rows"] = {

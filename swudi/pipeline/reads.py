@@ -59,7 +59,8 @@ class StepCost:
         return self.tensor(index + 1, item, storage_options)
 
     def inputs_of(self, job: TensorJob, storage_options: Mapping[str, Any]) -> tuple[torch.Tensor, list[ExpertValue]]:
-        """(base tensor, each expert's value) of one tensor: all its range reads issued together."""
+        """(base weight, each expert's value) of one 2-D weight as [out, in] (:func:`to_matrix`): all
+        its range reads issued together."""
         locations: list[TensorLocation] = [job.base]
         owners = [0]
         for i, item in enumerate(job.experts):
@@ -77,7 +78,7 @@ class StepCost:
                 values.append(lora_update(item, a, b))
             else:
                 values.append(next(read))
-        return base, values
+        return to_matrix(job, base), [to_matrix(job, value) for value in values]
 
     def tensors(
         self, locations: Sequence[Any], storage_options: Mapping[str, Any], owners: Sequence[int] | None = None
@@ -91,6 +92,16 @@ class StepCost:
             if all(is_local_url(location.shard_url) for location in locations):
                 return [read_tensor(location, storage_options) for location in locations]  # local: pread
             return list(read_pool().map(lambda location: read_tensor(location, storage_options), locations))
+
+
+def to_matrix(job: TensorJob, value: Any) -> Any:
+    """A weight (tensor, :class:`LowRank` factors or None) of ``job`` as [out, in]: transposed when
+    the job is stored ``in_out`` (:mod:`swudi.core.orientation`), else unchanged. Its own inverse."""
+    if job.orientation != "in_out" or value is None:
+        return value
+    if isinstance(value, LowRank):  # (B A)^T = A^T B^T
+        return LowRank(value.a.T.contiguous(), value.b.T.contiguous())
+    return value.T.contiguous()
 
 
 def lora_update(factors: LoraFactors, a: torch.Tensor, b: torch.Tensor) -> LowRank:

@@ -87,13 +87,15 @@ def write_merged_adapter(
             raise ValueError(f"{job.name}: no decomposition recorded; cannot write it as a LoRA update")
         artefact = Checkpoint.open(record.decomposition_url, config.storage_options)
         dec = Decomposition.from_tensors(artefact.state_dict(), dict(artefact.metadata))
-        b, q = _factors(dec, config)
+        b, q = _factors(dec, config)  # theta = b q^T as decomposed: [out, in] when job.orientation is in_out
         ranks[module] = int(q.shape[1])
         if job.name in embeddings:
             tensors[f"{PEFT_PREFIX}{module}.lora_embedding_A"] = b.T.contiguous()
             tensors[f"{PEFT_PREFIX}{module}.lora_embedding_B"] = q.contiguous()
             continue
-        if job.name in transposed:
+        # PEFT: B A is the stored weight's update, transposed under fan_in_fan_out; swap the factors
+        # when the decomposition's orientation is not the one PEFT's B A has
+        if (job.name in transposed) != (job.orientation == "in_out"):
             b, q = q, b
         tensors[f"{PEFT_PREFIX}{module}.lora_A.weight"] = q.T.contiguous()
         tensors[f"{PEFT_PREFIX}{module}.lora_B.weight"] = b.contiguous()
