@@ -44,7 +44,7 @@ test-conformance-sample: setup
 	.venv/bin/python -m pytest -m conformance tests/conformance --lane-sample $(CONFORMANCE_SAMPLE)
 
 lint: setup
-	.venv/bin/ruff check swudi tasks flows deployments tests benchmarks && .venv/bin/ruff format --check swudi tasks flows deployments && .venv/bin/mypy
+	.venv/bin/ruff check swudi tasks flows deployments tests benchmarks && .venv/bin/ruff format --check swudi tasks flows deployments tests benchmarks && .venv/bin/mypy
 
 lock:
 	uv pip compile pyproject.toml --extra dev --find-links "$$(python3 -m pip config get global.find-links)" -o requirements.lock

@@ -62,7 +62,11 @@ def compare_with_default(results: Mapping[str, Any], default: str) -> dict[str, 
         else:
             verdict = "better" if (comparison.mean_diff > 0) == higher else "worse"
         table[SAME_CHANGE.get(label, label)] = {
-            "label": label, "mean": mean, "delta": comparison.mean_diff, "se": comparison.se, "n": comparison.n,
+            "label": label,
+            "mean": mean,
+            "delta": comparison.mean_diff,
+            "se": comparison.se,
+            "n": comparison.n,
             "verdict": verdict,
         }
     return table

@@ -36,13 +36,20 @@ def run_method(build: Path, seed: int, out: Path, method: str, grid: str, thread
     work = out / f"seed{seed}" / "work"
     before = _folder_bytes(work)
     first = _merge(_config(build, seed, out, f"{method}-default", 1.0, None, threads, method))
-    row: dict[str, Any] = {"seed": seed, "method": method, "stored_bytes": _folder_bytes(work) - before,
-                           "default": {**first, "test": _test_score(first["url"], build, seed, threads)}}
+    row: dict[str, Any] = {
+        "seed": seed,
+        "method": method,
+        "stored_bytes": _folder_bytes(work) - before,
+        "default": {**first, "test": _test_score(first["url"], build, seed, threads)},
+    }
     started = time.perf_counter()
     tuned = run_tune(_config(build, seed, out, f"{method}-tuned", 1.0, "val", threads, method), OBJECTIVE, [grid])
-    row["tuned"] = {"scale": tuned["winner"]["scale"], "val": tuned["winner"]["score"],
-                    "wall_s": time.perf_counter() - started,
-                    "test": _test_score(tuned["published"]["url"], build, seed, threads)}
+    row["tuned"] = {
+        "scale": tuned["winner"]["scale"],
+        "val": tuned["winner"]["score"],
+        "wall_s": time.perf_counter() - started,
+        "test": _test_score(tuned["published"]["url"], build, seed, threads),
+    }
     row["peak_rss_mb_so_far"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return row
 
@@ -56,11 +63,16 @@ def _stat(values: list[float]) -> str:
 def markdown(rows: list[dict[str, Any]], command: str) -> str:
     methods = list(dict.fromkeys(r["method"] for r in rows))
     seeds = sorted({r["seed"] for r in rows})
-    lines = ["# Closed-form methods on the LM benchmark (issue 22): default scale and scale tuned on val, test scores",
-             "", f"Command: `{command}`", "", f"Seeds: {seeds}. Metric: mean loss gap closed on test (0 = base, "
-             "1 = the domain's expert).", "",
-             "| method | scale 1 | tuned on val | tuned scales | first merge compute s | stored MB |",
-             "|---|---|---|---|---|---|"]
+    lines = [
+        "# Closed-form methods on the LM benchmark (issue 22): default scale and scale tuned on val, test scores",
+        "",
+        f"Command: `{command}`",
+        "",
+        f"Seeds: {seeds}. Metric: mean loss gap closed on test (0 = base, 1 = the domain's expert).",
+        "",
+        "| method | scale 1 | tuned on val | tuned scales | first merge compute s | stored MB |",
+        "|---|---|---|---|---|---|",
+    ]
     for m in methods:
         mine = [r for r in rows if r["method"] == m]
         scales = ", ".join(f"{r['tuned']['scale']:.3g}" for r in mine)
@@ -68,13 +80,17 @@ def markdown(rows: list[dict[str, Any]], command: str) -> str:
             f"| `{m}` | {_stat([r['default']['test'] for r in mine])} | {_stat([r['tuned']['test'] for r in mine])} | "
             f"{scales} | "
             f"{statistics.fmean(r['default']['compute_s'] for r in mine):.1f} | "
-            f"{statistics.fmean(r['stored_bytes'] for r in mine) / 1e6:.1f} |")
+            f"{statistics.fmean(r['stored_bytes'] for r in mine) / 1e6:.1f} |"
+        )
     return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.methods_study", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.methods_study",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--builds", type=Path, nargs="+", required=True)
     p.add_argument("--seeds", type=int, nargs="+", default=None)
     p.add_argument("--out", type=Path, required=True)
@@ -94,8 +110,11 @@ def main(argv: list[str] | None = None) -> int:
             args.out.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(rows, indent=1))
             r = rows[-1]
-            print(f"seed {seed} {method}: scale 1 {r['default']['test']:.4f}, tuned {r['tuned']['test']:.4f} "
-                  f"(scale {r['tuned']['scale']:.3g})", flush=True)
+            print(
+                f"seed {seed} {method}: scale 1 {r['default']['test']:.4f}, tuned {r['tuned']['test']:.4f} "
+                f"(scale {r['tuned']['scale']:.3g})",
+                flush=True,
+            )
     command = "python -m benchmarks.methods_study " + " ".join(argv if argv is not None else __import__("sys").argv[1:])
     (args.out / "results.md").write_text(markdown(rows, command))
     print((args.out / "results.md").read_text())

@@ -37,8 +37,9 @@ from benchmarks.loopback_server import LoopbackServer  # noqa: E402 - after the 
 
 def _cli(config: Path, env: dict[str, str]) -> tuple[float, str]:
     started = time.perf_counter()
-    done = subprocess.run([sys.executable, "-m", "swudi.cli", "merge", str(config)], env=env, capture_output=True,
-                          text=True, check=True)
+    done = subprocess.run(
+        [sys.executable, "-m", "swudi.cli", "merge", str(config)], env=env, capture_output=True, text=True, check=True
+    )
     return time.perf_counter() - started, done.stderr.strip().splitlines()[0]
 
 
@@ -58,9 +59,15 @@ def main() -> None:
     config = root / "merge.yaml"
     config.write_text(yaml.safe_dump({**settings, "output": str(root / "out")}))
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
-    env.update({"PREFECT_HOME": str(root / "prefect-home"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-                "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "90", "PREFECT_LOGGING_LEVEL": "WARNING",
-                "SWUDI_LOCAL_PREFECT_API": ""})
+    env.update(
+        {
+            "PREFECT_HOME": str(root / "prefect-home"),
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+            "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "90",
+            "PREFECT_LOGGING_LEVEL": "WARNING",
+            "SWUDI_LOCAL_PREFECT_API": "",
+        }
+    )
     first_wall, first_line = _cli(config, env)
     noop_wall, noop_line = _cli(config, env)
 
@@ -85,18 +92,24 @@ def main() -> None:
     compute = sum(r["seconds"] for r in result["records"])
     split = result["time_split"]
     overhead = split["orchestration"]
-    print(f"model: Llama-shaped, {args.layers} layers ({layers} 2-D weights, {result['groups']} groups), "
-          f"{args.experts} experts, {args.workers} workers; {result['task_runs']} task runs")
+    print(
+        f"model: Llama-shaped, {args.layers} layers ({layers} 2-D weights, {result['groups']} groups), "
+        f"{args.experts} experts, {args.workers} workers; {result['task_runs']} task runs"
+    )
     print("| measurement | value |")
     print("|---|---:|")
     print(f"| first `swudi merge`, embedded server (start-up included), wall | {first_wall:.1f} s |")
     print(f"| no-op `swudi merge` re-run (nothing changed), wall | {noop_wall:.1f} s |")
     print(f"| merge on a running server: flow wall | {wall:.2f} s |")
     print(f"| library compute inside the tasks (sum) | {compute:.2f} s |")
-    print(f"| flow time split (task phases summed over workers) | "
-          f"{', '.join(f'{k} {v:.2f} s' for k, v in split.items())} |")
-    print(f"| orchestration per 2-D weight (flow wall - plan - publish - task work / workers) | "
-          f"{1000 * overhead / layers:.1f} ms |")
+    print(
+        f"| flow time split (task phases summed over workers) | "
+        f"{', '.join(f'{k} {v:.2f} s' for k, v in split.items())} |"
+    )
+    print(
+        f"| orchestration per 2-D weight (flow wall - plan - publish - task work / workers) | "
+        f"{1000 * overhead / layers:.1f} ms |"
+    )
     print(f"| server CPU per 2-D weight | {1000 * server_cpu / layers:.1f} ms |")
     print(f"| orchestration share of the flow wall | {overhead / wall:.0%} |")
     print(f"first run: {first_line}\nno-op run: {noop_line}", file=sys.stderr)

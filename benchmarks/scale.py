@@ -400,9 +400,7 @@ def _folder_bytes(folder: str) -> int:
     return sum(p.stat().st_size for p in Path(folder).rglob("*.safetensors"))
 
 
-def _pipeline(
-    h: Harness, base: str, experts: list[str], out: Path, memory_budget: str | None = None
-) -> dict[str, Any]:
+def _pipeline(h: Harness, base: str, experts: list[str], out: Path, memory_budget: str | None = None) -> dict[str, Any]:
     spec = {"base": base, "experts": experts, "output": str(out), "memory_budget": memory_budget}
     return h.run_child("pipeline", spec)
 

@@ -61,14 +61,23 @@ def main() -> None:
     from swudi.io.synthetic import SyntheticModel, write_synthetic_models
 
     root = args.dir or Path(tempfile.mkdtemp(prefix="swudi-sweep-point-"))
-    model = SyntheticModel(layers=args.layers, hidden=args.hidden, intermediate=4 * args.hidden, vocab=1024,
-                           positions=128)
+    model = SyntheticModel(
+        layers=args.layers, hidden=args.hidden, intermediate=4 * args.hidden, vocab=1024, positions=128
+    )
     base, experts = write_synthetic_models(str(root / "in"), args.experts, model)
-    common = {"base": base, "experts": experts, "output": str(root / "out"), "method": "swudi",
-              "device": "cpu", "workers": args.workers}
-    runs: list[tuple[str, dict[str, Any]]] = [("first merge (t=1300)", {"params": {"t": 1300.0}}),
-            ("sweep point: t=300", {"params": {"t": 300.0}}),
-            ("sweep point: t=300, scale=0.5", {"params": {"t": 300.0}, "scale": 0.5})]
+    common = {
+        "base": base,
+        "experts": experts,
+        "output": str(root / "out"),
+        "method": "swudi",
+        "device": "cpu",
+        "workers": args.workers,
+    }
+    runs: list[tuple[str, dict[str, Any]]] = [
+        ("first merge (t=1300)", {"params": {"t": 1300.0}}),
+        ("sweep point: t=300", {"params": {"t": 300.0}}),
+        ("sweep point: t=300, scale=0.5", {"params": {"t": 300.0}, "scale": 0.5}),
+    ]
     rows = []
     for label, settings in runs:
         cfg = config_from_mapping({**common, **settings})
@@ -77,22 +86,36 @@ def main() -> None:
         wall, cpu = time.perf_counter() - wall, _cpu() - cpu
         io = result["io"]
         per = io["per_checkpoint"]
-        rows.append({"run": label, "wall_s": round(wall, 2), "cpu_s": round(cpu, 2),
-                     "computed": result["computed"], "decompositions_computed": result["decompositions_computed"],
-                     "base_mb": round(per[0]["tensor_bytes"] / 1e6, 2),
-                     "experts_mb": round(sum(p["tensor_bytes"] for p in per[1:]) / 1e6, 2),
-                     "headers_kb": round(io["header_bytes"] / 1e3, 1), "work_mb": round(io["work_bytes"] / 1e6, 2),
-                     "peak_rss_mb": round(_rss_mb())})
+        rows.append(
+            {
+                "run": label,
+                "wall_s": round(wall, 2),
+                "cpu_s": round(cpu, 2),
+                "computed": result["computed"],
+                "decompositions_computed": result["decompositions_computed"],
+                "base_mb": round(per[0]["tensor_bytes"] / 1e6, 2),
+                "experts_mb": round(sum(p["tensor_bytes"] for p in per[1:]) / 1e6, 2),
+                "headers_kb": round(io["header_bytes"] / 1e3, 1),
+                "work_mb": round(io["work_bytes"] / 1e6, 2),
+                "peak_rss_mb": round(_rss_mb()),
+            }
+        )
     first = rows[0]
-    print(f"model: {args.layers} layers, hidden {args.hidden}, {args.experts} experts; "
-          f"{torch.get_num_threads()} torch thread(s), {args.workers} workers; folder {root}")
-    print("| run | wall s | CPU s | merges / decompositions computed | base MB | experts MB | headers kB "
-          "| read from work folder MB | peak RSS MB | wall / first | CPU / first |")
+    print(
+        f"model: {args.layers} layers, hidden {args.hidden}, {args.experts} experts; "
+        f"{torch.get_num_threads()} torch thread(s), {args.workers} workers; folder {root}"
+    )
+    print(
+        "| run | wall s | CPU s | merges / decompositions computed | base MB | experts MB | headers kB "
+        "| read from work folder MB | peak RSS MB | wall / first | CPU / first |"
+    )
     print("|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['run']} | {r['wall_s']} | {r['cpu_s']} | {r['computed']} / {r['decompositions_computed']} "
-              f"| {r['base_mb']} | {r['experts_mb']} | {r['headers_kb']} | {r['work_mb']} | {r['peak_rss_mb']} "
-              f"| {r['wall_s'] / first['wall_s']:.2f} | {r['cpu_s'] / first['cpu_s']:.2f} |")
+        print(
+            f"| {r['run']} | {r['wall_s']} | {r['cpu_s']} | {r['computed']} / {r['decompositions_computed']} "
+            f"| {r['base_mb']} | {r['experts_mb']} | {r['headers_kb']} | {r['work_mb']} | {r['peak_rss_mb']} "
+            f"| {r['wall_s'] / first['wall_s']:.2f} | {r['cpu_s'] / first['cpu_s']:.2f} |"
+        )
     print(json.dumps(rows), file=sys.stderr)
 
 

@@ -33,8 +33,17 @@ EVALUATOR = "benchmarks.lm.evaluate:evaluate"
 OBJECTIVE = f"{EVALUATOR}:all.loss_gap_closed"
 
 
-def _config(build: Path, seed: int, out: Path, label: str, scale: float, evaluate_on: str | None,
-            threads: int, method: str = "swudi_a", params: dict[str, Any] | None = None) -> Any:
+def _config(
+    build: Path,
+    seed: int,
+    out: Path,
+    label: str,
+    scale: float,
+    evaluate_on: str | None,
+    threads: int,
+    method: str = "swudi_a",
+    params: dict[str, Any] | None = None,
+) -> Any:
     from swudi.config.merge_config import config_from_mapping
 
     manifest = json.loads((build / "manifest.json").read_text())
@@ -42,22 +51,39 @@ def _config(build: Path, seed: int, out: Path, label: str, scale: float, evaluat
     mapping: dict[str, Any] = {
         "base": str(build / "base"),
         "experts": [str(build / "experts" / f"seed{seed}" / d) for d in domains],
-        "method": method, "params": params or {}, "scale": scale,
+        "method": method,
+        "params": params or {},
+        "scale": scale,
         "output": str(out / f"seed{seed}" / "merged" / label),
         "work_dir": str(out / f"seed{seed}" / "work"),  # shared: decompositions computed once per seed
-        "device": "cpu", "workers": 1, "torch_threads": threads,
+        "device": "cpu",
+        "workers": 1,
+        "torch_threads": threads,
     }
     if evaluate_on:
-        mapping["evaluators"] = [{"function": EVALUATOR, "options": {
-            "build": str(build), "split": evaluate_on, "seed": seed, "aggregate": True, "threads": threads}}]
+        mapping["evaluators"] = [
+            {
+                "function": EVALUATOR,
+                "options": {
+                    "build": str(build),
+                    "split": evaluate_on,
+                    "seed": seed,
+                    "aggregate": True,
+                    "threads": threads,
+                },
+            }
+        ]
     return config_from_mapping(mapping, label)
 
 
 def _test_score(model: str, build: Path, seed: int, threads: int) -> float:
     from benchmarks.lm.evaluate import evaluate
 
-    return float(evaluate(model, build=str(build), split="test", seed=seed, aggregate=True,
-                          threads=threads)["all"]["loss_gap_closed"])
+    return float(
+        evaluate(model, build=str(build), split="test", seed=seed, aggregate=True, threads=threads)["all"][
+            "loss_gap_closed"
+        ]
+    )
 
 
 def _merge(cfg: Any) -> dict[str, Any]:
@@ -88,12 +114,20 @@ def run_seed(build: Path, seed: int, out: Path, grid: list[float], refine: int, 
     oracle = max(row["grid"], key=lambda p: p["test"])
     row["oracle"] = {"scale": oracle["scale"], "test": oracle["test"]}
     started = time.perf_counter()
-    tuned = run_tune(_config(build, seed, out, "tuned", 1.0, "val", threads), OBJECTIVE,
-                     [f"scale={','.join(f'{s:g}' for s in grid)}"], refine=refine)
+    tuned = run_tune(
+        _config(build, seed, out, "tuned", 1.0, "val", threads),
+        OBJECTIVE,
+        [f"scale={','.join(f'{s:g}' for s in grid)}"],
+        refine=refine,
+    )
     winner = tuned["winner"]
-    row["tuned"] = {"scale": winner["scale"], "val": winner["score"], "wall_s": time.perf_counter() - started,
-                    "candidates": tuned["candidates"],
-                    "test": _test_score(tuned["published"]["url"], build, seed, threads)}
+    row["tuned"] = {
+        "scale": winner["scale"],
+        "val": winner["score"],
+        "wall_s": time.perf_counter() - started,
+        "candidates": tuned["candidates"],
+        "test": _test_score(tuned["published"]["url"], build, seed, threads),
+    }
     return row
 
 
@@ -129,20 +163,29 @@ def markdown(rows: list[dict[str, Any]], command: str) -> str:
     ]
     if len(seeds) >= 2:
         vs_oracle, vs_default = paired_comparison(tuned, oracle), paired_comparison(tuned, default)
-        lines += [f"Tuned - oracle (paired over seeds): {vs_oracle.mean_diff:+.4f} ± {vs_oracle.se or 0:.4f} SE, "
-                  f"{'beyond' if vs_oracle.beyond_noise else 'within'} noise.",
-                  f"Tuned - default: {vs_default.mean_diff:+.4f} ± {vs_default.se or 0:.4f} SE, "
-                  f"{'beyond' if vs_default.beyond_noise else 'within'} noise.", ""]
-    lines += ["## Cost of a tune candidate (no evaluator) against the first merge", "",
-              "| seed | first merge: CPU s / compute s | candidate (median): CPU s / compute s | CPU share | "
-              "compute share | expert bytes read by candidates |", "|---|---|---|---|---|---|"]
+        lines += [
+            f"Tuned - oracle (paired over seeds): {vs_oracle.mean_diff:+.4f} ± {vs_oracle.se or 0:.4f} SE, "
+            f"{'beyond' if vs_oracle.beyond_noise else 'within'} noise.",
+            f"Tuned - default: {vs_default.mean_diff:+.4f} ± {vs_default.se or 0:.4f} SE, "
+            f"{'beyond' if vs_default.beyond_noise else 'within'} noise.",
+            "",
+        ]
+    lines += [
+        "## Cost of a tune candidate (no evaluator) against the first merge",
+        "",
+        "| seed | first merge: CPU s / compute s | candidate (median): CPU s / compute s | CPU share | "
+        "compute share | expert bytes read by candidates |",
+        "|---|---|---|---|---|---|",
+    ]
     for r in rows:
         cpu = statistics.median(p["cpu_s"] for p in r["grid"])
         comp = statistics.median(p["compute_s"] for p in r["grid"])
         read = max(p["expert_bytes_read"] for p in r["grid"])
         d = r["default"]
-        lines.append(f"| {r['seed']} | {d['cpu_s']:.1f} / {d['compute_s']:.1f} | {cpu:.1f} / {comp:.1f} | "
-                     f"{cpu / d['cpu_s']:.0%} | {comp / max(d['compute_s'], 1e-9):.0%} | {read} |")
+        lines.append(
+            f"| {r['seed']} | {d['cpu_s']:.1f} / {d['compute_s']:.1f} | {cpu:.1f} / {comp:.1f} | "
+            f"{cpu / d['cpu_s']:.0%} | {comp / max(d['compute_s'], 1e-9):.0%} | {read} |"
+        )
     lines += ["", "## Per seed", "", "| seed | grid scale | test |", "|---|---|---|"]
     for r in rows:
         for p in r["grid"]:
@@ -151,8 +194,11 @@ def markdown(rows: list[dict[str, Any]], command: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.tune_study", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.tune_study",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--builds", type=Path, nargs="+", required=True, help="LM builds, one per seed (in --seeds order)")
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="default: 0, 1, ...")
     p.add_argument("--out", type=Path, required=True)
@@ -171,8 +217,11 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(run_seed(build, seed, args.out, grid, args.refine, args.threads))
         args.out.mkdir(parents=True, exist_ok=True)
         results_path.write_text(json.dumps(rows, indent=1))
-        print(f"seed {seed}: default {rows[-1]['default']['test']:.4f}, tuned {rows[-1]['tuned']['test']:.4f} "
-              f"(scale {rows[-1]['tuned']['scale']:.3g}), oracle {rows[-1]['oracle']['test']:.4f}", flush=True)
+        print(
+            f"seed {seed}: default {rows[-1]['default']['test']:.4f}, tuned {rows[-1]['tuned']['test']:.4f} "
+            f"(scale {rows[-1]['tuned']['scale']:.3g}), oracle {rows[-1]['oracle']['test']:.4f}",
+            flush=True,
+        )
     command = "python -m benchmarks.tune_study " + " ".join(argv if argv is not None else __import__("sys").argv[1:])
     (args.out / "results.md").write_text(markdown(rows, command))
     print((args.out / "results.md").read_text())

@@ -67,8 +67,9 @@ def moto_server() -> Iterator[str]:
 def _moto_fs(moto_server: str):
     import s3fs
 
-    return s3fs.S3FileSystem(endpoint_url=moto_server, key="testing", secret="testing",
-                             skip_instance_cache=True, use_listings_cache=False)
+    return s3fs.S3FileSystem(
+        endpoint_url=moto_server, key="testing", secret="testing", skip_instance_cache=True, use_listings_cache=False
+    )
 
 
 @pytest.fixture
@@ -126,12 +127,14 @@ def prefect_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     Yields its URL; subprocesses that should report to the same API get it as PREFECT_API_URL.
     """
     home = tmp_path_factory.mktemp("prefect-home")
-    os.environ.update({
-        "PREFECT_HOME": str(home),
-        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "90",
-        "PREFECT_LOGGING_LEVEL": "WARNING",
-    })
+    os.environ.update(
+        {
+            "PREFECT_HOME": str(home),
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+            "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "90",
+            "PREFECT_LOGGING_LEVEL": "WARNING",
+        }
+    )
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     from flows.server import PrefectServer

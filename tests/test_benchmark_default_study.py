@@ -14,12 +14,27 @@ from benchmarks.default_study import compare_with_default, main
 
 def _results(name: str, values: dict[str, list[float]], higher: bool = True) -> dict[str, Any]:
     runs = [
-        {"label": label, "kind": "method" if not label.startswith("study:") else "study", "seed": seed,
-         "per_task": {"a": {"score": v}}, "summary": {"score": v}, "merge_seconds": 1.0}
-        for label, seq in values.items() for seed, v in enumerate(seq)
+        {
+            "label": label,
+            "kind": "method" if not label.startswith("study:") else "study",
+            "seed": seed,
+            "per_task": {"a": {"score": v}},
+            "summary": {"score": v},
+            "merge_seconds": 1.0,
+        }
+        for label, seq in values.items()
+        for seed, v in enumerate(seq)
     ]
-    return {"schema": "swudi-benchmark/1", "benchmark": name, "title": name, "primary": "score",
-            "metrics": {"score": {"higher_is_better": higher}}, "tasks": ["a"], "seeds": [0, 1, 2], "runs": runs}
+    return {
+        "schema": "swudi-benchmark/1",
+        "benchmark": name,
+        "title": name,
+        "primary": "score",
+        "metrics": {"score": {"higher_is_better": higher}},
+        "tasks": ["a"],
+        "seeds": [0, 1, 2],
+        "runs": runs,
+    }
 
 
 def _t_verdict(row: list[float], default: list[float]) -> tuple[float, bool]:
@@ -30,8 +45,12 @@ def _t_verdict(row: list[float], default: list[float]) -> tuple[float, bool]:
 
 def test_verdicts_follow_the_paired_t_rule_and_the_direction_of_the_metric() -> None:
     default = [0.80, 0.82, 0.84]
-    values = {"swudi_a:participation_sqrt": default, "study:scale=1.25": [0.83, 0.851, 0.869],
-              "study:init=mean": [0.82, 0.80, 0.85], "mean": [0.70, 0.715, 0.731]}
+    values = {
+        "swudi_a:participation_sqrt": default,
+        "study:scale=1.25": [0.83, 0.851, 0.869],
+        "study:init=mean": [0.82, 0.80, 0.85],
+        "mean": [0.70, 0.715, 0.731],
+    }
     table = compare_with_default(_results("enc", values), "swudi_a:participation_sqrt")
     assert table["swudi_a:participation_sqrt"]["verdict"] == "default"
     for label, expected in (("study:scale=1.25", "better"), ("study:init=mean", "within noise"), ("mean", "worse")):
@@ -44,10 +63,22 @@ def test_verdicts_follow_the_paired_t_rule_and_the_direction_of_the_metric() -> 
 
 def test_a_change_wins_only_when_better_on_every_benchmark(tmp_path: Path) -> None:
     default = [0.80, 0.82, 0.84]
-    enc = _results("enc", {"swudi_a:participation_sqrt": default, "study:scale=1.25": [0.83, 0.851, 0.869],
-                           "study:routing=spectral_embeddings": [0.83, 0.851, 0.869]})
-    lm = _results("lm", {"swudi_a:participation_sqrt": default, "study:scale=1.25": [0.83, 0.851, 0.869],
-                         "study:spectral+embed+lm_head": [0.80, 0.83, 0.83]})
+    enc = _results(
+        "enc",
+        {
+            "swudi_a:participation_sqrt": default,
+            "study:scale=1.25": [0.83, 0.851, 0.869],
+            "study:routing=spectral_embeddings": [0.83, 0.851, 0.869],
+        },
+    )
+    lm = _results(
+        "lm",
+        {
+            "swudi_a:participation_sqrt": default,
+            "study:scale=1.25": [0.83, 0.851, 0.869],
+            "study:spectral+embed+lm_head": [0.80, 0.83, 0.83],
+        },
+    )
     paths = []
     for name, results in (("enc", enc), ("lm", lm)):
         path = tmp_path / f"{name}.json"

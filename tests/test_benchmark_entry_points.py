@@ -17,8 +17,12 @@ SCRIPTS = sorted(p for p in (ROOT / "benchmarks").rglob("*.py") if "__main__" in
 
 
 def _is_main_guard(node: ast.stmt) -> bool:
-    return (isinstance(node, ast.If) and isinstance(node.test, ast.Compare)
-            and isinstance(node.test.left, ast.Name) and node.test.left.id == "__name__")
+    return (
+        isinstance(node, ast.If)
+        and isinstance(node.test, ast.Compare)
+        and isinstance(node.test.left, ast.Name)
+        and node.test.left.id == "__name__"
+    )
 
 
 @pytest.mark.parametrize("path", SCRIPTS, ids=lambda p: str(p.relative_to(ROOT)))
@@ -26,13 +30,14 @@ def test_main_guard_is_the_last_statement(path: Path) -> None:
     body = ast.parse(path.read_text()).body
     guards = [i for i, node in enumerate(body) if _is_main_guard(node)]
     assert guards, f"{path}: '__main__' appears but no module-level guard was found"
-    after = [getattr(node, "name", type(node).__name__) for node in body[guards[-1] + 1:]]
+    after = [getattr(node, "name", type(node).__name__) for node in body[guards[-1] + 1 :]]
     assert not after, f"{path}: defined after the __main__ guard, unseen by `python -m`: {after}"
 
 
 def test_the_check_sees_a_function_below_the_guard(tmp_path: Path) -> None:
     script = tmp_path / "late.py"
-    script.write_text('def main():\n    return late()\n\n\nif __name__ == "__main__":\n    main()\n\n\n'
-                      'def late():\n    return 0\n')
+    script.write_text(
+        'def main():\n    return late()\n\n\nif __name__ == "__main__":\n    main()\n\n\ndef late():\n    return 0\n'
+    )
     with pytest.raises(AssertionError, match="late"):
         test_main_guard_is_the_last_statement(script)

@@ -17,8 +17,10 @@ from benchmarks.lm import data as data_mod
 from benchmarks.retention.data import FORTUNES_DIR, WORDNET_DIR
 
 SMOKE_DOMAINS = ("wordnet", "fortunes")
-needs_data = pytest.mark.skipif(not (WORDNET_DIR / "data.noun").exists() or not FORTUNES_DIR.exists(),
-                                reason="Debian data absent: apt-get install -y wordnet-base fortunes")
+needs_data = pytest.mark.skipif(
+    not (WORDNET_DIR / "data.noun").exists() or not FORTUNES_DIR.exists(),
+    reason="Debian data absent: apt-get install -y wordnet-base fortunes",
+)
 
 
 @needs_data
@@ -45,11 +47,18 @@ def test_split_bucket_rule_holds_per_document():
 
 
 def test_strip_roff_keeps_text_and_drops_macros():
-    page = ('.\\" a comment\n.TH LS 1\n.SH NAME\nls \\- list directory contents\n.TP\n'
-            '\\fB\\-a\\fR, \\fB\\-\\-all\\fR\ndo not ignore entries\n.B bold words\n.br\n')
+    page = (
+        '.\\" a comment\n.TH LS 1\n.SH NAME\nls \\- list directory contents\n.TP\n'
+        "\\fB\\-a\\fR, \\fB\\-\\-all\\fR\ndo not ignore entries\n.B bold words\n.br\n"
+    )
     text = data_mod.strip_roff(page)
-    assert text.splitlines() == ["NAME", "ls - list directory contents", "-a, --all", "do not ignore entries",
-                                 "bold words"]
+    assert text.splitlines() == [
+        "NAME",
+        "ls - list directory contents",
+        "-a, --all",
+        "do not ignore entries",
+        "bold words",
+    ]
 
 
 def test_unknown_domain_is_refused():
@@ -92,8 +101,11 @@ def test_score_blocks_equals_an_independent_cross_entropy():
 def test_normalize_formulas():
     from benchmarks.lm.evaluate import normalize
 
-    base, expert, merged = {"loss": 4.0, "accuracy": 0.2}, {"loss": 3.0, "accuracy": 0.4}, {"loss": 3.25,
-                                                                                               "accuracy": 0.3}
+    base, expert, merged = (
+        {"loss": 4.0, "accuracy": 0.2},
+        {"loss": 3.0, "accuracy": 0.4},
+        {"loss": 3.25, "accuracy": 0.3},
+    )
     r = normalize(merged, base, expert)
     assert r["loss_gap_closed"] == pytest.approx((4.0 - 3.25) / (4.0 - 3.0))
     assert r["normalized_accuracy"] == pytest.approx(0.3 / 0.4)
@@ -102,11 +114,48 @@ def test_normalize_formulas():
 
 
 # ------------------------------------------------------------------------------------ tiny build
-TINY_ARGS = ["--domains", *SMOKE_DOMAINS, "--seeds", "0", "--lora-seeds", "0", "--layers", "1", "--hidden", "64",
-             "--heads", "4", "--kv-heads", "2", "--intermediate", "128", "--vocab", "384", "--seq-len", "32",
-             "--batch", "4", "--pretrain-steps", "30", "--expert-steps", "12", "--lora-steps", "12", "--lora-rank", "4",
-             "--max-train-chars", "40000", "--max-eval-chars", "6000", "--tokenizer-chars", "20000",
-             "--eval-blocks", "8", "--threads", "1"]
+TINY_ARGS = [
+    "--domains",
+    *SMOKE_DOMAINS,
+    "--seeds",
+    "0",
+    "--lora-seeds",
+    "0",
+    "--layers",
+    "1",
+    "--hidden",
+    "64",
+    "--heads",
+    "4",
+    "--kv-heads",
+    "2",
+    "--intermediate",
+    "128",
+    "--vocab",
+    "384",
+    "--seq-len",
+    "32",
+    "--batch",
+    "4",
+    "--pretrain-steps",
+    "30",
+    "--expert-steps",
+    "12",
+    "--lora-steps",
+    "12",
+    "--lora-rank",
+    "4",
+    "--max-train-chars",
+    "40000",
+    "--max-eval-chars",
+    "6000",
+    "--tokenizer-chars",
+    "20000",
+    "--eval-blocks",
+    "8",
+    "--threads",
+    "1",
+]
 
 
 @pytest.fixture(scope="module")
@@ -125,19 +174,35 @@ def test_build_writes_checkpoints_adapters_and_references(tiny_build):
     from safetensors import safe_open
 
     m = json.loads((tiny_build / "manifest.json").read_text())
-    assert {"data", "tokenizer", "base", "reference:base", "expert:0:wordnet", "expert:0:fortunes",
-            "lora:0:wordnet", "lora:0:fortunes"} <= set(m["steps"])
+    assert {
+        "data",
+        "tokenizer",
+        "base",
+        "reference:base",
+        "expert:0:wordnet",
+        "expert:0:fortunes",
+        "lora:0:wordnet",
+        "lora:0:fortunes",
+    } <= set(m["steps"])
     base = tiny_build / "base"
     assert (base / "tokenizer.json").exists() and json.loads((base / "config.json").read_text())[
-        "num_key_value_heads"] == 2
+        "num_key_value_heads"
+    ] == 2
     with safe_open(str(base / "model.safetensors"), "pt") as f:
         names = set(f.keys())
     assert "lm_head.weight" in names and "model.embed_tokens.weight" in names  # untied
     for d in SMOKE_DOMAINS:
         adapter = tiny_build / "lora" / "seed0" / d
         cfg = json.loads((adapter / "adapter_config.json").read_text())
-        assert cfg["r"] == 4 and set(cfg["target_modules"]) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
-                                                                 "up_proj", "down_proj"}
+        assert cfg["r"] == 4 and set(cfg["target_modules"]) == {
+            "q_proj",
+            "k_proj",
+            "v_proj",
+            "o_proj",
+            "gate_proj",
+            "up_proj",
+            "down_proj",
+        }
         assert (adapter / "adapter_model.safetensors").exists()
         # each expert beats the base on its own domain (it learned something)
         ref = m["reference"]["test"]
@@ -164,7 +229,8 @@ def test_reuse_base_keeps_the_base_and_retrains_the_experts(tiny_build, tmp_path
     assert all(m["steps"][s]["reused"] for s in build.BASE_STEPS) and m["settings"]["expert_steps"] == 6
     assert (out / "base" / "model.safetensors").read_bytes() == (tiny_build / "base" / "model.safetensors").read_bytes()
     assert (out / "experts" / "seed0" / "wordnet" / "model.safetensors").read_bytes() != (
-        tiny_build / "experts" / "seed0" / "wordnet" / "model.safetensors").read_bytes()
+        tiny_build / "experts" / "seed0" / "wordnet" / "model.safetensors"
+    ).read_bytes()
     with pytest.raises(SystemExit, match="differ"):
         build.main(["--out", str(tmp_path / "x"), "--reuse-base", str(tiny_build), *TINY_ARGS, "--hidden", "32"])
 
@@ -181,8 +247,9 @@ def test_evaluator_matches_the_build_references(tiny_build):
     assert all(v["loss_gap_closed"] == pytest.approx(0.0, abs=1e-5) for v in base.values())
     with pytest.raises(TypeError, match="unknown evaluator options"):
         evaluate(str(tiny_build / "base"), build=str(tiny_build), heads_dir="x")
-    mixed = evaluate(str(tiny_build / "experts" / "seed0" / "wordnet"), build=str(tiny_build), split="test",
-                     aggregate=True)
+    mixed = evaluate(
+        str(tiny_build / "experts" / "seed0" / "wordnet"), build=str(tiny_build), split="test", aggregate=True
+    )
     assert set(mixed) == {*SMOKE_DOMAINS, "all"}
     for metric in ("loss", "loss_gap_closed", "accuracy"):
         by_hand = sum(mixed[d][metric] for d in SMOKE_DOMAINS) / len(SMOKE_DOMAINS)
@@ -203,8 +270,12 @@ def test_benchmark_smoke_through_the_flow(tiny_build, prefect_api, tmp_path):
     run_benchmark.LORA_METHODS.clear()
     run_benchmark.LORA_METHODS["lora:swudi_a"] = lora["lora:swudi_a"]
     try:
-        assert run_benchmark.main(["--build", str(tiny_build), "--out", str(out), "--methods", "mean",
-                                   "swudi_a:participation_sqrt"]) == 0
+        assert (
+            run_benchmark.main(
+                ["--build", str(tiny_build), "--out", str(out), "--methods", "mean", "swudi_a:participation_sqrt"]
+            )
+            == 0
+        )
     finally:
         run_benchmark.STUDY.clear()
         run_benchmark.STUDY.update(methods)
@@ -214,8 +285,15 @@ def test_benchmark_smoke_through_the_flow(tiny_build, prefect_api, tmp_path):
     assert results["schema"] == "swudi-benchmark/1" and results["benchmark"] == "lm"
     assert results["tasks"] == list(SMOKE_DOMAINS) and results["primary"] in results["metrics"]
     by_label = {r["label"]: r for r in results["runs"]}
-    assert {"pretrained", "experts", "lora_experts", "mean", "swudi_a:participation_sqrt", "study:scale=1.25",
-            "lora:swudi_a"} == set(by_label)
+    assert {
+        "pretrained",
+        "experts",
+        "lora_experts",
+        "mean",
+        "swudi_a:participation_sqrt",
+        "study:scale=1.25",
+        "lora:swudi_a",
+    } == set(by_label)
     assert by_label["experts"]["summary"]["loss_gap_closed"] == pytest.approx(1.0)
     assert by_label["pretrained"]["summary"]["loss_gap_closed"] == pytest.approx(0.0)
     swudi = by_label["swudi_a:participation_sqrt"]

@@ -66,8 +66,14 @@ def realistic_results(with_loss: bool = False, seed: int = 0) -> dict[str, Any]:
                 entry["loss"] = float(2.0 + 2.5 * (1 - norm) + rng.normal(0, 0.02))
             per_task[t] = entry
         summary = {m: float(np.mean([per_task[t][m] for t in TASKS])) for m in metrics}
-        out: dict[str, Any] = {"label": label, "kind": kind, "seed": s, "per_task": per_task, "summary": summary,
-                               "merge_seconds": None if seconds is None else seconds * (1 + rng.normal(0, 0.05))}
+        out: dict[str, Any] = {
+            "label": label,
+            "kind": kind,
+            "seed": s,
+            "per_task": per_task,
+            "summary": summary,
+            "merge_seconds": None if seconds is None else seconds * (1 + rng.normal(0, 0.05)),
+        }
         if method:
             out.update(method=method, params={}, config={"scale": 1.0, "include": [], "exclude": []})
         return out
@@ -97,15 +103,29 @@ def small_results(values: dict[str, list[float]], kinds: dict[str, str] | None =
     runs = []
     for label, per_seed in values.items():
         for seed, value in enumerate(per_seed):
-            runs.append({
-                "label": label, "kind": (kinds or {}).get(label, "method"), "seed": seed, "method": label,
-                "per_task": {"a": {"normalized_accuracy": value + 0.01}, "b": {"normalized_accuracy": value - 0.01}},
-                "summary": {"normalized_accuracy": value}, "merge_seconds": 1.0 + seed,
-            })
+            runs.append(
+                {
+                    "label": label,
+                    "kind": (kinds or {}).get(label, "method"),
+                    "seed": seed,
+                    "method": label,
+                    "per_task": {
+                        "a": {"normalized_accuracy": value + 0.01},
+                        "b": {"normalized_accuracy": value - 0.01},
+                    },
+                    "summary": {"normalized_accuracy": value},
+                    "merge_seconds": 1.0 + seed,
+                }
+            )
     return {
-        "schema": "swudi-benchmark/1", "benchmark": "encoder", "title": "small", "primary": "normalized_accuracy",
+        "schema": "swudi-benchmark/1",
+        "benchmark": "encoder",
+        "title": "small",
+        "primary": "normalized_accuracy",
         "metrics": {"normalized_accuracy": {"higher_is_better": True, "label": "normalized accuracy"}},
-        "tasks": ["a", "b"], "seeds": [0, 1, 2], "runs": runs,
+        "tasks": ["a", "b"],
+        "seeds": [0, 1, 2],
+        "runs": runs,
     }
 
 
@@ -269,7 +289,13 @@ def test_cli_report_of_a_results_file_and_of_its_folder(tmp_path: Path) -> None:
         result = CliRunner().invoke(app, ["report", str(target), "--out", str(out)])
         assert result.exit_code == 0, result.output
         assert {p.name for p in out.iterdir()} == {
-            "results.md", "summary.json", "primary.png", "per_task.png", "time_vs_primary.png", "per_task_loss.png"}
+            "results.md",
+            "summary.json",
+            "primary.png",
+            "per_task.png",
+            "time_vs_primary.png",
+            "per_task_loss.png",
+        }
         assert str(out / "primary.png") in result.output
     assert (tmp_path / "a" / "results.md").read_text() == (tmp_path / "b" / "results.md").read_text()
 

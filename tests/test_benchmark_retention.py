@@ -190,15 +190,27 @@ def tiny_build(tmp_path_factory):
     out = experts.seed_dir(root, 0)  # the layout of build_experts --seeds 0
     settings = experts.ExpertSettings(
         # head lr x 10 (the benchmark's default is x 1): 30 steps on 2 layers must learn the tasks
-        steps=30, batch_size=16, lr=2e-4, head_lr_mult=10.0, max_length=32, train_layers=2,
-        max_train_examples=256, eval_examples=N_EVAL,
+        steps=30,
+        batch_size=16,
+        lr=2e-4,
+        head_lr_mult=10.0,
+        max_length=32,
+        train_layers=2,
+        max_train_examples=256,
+        eval_examples=N_EVAL,
     )
     log: list[str] = []
     t0 = time.perf_counter()
     # one thread: on a busy 2-core machine a second one mostly spins
     manifest = experts.build_experts(out, TINY_TASKS, settings, threads=1, log=log.append)
-    return {"root": root, "out": out, "manifest": manifest, "settings": settings, "log": log,
-            "seconds": time.perf_counter() - t0}
+    return {
+        "root": root,
+        "out": out,
+        "manifest": manifest,
+        "settings": settings,
+        "log": log,
+        "seconds": time.perf_counter() - t0,
+    }
 
 
 @pytest.mark.slow
@@ -288,11 +300,9 @@ def test_evaluate_encoder_reproduces_the_build(tiny_build):
     manifest = tiny_build["manifest"]["tasks"]
     base = evaluate_encoder(out / "base", out / "heads", TINY_TASKS, "test", max_examples=N_EVAL)
     for task in TINY_TASKS:
-        got = evaluate_encoder(out / "experts" / task, out / "heads", [task], "test",
-                               max_examples=N_EVAL)
+        got = evaluate_encoder(out / "experts" / task, out / "heads", [task], "test", max_examples=N_EVAL)
         assert got[task]["accuracy"] == pytest.approx(manifest[task]["metrics"]["expert_test"], abs=1e-4)
-        assert base[task]["accuracy"] == pytest.approx(manifest[task]["metrics"]["pretrained_test"],
-                                                       abs=1e-4)
+        assert base[task]["accuracy"] == pytest.approx(manifest[task]["metrics"]["pretrained_test"], abs=1e-4)
 
 
 def _publish_like_the_pipeline(src: Path, output: Path) -> None:
@@ -301,8 +311,7 @@ def _publish_like_the_pipeline(src: Path, output: Path) -> None:
     version.mkdir(parents=True)
     for name in ("model.safetensors", "config.json"):
         shutil.copy(src / name, version / name)
-    (output / "latest.json").write_text(json.dumps({"version": version.name,
-                                                    "path": f"versions/{version.name}"}))
+    (output / "latest.json").write_text(json.dumps({"version": version.name, "path": f"versions/{version.name}"}))
 
 
 @pytest.mark.slow
@@ -312,16 +321,14 @@ def test_user_evaluator_follows_latest_json(tiny_build, tmp_path):
     out = tiny_build["out"]
     task = TINY_TASKS[0]
     _publish_like_the_pipeline(out / "experts" / task, tmp_path / "output")
-    res = evaluate(str(tmp_path / "output"), heads_dir=str(out / "heads"), tasks=[task],
-                   max_examples=N_EVAL)
+    res = evaluate(str(tmp_path / "output"), heads_dir=str(out / "heads"), tasks=[task], max_examples=N_EVAL)
     expert = tiny_build["manifest"]["tasks"][task]["metrics"]["expert_test"]
     assert set(res) == {task}
     assert res[task]["accuracy"] == pytest.approx(expert, abs=1e-4)
     assert res[task]["expert_accuracy"] == expert
     assert res[task]["normalized_accuracy"] == pytest.approx(1.0, abs=1e-3)
     # other examples than the recorded ones: no normalisation is claimed
-    res = evaluate(str(tmp_path / "output"), heads_dir=str(out / "heads"), tasks=[task],
-                   max_examples=20)
+    res = evaluate(str(tmp_path / "output"), heads_dir=str(out / "heads"), tasks=[task], max_examples=20)
     assert "normalized_accuracy" not in res[task]
     with pytest.raises(TypeError, match="unknown evaluator options"):
         evaluate(str(tmp_path / "output"), heads_dir=str(out / "heads"), head_dir="typo")
@@ -393,12 +400,12 @@ def test_expert_build_is_reproducible(tiny_build, tmp_path):
 
     from benchmarks.retention import experts
 
-    settings = experts.ExpertSettings(steps=3, batch_size=8, max_length=16, train_layers=1,
-                                      max_train_examples=32, eval_examples=16)
+    settings = experts.ExpertSettings(
+        steps=3, batch_size=8, max_length=16, train_layers=1, max_train_examples=32, eval_examples=16
+    )
     first = tmp_path / "again"
     shutil.copytree(tiny_build["out"] / "base", first / "base")  # skip the copy from the package
-    (first / "manifest.json").write_text(json.dumps({"base": tiny_build["manifest"]["base"],
-                                                     "tasks": {}}))
+    (first / "manifest.json").write_text(json.dumps({"base": tiny_build["manifest"]["base"], "tasks": {}}))
     experts.build_experts(first, ["wn_pos"], settings, threads=1, log=lambda m: None)
     a = load_file(str(first / "experts" / "wn_pos" / "model.safetensors"))
     experts.build_experts(first, ["wn_pos"], settings, threads=1, log=lambda m: None, force=True)
@@ -436,18 +443,45 @@ def test_pipeline_merges_the_experts_and_scores_them(tiny_build, prefect_api, tm
 
     out = tmp_path / "bench"
     t0 = time.perf_counter()
-    assert run_benchmark.main(["--build", str(tiny_build["root"]), "--out", str(out), "--seeds", "0",
-                               "--methods", "mean", "task_arithmetic", "swudi_a:participation_sqrt",
-                               "--study", "study:scale=1.25", "--max-examples", "40",
-                               "--val-examples", "20", "--threads", "1"]) == 0
+    assert (
+        run_benchmark.main(
+            [
+                "--build",
+                str(tiny_build["root"]),
+                "--out",
+                str(out),
+                "--seeds",
+                "0",
+                "--methods",
+                "mean",
+                "task_arithmetic",
+                "swudi_a:participation_sqrt",
+                "--study",
+                "study:scale=1.25",
+                "--max-examples",
+                "40",
+                "--val-examples",
+                "20",
+                "--threads",
+                "1",
+            ]
+        )
+        == 0
+    )
     seconds = time.perf_counter() - t0
     results = json.loads((out / "results.json").read_text())
     assert results["schema"] == "swudi-benchmark/1" and results["benchmark"] == "encoder"
     assert results["primary"] in results["metrics"] and results["seeds"] == [0]
     assert results["tasks"] == sorted(TINY_TASKS)
     runs = {r["label"]: r for r in results["runs"]}
-    assert set(runs) == {"pretrained", "experts", "mean", "task_arithmetic", "swudi_a:participation_sqrt",
-                         "study:scale=1.25"}
+    assert set(runs) == {
+        "pretrained",
+        "experts",
+        "mean",
+        "task_arithmetic",
+        "swudi_a:participation_sqrt",
+        "study:scale=1.25",
+    }
     assert runs["experts"]["summary"]["normalized_accuracy"] == 1.0
     ta = runs["task_arithmetic"]
     assert ta["params"]["scale"] == ta["tuning"]["chosen"] in run_benchmark.TA_SCALES
@@ -465,12 +499,31 @@ def test_pipeline_merges_the_experts_and_scores_them(tiny_build, prefect_api, tm
     for task in TINY_TASKS:
         assert runs["pretrained"]["per_task"][task]["accuracy"] == pytest.approx(base[task]["accuracy"], abs=1e-6)
     # the flow ran the evaluator on the published version and recorded it in its report
-    report = json.loads(next((out / "seed0" / "merged" / "swudi_a-participation_sqrt" / "versions")
-                             .glob("*/merge_report.json")).read_text())
+    report = json.loads(
+        next(
+            (out / "seed0" / "merged" / "swudi_a-participation_sqrt" / "versions").glob("*/merge_report.json")
+        ).read_text()
+    )
     assert set(report["evaluations"]["benchmarks.retention.evaluate:evaluate"]) == set(TINY_TASKS)
     # a re-run resumes: nothing is merged again
     t1 = time.perf_counter()
-    assert run_benchmark.main(["--build", str(tiny_build["root"]), "--out", str(out), "--seeds", "0",
-                               "--methods", "mean", "--study", "--max-examples", "40"]) == 0
+    assert (
+        run_benchmark.main(
+            [
+                "--build",
+                str(tiny_build["root"]),
+                "--out",
+                str(out),
+                "--seeds",
+                "0",
+                "--methods",
+                "mean",
+                "--study",
+                "--max-examples",
+                "40",
+            ]
+        )
+        == 0
+    )
     assert len(json.loads((out / "results.json").read_text())["runs"]) == len(runs)
     assert time.perf_counter() - t1 < seconds / 2

@@ -32,25 +32,41 @@ BAD_FILES = {
     "shorter_than_8_bytes": (b"\x01\x00\x00", ["fewer than the 8-byte"]),
     "not_json": (raw_safetensors(b'{"a": [1, 2'), ["not valid JSON"]),
     "not_an_object": (raw_safetensors(b"[1, 2, 3]"), ["does not start with '{'"]),
-    "duplicate_key": (raw_safetensors(b'{"a":' + json.dumps(f32(0, 1)).encode() + b',"a":'
-                                      + json.dumps(f32(0, 1)).encode() + b"}", b"\0" * 4), ["duplicate key 'a'"]),
-    "unknown_dtype": (raw_safetensors({"w": {"dtype": "C64", "shape": [1], "data_offsets": [0, 8]}}, b"\0" * 8),
-                      ["'w'", "unknown dtype 'C64'"]),
-    "size_mismatch": (raw_safetensors({"w": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}}, b"\0" * 8),
-                      ["'w'", "byte size 8", "= 12 bytes"]),
+    "duplicate_key": (
+        raw_safetensors(
+            b'{"a":' + json.dumps(f32(0, 1)).encode() + b',"a":' + json.dumps(f32(0, 1)).encode() + b"}", b"\0" * 4
+        ),
+        ["duplicate key 'a'"],
+    ),
+    "unknown_dtype": (
+        raw_safetensors({"w": {"dtype": "C64", "shape": [1], "data_offsets": [0, 8]}}, b"\0" * 8),
+        ["'w'", "unknown dtype 'C64'"],
+    ),
+    "size_mismatch": (
+        raw_safetensors({"w": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}}, b"\0" * 8),
+        ["'w'", "byte size 8", "= 12 bytes"],
+    ),
     "offsets_outside": (raw_safetensors({"w": f32(0, 4)}, b"\0" * 8), ["'w'", "outside"]),
     "offsets_overlap": (raw_safetensors({"a": f32(0, 2), "b": f32(4, 2)}, b"\0" * 12), ["'b'", "overlap", "'a'"]),
     "offsets_gap": (raw_safetensors({"a": f32(0, 1), "b": f32(8, 1)}, b"\0" * 12), ["'b'", "gap"]),
     "trailing_bytes": (raw_safetensors({"a": f32(0, 1)}, b"\0" * 9), ["trailing bytes"]),
-    "negative_shape": (raw_safetensors({"w": {"dtype": "F32", "shape": [-1], "data_offsets": [0, 0]}}),
-                       ["'w'", "shape"]),
-    "float_shape": (raw_safetensors({"w": {"dtype": "F32", "shape": [1.0], "data_offsets": [0, 4]}}, b"\0" * 4),
-                    ["'w'", "shape"]),
-    "reversed_offsets": (raw_safetensors({"w": {"dtype": "U8", "shape": [0], "data_offsets": [4, 0]}}, b"\0" * 4),
-                         ["'w'", "data_offsets"]),
+    "negative_shape": (
+        raw_safetensors({"w": {"dtype": "F32", "shape": [-1], "data_offsets": [0, 0]}}),
+        ["'w'", "shape"],
+    ),
+    "float_shape": (
+        raw_safetensors({"w": {"dtype": "F32", "shape": [1.0], "data_offsets": [0, 4]}}, b"\0" * 4),
+        ["'w'", "shape"],
+    ),
+    "reversed_offsets": (
+        raw_safetensors({"w": {"dtype": "U8", "shape": [0], "data_offsets": [4, 0]}}, b"\0" * 4),
+        ["'w'", "data_offsets"],
+    ),
     "missing_field": (raw_safetensors({"w": {"dtype": "F32", "shape": [1]}}, b"\0" * 4), ["'w'", "data_offsets"]),
-    "metadata_not_strings": (raw_safetensors({"__metadata__": {"step": 3}, "a": f32(0, 1)}, b"\0" * 4),
-                             ["__metadata__"]),
+    "metadata_not_strings": (
+        raw_safetensors({"__metadata__": {"step": 3}, "a": f32(0, 1)}, b"\0" * 4),
+        ["__metadata__"],
+    ),
     "torch_pickle_renamed": (_torch_zip_bytes(), ["zip archive"]),
 }
 
@@ -66,8 +82,18 @@ def test_parse_header_refuses(case):
         assert word in message, (case, message)
 
 
-@pytest.mark.parametrize("case", ["header_too_big", "header_past_end", "offsets_outside", "offsets_overlap",
-                                  "unknown_dtype", "size_mismatch", "torch_pickle_renamed"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "header_too_big",
+        "header_past_end",
+        "offsets_outside",
+        "offsets_overlap",
+        "unknown_dtype",
+        "size_mismatch",
+        "torch_pickle_renamed",
+    ],
+)
 def test_open_refuses_crafted_file(store, case):
     data, words = BAD_FILES[case]
     url = store.url("bad", "model.safetensors")
@@ -81,9 +107,13 @@ def test_open_refuses_crafted_file(store, case):
 
 
 def test_valid_header_round_trip():
-    header = {"__metadata__": {"format": "pt"}, "b": f32(8, 2), "a": f32(0, 2),
-              "empty": {"dtype": "BF16", "shape": [0, 5], "data_offsets": [16, 16]},
-              "scalar": {"dtype": "I64", "shape": [], "data_offsets": [16, 24]}}
+    header = {
+        "__metadata__": {"format": "pt"},
+        "b": f32(8, 2),
+        "a": f32(0, 2),
+        "empty": {"dtype": "BF16", "shape": [0, 5], "data_offsets": [16, 16]},
+        "scalar": {"dtype": "I64", "shape": [], "data_offsets": [16, 24]},
+    }
     data = raw_safetensors(header, bytes(range(24)))
     h = parse_header(data, len(data), "ok")
     assert list(h.entries) == ["a", "b", "empty", "scalar"]  # file order

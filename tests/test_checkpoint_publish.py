@@ -37,8 +37,14 @@ def _writer(value: float, n: int = 4, max_shard_size: int = 8000, storage_option
     def write_files(url: str) -> None:
         if calls is not None:
             calls.append(url)
-        write_sharded(url, specs, lambda name: torch.full((1000,), value), max_shard_size=max_shard_size,
-                      storage_options=storage_options)
+        write_sharded(
+            url,
+            specs,
+            lambda name: torch.full((1000,), value),
+            max_shard_size=max_shard_size,
+            storage_options=storage_options,
+        )
+
     return write_files
 
 
@@ -53,19 +59,33 @@ def _value_of_latest(store) -> float:
 def test_publish_and_read_latest(store):
     out = store.url("out")
     assert read_latest(out, store.storage_options) is None
-    first = publish_version(out, "v1", _writer(1.0, storage_options=store.storage_options),
-                            storage_options=store.storage_options, report={"method": "swudi"})
+    first = publish_version(
+        out,
+        "v1",
+        _writer(1.0, storage_options=store.storage_options),
+        storage_options=store.storage_options,
+        report={"method": "swudi"},
+    )
     assert first["version"] == "v1" and first["path"] == "versions/v1" and first["previous"] is None
     assert first["url"] == version_url(out, "v1")
-    second = publish_version(out, "v2", _writer(2.0, storage_options=store.storage_options),
-                             storage_options=store.storage_options, pointer_extra={"config_digest": "abc"})
+    second = publish_version(
+        out,
+        "v2",
+        _writer(2.0, storage_options=store.storage_options),
+        storage_options=store.storage_options,
+        pointer_extra={"config_digest": "abc"},
+    )
     latest = read_latest(out, store.storage_options)
     assert latest["version"] == "v2" and latest["previous"] == "v1" and latest["config_digest"] == "abc"
     assert latest["published_at"] == second["published_at"]
     assert _value_of_latest(store) == 2.0
     manifest = read_manifest(out, "v1", store.storage_options)
-    assert set(manifest["files"]) == {"model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors",
-                                      "model.safetensors.index.json", "merge_report.json"}
+    assert set(manifest["files"]) == {
+        "model-00001-of-00002.safetensors",
+        "model-00002-of-00002.safetensors",
+        "model.safetensors.index.json",
+        "merge_report.json",
+    }
     report_url = store.url("out", "versions", "v1", "merge_report.json")
     report = json.loads(store.fs().cat_file(report_url.split("://")[-1] if store.kind == "s3" else report_url))
     assert report == {"method": "swudi"}
@@ -75,26 +95,40 @@ def test_publish_and_read_latest(store):
 def test_republishing_a_complete_version_is_idempotent(store):
     out = store.url("out")
     calls: list[str] = []
-    first = publish_version(out, "v1", _writer(1.0, storage_options=store.storage_options, calls=calls),
-                            storage_options=store.storage_options)
-    again = publish_version(out, "v1", _writer(9.0, storage_options=store.storage_options, calls=calls),
-                            storage_options=store.storage_options)
+    first = publish_version(
+        out,
+        "v1",
+        _writer(1.0, storage_options=store.storage_options, calls=calls),
+        storage_options=store.storage_options,
+    )
+    again = publish_version(
+        out,
+        "v1",
+        _writer(9.0, storage_options=store.storage_options, calls=calls),
+        storage_options=store.storage_options,
+    )
     assert len(calls) == 1  # files not rewritten
     assert again["published_at"] == first["published_at"]  # pointer not rewritten either
     assert _value_of_latest(store) == 1.0
     # Going back to an older complete version re-points latest without rewriting files.
-    publish_version(out, "v2", _writer(2.0, storage_options=store.storage_options),
-                    storage_options=store.storage_options)
-    back = publish_version(out, "v1", _writer(9.0, storage_options=store.storage_options, calls=calls),
-                           storage_options=store.storage_options)
+    publish_version(
+        out, "v2", _writer(2.0, storage_options=store.storage_options), storage_options=store.storage_options
+    )
+    back = publish_version(
+        out,
+        "v1",
+        _writer(9.0, storage_options=store.storage_options, calls=calls),
+        storage_options=store.storage_options,
+    )
     assert len(calls) == 1 and back["version"] == "v1" and back["previous"] == "v2"
     assert _value_of_latest(store) == 1.0
 
 
 def test_failed_write_is_never_pointed_to_and_is_cleared_on_retry(store):
     out = store.url("out")
-    publish_version(out, "v1", _writer(1.0, storage_options=store.storage_options),
-                    storage_options=store.storage_options)
+    publish_version(
+        out, "v1", _writer(1.0, storage_options=store.storage_options), storage_options=store.storage_options
+    )
 
     def failing(url):
         _writer(5.0, storage_options=store.storage_options)(url)
@@ -109,8 +143,9 @@ def test_failed_write_is_never_pointed_to_and_is_cleared_on_retry(store):
     # A stray file (e.g. left by a killed attempt) must not survive the retry.
     stray = version_url(out, "v2") + "/stray.bin"
     put_bytes(stray, b"junk", store.storage_options)
-    publish_version(out, "v2", _writer(2.0, n=2, storage_options=store.storage_options),
-                    storage_options=store.storage_options)
+    publish_version(
+        out, "v2", _writer(2.0, n=2, storage_options=store.storage_options), storage_options=store.storage_options
+    )
     assert set(read_manifest(out, "v2", store.storage_options)["files"]) == {"model.safetensors"}
     assert _value_of_latest(store) == 2.0
 
@@ -128,10 +163,12 @@ def test_empty_write_and_bad_ids_are_refused(store):
 def test_prune_keeps_the_newest_and_the_one_latest_names(store):
     out = store.url("out")
     for i, v in enumerate(["v1", "v2", "v3", "v4"]):
-        publish_version(out, v, _writer(float(i), n=1, storage_options=store.storage_options),
-                        storage_options=store.storage_options)
-    publish_version(out, "v1", _writer(0.0, n=1, storage_options=store.storage_options),
-                    storage_options=store.storage_options)  # roll back to v1
+        publish_version(
+            out, v, _writer(float(i), n=1, storage_options=store.storage_options), storage_options=store.storage_options
+        )
+    publish_version(
+        out, "v1", _writer(0.0, n=1, storage_options=store.storage_options), storage_options=store.storage_options
+    )  # roll back to v1
     assert prune_versions(out, 2, store.storage_options, dry_run=True) == ["v2"]
     assert prune_versions(out, 2, store.storage_options) == ["v2"]
     remaining = list_versions(out, store.storage_options, include_incomplete=True)
@@ -144,8 +181,9 @@ def test_prune_keeps_the_newest_and_the_one_latest_names(store):
 
 def test_prune_leaves_recent_incomplete_folders(store):
     out = store.url("out")
-    publish_version(out, "v1", _writer(1.0, n=1, storage_options=store.storage_options),
-                    storage_options=store.storage_options)
+    publish_version(
+        out, "v1", _writer(1.0, n=1, storage_options=store.storage_options), storage_options=store.storage_options
+    )
     half = version_url(out, "v2") + "/model.safetensors"
     put_bytes(half, b"partial", store.storage_options)
     assert prune_versions(out, 1, store.storage_options) == []
@@ -157,13 +195,24 @@ def test_prune_leaves_recent_incomplete_folders(store):
 @pytest.mark.slow
 def test_publish_killed_half_way_leaves_the_old_version(store, tmp_path):
     out = store.url("out")
-    publish_version(out, "v1", _writer(1.0, storage_options=store.storage_options),
-                    storage_options=store.storage_options)
+    publish_version(
+        out, "v1", _writer(1.0, storage_options=store.storage_options), storage_options=store.storage_options
+    )
     signal_file = tmp_path / "signal"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    child = subprocess.Popen([sys.executable, str(HELPERS / "crash_publish.py"), out,
-                              json.dumps(store.storage_options), str(signal_file), "v2"], env=env,
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    child = subprocess.Popen(
+        [
+            sys.executable,
+            str(HELPERS / "crash_publish.py"),
+            out,
+            json.dumps(store.storage_options),
+            str(signal_file),
+            "v2",
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
     try:
         deadline = time.monotonic() + 60
         while not signal_file.exists():
@@ -187,8 +236,9 @@ def test_publish_killed_half_way_leaves_the_old_version(store, tmp_path):
     assert read_manifest(out, "v2", store.storage_options) is None
     assert [v["version"] for v in list_versions(out, store.storage_options)] == ["v1"]
     # The next run completes v2.
-    publish_version(out, "v2", _writer(2.0, storage_options=store.storage_options),
-                    storage_options=store.storage_options)
+    publish_version(
+        out, "v2", _writer(2.0, storage_options=store.storage_options), storage_options=store.storage_options
+    )
     assert _value_of_latest(store) == 2.0
 
 

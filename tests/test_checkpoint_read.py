@@ -67,8 +67,14 @@ def test_layouts(store, layout):
     tensors = tiny_state_dict(seed=3)
     names = list(tensors)
     folder = store.url("model")
-    extra = {"config.json": b'{"model_type": "bert"}', "tokenizer.json": b"{}", "vocab.txt": b"a\nb\n",
-             "README.md": b"# card", ".gitattributes": b"*", "pytorch_model.bin": b"ignored pickle"}
+    extra = {
+        "config.json": b'{"model_type": "bert"}',
+        "tokenizer.json": b"{}",
+        "vocab.txt": b"a\nb\n",
+        "README.md": b"# card",
+        ".gitattributes": b"*",
+        "pytorch_model.bin": b"ignored pickle",
+    }
     if layout == "sharded_folder" or layout == "index_url":
         write_reference_checkpoint(folder, tensors, [names[:2], names[2:4], names[4:]], store.storage_options, extra)
     elif layout == "other_name":
@@ -77,8 +83,10 @@ def test_layouts(store, layout):
             put_bytes(store.url("model", name), data, store.storage_options)
     else:
         write_reference_checkpoint(folder, tensors, None, store.storage_options, extra)
-    target = {"index_url": store.url("model", "model.safetensors.index.json"),
-              "single_file": store.url("model", "model.safetensors")}.get(layout, folder)
+    target = {
+        "index_url": store.url("model", "model.safetensors.index.json"),
+        "single_file": store.url("model", "model.safetensors"),
+    }.get(layout, folder)
     ckpt = Checkpoint.open(target, store.storage_options)
     assert set(ckpt.tensors) == set(tensors)
     for name, t in tensors.items():
@@ -133,14 +141,16 @@ def test_fingerprints_change_when_bytes_change(store):
     again = Checkpoint.open(folder, store.storage_options)
     assert first.fingerprint == again.fingerprint
     assert {n: loc.fingerprint for n, loc in first.tensors.items()} == {
-        n: loc.fingerprint for n, loc in again.tensors.items()}
+        n: loc.fingerprint for n, loc in again.tensors.items()
+    }
     assert len({loc.fingerprint for loc in first.tensors.values()}) == len(names)  # distinct per tensor
 
     # Rewrite the second shard with different values of the same size (mtime must move locally).
     time.sleep(0.01)
     changed = {n: tensors[n] + 1 for n in names[3:]}
-    write_reference(store.url("fp", "model-00002-of-00002.safetensors"), changed, {"format": "pt"},
-                    store.storage_options)
+    write_reference(
+        store.url("fp", "model-00002-of-00002.safetensors"), changed, {"format": "pt"}, store.storage_options
+    )
     after = Checkpoint.open(folder, store.storage_options)
     assert after.fingerprint != first.fingerprint
     for n in names[:3]:
@@ -186,10 +196,17 @@ def test_file_url_and_chained_simplecache(s3_bucket, tmp_path):
 def test_index_metadata_mismatch_only_warns(store, caplog):
     tensors = tiny_state_dict()
     names = list(tensors)
-    weight_map = {n: ("model-00001-of-00002.safetensors" if i < 3 else "model-00002-of-00002.safetensors")
-                  for i, n in enumerate(names)}
-    write_reference_checkpoint(store.url("m"), tensors, [names[:3], names[3:]], store.storage_options,
-                               index_override={"metadata": {"total_size": 1}, "weight_map": weight_map})
+    weight_map = {
+        n: ("model-00001-of-00002.safetensors" if i < 3 else "model-00002-of-00002.safetensors")
+        for i, n in enumerate(names)
+    }
+    write_reference_checkpoint(
+        store.url("m"),
+        tensors,
+        [names[:3], names[3:]],
+        store.storage_options,
+        index_override={"metadata": {"total_size": 1}, "weight_map": weight_map},
+    )
     ckpt = Checkpoint.open(store.url("m"), store.storage_options)
     assert len(ckpt) == len(names)
     assert "total_size" in caplog.text

@@ -17,25 +17,27 @@ S1, S2 = "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"
 
 def _two_shards(store, index: dict | str, shard1=None, shard2=None) -> str:
     folder = store.url("m")
-    write_reference(store.url("m", S1), shard1 or {"a": torch.ones(2), "b": torch.ones(3)}, None,
-                    store.storage_options)
+    write_reference(store.url("m", S1), shard1 or {"a": torch.ones(2), "b": torch.ones(3)}, None, store.storage_options)
     write_reference(store.url("m", S2), shard2 or {"c": torch.ones(4)}, None, store.storage_options)
     raw = index if isinstance(index, str) else json.dumps(index)
     put_bytes(store.url("m", "model.safetensors.index.json"), raw.encode(), store.storage_options)
     return folder
 
 
-@pytest.mark.parametrize("shard_path", [
-    "../outside/model.safetensors",
-    "sub/../../model.safetensors",
-    "/etc/model.safetensors",
-    "s3://other-bucket/model.safetensors",
-    "file:///tmp/model.safetensors",
-    "simplecache::model.safetensors",
-    "C:/weights/model.safetensors",
-    "sub\\model.safetensors",
-    "",
-])
+@pytest.mark.parametrize(
+    "shard_path",
+    [
+        "../outside/model.safetensors",
+        "sub/../../model.safetensors",
+        "/etc/model.safetensors",
+        "s3://other-bucket/model.safetensors",
+        "file:///tmp/model.safetensors",
+        "simplecache::model.safetensors",
+        "C:/weights/model.safetensors",
+        "sub\\model.safetensors",
+        "",
+    ],
+)
 def test_index_shard_path_must_stay_inside_the_folder(store, shard_path):
     folder = _two_shards(store, {"weight_map": {"a": S1, "b": S1, "c": shard_path}})
     with pytest.raises(CheckpointError) as err:
@@ -45,8 +47,9 @@ def test_index_shard_path_must_stay_inside_the_folder(store, shard_path):
 
 
 def test_same_tensor_in_two_shards(store):
-    folder = _two_shards(store, {"weight_map": {"a": S1, "b": S1, "c": S2}},
-                         shard2={"c": torch.ones(4), "a": torch.zeros(2)})
+    folder = _two_shards(
+        store, {"weight_map": {"a": S1, "b": S1, "c": S2}}, shard2={"c": torch.ones(4), "a": torch.zeros(2)}
+    )
     with pytest.raises(CheckpointError, match=r"'a' is stored in two shards: .*00001.* and .*00002"):
         Checkpoint.open(folder, store.storage_options)
 
@@ -109,7 +112,12 @@ def test_pickle_checkpoints_are_refused_with_a_conversion_hint(store, name):
 
 
 def test_pickle_beside_safetensors_is_ignored(store):
-    write_reference_checkpoint(store.url("m"), {"w": torch.ones(2)}, None, store.storage_options,
-                               {"pytorch_model.bin": _pickle_bytes(), "config.json": b"{}"})
+    write_reference_checkpoint(
+        store.url("m"),
+        {"w": torch.ones(2)},
+        None,
+        store.storage_options,
+        {"pytorch_model.bin": _pickle_bytes(), "config.json": b"{}"},
+    )
     ckpt = Checkpoint.open(store.url("m"), store.storage_options)
     assert list(ckpt.tensors) == ["w"] and ckpt.extra_files == ("config.json",)

@@ -10,17 +10,20 @@ from s3fs.core import S3File
 from swudi.storage.filesystem import join_url, open_atomic, parent_url, resolve, url_name
 
 
-@pytest.mark.parametrize("url, parts, expected", [
-    ("s3://bucket/out", ("versions", "v1"), "s3://bucket/out/versions/v1"),
-    ("s3://bucket/out/", ("/versions/", "v1/"), "s3://bucket/out/versions/v1"),
-    ("s3://bucket", ("a",), "s3://bucket/a"),
-    ("/data/models", ("base", "model.safetensors"), "/data/models/base/model.safetensors"),
-    ("relative/dir", ("x",), "relative/dir/x"),
-    ("file:///data/m", ("config.json",), "file:///data/m/config.json"),
-    ("simplecache::s3://b/m", ("model.safetensors",), "simplecache::s3://b/m/model.safetensors"),
-    ("s3://b/m", ("", "x"), "s3://b/m/x"),
-    ("/", ("x",), "/x"),
-])
+@pytest.mark.parametrize(
+    "url, parts, expected",
+    [
+        ("s3://bucket/out", ("versions", "v1"), "s3://bucket/out/versions/v1"),
+        ("s3://bucket/out/", ("/versions/", "v1/"), "s3://bucket/out/versions/v1"),
+        ("s3://bucket", ("a",), "s3://bucket/a"),
+        ("/data/models", ("base", "model.safetensors"), "/data/models/base/model.safetensors"),
+        ("relative/dir", ("x",), "relative/dir/x"),
+        ("file:///data/m", ("config.json",), "file:///data/m/config.json"),
+        ("simplecache::s3://b/m", ("model.safetensors",), "simplecache::s3://b/m/model.safetensors"),
+        ("s3://b/m", ("", "x"), "s3://b/m/x"),
+        ("/", ("x",), "/x"),
+    ],
+)
 def test_join_url(url, parts, expected):
     assert join_url(url, *parts) == expected
 
@@ -44,8 +47,7 @@ def test_s3_defaults_and_pass_through(moto_server):
 
 
 def test_chained_url_options_reach_the_storage_layer(moto_server, tmp_path):
-    options = {"endpoint_url": moto_server, "key": "k", "secret": "s",
-               "simplecache": {"cache_storage": str(tmp_path)}}
+    options = {"endpoint_url": moto_server, "key": "k", "secret": "s", "simplecache": {"cache_storage": str(tmp_path)}}
     fs, _path = resolve("simplecache::s3://bucket/key", options)
     assert "simplecache" in fs.protocol
     assert fs.fs.key == "k" and fs.fs.default_cache_type == "none"

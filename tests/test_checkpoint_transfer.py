@@ -28,25 +28,36 @@ def big_shard(moto_server, _moto_fs):
     """A 200 MB shard on S3: zeros, then the 1 MiB target tensor, then a small one (built in place)."""
     target = random_tensor(torch.float32, (256, 1024), seed=7)
     target_bytes = target.numpy().tobytes()
-    header = {"__metadata__": {"format": "pt"},
-              "a.big": {"dtype": "U8", "shape": [BIG], "data_offsets": [0, BIG]},
-              "b.target": {"dtype": "F32", "shape": [256, 1024], "data_offsets": [BIG, BIG + len(target_bytes)]},
-              "c.small": {"dtype": "I64", "shape": [10], "data_offsets": [BIG + len(target_bytes),
-                                                                          BIG + len(target_bytes) + 80]}}
+    header = {
+        "__metadata__": {"format": "pt"},
+        "a.big": {"dtype": "U8", "shape": [BIG], "data_offsets": [0, BIG]},
+        "b.target": {"dtype": "F32", "shape": [256, 1024], "data_offsets": [BIG, BIG + len(target_bytes)]},
+        "c.small": {
+            "dtype": "I64",
+            "shape": [10],
+            "data_offsets": [BIG + len(target_bytes), BIG + len(target_bytes) + 80],
+        },
+    }
     head = raw_safetensors(header)
     data = bytearray(len(head) + BIG + len(target_bytes) + 80)  # zero-filled
-    data[:len(head)] = head
+    data[: len(head)] = head
     start = len(head) + BIG
-    data[start:start + len(target_bytes)] = target_bytes
-    data[start + len(target_bytes):] = torch.arange(10, dtype=torch.int64).numpy().tobytes()
+    data[start : start + len(target_bytes)] = target_bytes
+    data[start + len(target_bytes) :] = torch.arange(10, dtype=torch.int64).numpy().tobytes()
     bucket = f"swudi-big-{uuid.uuid4().hex[:8]}"
     _moto_fs.call_s3("create_bucket", Bucket=bucket)
     path = f"{bucket}/big/model.safetensors"
     _moto_fs.pipe_file(path, data, chunksize=len(data))  # one PUT, directly to moto (not via the proxy)
     del data
-    yield SimpleNamespace(name=bucket, endpoint_url=moto_server,
-                          storage_options={"endpoint_url": moto_server, "key": "testing", "secret": "testing"}), \
-        path, target
+    yield (
+        SimpleNamespace(
+            name=bucket,
+            endpoint_url=moto_server,
+            storage_options={"endpoint_url": moto_server, "key": "testing", "secret": "testing"},
+        ),
+        path,
+        target,
+    )
     _moto_fs.rm(bucket, recursive=True)
 
 
@@ -74,8 +85,9 @@ def test_the_proxy_sees_s3fs_read_ahead(big_shard):
     bucket, path, _ = big_shard
     endpoint = urlparse(bucket.endpoint_url)
     with CountingProxy(endpoint.hostname, endpoint.port) as proxy:
-        plain = s3fs.S3FileSystem(key="testing", secret="testing", endpoint_url=proxy.endpoint_url,
-                                  skip_instance_cache=True)
+        plain = s3fs.S3FileSystem(
+            key="testing", secret="testing", endpoint_url=proxy.endpoint_url, skip_instance_cache=True
+        )
         with plain.open(path, "rb") as f:
             f.read(8)
         naive = proxy.bytes_down

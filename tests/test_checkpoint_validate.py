@@ -27,10 +27,10 @@ def test_matching_checkpoints_pass(store):
 def test_every_mismatch_is_reported_at_once(store):
     base_sd = tiny_state_dict(0)
     e1 = tiny_state_dict(1)
-    del e1["norm.weight"]                       # missing
-    e1["extra.bias"] = torch.zeros(3)           # extra
+    del e1["norm.weight"]  # missing
+    e1["extra.bias"] = torch.zeros(3)  # extra
     e2 = tiny_state_dict(2)
-    e2["embed.weight"] = torch.zeros(12, 8)     # shape
+    e2["embed.weight"] = torch.zeros(12, 8)  # shape
     e2["layer.0.attn.q.bias"] = torch.zeros(9)  # shape
     base = _open(store, "base", base_sd)
     experts = [_open(store, "e1", e1), _open(store, "e2", e2)]
@@ -40,10 +40,12 @@ def test_every_mismatch_is_reported_at_once(store):
     assert len(problems) == 4
     message = str(err.value)
     assert "4 mismatch(es)" in message
-    for line in (f"{experts[0].url}: tensor 'norm.weight' is missing",
-                 f"{experts[0].url}: tensor 'extra.bias' is not in the base",
-                 f"{experts[1].url}: tensor 'embed.weight' has shape [12, 8], the base {base.url} has [11, 8]",
-                 f"{experts[1].url}: tensor 'layer.0.attn.q.bias' has shape [9]"):
+    for line in (
+        f"{experts[0].url}: tensor 'norm.weight' is missing",
+        f"{experts[0].url}: tensor 'extra.bias' is not in the base",
+        f"{experts[1].url}: tensor 'embed.weight' has shape [12, 8], the base {base.url} has [11, 8]",
+        f"{experts[1].url}: tensor 'layer.0.attn.q.bias' has shape [9]",
+    ):
         assert line in message, line
 
 

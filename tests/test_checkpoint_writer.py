@@ -40,8 +40,14 @@ def test_parse_size():
 
 
 def test_plan_shards_greedy_in_order():
-    specs = [("a", "F32", (10,)), ("b", "F32", (10,)), ("c", "F16", (30,)), ("huge", "F64", (100,)),
-             ("d", "U8", (40,)), ("e", "U8", (1,))]
+    specs = [
+        ("a", "F32", (10,)),
+        ("b", "F32", (10,)),
+        ("c", "F16", (30,)),
+        ("huge", "F64", (100,)),
+        ("d", "U8", (40,)),
+        ("e", "U8", (1,)),
+    ]
     # sizes: a 40, b 40, c 60, huge 800, d 40, e 1 ; limit 100
     # "huge" gets a shard of its own while the open shard keeps filling (as huggingface_hub plans)
     assert plan_shards(specs, 100) == [["a", "b"], ["huge"], ["c", "d"], ["e"]]
@@ -57,8 +63,9 @@ def test_shard_names_follow_transformers():
 
 
 def test_single_shard_round_trip_every_dtype(store, tmp_path):
-    tensors = {f"{name.lower()}.w": random_tensor(dtype, (3, 5), seed=i)
-               for i, (name, dtype) in enumerate(DTYPES.items())}
+    tensors = {
+        f"{name.lower()}.w": random_tensor(dtype, (3, 5), seed=i) for i, (name, dtype) in enumerate(DTYPES.items())
+    }
     tensors["scalar"] = torch.tensor(2.5, dtype=torch.float64)
     tensors["empty"] = torch.empty(0, 7, dtype=torch.bfloat16)
     out = store.url("out")
@@ -81,8 +88,9 @@ def test_several_shards_with_index(store, tmp_path):
     tensors["big"] = torch.randn(40, 40)  # 6400 bytes: over the limit, its own shard
     limit = 700
     out = store.url("sharded")
-    written = write_sharded(out, _specs(tensors), tensors.__getitem__, max_shard_size=limit,
-                            storage_options=store.storage_options)
+    written = write_sharded(
+        out, _specs(tensors), tensors.__getitem__, max_shard_size=limit, storage_options=store.storage_options
+    )
     shards = [f for f in written.files if f.endswith(".safetensors")]
     assert len(shards) >= 3 and written.files[-1] == "model.safetensors.index.json"
     assert shards == shard_names(len(shards))
@@ -148,8 +156,14 @@ def test_copy_extra_files_between_stores(store, tmp_path):
 @pytest.mark.slow  # importing transformers alone takes ~10 s
 def test_merged_folder_loads_with_transformers(store, tmp_path):
     transformers = pytest.importorskip("transformers")
-    config = transformers.BertConfig(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                     intermediate_size=37, max_position_embeddings=64)
+    config = transformers.BertConfig(
+        vocab_size=99,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=37,
+        max_position_embeddings=64,
+    )
     torch.manual_seed(0)
     model = transformers.BertModel(config).eval()
     base_dir = tmp_path / "base"

@@ -126,8 +126,10 @@ def _autograd_adam_reference(theta0, targets, projectors, weights, iterations, l
     theta = torch.nn.Parameter(theta0.double().clone())
     opt = torch.optim.Adam([theta], lr=lr)
     for _ in range(iterations):
-        loss = sum(w * ((theta - t) @ p.T).square().sum()
-                   for t, p, w in zip(targets.double(), projectors.double(), weights.double(), strict=True))
+        loss = sum(
+            w * ((theta - t) @ p.T).square().sum()
+            for t, p, w in zip(targets.double(), projectors.double(), weights.double(), strict=True)
+        )
         opt.zero_grad()
         loss.backward()
         opt.step()

@@ -58,16 +58,20 @@ def test_digest_ignores_docstrings_comments_and_layout_but_not_code(modules: Pat
 
 
 def test_the_numerical_modules_are_in_the_keys(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    base, experts = write_synthetic_models(str(tmp_path / "in"), 2, SyntheticModel(layers=1, hidden=8,
-                                                                                   intermediate=16, vocab=8,
-                                                                                   positions=4))
+    base, experts = write_synthetic_models(
+        str(tmp_path / "in"), 2, SyntheticModel(layers=1, hidden=8, intermediate=16, vocab=8, positions=4)
+    )
     cfg = config_from_mapping({"base": base, "experts": experts, "output": str(tmp_path / "out")})
     from swudi.pipeline.plan import build_plan
 
     plan = build_plan(cfg)
     job, group = plan.layer_jobs[0], plan.group_jobs[0]
-    before = (decomposition_key(job, cfg), layer_merge_key(job, cfg), group_merge_key(group, cfg),
-              delta_key(group, cfg))
+    before = (
+        decomposition_key(job, cfg),
+        layer_merge_key(job, cfg),
+        group_merge_key(group, cfg),
+        delta_key(group, cfg),
+    )
     assert merge_code("swudi_a") == merge_code("swudi")  # both declared in swudi.methods
     monkeypatch.setattr(cache_keys, "decomposition_code", lambda: "changed-decomposition-code")
     assert decomposition_key(job, cfg) != before[0]
@@ -126,11 +130,15 @@ def f(x):
 THIRD_PARTY_CHANGED = MOVED_BEFORE.replace("import torch", "import numpy as torch")
 
 
-def test_digest_ignores_where_swudi_modules_live_but_not_third_party_imports(tmp_path: Path,
-                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+def test_digest_ignores_where_swudi_modules_live_but_not_third_party_imports(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.syspath_prepend(str(tmp_path))
-    for name, text in (("cv_moved_before", MOVED_BEFORE), ("cv_moved_after", MOVED_AFTER),
-                       ("cv_third_party", THIRD_PARTY_CHANGED)):
+    for name, text in (
+        ("cv_moved_before", MOVED_BEFORE),
+        ("cv_moved_after", MOVED_AFTER),
+        ("cv_third_party", THIRD_PARTY_CHANGED),
+    ):
         (tmp_path / f"{name}.py").write_text(text)
     importlib.invalidate_caches()
     assert module_digest("cv_moved_before") == module_digest("cv_moved_after")
@@ -147,9 +155,9 @@ def current_cache_keys(tmp_path: Path) -> dict[str, str]:
     from swudi.pipeline.code_version import decomposition_code, task_svd_code
     from swudi.pipeline.plan import TensorJob, build_plan
 
-    base, experts = write_synthetic_models(str(tmp_path / "in"), 2, SyntheticModel(layers=1, hidden=8,
-                                                                                   intermediate=16, vocab=8,
-                                                                                   positions=4))
+    base, experts = write_synthetic_models(
+        str(tmp_path / "in"), 2, SyntheticModel(layers=1, hidden=8, intermediate=16, vocab=8, positions=4)
+    )
     cfg = config_from_mapping({"base": base, "experts": experts, "output": "/golden/out", "work_dir": "/golden/work"})
     plan = build_plan(cfg)
     job, group = plan.layer_jobs[0], plan.group_jobs[0]
@@ -166,9 +174,13 @@ def current_cache_keys(tmp_path: Path) -> dict[str, str]:
 
 
 def _keys(job, group, cfg) -> dict[str, str]:
-    return {"decomposition_key": decomposition_key(job, cfg), "layer_merge_key": layer_merge_key(job, cfg),
-            "group_merge_key": group_merge_key(group, cfg), "delta_key": delta_key(group, cfg),
-            "task_svd_key": cache_keys.task_svd_key(job)}
+    return {
+        "decomposition_key": decomposition_key(job, cfg),
+        "layer_merge_key": layer_merge_key(job, cfg),
+        "group_merge_key": group_merge_key(group, cfg),
+        "delta_key": delta_key(group, cfg),
+        "task_svd_key": cache_keys.task_svd_key(job),
+    }
 
 
 def test_cache_keys_equal_the_recorded_ones(tmp_path: Path) -> None:

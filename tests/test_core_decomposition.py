@@ -254,7 +254,11 @@ def test_registry_and_parameter_validation():
     }
     assert validate_params("wudi", {})["iterations"] == 300
     assert validate_params("ties", {}) == {
-        "density": 0.2, "scale": 1.0, "trim": "exact_k", "zero_sign": "zero", "empty_trim": "keep_one"
+        "density": 0.2,
+        "scale": 1.0,
+        "trim": "exact_k",
+        "zero_sign": "zero",
+        "empty_trim": "keep_one",
     }
     with pytest.raises(ConfigError, match=r"unknown merge method 'swud'.*swudi_a"):
         get_method("swud")

@@ -19,14 +19,16 @@ OPTIONS = {
 
 
 def _config(options=OPTIONS):
-    return config_from_mapping({"base": "/m/base", "experts": ["/m/a"], "output": "/m/out",
-                                "storage_options": options})
+    return config_from_mapping({"base": "/m/base", "experts": ["/m/a"], "output": "/m/out", "storage_options": options})
 
 
 def test_public_options_drop_every_credential_and_keep_the_rest() -> None:
     public = held_options.public_options(OPTIONS)
-    assert public == {"endpoint_url": "http://minio:9000", "client_kwargs": {"region_name": "eu-west-1"},
-                      "profile": "swudi"}
+    assert public == {
+        "endpoint_url": "http://minio:9000",
+        "client_kwargs": {"region_name": "eu-west-1"},
+        "profile": "swudi",
+    }
     assert held_options.has_secrets(OPTIONS) and not held_options.has_secrets(public)
 
 
@@ -44,7 +46,9 @@ def test_tasks_get_the_held_options_here_and_only_public_ones_elsewhere() -> Non
         remote = pickle.loads(wire)
         held_options.release(ref)  # as in another process: nothing held under ref
         assert held_options.with_held_options(remote, ref).storage_options == {
-            **held_options.public_options(OPTIONS), **retry}
+            **held_options.public_options(OPTIONS),
+            **retry,
+        }
 
 
 def test_options_without_credentials_need_no_reference() -> None:

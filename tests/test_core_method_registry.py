@@ -140,8 +140,9 @@ def tiny_models(n: int = 3) -> tuple[dict[str, torch.Tensor], list[dict[str, tor
     }
     experts = []
     for _ in range(n):
-        experts.append({k: v + torch.randn(v.shape, generator=g) if v.is_floating_point() else v.clone()
-                        for k, v in base.items()})
+        experts.append(
+            {k: v + torch.randn(v.shape, generator=g) if v.is_floating_point() else v.clone() for k, v in base.items()}
+        )
     return base, experts
 
 
@@ -276,9 +277,15 @@ def test_parameter_models_must_be_strict_and_defaulted() -> None:
 
 def test_builtin_kinds_and_iterative_methods_need_task_vectors() -> None:
     assert {name: get_method(name).kind for name in BUILTIN} == {
-        "swudi_a": "spectral", "swudi": "spectral", "swudi_soft": "spectral", "pinv": "spectral",
-        "wudi": "iterative", "optmerge": "iterative",
-        "task_arithmetic": "elementwise", "ties": "elementwise", "mean": "elementwise",
+        "swudi_a": "spectral",
+        "swudi": "spectral",
+        "swudi_soft": "spectral",
+        "pinv": "spectral",
+        "wudi": "iterative",
+        "optmerge": "iterative",
+        "task_arithmetic": "elementwise",
+        "ties": "elementwise",
+        "mean": "elementwise",
     }
     assert [n for n in BUILTIN if get_method(n).needs_task_vectors] == ["wudi", "optmerge", "ties"]
     assert validate_params("mean", {}) == {}

@@ -104,7 +104,11 @@ def test_null_space_directions_keep_theta0():
     assert null.shape[1] == 4
     theta0 = tv.double().sum(0)
     cases: list[tuple[str, dict[str, Any]]] = [
-        ("swudi_soft", {"t": 300.0}), ("swudi", {}), ("swudi_a", {}), ("pinv", {"init": "sum"})]
+        ("swudi_soft", {"t": 300.0}),
+        ("swudi", {}),
+        ("swudi_a", {}),
+        ("pinv", {"init": "sum"}),
+    ]
     for method, params in cases:
         theta = merge_matrix(tv, method, device="cpu", **params).double()
         assert torch.allclose(theta @ null, theta0 @ null, atol=1e-5), method

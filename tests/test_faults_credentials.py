@@ -40,8 +40,11 @@ SECRETS = (SECRET_IN_CONFIG, SECRET_IN_ENV, SECRET_IN_URL)
 def test_secret_references_resolve_only_when_a_filesystem_is_built(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SWUDI_TEST_KEY", "the-key")
     monkeypatch.setenv("SWUDI_TEST_SECRET", SECRET_IN_ENV)
-    options = {"endpoint_url": "http://127.0.0.1:9", "key": {"from_env": "SWUDI_TEST_KEY"},
-               "client_kwargs": {"aws_session_token": {"from_env": "SWUDI_TEST_SECRET"}}}
+    options = {
+        "endpoint_url": "http://127.0.0.1:9",
+        "key": {"from_env": "SWUDI_TEST_KEY"},
+        "client_kwargs": {"aws_session_token": {"from_env": "SWUDI_TEST_SECRET"}},
+    }
     assert resolve_secret_refs(options)["client_kwargs"] == {"aws_session_token": SECRET_IN_ENV}
     fs, _ = resolve("s3://bucket/x", options)
     assert fs.key == "the-key" and fs.client_kwargs["aws_session_token"] == SECRET_IN_ENV
@@ -80,11 +83,21 @@ def test_log_records_and_the_model_card_are_masked(caplog: pytest.LogCaptureFixt
     with caplog.at_level(logging.INFO, logger="botocore.test"):
         logging.getLogger("botocore.test").info("GET %s failed", f"http://admin:{SECRET_IN_URL}@minio:9000/b")
     assert SECRET_IN_URL not in caplog.text and "http://***@minio:9000/b" in caplog.text
-    report = {"version": "v1", "method": "task_arithmetic", "params": {}, "scale": 1.0,
-              "inputs": {"base": {"url": f"https://h/b?sig={SECRET_IN_URL}", "fingerprint": "f0"},
-                         "experts": [{"url": f"s3://k:{SECRET_IN_URL}@b/e", "fingerprint": "f1"}]},
-              "routing": {"include": [], "exclude": [], "keep_base": [], "counts": {}}, "diagnostics": {},
-              "evaluations": {}, "warnings": [], "output_dtype": "auto"}
+    report = {
+        "version": "v1",
+        "method": "task_arithmetic",
+        "params": {},
+        "scale": 1.0,
+        "inputs": {
+            "base": {"url": f"https://h/b?sig={SECRET_IN_URL}", "fingerprint": "f0"},
+            "experts": [{"url": f"s3://k:{SECRET_IN_URL}@b/e", "fingerprint": "f1"}],
+        },
+        "routing": {"include": [], "exclude": [], "keep_base": [], "counts": {}},
+        "diagnostics": {},
+        "evaluations": {},
+        "warnings": [],
+        "output_dtype": "auto",
+    }
     card = render_card(report, {"base_model": f"https://h/b?sig={SECRET_IN_URL}"})
     assert SECRET_IN_URL not in card and "sig=***" in card
 
@@ -104,32 +117,49 @@ def test_no_credential_is_written_anywhere_by_merge_sweep_plan_or_a_failing_merg
     server = PrefectServer()
     api = server.start()
     base, experts = write_synthetic_models(f"{s3_bucket.url}/in", 2, MODEL, storage_options=s3_bucket.storage_options)
-    config: dict[str, Any] = {"base": base, "experts": experts, "output": f"{s3_bucket.url}/out", "device": "cpu",
-              "workers": 1,
-              "storage_options": {"endpoint_url": s3_bucket.endpoint_url, "key": "testing",
-                                  "secret": SECRET_IN_CONFIG}}
+    config: dict[str, Any] = {
+        "base": base,
+        "experts": experts,
+        "output": f"{s3_bucket.url}/out",
+        "device": "cpu",
+        "workers": 1,
+        "storage_options": {"endpoint_url": s3_bucket.endpoint_url, "key": "testing", "secret": SECRET_IN_CONFIG},
+    }
     good = tmp_path / "merge.yaml"
     good.write_text(yaml.safe_dump(config))
-    unreachable = {**config, "storage_options": {**config["storage_options"],
-                                                 "endpoint_url": "http://127.0.0.1:9"},
-                   "storage_retry": {"attempts": 1, "connect_timeout_s": 1, "read_timeout_s": 1}}
+    unreachable = {
+        **config,
+        "storage_options": {**config["storage_options"], "endpoint_url": "http://127.0.0.1:9"},
+        "storage_retry": {"attempts": 1, "connect_timeout_s": 1, "read_timeout_s": 1},
+    }
     bad = tmp_path / "unreachable.yaml"
     bad.write_text(yaml.safe_dump(unreachable))
-    in_url = {**config, "storage_options": {**config["storage_options"],
-                                            "endpoint_url": f"http://admin:{SECRET_IN_URL}@127.0.0.1:9"}}
+    in_url = {
+        **config,
+        "storage_options": {**config["storage_options"], "endpoint_url": f"http://admin:{SECRET_IN_URL}@127.0.0.1:9"},
+    }
     refused = tmp_path / "secret-in-url.yaml"
     refused.write_text(yaml.safe_dump(in_url))
-    env = {**os.environ, "PREFECT_API_URL": api, "PREFECT_HOME": str(home), "PREFECT_LOGGING_LEVEL": "DEBUG",
-           "AWS_SECRET_ACCESS_KEY": SECRET_IN_ENV, "AWS_ACCESS_KEY_ID": "testing"}
+    env = {
+        **os.environ,
+        "PREFECT_API_URL": api,
+        "PREFECT_HOME": str(home),
+        "PREFECT_LOGGING_LEVEL": "DEBUG",
+        "AWS_SECRET_ACCESS_KEY": SECRET_IN_ENV,
+        "AWS_ACCESS_KEY_ID": "testing",
+    }
     logs = tmp_path / "logs"
     logs.mkdir()
-    commands = {"merge": ["merge", str(good), "-v"], "sweep": ["sweep", str(good), "--grid", "scale=0.5,1.0"],
-                "plan": ["plan", str(good)], "failing": ["merge", str(bad), "-v"],
-                "url-secret": ["merge", str(refused), "-v"]}
+    commands = {
+        "merge": ["merge", str(good), "-v"],
+        "sweep": ["sweep", str(good), "--grid", "scale=0.5,1.0"],
+        "plan": ["plan", str(good)],
+        "failing": ["merge", str(bad), "-v"],
+        "url-secret": ["merge", str(refused), "-v"],
+    }
     try:
         for name, args in commands.items():
-            done = subprocess.run([sys.executable, "-m", "swudi.cli", *args], env=env, capture_output=True,
-                                  timeout=600)
+            done = subprocess.run([sys.executable, "-m", "swudi.cli", *args], env=env, capture_output=True, timeout=600)
             (logs / f"{name}.out").write_bytes(done.stdout + done.stderr)
             assert done.returncode == (2 if name in ("failing", "url-secret") else 0), (name, done.stderr[-3000:])
     finally:
@@ -141,6 +171,8 @@ def test_no_credential_is_written_anywhere_by_merge_sweep_plan_or_a_failing_merg
     assert any(p.name == "sweep.json" for p in searched) and any(p.name == "merge_report.json" for p in searched)
     leaks = [(str(p), s) for p in searched for s in SECRETS if s.encode() in p.read_bytes()]
     assert SECRET_IN_CONFIG.encode() in good.read_bytes()  # the search finds what is there (the config holds it)
-    print(f"leak search: {len(searched)} files, {sum(p.stat().st_size for p in searched)} bytes, "
-          f"{len(SECRETS)} secrets, leaks: {leaks}")
+    print(
+        f"leak search: {len(searched)} files, {sum(p.stat().st_size for p in searched)} bytes, "
+        f"{len(SECRETS)} secrets, leaks: {leaks}"
+    )
     assert not leaks

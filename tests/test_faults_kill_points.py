@@ -42,8 +42,17 @@ PHASES = ("plan", "decompose", "merge", "publish", "prune")
 
 def _write_config(path: Path, inputs: tuple[str, list[str]], out: Path, work: Path, **extra) -> Path:
     base, experts = inputs
-    data = {"base": base, "experts": experts, "output": str(out), "work_dir": str(work), "method": "swudi_a",
-            "device": "cpu", "workers": 1, "keep_versions": 1, **extra}
+    data = {
+        "base": base,
+        "experts": experts,
+        "output": str(out),
+        "work_dir": str(work),
+        "method": "swudi_a",
+        "device": "cpu",
+        "workers": 1,
+        "keep_versions": 1,
+        **extra,
+    }
     path.write_text(yaml.safe_dump(data))
     return path
 
@@ -51,8 +60,13 @@ def _write_config(path: Path, inputs: tuple[str, list[str]], out: Path, work: Pa
 def _cli(config: Path, prefect_api: str, log: Path, **env_extra: str) -> int:
     env = {**os.environ, "PREFECT_API_URL": prefect_api, "PREFECT_LOGGING_LEVEL": "WARNING", **env_extra}
     with log.open("wb") as out:
-        return subprocess.run([sys.executable, "-m", "swudi.cli", "merge", str(config)], env=env,
-                              stdout=out, stderr=subprocess.STDOUT, timeout=600).returncode
+        return subprocess.run(
+            [sys.executable, "-m", "swudi.cli", "merge", str(config)],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            timeout=600,
+        ).returncode
 
 
 def _phase(line: str, seed_version: str) -> str:
@@ -70,8 +84,11 @@ def _phase(line: str, seed_version: str) -> str:
 
 def _version_files(out: Path, version: str) -> dict[str, bytes]:
     folder = out / "versions" / version
-    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())
-            if p.name not in ("swudi_version.json", "merge_report.json")}
+    return {
+        p.name: p.read_bytes()
+        for p in sorted(folder.iterdir())
+        if p.name not in ("swudi_version.json", "merge_report.json")
+    }
 
 
 @pytest.fixture(scope="module")
@@ -94,9 +111,16 @@ def scenario(prefect_api: str, tmp_path_factory: pytest.TempPathFactory) -> dict
     latest = read_latest(str(ref_out))
     lines = trace.read_text().splitlines()
     phases = [_phase(line, seed_version) for line in lines]
-    return {"root": root, "inputs": inputs, "seed_out": seed_out, "seed_version": seed_version,
-            "version": latest["version"], "reference": _version_files(ref_out, latest["version"]),
-            "phases": phases, "trace": lines}
+    return {
+        "root": root,
+        "inputs": inputs,
+        "seed_out": seed_out,
+        "seed_version": seed_version,
+        "version": latest["version"],
+        "reference": _version_files(ref_out, latest["version"]),
+        "phases": phases,
+        "trace": lines,
+    }
 
 
 def _check_kill_point(scenario: dict, prefect_api: str, k: int) -> None:
@@ -143,6 +167,9 @@ def test_killed_at_every_storage_mutation_the_rerun_is_bit_identical(scenario: d
     for k in range(1, total + 1):
         started = time.monotonic()
         _check_kill_point(scenario, prefect_api, k)
-        print(f"kill point {k}/{total} ({scenario['phases'][k - 1]}: {scenario['trace'][k - 1].split(' ', 1)[1]}) "
-              f"survived in {time.monotonic() - started:.1f} s", flush=True)
+        print(
+            f"kill point {k}/{total} ({scenario['phases'][k - 1]}: {scenario['trace'][k - 1].split(' ', 1)[1]}) "
+            f"survived in {time.monotonic() - started:.1f} s",
+            flush=True,
+        )
     print(f"kill points survived: {total} {dict(Counter(scenario['phases']))}")

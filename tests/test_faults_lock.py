@@ -55,8 +55,15 @@ def test_a_lock_from_another_machine_is_taken_over_when_its_lease_ends(tmp_path:
     out = tmp_path / "out"
     out.mkdir()
     lease_s = 2.0
-    doc = {"owner": "other-host:1", "token": "theirs", "host": "other-host", "pid": 1, "boot_id": "x",
-           "acquired_at": time.time(), "expires_at": time.time() + lease_s}
+    doc = {
+        "owner": "other-host:1",
+        "token": "theirs",
+        "host": "other-host",
+        "pid": 1,
+        "boot_id": "x",
+        "acquired_at": time.time(),
+        "expires_at": time.time() + lease_s,
+    }
     (out / LOCK_NAME).write_text(json.dumps(doc))
     with pytest.raises(PublishError):
         acquire_lock(str(out), wait_s=0)

@@ -25,8 +25,13 @@ MODEL = SyntheticModel(layers=1, hidden=16, intermediate=32, vocab=16, positions
 
 def _env(tmp_path: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
-    env.update({"PREFECT_HOME": str(tmp_path / "prefect-home"), "SWUDI_LOCAL_PREFECT_API": "",
-                "PREFECT_LOGGING_LEVEL": "WARNING"})
+    env.update(
+        {
+            "PREFECT_HOME": str(tmp_path / "prefect-home"),
+            "SWUDI_LOCAL_PREFECT_API": "",
+            "PREFECT_LOGGING_LEVEL": "WARNING",
+        }
+    )
     return env
 
 
@@ -35,9 +40,17 @@ def _config(tmp_path: Path, name: str) -> Path:
     if not (inputs / "base").exists():
         write_synthetic_models(str(inputs), 2, MODEL)
     path = tmp_path / f"{name}.yaml"
-    path.write_text(yaml.safe_dump({"base": str(inputs / "base"),
-                                    "experts": [str(inputs / f"expert-{i}") for i in range(2)],
-                                    "output": str(tmp_path / name), "device": "cpu", "workers": 1}))
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "base": str(inputs / "base"),
+                "experts": [str(inputs / f"expert-{i}") for i in range(2)],
+                "output": str(tmp_path / name),
+                "device": "cpu",
+                "workers": 1,
+            }
+        )
+    )
     return path
 
 
@@ -51,7 +64,7 @@ def _children(pid: int) -> list[int]:
             stat = (entry / "stat").read_text()
         except OSError:
             continue
-        if int(stat[stat.rindex(")") + 2:].split()[1]) == pid:
+        if int(stat[stat.rindex(")") + 2 :].split()[1]) == pid:
             found.append(int(entry.name))
     return found
 
@@ -74,8 +87,12 @@ def test_a_server_that_does_not_answer_in_time_is_stopped_with_a_clear_message()
 
 @pytest.mark.slow
 def test_a_killed_cli_leaves_no_embedded_server_behind(tmp_path: Path) -> None:
-    cli = subprocess.Popen([sys.executable, "-m", "swudi.cli", "merge", str(_config(tmp_path, "out"))],
-                           env=_env(tmp_path), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    cli = subprocess.Popen(
+        [sys.executable, "-m", "swudi.cli", "merge", str(_config(tmp_path, "out"))],
+        env=_env(tmp_path),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.monotonic() + 120
     servers: list[int] = []
     while not servers and time.monotonic() < deadline and cli.poll() is None:
@@ -101,8 +118,13 @@ def test_merges_on_the_embedded_server_under_cpu_load_all_succeed(tmp_path: Path
     try:
         for i in range(3):
             started = time.monotonic()
-            done = subprocess.run([sys.executable, "-m", "swudi.cli", "merge", str(_config(tmp_path, f"out-{i}"))],
-                                  env=_env(tmp_path), capture_output=True, text=True, timeout=1800)
+            done = subprocess.run(
+                [sys.executable, "-m", "swudi.cli", "merge", str(_config(tmp_path, f"out-{i}"))],
+                env=_env(tmp_path),
+                capture_output=True,
+                text=True,
+                timeout=1800,
+            )
             results.append((done.returncode, round(time.monotonic() - started, 1), done.stderr[-2000:]))
             print(f"merge {i} under CPU load: exit {done.returncode} after {results[-1][1]} s", flush=True)
     finally:

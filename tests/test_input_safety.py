@@ -37,8 +37,9 @@ def _models(root: Path, n: int = 2) -> tuple[str, list[str]]:
     experts = []
     for i in range(n):
         g = torch.Generator().manual_seed(i + 1)
-        write_reference_checkpoint(str(root / f"expert-{i}"),
-                                   {k: v + 0.01 * torch.randn(v.shape, generator=g) for k, v in base.items()})
+        write_reference_checkpoint(
+            str(root / f"expert-{i}"), {k: v + 0.01 * torch.randn(v.shape, generator=g) for k, v in base.items()}
+        )
         experts.append(str(root / f"expert-{i}"))
     return str(root / "base"), experts
 
@@ -49,9 +50,12 @@ def _hub_snapshot(root: Path, tensors: dict[str, torch.Tensor], sharded: bool = 
     relative symbolic links into ../../blobs/."""
     repo = root / "models--org--name"
     staging = root / "staging"
-    write_reference_checkpoint(str(staging), tensors,
-                               shards=[list(tensors)[:3], list(tensors)[3:]] if sharded else None,
-                               extra_files={"config.json": b'{"model_type": "bert"}'})
+    write_reference_checkpoint(
+        str(staging),
+        tensors,
+        shards=[list(tensors)[:3], list(tensors)[3:]] if sharded else None,
+        extra_files={"config.json": b'{"model_type": "bert"}'},
+    )
     snapshot = repo / "snapshots" / "0123abcd"
     (repo / "blobs").mkdir(parents=True)
     snapshot.mkdir(parents=True)
@@ -64,8 +68,9 @@ def _hub_snapshot(root: Path, tensors: dict[str, torch.Tensor], sharded: bool = 
 
 
 @pytest.mark.parametrize("sharded", [False, True])
-def test_hub_cache_snapshot_opens_from_any_working_directory(tmp_path: Path, sharded: bool,
-                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+def test_hub_cache_snapshot_opens_from_any_working_directory(
+    tmp_path: Path, sharded: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
     tensors = tiny_state_dict(3)
     snapshot = _hub_snapshot(tmp_path, tensors, sharded)
     monkeypatch.chdir(tmp_path)  # fsspec resolved relative links against the working directory
@@ -91,8 +96,10 @@ def test_index_escapes_are_still_refused_in_a_linked_folder(tmp_path: Path) -> N
     snapshot = _hub_snapshot(tmp_path, tensors, sharded=True)
     index = snapshot / "model.safetensors.index.json"
     doc = json.loads(index.read_text())
-    doc["weight_map"] = {name: "../../blobs/" + os.readlink(snapshot / shard).rsplit("/", 1)[-1]
-                         for name, shard in doc["weight_map"].items()}
+    doc["weight_map"] = {
+        name: "../../blobs/" + os.readlink(snapshot / shard).rsplit("/", 1)[-1]
+        for name, shard in doc["weight_map"].items()
+    }
     index.unlink()
     index.write_text(json.dumps(doc))
     with pytest.raises(CheckpointError, match=r"'\.\.'"):
@@ -114,8 +121,12 @@ def _publish_copy(output: Path, version: str, source: str) -> None:
 def test_reader_lease_keeps_a_version_from_pruning_until_released(store) -> None:
     out, options = store.url("out"), store.storage_options
     for version in ("v1", "v2", "v3"):
-        publish_version(out, version, lambda url: write_reference(f"{url}/model.safetensors", tiny_state_dict(0),
-                                                                  storage_options=options), storage_options=options)
+        publish_version(
+            out,
+            version,
+            lambda url: write_reference(f"{url}/model.safetensors", tiny_state_dict(0), storage_options=options),
+            storage_options=options,
+        )
     held = input_versions([store.url("out", "versions", "v1") + "/"], options)
     assert held == [(store.url("out"), "v1")]
     hold_versions(held, "run-a", options)
@@ -133,8 +144,9 @@ def test_merge_whose_base_is_an_earlier_version_keeps_it(prefect_api: str, tmp_p
     out = tmp_path / "out"
     _publish_copy(out, "old", base)
     old = out / "versions" / "old"
-    cfg = config_from_mapping({"base": str(old), "experts": experts, "output": str(out), "keep_versions": 1,
-                               "workers": 1})
+    cfg = config_from_mapping(
+        {"base": str(old), "experts": experts, "output": str(out), "keep_versions": 1, "workers": 1}
+    )
     result = run_merge(cfg)
     assert read_latest(str(out))["version"] == result["version"] != "old"
     assert (old / "model.safetensors").exists(), "retention pruned the base of the merge that read it"
@@ -154,8 +166,13 @@ def test_inputs_elsewhere_under_the_output_are_accepted(tmp_path: Path) -> None:
     assert cfg.base == base  # merges write versions/, sweeps/, latest.json and dot-files only
     shutil.copytree(base, tmp_path / "bucket" / "sweeps" / "copy")
     with pytest.raises(ConfigError, match="where merges write"):
-        config_from_mapping({"base": str(tmp_path / "bucket" / "sweeps" / "copy"), "experts": experts,
-                             "output": str(tmp_path / "bucket")})
+        config_from_mapping(
+            {
+                "base": str(tmp_path / "bucket" / "sweeps" / "copy"),
+                "experts": experts,
+                "output": str(tmp_path / "bucket"),
+            }
+        )
 
 
 # -------------------------------------------------------------------------------- no retry
@@ -206,18 +223,29 @@ def test_which_errors_are_input_errors() -> None:
 
 
 # ------------------------------------------------------------------------------ method switch
-def test_readme_override_example_switches_method_and_drops_file_params(tmp_path: Path,
-                                                                       caplog: pytest.LogCaptureFixture) -> None:
+def test_readme_override_example_switches_method_and_drops_file_params(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     base, experts = _models(tmp_path / "in")
     path = tmp_path / "merge.yaml"
-    path.write_text(yaml.safe_dump({"base": base, "experts": experts, "output": str(tmp_path / "out"),
-                                    "method": "swudi_a", "params": {"rank_rule": "participation_sqrt"}}))
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "base": base,
+                "experts": experts,
+                "output": str(tmp_path / "out"),
+                "method": "swudi_a",
+                "params": {"rank_rule": "participation_sqrt"},
+            }
+        )
+    )
     cfg = load_config(path, ["method=swudi", "params.t=300", "scale=0.5"])
     assert cfg.method == "swudi" and cfg.params == {"t": 300.0, "rank_ratio": 0.65, "init": "sum"}
     assert "rank_rule" in caplog.text and "dropped" in caplog.text
     assert load_config(path, ["params.min_rank=2"]).params["rank_rule"] == "participation_sqrt"  # same method: kept
-    result = CliRunner().invoke(app, ["plan", str(path), "--method", "swudi", "--set", "params.t=300",
-                                      "--set", "scale=0.5"])
+    result = CliRunner().invoke(
+        app, ["plan", str(path), "--method", "swudi", "--set", "params.t=300", "--set", "scale=0.5"]
+    )
     assert result.exit_code == 0, result.output
     assert "'t': 300.0" in result.output
 
@@ -246,13 +274,24 @@ def test_adding_an_evaluator_changes_the_version(tmp_path: Path) -> None:
 
 
 # ------------------------------------------------------------------------ report without plots
-def test_report_without_matplotlib_writes_tables_and_one_note(tmp_path: Path,
-                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+def test_report_without_matplotlib_writes_tables_and_one_note(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     run = tmp_path / "version"
     run.mkdir()
-    (run / "merge_report.json").write_text(json.dumps({
-        "version": "v1", "method": "swudi_a", "params": {},
-        "diagnostics": {"mean_rank": 2.0, "mean_kept_mass": 0.9, "mean_interference_vs_sum": 0.5, "per_layer": {}}}))
+    (run / "merge_report.json").write_text(
+        json.dumps(
+            {
+                "version": "v1",
+                "method": "swudi_a",
+                "params": {},
+                "diagnostics": {
+                    "mean_rank": 2.0,
+                    "mean_kept_mass": 0.9,
+                    "mean_interference_vs_sum": 0.5,
+                    "per_layer": {},
+                },
+            }
+        )
+    )
     for name in [m for m in sys.modules if m == "matplotlib" or m.startswith("matplotlib.")]:
         monkeypatch.delitem(sys.modules, name)
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # what an environment without the extra does
@@ -292,8 +331,9 @@ def test_ties_options_are_validated_in_the_config(tmp_path: Path) -> None:
 def _can_mount_tmpfs() -> bool:
     if shutil.which("unshare") is None:
         return False
-    probe = subprocess.run(["unshare", "-rm", "sh", "-c", "mount -t tmpfs -o size=64k tmpfs /mnt"],
-                           capture_output=True, check=False)
+    probe = subprocess.run(
+        ["unshare", "-rm", "sh", "-c", "mount -t tmpfs -o size=64k tmpfs /mnt"], capture_output=True, check=False
+    )
     return probe.returncode == 0
 
 
@@ -305,14 +345,24 @@ def test_full_disk_for_the_work_folder_is_one_line(tmp_path: Path) -> None:
     full = tmp_path / "full"
     full.mkdir()
     config = tmp_path / "merge.yaml"
-    config.write_text(yaml.safe_dump({"base": base, "experts": experts, "output": str(tmp_path / "out"),
-                                      "work_dir": str(full / "work"), "workers": 1}))
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "base": base,
+                "experts": experts,
+                "output": str(tmp_path / "out"),
+                "work_dir": str(full / "work"),
+                "workers": 1,
+            }
+        )
+    )
     swudi = Path(sys.executable).with_name("swudi")
     env = {**os.environ, "PREFECT_API_URL": ""}
     env.pop("PREFECT_API_URL")
     script = f"mount -t tmpfs -o size=8k tmpfs {full} && exec {swudi} merge {config}"
-    result = subprocess.run(["unshare", "-rm", "sh", "-c", script], capture_output=True, text=True, env=env,
-                            timeout=300, check=False)
+    result = subprocess.run(
+        ["unshare", "-rm", "sh", "-c", script], capture_output=True, text=True, env=env, timeout=300, check=False
+    )
     assert result.returncode == 2, result.stdout + result.stderr
     assert "no space left" in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "out" / "latest.json").exists()
@@ -327,8 +377,9 @@ def test_a_hub_snapshot_linking_into_another_repository_is_refused_and_shards_ma
     other = tmp_path / "models--evil--repo" / "blobs"
     other.mkdir(parents=True)
     (other / "deadbeef").write_text('{"x": "PRIVATE"}')
-    os.symlink(os.path.join("..", "..", "..", "models--evil--repo", "blobs", "deadbeef"),
-               snapshot / "tokenizer_config.json")
+    os.symlink(
+        os.path.join("..", "..", "..", "models--evil--repo", "blobs", "deadbeef"), snapshot / "tokenizer_config.json"
+    )
     cfg = config_from_mapping({"base": str(snapshot), "experts": experts, "output": str(tmp_path / "out")})
     with pytest.raises(CheckpointError, match=r"tokenizer_config\.json: symbolic link to .*outside the checkpoint"):
         build_plan(cfg)
@@ -346,9 +397,16 @@ def test_only_the_architecture_files_of_a_base_are_copied_never_the_products_own
     """A published adapter-merge version used as a base holds swudi's own files; a folder may hold
     notes and scripts: none is copied. Config, tokenizer and sentence-transformers settings are."""
     base = tmp_path / "base"
-    files = {"config.json": b"{}", "tokenizer.json": b"{}", "special_tokens_map.json": b"{}",
-             "modules.json": b"[]", "swudi_version.json": b"{}", "merge_report.json": b"{}",
-             "notes.txt": b"private notes", "run.sh": b"rm -rf /"}
+    files = {
+        "config.json": b"{}",
+        "tokenizer.json": b"{}",
+        "special_tokens_map.json": b"{}",
+        "modules.json": b"[]",
+        "swudi_version.json": b"{}",
+        "merge_report.json": b"{}",
+        "notes.txt": b"private notes",
+        "run.sh": b"rm -rf /",
+    }
     write_reference_checkpoint(str(base), tiny_state_dict(0), extra_files=files)
     for sub, name, data in [("adapter", "adapter_config.json", b'{"r": 4}'), ("1_Pooling", "config.json", b"{}")]:
         (base / sub).mkdir()

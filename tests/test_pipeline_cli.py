@@ -44,11 +44,22 @@ def test_unknown_key_is_named_with_the_valid_keys(tmp_path: Path, inputs) -> Non
 
 def test_unknown_nested_key_and_bad_method_parameter(tmp_path: Path, inputs) -> None:
     base, experts = inputs
-    path = _config(tmp_path, base=base, experts=experts, output=str(tmp_path / "out"),
-                   task_runner={"kind": "threads", "adress": "x"})
+    path = _config(
+        tmp_path,
+        base=base,
+        experts=experts,
+        output=str(tmp_path / "out"),
+        task_runner={"kind": "threads", "adress": "x"},
+    )
     assert "unknown key 'task_runner.adress'" in _run("plan", str(path)).output
-    path = _config(tmp_path, base=base, experts=experts, output=str(tmp_path / "out"),
-                   method="swudi", params={"rank_rule": "entropy"})
+    path = _config(
+        tmp_path,
+        base=base,
+        experts=experts,
+        output=str(tmp_path / "out"),
+        method="swudi",
+        params={"rank_rule": "entropy"},
+    )
     result = _run("plan", str(path))
     assert result.exit_code == 2 and "rank_rule" in result.output and "rank_ratio" in result.output
 
@@ -96,9 +107,9 @@ def test_plan_prints_routes_from_headers(tmp_path: Path, inputs) -> None:
 
 def test_mismatched_expert_is_reported_by_plan(tmp_path: Path, inputs) -> None:
     base, experts = inputs
-    other, _ = write_synthetic_models(str(tmp_path / "other"), 1,
-                                      SyntheticModel(layers=1, hidden=8, intermediate=32, vocab=16,
-                                                     positions=8))
+    other, _ = write_synthetic_models(
+        str(tmp_path / "other"), 1, SyntheticModel(layers=1, hidden=8, intermediate=32, vocab=16, positions=8)
+    )
     path = _config(tmp_path, base=base, experts=[experts[0], other], output=str(tmp_path / "out"))
     result = _run("plan", str(path))
     assert result.exit_code == 2
@@ -107,8 +118,13 @@ def test_mismatched_expert_is_reported_by_plan(tmp_path: Path, inputs) -> None:
 
 def test_unimportable_evaluator_fails_before_any_work(tmp_path: Path, inputs) -> None:
     base, experts = inputs
-    path = _config(tmp_path, base=base, experts=experts, output=str(tmp_path / "out"),
-                   evaluators=[{"function": "no_such_module.sub:evaluate"}])
+    path = _config(
+        tmp_path,
+        base=base,
+        experts=experts,
+        output=str(tmp_path / "out"),
+        evaluators=[{"function": "no_such_module.sub:evaluate"}],
+    )
     result = _run("merge", str(path))
     assert result.exit_code == 2 and "no_such_module.sub" in result.output
     assert not (tmp_path / "out").exists()
@@ -172,5 +188,6 @@ def test_the_printed_time_split_parts_add_up_within_the_wall(prefect_api: str, t
     wall, plan, publish, orchestration, flow_run = map(float, wall_line.groups())
     assert wall > 0 and flow_run <= orchestration <= wall
     assert plan + publish + orchestration <= wall + 0.15  # each printed rounded to 0.1 s
-    assert re.search(r"task seconds summed over the merge tasks \(2 in parallel\): read [\d.]+ s, decompose",
-                     text), text
+    assert re.search(r"task seconds summed over the merge tasks \(2 in parallel\): read [\d.]+ s, decompose", text), (
+        text
+    )

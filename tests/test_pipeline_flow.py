@@ -47,8 +47,15 @@ def _assert_close(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -
 
 
 def _config(tmp: Path | str, base: str, experts: list[str], **overrides):
-    data = {"base": base, "experts": experts, "output": f"{tmp}/out", "method": "swudi_a",
-            "device": "cpu", "workers": 2, **overrides}
+    data = {
+        "base": base,
+        "experts": experts,
+        "output": f"{tmp}/out",
+        "method": "swudi_a",
+        "device": "cpu",
+        "workers": 2,
+        **overrides,
+    }
     return config_from_mapping(data)
 
 
@@ -83,8 +90,7 @@ def test_local_merge_equals_in_memory_merge(prefect_api: str, tmp_path: Path, lo
 
 
 @pytest.mark.slow
-def test_rerun_computes_nothing_and_new_t_reuses_decompositions(prefect_api: str, tmp_path: Path,
-                                                                local_inputs) -> None:
+def test_rerun_computes_nothing_and_new_t_reuses_decompositions(prefect_api: str, tmp_path: Path, local_inputs) -> None:
     base, experts = local_inputs
     cfg = _config(tmp_path, base, experts, method="swudi")
     first = run_merge(cfg)
@@ -103,8 +109,7 @@ def test_rerun_computes_nothing_and_new_t_reuses_decompositions(prefect_api: str
 
 def test_s3_inputs_work_folder_and_output(prefect_api: str, s3_bucket) -> None:
     options = s3_bucket.storage_options
-    base, experts = write_synthetic_models(f"{s3_bucket.url}/in", NUM_EXPERTS, MODEL,
-                                           storage_options=options)
+    base, experts = write_synthetic_models(f"{s3_bucket.url}/in", NUM_EXPERTS, MODEL, storage_options=options)
     cfg = _config(s3_bucket.url, base, experts, method="swudi", storage_options=options)
     result = run_merge(cfg)
     assert result["url"].startswith("s3://")
@@ -128,8 +133,9 @@ def test_non_spectral_methods(prefect_api: str, tmp_path: Path, local_inputs, me
 def test_dask_runner_equals_thread_runner(prefect_api: str, tmp_path: Path, local_inputs) -> None:
     base, experts = local_inputs
     threads = _config(tmp_path / "threads", base, experts)
-    dask = _config(tmp_path / "dask", base, experts,
-                   task_runner={"kind": "dask", "n_workers": 2, "threads_per_worker": 1})
+    dask = _config(
+        tmp_path / "dask", base, experts, task_runner={"kind": "dask", "n_workers": 2, "threads_per_worker": 1}
+    )
     run_merge(threads)
     result = run_merge(dask)
     assert result["computed"] == result["layers"] + result["groups"]
@@ -169,14 +175,22 @@ def _sign_mean(tv: torch.Tensor, p: _SignMeanParams) -> torch.Tensor:
     return torch.sign(tv.sum(dim=0)) * tv.abs().mean(dim=0)
 
 
-@pytest.mark.parametrize("spec", [
-    pytest.param(MethodSpec("tmp_keep_top", "spectral", _KeepTopParams, "test: f = level on the top k",
-                            filter=_keep_top), marks=pytest.mark.slow),
-    MethodSpec("tmp_sign_mean", "elementwise", _SignMeanParams, "test: elected sign x mean |tau|",
-               merge=_sign_mean),
-], ids=lambda s: s.name)
-def test_a_registered_method_merges_through_the_flow(prefect_api: str, tmp_path: Path, local_inputs,
-                                                     spec: MethodSpec) -> None:
+@pytest.mark.parametrize(
+    "spec",
+    [
+        pytest.param(
+            MethodSpec("tmp_keep_top", "spectral", _KeepTopParams, "test: f = level on the top k", filter=_keep_top),
+            marks=pytest.mark.slow,
+        ),
+        MethodSpec(
+            "tmp_sign_mean", "elementwise", _SignMeanParams, "test: elected sign x mean |tau|", merge=_sign_mean
+        ),
+    ],
+    ids=lambda s: s.name,
+)
+def test_a_registered_method_merges_through_the_flow(
+    prefect_api: str, tmp_path: Path, local_inputs, spec: MethodSpec
+) -> None:
     """One declaration is all a new method needs: config validation, the flow and the library agree."""
     base, experts = local_inputs
     params = {"k": 3} if spec.kind == "spectral" else {}

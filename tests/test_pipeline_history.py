@@ -26,24 +26,42 @@ MODEL = SyntheticModel(layers=16, hidden=16, intermediate=32, vocab=16, position
 def test_cli_merge_records_every_task_run_on_the_embedded_server(tmp_path: Path) -> None:
     base, experts = write_synthetic_models(str(tmp_path / "in"), 2, MODEL)
     config = tmp_path / "merge.yaml"
-    config.write_text(yaml.safe_dump({"base": base, "experts": experts, "output": str(tmp_path / "out"),
-                                      "method": "swudi_a", "device": "cpu", "workers": 2}))
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "base": base,
+                "experts": experts,
+                "output": str(tmp_path / "out"),
+                "method": "swudi_a",
+                "device": "cpu",
+                "workers": 2,
+            }
+        )
+    )
     home = tmp_path / "prefect-home"
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
-    env.update({"PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-                "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "90", "PREFECT_LOGGING_LEVEL": "WARNING",
-                "SWUDI_LOCAL_PREFECT_API": ""})  # the embedded server, even if one runs on port 4200
-    done = subprocess.run([sys.executable, "-m", "swudi.cli", "merge", str(config)], env=env,
-                          capture_output=True, text=True, timeout=300)
+    env.update(
+        {
+            "PREFECT_HOME": str(home),
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+            "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "90",
+            "PREFECT_LOGGING_LEVEL": "WARNING",
+            "SWUDI_LOCAL_PREFECT_API": "",
+        }
+    )  # the embedded server, even if one runs on port 4200
+    done = subprocess.run(
+        [sys.executable, "-m", "swudi.cli", "merge", str(config)], env=env, capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == 0, done.stderr[-3000:]
 
     with sqlite3.connect(home / "prefect.db") as db:
-        flows = db.execute("select flow_run.id, flow_run.state_type from flow_run join flow "
-                           "on flow_run.flow_id = flow.id where flow.name = 'swudi-merge'").fetchall()
+        flows = db.execute(
+            "select flow_run.id, flow_run.state_type from flow_run join flow "
+            "on flow_run.flow_id = flow.id where flow.name = 'swudi-merge'"
+        ).fetchall()
         assert len(flows) == 1 and flows[0][1] == "COMPLETED", flows
         tasks = db.execute("select name, state_type from task_run where flow_run_id = ?", (flows[0][0],)).fetchall()
-    names = sorted(name.split("[")[0].rsplit("-", 1)[0] if "[" not in name else name.split("[")[0]
-                   for name, _ in tasks)
+    names = sorted(name.split("[")[0].rsplit("-", 1)[0] if "[" not in name else name.split("[")[0] for name, _ in tasks)
     # fetch, find-completed, one merge task per transformer block, one for the small tensors,
     # evaluate, publish: every one of them recorded, and finished
     from swudi.config.merge_config import load_config
@@ -51,13 +69,19 @@ def test_cli_merge_records_every_task_run_on_the_embedded_server(tmp_path: Path)
 
     batches = batch_blocks(build_plan(load_config(config)).layer_jobs, 2, 2)
     assert 2 <= len(batches) < MODEL.layers  # small blocks are packed together
-    expected = ["decompose-select-rank-merge"] * len(batches) + ["evaluate", "fetch-checkpoints",
-                                                                 "find-completed", "merge-other-tensors", "publish"]
+    expected = ["decompose-select-rank-merge"] * len(batches) + [
+        "evaluate",
+        "fetch-checkpoints",
+        "find-completed",
+        "merge-other-tensors",
+        "publish",
+    ]
     assert names == sorted(expected), tasks
     assert all(state == "COMPLETED" for _, state in tasks), tasks
 
-    again = subprocess.run([sys.executable, "-m", "swudi.cli", "merge", str(config)], env=env,
-                           capture_output=True, text=True, timeout=300)
+    again = subprocess.run(
+        [sys.executable, "-m", "swudi.cli", "merge", str(config)], env=env, capture_output=True, text=True, timeout=300
+    )
     assert again.returncode == 0 and "up to date" in again.stderr, again.stderr[-3000:]
     assert again.stdout.strip() == done.stdout.strip()  # the same version's location
     with sqlite3.connect(home / "prefect.db") as db:  # nothing ran: no second flow run

@@ -54,12 +54,22 @@ def test_published_version_is_hub_ready(prefect_api: str, tmp_path: Path) -> Non
     from transformers import AutoModel, AutoTokenizer, GenerationConfig
 
     base, experts = _hf_base(tmp_path)
-    cfg = config_from_mapping({
-        "base": base, "experts": experts, "output": str(tmp_path / "out"), "method": "swudi_a", "device": "cpu",
-        "workers": 1, "model_card": {"base_model": "sentence-transformers/all-MiniLM-L6-v2",
-                                     "license": "apache-2.0", "tags": ["text-classification"]},
-        "evaluators": [{"function": "tests.helpers.evaluators:weight_norms", "options": {"names": [WEIGHT]}}],
-    })
+    cfg = config_from_mapping(
+        {
+            "base": base,
+            "experts": experts,
+            "output": str(tmp_path / "out"),
+            "method": "swudi_a",
+            "device": "cpu",
+            "workers": 1,
+            "model_card": {
+                "base_model": "sentence-transformers/all-MiniLM-L6-v2",
+                "license": "apache-2.0",
+                "tags": ["text-classification"],
+            },
+            "evaluators": [{"function": "tests.helpers.evaluators:weight_norms", "options": {"names": [WEIGHT]}}],
+        }
+    )
     result = run_merge(cfg)
     version = Path(result["url"])
     report = json.loads((version / "merge_report.json").read_text())
@@ -120,8 +130,10 @@ def test_push_to_hub_uploads_the_version(tmp_path: Path) -> None:
     started on loopback exists (a fake of the Hub's HTTP API would test the fake, not the upload)."""
     repo = os.environ.get("SWUDI_TEST_HUB_REPO")
     if not repo or not os.environ.get("HF_TOKEN"):
-        pytest.skip("no Hugging Face Hub reachable from here: set SWUDI_TEST_HUB_REPO=owner/name and HF_TOKEN "
-                    "to run the upload against a real Hub (docs/refresh.md, 'Publishing to the Hub')")
+        pytest.skip(
+            "no Hugging Face Hub reachable from here: set SWUDI_TEST_HUB_REPO=owner/name and HF_TOKEN "
+            "to run the upload against a real Hub (docs/refresh.md, 'Publishing to the Hub')"
+        )
     version = tmp_path / "versions" / "v1"
     version.mkdir(parents=True)
     save_file({"w": torch.arange(6.0).reshape(2, 3)}, str(version / "model.safetensors"))
@@ -136,8 +148,9 @@ def test_push_to_hub_uploads_the_version(tmp_path: Path) -> None:
         "print(sorted(HfApi().list_repo_files(sys.argv[2], revision=sys.argv[3])))"
     )
     env = {**os.environ, "HF_HUB_OFFLINE": "0"}
-    done = subprocess.run([sys.executable, "-c", script, str(version), repo, branch], env=env,
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(version), repo, branch], env=env, capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == 0, done.stderr
     files = done.stdout.strip().splitlines()[-1]
     assert all(name in files for name in ("model.safetensors", "config.json", "README.md"))
@@ -168,15 +181,25 @@ def test_model_card_names_the_base_by_hub_id_when_known_and_parses_with_huggingf
     from swudi.publish.card import base_model_id, front_matter, render_card
 
     report = {
-        "version": "abc123", "method": "ties", "params": {"density": 0.2, "scale": 1.0}, "scale": 0.5,
-        "output_dtype": "auto", "routing": {"exclude": ["*embed*"]}, "diagnostics": {}, "evaluations": {},
-        "inputs": {"base": {"url": "s3://models/base", "fingerprint": "f0"}, "fingerprint": "ff",
-                   "experts": [{"url": "s3://models/a", "fingerprint": "fa"},
-                               {"url": "s3://models/b", "fingerprint": "fb"}]},
+        "version": "abc123",
+        "method": "ties",
+        "params": {"density": 0.2, "scale": 1.0},
+        "scale": 0.5,
+        "output_dtype": "auto",
+        "routing": {"exclude": ["*embed*"]},
+        "diagnostics": {},
+        "evaluations": {},
+        "inputs": {
+            "base": {"url": "s3://models/base", "fingerprint": "f0"},
+            "fingerprint": "ff",
+            "experts": [{"url": "s3://models/a", "fingerprint": "fa"}, {"url": "s3://models/b", "fingerprint": "fb"}],
+        },
         "software": {"swudi": "0.1.0", "merge_code": "mc", "torch": "2.13.0"},
     }
-    assert base_model_id(report, None, {"_name_or_path": "google-bert/bert-base-uncased"}) == \
-        "google-bert/bert-base-uncased"
+    assert (
+        base_model_id(report, None, {"_name_or_path": "google-bert/bert-base-uncased"})
+        == "google-bert/bert-base-uncased"
+    )
     assert base_model_id(report, None, {"_name_or_path": "/home/me/base"}) == "s3://models/base"
     assert base_model_id(report, "acme/base", {"_name_or_path": "google-bert/bert-base-uncased"}) == "acme/base"
     metadata = front_matter(report, "acme/base", "transformers", ["legal"], language=["en", "de"])

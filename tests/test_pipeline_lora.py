@@ -43,10 +43,10 @@ ADAPTERS = {
 }
 
 
-
 def _named(name: str) -> Callable[[str], str]:
     """An assert_close message that names the tensor."""
     return lambda text: f"{name}: {text}"
+
 
 @pytest.fixture(scope="module")
 def lora_inputs(tmp_path_factory: pytest.TempPathFactory) -> dict:
@@ -139,9 +139,7 @@ def test_factor_space_merge_equals_the_dense_path(lora_inputs, tmp_path: Path, m
         # float32 tolerance on the scale of the merged update (the dense path's exponential filter
         # takes t x float32 noise on the directions beyond sum r_i; factor space has none there)
         tol = 1e-4 * float((want[job.name] - lora_inputs["base"][job.name]).abs().max())
-        torch.testing.assert_close(
-            got, want[job.name], atol=tol, rtol=1e-4, msg=_named(job.name)
-        )
+        torch.testing.assert_close(got, want[job.name], atol=tol, rtol=1e-4, msg=_named(job.name))
 
 
 def test_plan_names_ranks_and_the_path_of_every_target_weight(lora_inputs, tmp_path: Path) -> None:
@@ -348,9 +346,7 @@ def test_flow_merges_adapters_mixed_with_a_full_checkpoint(prefect_api: str, lor
     for name, tensor in want.items():
         # the dense path on both sides; PEFT's merged weights carry W0 + tau rounding (~1e-8 of W0)
         scale = float((tensor - base[name]).abs().max()) or 1.0
-        torch.testing.assert_close(
-            got[name], tensor, atol=1e-4 * scale, rtol=1e-4, msg=_named(name)
-        )
+        torch.testing.assert_close(got[name], tensor, atol=1e-4 * scale, rtol=1e-4, msg=_named(name))
     report = json.loads((Path(result["url"]) / "merge_report.json").read_text())
     per_task = report["diagnostics"]["per_layer"]["model.layers.0.self_attn.o_proj.weight"]
     assert len(per_task["interference_vs_sum_per_task"]) == 3

@@ -14,8 +14,15 @@ def _job(name: str, nbytes: int, route: Route = "mean", shape: tuple[int, ...] =
 
 def test_groups_are_bounded_skip_layers_and_base_and_keep_order() -> None:
     half = GROUP_BYTES // 2
-    jobs = (_job("a", half), _job("w", 10, "method", (2, 2)), _job("b", half), _job("c", 1),
-            _job("k", 5, "base"), _job("big", 3 * GROUP_BYTES), _job("d", 1))
+    jobs = (
+        _job("a", half),
+        _job("w", 10, "method", (2, 2)),
+        _job("b", half),
+        _job("c", 1),
+        _job("k", 5, "base"),
+        _job("big", 3 * GROUP_BYTES),
+        _job("d", 1),
+    )
     plan = MergePlan("base", ("e",), "fb", ("fe",), jobs, ())
     groups = [[j.name for j in g] for g in plan.group_jobs]
     assert groups == [["a", "b"], ["c"], ["big"], ["d"]]
@@ -30,8 +37,9 @@ def test_layers_are_batched_by_whole_blocks_in_order() -> None:
     from swudi.pipeline.plan import batch_blocks, block_of, build_plan
 
     with tempfile.TemporaryDirectory() as tmp:
-        base, experts = write_synthetic_models(tmp, 2, SyntheticLlama(layers=12, hidden=16, intermediate=32,
-                                                                     heads=2, kv_heads=1, vocab=16))
+        base, experts = write_synthetic_models(
+            tmp, 2, SyntheticLlama(layers=12, hidden=16, intermediate=32, heads=2, kv_heads=1, vocab=16)
+        )
         plan = build_plan(config_from_mapping({"base": base, "experts": experts, "output": f"{tmp}/out"}))
     jobs = plan.layer_jobs
     assert block_of(jobs[0].name) == "model.layers.0" and block_of("lm_head.weight") == "lm_head.weight"
@@ -51,12 +59,14 @@ def test_memory_budget_bounds_the_tasks_in_flight(tmp_path) -> None:
     from swudi.io.synthetic import SyntheticLlama, write_synthetic_models
     from swudi.pipeline.plan import build_plan, task_memory_bytes, workers_within_budget
 
-    base, experts = write_synthetic_models(str(tmp_path), 3, SyntheticLlama(layers=1, hidden=64, intermediate=128,
-                                                                           heads=4, kv_heads=2, vocab=32))
+    base, experts = write_synthetic_models(
+        str(tmp_path), 3, SyntheticLlama(layers=1, hidden=64, intermediate=128, heads=4, kv_heads=2, vocab=32)
+    )
 
     def cfg(**extra):
-        return config_from_mapping({"base": base, "experts": experts, "output": str(tmp_path / "out"),
-                                    "workers": 4, **extra})
+        return config_from_mapping(
+            {"base": base, "experts": experts, "output": str(tmp_path / "out"), "workers": 4, **extra}
+        )
 
     plan = build_plan(cfg())
     gate = next(job for job in plan.layer_jobs if job.name.endswith("gate_proj.weight"))  # 128 x 64, N = 3

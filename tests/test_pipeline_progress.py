@@ -34,8 +34,9 @@ def test_task_label_names_the_block_and_its_tensors() -> None:
 def test_progress_counts_weights_bytes_and_estimates_the_time_left() -> None:
     progress = MergeProgress(total=4, reused=2)
     assert progress.describe().startswith("merge progress: 0/4 weights (0%)") and "ETA ?" in progress.describe()
-    record = MergedRecord(key="k", url="u", names=("a",), method="swudi", bytes_read=(1000, 2000, 2000),
-                          work_bytes_read=500)
+    record = MergedRecord(
+        key="k", url="u", names=("a",), method="swudi", bytes_read=(1000, 2000, 2000), work_bytes_read=500
+    )
     progress.finished([record, record])  # no Prefect run here: only the counts (no artifact is made)
     assert progress.done == 2 and progress.bytes_read == 11000
     line = progress.describe()

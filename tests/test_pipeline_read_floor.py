@@ -31,17 +31,31 @@ NUM_EXPERTS = 3
 def _tensor_bytes(url: str, options=None, floating_only: bool = False) -> int:
     """Tensor bytes of a checkpoint from its headers (independent of the merge's accounting); an
     expert's integer buffers are never read (they keep the base value)."""
-    return sum(loc.nbytes for loc in Checkpoint.open(url, options).tensors.values()
-               if not floating_only or loc.dtype in ("F32", "F16", "BF16", "F64"))
+    return sum(
+        loc.nbytes
+        for loc in Checkpoint.open(url, options).tensors.values()
+        if not floating_only or loc.dtype in ("F32", "F16", "BF16", "F64")
+    )
 
 
 def _config(base: str, experts: list[str], out: Path, options=None, **extra):
-    return config_from_mapping({"base": base, "experts": experts, "output": str(out / "out"), "method": "swudi",
-                                "device": "cpu", "workers": 2, "storage_options": options or {}, **extra})
+    return config_from_mapping(
+        {
+            "base": base,
+            "experts": experts,
+            "output": str(out / "out"),
+            "method": "swudi",
+            "device": "cpu",
+            "workers": 2,
+            "storage_options": options or {},
+            **extra,
+        }
+    )
 
 
 def test_first_merge_reads_each_tensor_once_and_a_new_t_or_scale_reads_no_expert(
-        prefect_api: str, s3_bucket, tmp_path: Path) -> None:
+    prefect_api: str, s3_bucket, tmp_path: Path
+) -> None:
     options = dict(s3_bucket.storage_options)
     base, experts = write_synthetic_models(f"{s3_bucket.url}/in", NUM_EXPERTS, BIG, storage_options=options)
     endpoint = urlparse(s3_bucket.endpoint_url)
@@ -73,8 +87,11 @@ def test_first_merge_reads_each_tensor_once_and_a_new_t_or_scale_reads_no_expert
     assert new_t["io"]["per_checkpoint"][1:] and all(c["tensor_bytes"] == 0 for c in new_t["io"]["per_checkpoint"][1:])
     assert 0 < new_t["io"]["per_checkpoint"][0]["tensor_bytes"] < tensor_bytes[0]
     assert new_t["io"]["work_bytes"] > 0  # the stored decompositions
-    smallest_expert_weight = min(loc.nbytes for loc in Checkpoint.open(experts[0], options).tensors.values()
-                                 if len(loc.shape) == 2 and "encoder" in loc.name)
+    smallest_expert_weight = min(
+        loc.nbytes
+        for loc in Checkpoint.open(experts[0], options).tensors.values()
+        if len(loc.shape) == 2 and "encoder" in loc.name
+    )
     assert wire_new_t < tensor_bytes[0] + io["header_bytes"] + smallest_expert_weight, wire_new_t
 
     # scale changed too: every tensor recomputed from stored decompositions and deltas, still no expert read
@@ -93,7 +110,8 @@ def _merged_files(work: Path) -> list[Path]:
 
 
 def test_missing_or_damaged_artefacts_are_recomputed_and_the_output_is_bit_identical(
-        prefect_api: str, tmp_path: Path) -> None:
+    prefect_api: str, tmp_path: Path
+) -> None:
     base, experts = write_synthetic_models(str(tmp_path / "in"), NUM_EXPERTS, SMALL)
     cfg = _config(base, experts, tmp_path, method="swudi_a")
     first = run_merge(cfg)
@@ -105,9 +123,11 @@ def test_missing_or_damaged_artefacts_are_recomputed_and_the_output_is_bit_ident
 
     layer_files[0].unlink()  # a merged layer deleted
     layer_files[1].write_bytes(layer_files[1].read_bytes()[:-100])  # a merged layer truncated
-    damaged_dec = next(p for p in decompositions
-                       if str(p) == next(r["decomposition_url"] for r in first["records"]
-                                         if r["url"] == str(layer_files[1])))
+    damaged_dec = next(
+        p
+        for p in decompositions
+        if str(p) == next(r["decomposition_url"] for r in first["records"] if r["url"] == str(layer_files[1]))
+    )
     damaged_dec.write_bytes(b"\x00" * 16)  # its decomposition overwritten with garbage
     (work / "prefect-results").mkdir()  # a stale folder from older versions is ignored
 
@@ -132,8 +152,7 @@ def test_no_pickle_and_no_credentials_reach_prefect_or_the_work_folder(prefect_a
     options_with_secret = {**options, "secret": secret}
     base, experts = write_synthetic_models(f"{s3_bucket.url}/in", 2, SMALL, storage_options=options)
     # moto accepts any secret: the merge runs with a credential that must not be persisted
-    result = run_merge(_config(base, experts, Path("unused"), options_with_secret,
-                               output=f"{s3_bucket.url}/out"))
+    result = run_merge(_config(base, experts, Path("unused"), options_with_secret, output=f"{s3_bucket.url}/out"))
     assert result["url"].startswith("s3://")
     work_files = s3_bucket.fs.find(f"{s3_bucket.name}/out/.swudi-work")
     assert work_files and all(f.endswith(".safetensors") for f in work_files), work_files
@@ -148,7 +167,8 @@ def test_no_pickle_and_no_credentials_reach_prefect_or_the_work_folder(prefect_a
     async def stored() -> tuple[dict, list]:
         async with get_client() as client:
             runs = await client.read_flow_runs(
-                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[result["flow_run_id"]])))
+                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[result["flow_run_id"]]))
+            )
             blocks = await client.read_block_documents()
             return runs[0].parameters, [b.data for b in blocks]
 
@@ -160,13 +180,15 @@ def test_no_pickle_and_no_credentials_reach_prefect_or_the_work_folder(prefect_a
     assert secret not in json.dumps(blocks, default=str)
     latest = read_latest(f"{s3_bucket.url}/out", options)
     assert latest is not None
-    assert secret not in json.dumps(json.loads(
-        s3_bucket.fs.cat_file(f"{s3_bucket.name}/out/{latest['path']}/merge_report.json")))
+    assert secret not in json.dumps(
+        json.loads(s3_bucket.fs.cat_file(f"{s3_bucket.name}/out/{latest['path']}/merge_report.json"))
+    )
 
 
 @pytest.mark.parametrize("method", ["swudi", "ties"])
 def test_report_diagnostics_from_the_decomposition_match_the_task_vectors(
-        prefect_api: str, tmp_path: Path, method: str) -> None:
+    prefect_api: str, tmp_path: Path, method: str
+) -> None:
     """The total interference a re-merge takes from the stored decomposition equals the one the first
     run computed from the task vectors in memory (same settings, artefact of the merge deleted)."""
     base, experts = write_synthetic_models(str(tmp_path / "in"), NUM_EXPERTS, SMALL)

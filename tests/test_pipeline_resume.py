@@ -29,8 +29,18 @@ def _artefacts(work: Path, kind: str) -> int:
 
 
 def _write_config(path: Path, base: str, experts: list[str], output: Path) -> Path:
-    path.write_text(yaml.safe_dump({"base": base, "experts": experts, "output": str(output),
-                                    "method": "swudi_a", "device": "cpu", "workers": 1}))
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "base": base,
+                "experts": experts,
+                "output": str(output),
+                "method": "swudi_a",
+                "device": "cpu",
+                "workers": 1,
+            }
+        )
+    )
     return path
 
 
@@ -42,8 +52,9 @@ def test_killed_merge_resumes_and_matches_an_uninterrupted_run(prefect_api: str,
 
     env = {**os.environ, "PREFECT_API_URL": prefect_api, "PREFECT_LOGGING_LEVEL": "WARNING"}
     log = (tmp_path / "killed.log").open("wb")
-    proc = subprocess.Popen([sys.executable, "-m", "swudi.cli", "merge", str(config_path)],
-                            env=env, stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "swudi.cli", "merge", str(config_path)], env=env, stdout=log, stderr=subprocess.STDOUT
+    )
     deadline = time.monotonic() + 240
     try:
         while _artefacts(work, "merged") < 4 and proc.poll() is None and time.monotonic() < deadline:

@@ -24,8 +24,16 @@ MODEL = SyntheticModel(layers=2, hidden=16, intermediate=32, vocab=16, positions
 
 
 def _record(name: str, total: float, per_task: tuple[float, ...] | None) -> MergedRecord:
-    return MergedRecord(key=name, url=name, names=(name,), method="swudi_a", rank=3, kept_mass=0.9,
-                        interference=total, task_interference=per_task)
+    return MergedRecord(
+        key=name,
+        url=name,
+        names=(name,),
+        method="swudi_a",
+        rank=3,
+        kept_mass=0.9,
+        interference=total,
+        task_interference=per_task,
+    )
 
 
 def test_means_over_every_layer_and_none_when_a_layer_lacks_them() -> None:
@@ -47,9 +55,17 @@ def test_means_over_every_layer_and_none_when_a_layer_lacks_them() -> None:
 
 def test_a_resumed_merge_reports_no_partial_per_task_means(tmp_path: Path) -> None:
     base, experts = write_synthetic_models(str(tmp_path / "in"), 2, MODEL)
-    config = config_from_mapping({"base": base, "experts": experts, "output": str(tmp_path / "out"),
-                                  "work_dir": str(tmp_path / "work"), "method": "swudi_a", "device": "cpu",
-                                  "workers": 1})
+    config = config_from_mapping(
+        {
+            "base": base,
+            "experts": experts,
+            "output": str(tmp_path / "out"),
+            "work_dir": str(tmp_path / "work"),
+            "method": "swudi_a",
+            "device": "cpu",
+            "workers": 1,
+        }
+    )
     jobs = build_plan(config).layer_jobs
     first = merge_layers(jobs, config, "first")
     fresh = summarize_layers(first)

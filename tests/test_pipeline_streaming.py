@@ -18,9 +18,19 @@ STREAMED = ("model.embed_tokens.weight", "lm_head.weight")
 
 
 def _config(root: Path, base: str, experts: list[str], name: str, **extra):
-    return config_from_mapping({"base": base, "experts": experts, "output": str(root / name / "out"),
-                                "work_dir": str(root / name / "work"), "method": "swudi", "device": "cpu",
-                                "workers": 1, "scale": 0.7, **extra})
+    return config_from_mapping(
+        {
+            "base": base,
+            "experts": experts,
+            "output": str(root / name / "out"),
+            "work_dir": str(root / name / "work"),
+            "method": "swudi",
+            "device": "cpu",
+            "workers": 1,
+            "scale": 0.7,
+            **extra,
+        }
+    )
 
 
 def test_embeddings_stream_in_chunks_with_the_same_bytes_as_whole(prefect_api: str, tmp_path: Path) -> None:

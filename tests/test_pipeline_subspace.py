@@ -63,7 +63,10 @@ def _with_svc(merged: dict[str, torch.Tensor], scale: float) -> dict[str, torch.
 def test_subspace_methods_and_post_filter_through_the_flow(prefect_api: str, tmp_path: Path) -> None:
     base_url, expert_urls = write_synthetic_models(str(tmp_path / "in"), N, MODEL)
     common: dict[str, Any] = {
-        "base": base_url, "experts": expert_urls, "output": str(tmp_path / "out"), "device": "cpu"
+        "base": base_url,
+        "experts": expert_urls,
+        "output": str(tmp_path / "out"),
+        "device": "cpu",
     }
     base, experts = _inputs()
 

@@ -32,8 +32,9 @@ def test_grid_parsing() -> None:
 @pytest.mark.slow
 def test_sweep_reuses_decompositions_and_reports(prefect_api: str, tmp_path: Path) -> None:
     base, experts = write_synthetic_models(str(tmp_path / "in"), 3, MODEL)
-    cfg = config_from_mapping({"base": base, "experts": experts, "output": str(tmp_path / "out"),
-                               "method": "swudi", "device": "cpu"})
+    cfg = config_from_mapping(
+        {"base": base, "experts": experts, "output": str(tmp_path / "out"), "method": "swudi", "device": "cpu"}
+    )
     summary = run_sweep(cfg, ["params.t=50,1300", "params.rank_ratio=0.3,1.0"])
     points = summary["points"]
     assert len(points) == 4 and len({p["version"] for p in points}) == 4
@@ -48,8 +49,14 @@ def test_sweep_reuses_decompositions_and_reports(prefect_api: str, tmp_path: Pat
 
     written = write_report(str(Path(summary["url"]).parent), tmp_path / "report")
     names = {p.name for p in written}
-    assert {"sweep_t.png", "sweep_rank_ratio.png", "ranks_per_layer.png", "spectra.png",
-            "summary.md", "summary.html"} <= names
+    assert {
+        "sweep_t.png",
+        "sweep_rank_ratio.png",
+        "ranks_per_layer.png",
+        "spectra.png",
+        "summary.md",
+        "summary.html",
+    } <= names
     for path in written:
         if path.suffix == ".png":
             assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 5000

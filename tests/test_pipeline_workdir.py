@@ -31,8 +31,19 @@ def _files(work: Path, kind: str) -> set[str]:
 def setup(tmp_path: Path):
     base, experts = write_synthetic_models(str(tmp_path / "in"), 3, MODEL)
     path = tmp_path / "merge.yaml"
-    path.write_text(yaml.safe_dump({"base": base, "experts": experts, "output": str(tmp_path / "out"),
-                                    "method": "swudi", "device": "cpu", "workers": 2, "keep_versions": 1}))
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "base": base,
+                "experts": experts,
+                "output": str(tmp_path / "out"),
+                "method": "swudi",
+                "device": "cpu",
+                "workers": 2,
+                "keep_versions": 1,
+            }
+        )
+    )
     return path
 
 
@@ -116,8 +127,11 @@ def test_gc_during_a_running_merge_never_breaks_it(prefect_api: str, setup: Path
         stop.set()
         collector.join()
     assert result["computed"] == result["layers"] + result["groups"]
-    fresh = run_merge(config_from_mapping({**cfg.model_dump(), "output": str(tmp_path / "fresh"),
-                                           "work_dir": str(tmp_path / "fresh-work")}))
+    fresh = run_merge(
+        config_from_mapping(
+            {**cfg.model_dump(), "output": str(tmp_path / "fresh"), "work_dir": str(tmp_path / "fresh-work")}
+        )
+    )
     got = Checkpoint.open(result["url"]).state_dict()
     want = Checkpoint.open(fresh["url"]).state_dict()
     assert sorted(got) == sorted(want) and all(got[k].equal(want[k]) for k in want)
@@ -135,8 +149,9 @@ def test_plan_and_gc_commands_show_the_work_folder(prefect_api: str, setup: Path
     state = json.loads(planned.stdout)["work_folder"]
     assert state["stored"] == state["needed"] and state["bytes"] > 0
     cfg = load_config(setup)
-    assert state["bytes"] == sum(v["size"] for kind in (MERGED, DECOMPOSITIONS, DELTAS)
-                                 for v in list_artefacts(cfg, kind).values())
+    assert state["bytes"] == sum(
+        v["size"] for kind in (MERGED, DECOMPOSITIONS, DELTAS) for v in list_artefacts(cfg, kind).values()
+    )
     collected = runner.invoke(app, ["gc", str(setup), "--min-age", "0"])
     assert collected.exit_code == 0, collected.output
     assert "removed 0 artefacts" in collected.output

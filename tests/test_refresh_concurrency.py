@@ -24,8 +24,15 @@ MODEL = SyntheticModel(layers=1, hidden=16, intermediate=32, vocab=16, positions
 
 def _config(root: str, storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
     base, experts = write_synthetic_models(f"{root}/in", 2, MODEL, storage_options=storage_options)
-    return {"base": base, "experts": experts, "output": f"{root}/out", "method": "swudi", "device": "cpu",
-            "workers": 1, "storage_options": storage_options or {}}
+    return {
+        "base": base,
+        "experts": experts,
+        "output": f"{root}/out",
+        "method": "swudi",
+        "device": "cpu",
+        "workers": 1,
+        "storage_options": storage_options or {},
+    }
 
 
 def _at_once(monkeypatch: pytest.MonkeyPatch, *configs: dict[str, Any]) -> list[dict[str, Any]]:
@@ -53,9 +60,7 @@ def _at_once(monkeypatch: pytest.MonkeyPatch, *configs: dict[str, Any]) -> list[
     # Each thread runs in a copy of this context: Prefect's settings (the session's PREFECT_API_URL) live
     # in a context variable, which a new thread does not inherit; without it a flow run there starts
     # Prefect's own ephemeral server (seen: a timeout under load, and an orphaned server at exit).
-    threads = [
-        threading.Thread(target=contextvars.copy_context().run, args=(work, i)) for i in range(len(configs))
-    ]
+    threads = [threading.Thread(target=contextvars.copy_context().run, args=(work, i)) for i in range(len(configs))]
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -78,8 +83,7 @@ def _assert_clean_output(config: dict[str, Any]) -> list[str]:
 
 
 @pytest.mark.slow
-def test_same_inputs_at_once_one_publishes_the_other_finds_it_published(prefect_api: str, store,
-                                                                         monkeypatch) -> None:
+def test_same_inputs_at_once_one_publishes_the_other_finds_it_published(prefect_api: str, store, monkeypatch) -> None:
     config = _config(store.root, store.storage_options)
     results = _at_once(monkeypatch, config, config)
     assert sorted(r["status"] for r in results) == ["published", "unchanged"], results
@@ -90,8 +94,7 @@ def test_same_inputs_at_once_one_publishes_the_other_finds_it_published(prefect_
 
 
 @pytest.mark.slow
-def test_different_settings_at_once_publish_one_after_the_other(prefect_api: str, tmp_path,
-                                                               monkeypatch) -> None:
+def test_different_settings_at_once_publish_one_after_the_other(prefect_api: str, tmp_path, monkeypatch) -> None:
     config = _config(str(tmp_path))
     results = _at_once(monkeypatch, {**config, "params": {"t": 100.0}}, {**config, "params": {"t": 200.0}})
     assert [r["status"] for r in results] == ["published", "published"]

@@ -63,8 +63,9 @@ class Served:
         assert isinstance(run, FlowRun)  # called from sync code: the run itself, not a coroutine
         assert run.state and run.state.is_completed(), f"{run.state}\n{self.log_tail()}"
         with get_client(sync_client=True) as client:
-            artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(
-                flow_run_id=ArtifactFilterFlowRunId(any_=[run.id])))
+            artifacts = client.read_artifacts(
+                artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[run.id]))
+            )
         markdown = [a.data for a in artifacts if a.key and a.key.startswith("swudi-refresh-")]
         assert len(markdown) == 1, [a.key for a in artifacts]
         return run, str(markdown[0])
@@ -74,19 +75,30 @@ class Served:
 def served(prefect_api: str, s3_bucket, tmp_path: Path) -> Iterator[Served]:
     options = dict(s3_bucket.storage_options)
     base, experts = write_synthetic_models(f"{s3_bucket.url}/in", 2, MODEL, storage_options=options)
-    config = {"base": base, "experts": experts, "output": f"{s3_bucket.url}/out", "method": "swudi_a",
-              "device": "cpu", "workers": 1, "keep_versions": 2, "storage_options": options}
+    config = {
+        "base": base,
+        "experts": experts,
+        "output": f"{s3_bucket.url}/out",
+        "method": "swudi_a",
+        "device": "cpu",
+        "workers": 1,
+        "keep_versions": 2,
+        "storage_options": options,
+    }
     config_path = tmp_path / "refresh.yaml"
     config_path.write_text(yaml.safe_dump(config))
     name = f"test-{uuid.uuid4().hex[:8]}"
-    env = {**os.environ, "PREFECT_API_URL": prefect_api, "PREFECT_RUNNER_POLL_FREQUENCY": "1",
-           "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "PREFECT_API_URL": prefect_api, "PREFECT_RUNNER_POLL_FREQUENCY": "1", "PYTHONPATH": str(REPO)}
     log = tmp_path / "serve.log"
     with log.open("wb") as sink:  # run from another folder: the deployment must not depend on cwd
         process = subprocess.Popen(
-            [sys.executable, "-m", "swudi.cli", "serve", str(config_path), "--name", name,
-             "--cron", "0 3 * * *"], cwd=tmp_path, env=env, stdout=sink, stderr=subprocess.STDOUT,
-            start_new_session=True)
+            [sys.executable, "-m", "swudi.cli", "serve", str(config_path), "--name", name, "--cron", "0 3 * * *"],
+            cwd=tmp_path,
+            env=env,
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     served = Served(f"swudi-refresh/{name}", config_path, config, log, process)
     try:
         _wait_for_deployment(served)
@@ -148,8 +160,12 @@ def test_scheduled_refresh_deployment_noop_then_new_version_on_changed_expert(se
     assert s3_bucket.fs.cat_file(f"{s3_bucket.name}/out/latest.json") == pointer  # untouched
 
     # An expert is retrained: new bytes at the same S3 key (a new ETag).
-    write_checkpoint(served.config["experts"][1], expert_state_dict(base_state_dict(MODEL), 1, seed=3),
-                     MODEL, storage_options=options)
+    write_checkpoint(
+        served.config["experts"][1],
+        expert_state_dict(base_state_dict(MODEL), 1, seed=3),
+        MODEL,
+        storage_options=options,
+    )
     _, markdown = served.trigger()
     assert markdown.startswith("# swudi refresh: published")
     latest = _latest(served)

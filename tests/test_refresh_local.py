@@ -35,8 +35,9 @@ def run(config: dict[str, Any], **overrides: Any) -> tuple[dict[str, Any], str]:
     state = refresh({**config, **overrides}, return_state=True)
     result = state.result()
     with get_client(sync_client=True) as client:
-        artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(
-            flow_run_id=ArtifactFilterFlowRunId(any_=[state.state_details.flow_run_id])))
+        artifacts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[state.state_details.flow_run_id]))
+        )
     markdown = [a.data for a in artifacts if a.key and a.key.startswith("swudi-refresh-")]
     assert len(markdown) == 1, f"expected one refresh artifact, got {[a.key for a in artifacts]}"
     return result, str(markdown[0])
@@ -49,12 +50,19 @@ def versions(output: str) -> set[str]:
 @pytest.fixture
 def config(tmp_path: Path) -> dict[str, Any]:
     base, experts = write_synthetic_models(str(tmp_path / "in"), 2, MODEL)
-    return {"base": base, "experts": experts, "output": str(tmp_path / "out"), "method": "swudi",
-            "device": "cpu", "workers": 1}
+    return {
+        "base": base,
+        "experts": experts,
+        "output": str(tmp_path / "out"),
+        "method": "swudi",
+        "device": "cpu",
+        "workers": 1,
+    }
 
 
-def test_refresh_is_a_noop_when_nothing_changed_and_republishes_on_change(prefect_api: str, config,
-                                                                         tmp_path: Path) -> None:
+def test_refresh_is_a_noop_when_nothing_changed_and_republishes_on_change(
+    prefect_api: str, config, tmp_path: Path
+) -> None:
     first, _ = run(config)
     assert first["status"] == "published" and first["previous"] is None and first["new_version"]
     assert first["changes"] == ["nothing published yet"]

@@ -203,97 +203,191 @@ def _config_cases() -> list[Case]:
     cases += [
         Case("yaml-duplicate-key", ("'scale' appears twice", "line 5", "line 4"), text=_duplicate("scale: 1.0")),
         Case("yaml-duplicate-nested-key", ("'t' appears twice",), text=_duplicate_nested()),
-        Case("set-duplicate-key-in-value", ("'t' appears twice",), config=_with(),
-             args=("--set", "params={t: 1, t: 2}")),
+        Case(
+            "set-duplicate-key-in-value", ("'t' appears twice",), config=_with(), args=("--set", "params={t: 1, t: 2}")
+        ),
         Case("set-unparsable", ("--set", "scale=[1,"), config=_with(), args=("--set", "scale=[1,")),
         Case("set-no-equals", ("key=value",), config=_with(), args=("--set", "scale")),
         Case("set-twice", ("given twice",), config=_with(), args=("--set", "scale=1", "--set", "scale=2")),
-        Case("method-switch-bad-param", ("rank_rule",), config=_with(params={"rank_rule": "participation_sqrt"}),
-             args=("--method", "swudi", "--set", "params.rank_rule=entropy")),
+        Case(
+            "method-switch-bad-param",
+            ("rank_rule",),
+            config=_with(params={"rank_rule": "participation_sqrt"}),
+            args=("--method", "swudi", "--set", "params.rank_rule=entropy"),
+        ),
         Case("evaluator-not-module-function", ("evaluator",), config=_with(evaluators=[{"function": "nocolon"}])),
     ]
     # the same checkpoint twice, the base as an expert
     cases += [
         Case("expert-trailing-slash", ("listed twice", "experts[1]"), config=_experts("expert-0", "expert-0/")),
-        Case("expert-dot-slash", ("listed twice",), config=lambda w, out: {
-            **_good(w, out), "experts": [w.path("expert-0"), str(w.root / "." / "expert-0")]}),
-        Case("expert-dot-dot", ("listed twice",), config=lambda w, out: {
-            **_good(w, out), "experts": [w.path("expert-0"), str(w.root / "expert-1" / ".." / "expert-0")]}),
+        Case(
+            "expert-dot-slash",
+            ("listed twice",),
+            config=lambda w, out: {**_good(w, out), "experts": [w.path("expert-0"), str(w.root / "." / "expert-0")]},
+        ),
+        Case(
+            "expert-dot-dot",
+            ("listed twice",),
+            config=lambda w, out: {
+                **_good(w, out),
+                "experts": [w.path("expert-0"), str(w.root / "expert-1" / ".." / "expert-0")],
+            },
+        ),
         Case("expert-symlink", ("listed twice", "link-to-expert-0"), config=_experts("expert-0", "link-to-expert-0")),
-        Case("expert-file-and-folder", ("listed twice",), config=lambda w, out: {
-            **_good(w, out), "experts": [w.path("expert-0"), w.path("expert-0", "model.safetensors")]}),
+        Case(
+            "expert-file-and-folder",
+            ("listed twice",),
+            config=lambda w, out: {
+                **_good(w, out),
+                "experts": [w.path("expert-0"), w.path("expert-0", "model.safetensors")],
+            },
+        ),
         Case("base-as-expert", ("base is also listed as an expert",), config=_experts("expert-0", "link-to-base")),
         Case("s3-expert-double-slash", ("listed twice",), config=_experts("s3://b/x", "s3://b//x/")),
     ]
     # inputs and output overlap
     cases += [
-        Case("output-inside-expert", ("output", "experts[0]"), config=lambda w, out: {
-            **_good(w, out), "output": w.path("expert-0", "merged")}),
+        Case(
+            "output-inside-expert",
+            ("output", "experts[0]"),
+            config=lambda w, out: {**_good(w, out), "output": w.path("expert-0", "merged")},
+        ),
         Case("output-is-base", ("output", "base"), config=lambda w, out: {**_good(w, out), "output": w.path("base")}),
-        Case("output-is-base-via-link", ("output", "base"), config=lambda w, out: {
-            **_good(w, out), "output": w.path("link-to-base") + "/"}),
-        Case("work-dir-inside-expert", ("work_dir", "experts[1]"), config=lambda w, out: {
-            **_good(w, out), "work_dir": w.path("expert-1", "work")}),
-        Case("base-inside-work-dir", ("work folder",), config=lambda w, out: {
-            **_good(w, out), "work_dir": str(w.root)}),
-        Case("base-inside-output-not-a-version", ("not a published version",), config=lambda w, out: {
-            **_good(w, out), "output": w.path("published"), "base": w.path("published", "versions", "draft")}),
-        Case("base-is-the-output-versions-folder", ("not a published version",), config=lambda w, out: {
-            **_good(w, out), "output": w.path("published"), "base": w.path("published", "versions")}),
+        Case(
+            "output-is-base-via-link",
+            ("output", "base"),
+            config=lambda w, out: {**_good(w, out), "output": w.path("link-to-base") + "/"},
+        ),
+        Case(
+            "work-dir-inside-expert",
+            ("work_dir", "experts[1]"),
+            config=lambda w, out: {**_good(w, out), "work_dir": w.path("expert-1", "work")},
+        ),
+        Case(
+            "base-inside-work-dir", ("work folder",), config=lambda w, out: {**_good(w, out), "work_dir": str(w.root)}
+        ),
+        Case(
+            "base-inside-output-not-a-version",
+            ("not a published version",),
+            config=lambda w, out: {
+                **_good(w, out),
+                "output": w.path("published"),
+                "base": w.path("published", "versions", "draft"),
+            },
+        ),
+        Case(
+            "base-is-the-output-versions-folder",
+            ("not a published version",),
+            config=lambda w, out: {
+                **_good(w, out),
+                "output": w.path("published"),
+                "base": w.path("published", "versions"),
+            },
+        ),
     ]
     # the environment: checkpoints, output location, device, scheduler
     cases += [
         Case("missing-expert", ("not found", "experts[1]"), CheckpointError, config=_experts("expert-0", "nope")),
-        Case("output-under-a-file", ("is a file",), config=lambda w, out: {
-            **_good(w, out), "output": w.path("a-file", "merged")}),
+        Case(
+            "output-under-a-file",
+            ("is a file",),
+            config=lambda w, out: {**_good(w, out), "output": w.path("a-file", "merged")},
+        ),
         Case("device-cuda-without-cuda", ("device", "CUDA"), config=_with(device="cuda"), skip=_cuda_present),
-        Case("dask-scheduler-unreachable", ("task_runner.address", "does not answer"),
-             config=_with(task_runner={"kind": "dask", "address": "tcp://127.0.0.1:9"})),
-        Case("dask-address-malformed", ("task_runner.address", "tcp://host:port"),
-             config=_with(task_runner={"kind": "dask", "address": "tcp://nowhere"})),
+        Case(
+            "dask-scheduler-unreachable",
+            ("task_runner.address", "does not answer"),
+            config=_with(task_runner={"kind": "dask", "address": "tcp://127.0.0.1:9"}),
+        ),
+        Case(
+            "dask-address-malformed",
+            ("task_runner.address", "tcp://host:port"),
+            config=_with(task_runner={"kind": "dask", "address": "tcp://nowhere"}),
+        ),
     ]
     # a base file linked from outside its folder (issue 24): refused before work, naming the link
     cases += [
-        Case("base-link-to-a-file-outside", ("base-link-out/special_tokens_map.json", "outside the checkpoint folder"),
-             CheckpointError, config=lambda w, out: {**_good(w, out), "base": w.path("base-link-out")}),
-        Case("base-nested-link-outside", ("1_Pooling/config.json", "outside the checkpoint folder"),
-             CheckpointError, config=lambda w, out: {**_good(w, out), "base": w.path("base-nested-link-out")}),
+        Case(
+            "base-link-to-a-file-outside",
+            ("base-link-out/special_tokens_map.json", "outside the checkpoint folder"),
+            CheckpointError,
+            config=lambda w, out: {**_good(w, out), "base": w.path("base-link-out")},
+        ),
+        Case(
+            "base-nested-link-outside",
+            ("1_Pooling/config.json", "outside the checkpoint folder"),
+            CheckpointError,
+            config=lambda w, out: {**_good(w, out), "base": w.path("base-nested-link-out")},
+        ),
     ]
-    cases.append(Case("header-shape-2-to-the-64", ("huge-shape-base/model.safetensors", "'buf'", "2**63"),
-                      CheckpointError, config=lambda w, out: {**_good(w, out), "base": w.path("huge-shape-base")}))
+    cases.append(
+        Case(
+            "header-shape-2-to-the-64",
+            ("huge-shape-base/model.safetensors", "'buf'", "2**63"),
+            CheckpointError,
+            config=lambda w, out: {**_good(w, out), "base": w.path("huge-shape-base")},
+        )
+    )
     # YAML built to exhaust the loader (issue 24, own cases): an alias bomb, deep nesting
     cases += [
         Case("yaml-alias-bomb", ("alias bomb",), text=lambda w, out: yaml.safe_dump(_good(w, out)) + _alias_bomb()),
-        Case("yaml-nested-thousands-deep", ("nested too deeply",),
-             text=lambda w, out: yaml.safe_dump(_good(w, out)) + "params: {x: " + "[" * 3000 + "]" * 3000 + "}\n"),
+        Case(
+            "yaml-nested-thousands-deep",
+            ("nested too deeply",),
+            text=lambda w, out: yaml.safe_dump(_good(w, out)) + "params: {x: " + "[" * 3000 + "]" * 3000 + "}\n",
+        ),
     ]
     # LoRA adapter configs
     for name in BAD_LORA:
-        cases.append(Case(f"{name}", (f"{name}/adapter_config.json", _LORA_KEY[name]), CheckpointError,
-                          config=_experts("expert-0", name)))
+        cases.append(
+            Case(
+                f"{name}",
+                (f"{name}/adapter_config.json", _LORA_KEY[name]),
+                CheckpointError,
+                config=_experts("expert-0", name),
+            )
+        )
     # routing patterns that cannot give the merge asked for (issue 24)
     cases += [
-        Case("include-typo-gives-a-plain-mean", ("include", "'model.layer.*' matches no tensor", "plain mean"),
-             config=_with(include=["model.layer.*"])),
+        Case(
+            "include-typo-gives-a-plain-mean",
+            ("include", "'model.layer.*' matches no tensor", "plain mean"),
+            config=_with(include=["model.layer.*"]),
+        ),
         Case("exclude-everything-gives-a-plain-mean", ("exclude", "plain mean"), config=_with(exclude=["*"])),
-        Case("keep-base-everything", ("keep_base", "every tensor", "base model unchanged"),
-             config=_with(keep_base=["*"])),
-        Case("keep-base-every-float-and-a-typo", ("keep_base", "every tensor", "'*.wieght' matches no tensor"),
-             config=_with(keep_base=["*weight", "*bias", "*.wieght"])),
+        Case(
+            "keep-base-everything", ("keep_base", "every tensor", "base model unchanged"), config=_with(keep_base=["*"])
+        ),
+        Case(
+            "keep-base-every-float-and-a-typo",
+            ("keep_base", "every tensor", "'*.wieght' matches no tensor"),
+            config=_with(keep_base=["*weight", "*bias", "*.wieght"]),
+        ),
     ]
     # credentials in URLs (issue 24): refused at load, pointing at secret references; never echoed
     secret_changes: list[tuple[str, str, Callable[[World, Path], dict[str, Any]]]] = [
         ("secret-userinfo-in-base", "base", lambda w, out: {"base": f"http://user:{PLANTED}@host/base"}),
-        ("secret-s3-key-in-expert", "experts[1]",
-         lambda w, out: {"experts": [w.path("expert-0"), f"s3://AKIAX:{PLANTED}@bucket/expert"]}),
-        ("secret-userinfo-in-endpoint", "storage_options.endpoint_url",
-         lambda w, out: {"storage_options": {"endpoint_url": f"http://admin:{PLANTED}@127.0.0.1:9"}}),
-        ("secret-signed-url-output", "output",
-         lambda w, out: {"output": f"https://h.example/b/out?X-Amz-Date=1&X-Amz-Signature={PLANTED}"}),
-        ("secret-sas-sig-in-work-dir", "work_dir",
-         lambda w, out: {"work_dir": f"abfs://c/work?sv=2024&sig={PLANTED}"}),
-        ("secret-token-in-evaluator-option", "evaluators[0].options.url",
-         lambda w, out: {"evaluators": [{"function": "m:f", "options": {"url": f"https://h/x?token={PLANTED}"}}]}),
+        (
+            "secret-s3-key-in-expert",
+            "experts[1]",
+            lambda w, out: {"experts": [w.path("expert-0"), f"s3://AKIAX:{PLANTED}@bucket/expert"]},
+        ),
+        (
+            "secret-userinfo-in-endpoint",
+            "storage_options.endpoint_url",
+            lambda w, out: {"storage_options": {"endpoint_url": f"http://admin:{PLANTED}@127.0.0.1:9"}},
+        ),
+        (
+            "secret-signed-url-output",
+            "output",
+            lambda w, out: {"output": f"https://h.example/b/out?X-Amz-Date=1&X-Amz-Signature={PLANTED}"},
+        ),
+        ("secret-sas-sig-in-work-dir", "work_dir", lambda w, out: {"work_dir": f"abfs://c/work?sv=2024&sig={PLANTED}"}),
+        (
+            "secret-token-in-evaluator-option",
+            "evaluators[0].options.url",
+            lambda w, out: {"evaluators": [{"function": "m:f", "options": {"url": f"https://h/x?token={PLANTED}"}}]},
+        ),
     ]
     for case_id, key, change in secret_changes:
         cases.append(Case(case_id, (key, "credential", "from_env"), config=_good_plus(change)))
@@ -312,8 +406,13 @@ BAD_LORA: dict[str, dict[str, Any]] = {
     "lora-rank-zero": {"r": 0},
     "lora-alpha-nan": {"lora_alpha": float("nan")},
 }
-_LORA_KEY = {"lora-r-infinity": "'r'", "lora-rank-pattern-fraction": "'rank_pattern.q'",
-             "lora-alpha-pattern-null": "'alpha_pattern.q'", "lora-rank-zero": "'r'", "lora-alpha-nan": "'lora_alpha'"}
+_LORA_KEY = {
+    "lora-r-infinity": "'r'",
+    "lora-rank-pattern-fraction": "'rank_pattern.q'",
+    "lora-alpha-pattern-null": "'alpha_pattern.q'",
+    "lora-rank-zero": "'r'",
+    "lora-alpha-nan": "'lora_alpha'",
+}
 
 
 #: A secret planted in URLs: no message, file or database may ever hold it.
@@ -328,8 +427,11 @@ def _duplicate(line: str) -> Callable[[World, Path], str]:
     # lines 1-3: base, experts (flow style), output; 4: the first; 5: the second
     def text(w: World, out: Path) -> str:
         good = _good(w, out)
-        return (f"base: {good['base']}\nexperts: [{', '.join(good['experts'])}]\noutput: {good['output']}\n"
-                f"{line}\n{line.split(':')[0]}: 0.3\n")
+        return (
+            f"base: {good['base']}\nexperts: [{', '.join(good['experts'])}]\noutput: {good['output']}\n"
+            f"{line}\n{line.split(':')[0]}: 0.3\n"
+        )
+
     return text
 
 
@@ -413,15 +515,22 @@ def test_a_secret_in_a_url_is_found_nowhere(world: World, tmp_path: Path, prefec
         assert PLANTED.encode() in path.read_bytes()  # the search below would find it
         result = CliRunner().invoke(app, ["merge", str(path), "-v"])
         assert result.exit_code == 2 and PLANTED not in result.output, result.output
-    searched = [p for root in (tmp_path, Path(os.environ["PREFECT_HOME"])) for p in root.rglob("*")
-                if p.is_file() and p.suffix != ".yaml"]
+    searched = [
+        p
+        for root in (tmp_path, Path(os.environ["PREFECT_HOME"]))
+        for p in root.rglob("*")
+        if p.is_file() and p.suffix != ".yaml"
+    ]
     assert any(p.suffix == ".db" for p in searched), "the Prefect database was not searched"
     assert not [str(p) for p in searched if PLANTED.encode() in p.read_bytes()]
 
 
 def test_output_bucket_missing_is_refused(world: World, tmp_path: Path, s3_bucket) -> None:
-    cfg = {**_good(world, tmp_path), "output": f"s3://{s3_bucket.name}-missing/merged",
-           "storage_options": s3_bucket.storage_options}
+    cfg = {
+        **_good(world, tmp_path),
+        "output": f"s3://{s3_bucket.name}-missing/merged",
+        "storage_options": s3_bucket.storage_options,
+    }
     path = tmp_path / "merge.yaml"
     path.write_text(yaml.safe_dump(cfg))
     error = _library_refusal(path, ())
@@ -438,9 +547,12 @@ def denying_s3() -> Iterator[str]:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    server = subprocess.Popen([str(Path(sys.executable).with_name("moto_server")), "-H", "127.0.0.1", "-p", str(port)],
-                              env={**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "0"},
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = subprocess.Popen(
+        [str(Path(sys.executable).with_name("moto_server")), "-H", "127.0.0.1", "-p", str(port)],
+        env={**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "0"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
@@ -490,32 +602,63 @@ class DataCase:
 
 
 DATA_CASES = [
-    DataCase("nan-in-base-blames-the-base", "nan-base", ("expert-0", "expert-1"),
-             ("layer.0.attn.q.weight", "base checkpoint holds non-finite", "nan-base/model.safetensors")),
-    DataCase("inf-in-expert-names-its-file", "base", ("expert-0", "inf-expert"),
-             ("layer.0.mlp.up.weight", "expert 1 in", "inf-expert/model.safetensors")),
-    DataCase("nan-in-expert-bias-group", "base", ("nan-bias-expert", "expert-1"),
-             ("layer.0.attn.q.bias", "expert 0 in", "nan-bias-expert/model.safetensors")),
-    DataCase("float16-overflow-names-the-tensor", "base", ("expert-0", "huge-expert"),
-             ("layer.0.mlp.down.weight", "float16", "output_dtype"), {"output_dtype": "float16"}),
-    DataCase("float8-e4m3-overflow-names-the-tensor", "f8-base", ("f8-expert-0", "f8-expert-1"),
-             ("layer.0.mlp.down.weight", "float8_e4m3fn", "largest finite value 448", "output_dtype"),
-             {"method": "task_arithmetic", "scale": 3.0}),
-    DataCase("nan-in-a-tensor-kept-at-the-base", "nan-base", ("expert-0", "expert-1"),
-             ("layer.0.attn.q.weight", "kept at the base value", "nan-base/model.safetensors"),
-             {"keep_base": ["*attn.q.weight"]}),
+    DataCase(
+        "nan-in-base-blames-the-base",
+        "nan-base",
+        ("expert-0", "expert-1"),
+        ("layer.0.attn.q.weight", "base checkpoint holds non-finite", "nan-base/model.safetensors"),
+    ),
+    DataCase(
+        "inf-in-expert-names-its-file",
+        "base",
+        ("expert-0", "inf-expert"),
+        ("layer.0.mlp.up.weight", "expert 1 in", "inf-expert/model.safetensors"),
+    ),
+    DataCase(
+        "nan-in-expert-bias-group",
+        "base",
+        ("nan-bias-expert", "expert-1"),
+        ("layer.0.attn.q.bias", "expert 0 in", "nan-bias-expert/model.safetensors"),
+    ),
+    DataCase(
+        "float16-overflow-names-the-tensor",
+        "base",
+        ("expert-0", "huge-expert"),
+        ("layer.0.mlp.down.weight", "float16", "output_dtype"),
+        {"output_dtype": "float16"},
+    ),
+    DataCase(
+        "float8-e4m3-overflow-names-the-tensor",
+        "f8-base",
+        ("f8-expert-0", "f8-expert-1"),
+        ("layer.0.mlp.down.weight", "float8_e4m3fn", "largest finite value 448", "output_dtype"),
+        {"method": "task_arithmetic", "scale": 3.0},
+    ),
+    DataCase(
+        "nan-in-a-tensor-kept-at-the-base",
+        "nan-base",
+        ("expert-0", "expert-1"),
+        ("layer.0.attn.q.weight", "kept at the base value", "nan-base/model.safetensors"),
+        {"keep_base": ["*attn.q.weight"]},
+    ),
 ]
 
 
-@pytest.mark.parametrize("case", [
-    pytest.param(c, id=c.id, marks=() if c.id.startswith("nan-in-base") else pytest.mark.slow) for c in DATA_CASES
-])
+@pytest.mark.parametrize(
+    "case",
+    [pytest.param(c, id=c.id, marks=() if c.id.startswith("nan-in-base") else pytest.mark.slow) for c in DATA_CASES],
+)
 def test_data_case_is_refused(case: DataCase, world: World, tmp_path: Path, prefect_api: str) -> None:
     from flows.merge import run_merge
 
     out = tmp_path / "out"
-    cfg = {"base": world.path(case.base), "experts": [world.path(e) for e in case.experts], "output": str(out),
-           "workers": 1, **case.settings}
+    cfg = {
+        "base": world.path(case.base),
+        "experts": [world.path(e) for e in case.experts],
+        "output": str(out),
+        "workers": 1,
+        **case.settings,
+    }
     path = tmp_path / "merge.yaml"
     path.write_text(yaml.safe_dump(cfg))
     with pytest.raises(InputError) as caught:
@@ -537,12 +680,16 @@ def test_the_corpus_is_large_enough() -> None:
     assert len(CONFIG_CASES) + len(DATA_CASES) + 4 >= 40
 
 
-@pytest.mark.parametrize("function", [
-    "tests.helpers.evaluators:fails",
-    pytest.param("tests.helpers.evaluators:not_a_number", marks=pytest.mark.slow),
-])
-def test_a_failing_evaluator_is_one_line_and_releases_its_lease(function: str, world: World, tmp_path: Path,
-                                                                prefect_api: str) -> None:
+@pytest.mark.parametrize(
+    "function",
+    [
+        "tests.helpers.evaluators:fails",
+        pytest.param("tests.helpers.evaluators:not_a_number", marks=pytest.mark.slow),
+    ],
+)
+def test_a_failing_evaluator_is_one_line_and_releases_its_lease(
+    function: str, world: World, tmp_path: Path, prefect_api: str
+) -> None:
     out = tmp_path / "out"
     cfg = {**_good(world, out), "workers": 1, "method": "task_arithmetic", "evaluators": [{"function": function}]}
     path = tmp_path / "merge.yaml"
@@ -569,8 +716,9 @@ def test_gc_reading_a_damaged_file_is_one_line_naming_it(damage: str, world: Wor
         damaged.write_text('{"artefacts": {"merged": ["ab')
     else:
         damaged = runs / "run-1.json"
-        damaged.write_text(json.dumps({"created": time.time(), "keys": []}) if damage == "lease-keys-a-list"
-                           else '{"created": 17')
+        damaged.write_text(
+            json.dumps({"created": time.time(), "keys": []}) if damage == "lease-keys-a-list" else '{"created": 17'
+        )
     result = CliRunner().invoke(app, ["gc", str(path)])
     assert result.exit_code == 2, result.output
     assert str(damaged) in _one_line_error(result.output) and "damaged" in result.output

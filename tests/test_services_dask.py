@@ -57,10 +57,10 @@ class Cluster:
         return [self.scheduler, *self.workers]
 
 
-
 def _scheduler_address(scheduler_file: Path) -> str | None:
     """The address the Dask scheduler wrote to its file, once it has."""
     return json.loads(scheduler_file.read_text())["address"] if scheduler_file.exists() else None
+
 
 @pytest.fixture
 def cluster(prefect_api: str, tmp_path: Path) -> Iterator[Cluster]:
@@ -82,9 +82,20 @@ def cluster(prefect_api: str, tmp_path: Path) -> Iterator[Cluster]:
     try:
         scheduler = start(
             "dask-scheduler",
-            [str(BIN / "dask"), "scheduler", "--host", "127.0.0.1", "--port", "0", "--no-dashboard",
-             "--scheduler-file", str(scheduler_file)],
-            logs, env, tmp_path,
+            [
+                str(BIN / "dask"),
+                "scheduler",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                "0",
+                "--no-dashboard",
+                "--scheduler-file",
+                str(scheduler_file),
+            ],
+            logs,
+            env,
+            tmp_path,
         )
         services.append(scheduler)
         address: str = wait_for(lambda: _scheduler_address(scheduler_file), 120, "the scheduler file", services)
@@ -103,10 +114,29 @@ def _worker(address: str, i: int, tmp_path: Path, env: dict[str, str]) -> Servic
     """`dask worker ADDRESS --no-nanny` in a folder of its own (nothing shared with the client but S3)."""
     folder = tmp_path / f"worker-{i}"
     folder.mkdir()
-    return start(f"dask-worker-{i}",
-                 [str(BIN / "dask"), "worker", address, "--no-nanny", "--nthreads", "1", "--host", "127.0.0.1",
-                  "--no-dashboard", "--memory-limit", "2GB", "--name", f"w{i}", "--local-directory", str(folder)],
-                 tmp_path / "logs", env, folder)
+    return start(
+        f"dask-worker-{i}",
+        [
+            str(BIN / "dask"),
+            "worker",
+            address,
+            "--no-nanny",
+            "--nthreads",
+            "1",
+            "--host",
+            "127.0.0.1",
+            "--no-dashboard",
+            "--memory-limit",
+            "2GB",
+            "--name",
+            f"w{i}",
+            "--local-directory",
+            str(folder),
+        ],
+        tmp_path / "logs",
+        env,
+        folder,
+    )
 
 
 def _worker_count(address: str) -> int:
@@ -133,27 +163,44 @@ def _published_files(output: str, options: dict[str, Any]) -> dict[str, bytes]:
 
 def _merge_cli(config_path: Path, env: dict[str, str], log: Path) -> subprocess.Popen:
     with log.open("ab") as sink:
-        return subprocess.Popen([sys.executable, "-m", "swudi.cli", "merge", str(config_path)], env=env,
-                                cwd=config_path.parent, stdout=sink, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+        return subprocess.Popen(
+            [sys.executable, "-m", "swudi.cli", "merge", str(config_path)],
+            env=env,
+            cwd=config_path.parent,
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
 
 
 def test_dask_cluster_of_processes_on_s3_equals_threads_and_survives_a_killed_worker(
-        cluster: Cluster, prefect_api: str, s3_bucket, tmp_path: Path) -> None:
+    cluster: Cluster, prefect_api: str, s3_bucket, tmp_path: Path
+) -> None:
     client_options = {**s3_bucket.storage_options, "key": "client-only-key", "secret": "client-only-secret"}
-    base, experts = write_synthetic_models(f"{s3_bucket.url}/in", NUM_EXPERTS, MODEL,
-                                           storage_options=s3_bucket.storage_options)
+    base, experts = write_synthetic_models(
+        f"{s3_bucket.url}/in", NUM_EXPERTS, MODEL, storage_options=s3_bucket.storage_options
+    )
     # the same torch threads per task on both runners: float reductions (eigh, matmul) then run in the
     # same order and the bytes can be equal (a Dask worker's default is its cores // its threads)
-    common = {"base": base, "experts": experts, "method": "swudi_a", "device": "cpu", "workers": 2,
-              "torch_threads": 1, "storage_options": client_options}
+    common = {
+        "base": base,
+        "experts": experts,
+        "method": "swudi_a",
+        "device": "cpu",
+        "workers": 2,
+        "torch_threads": 1,
+        "storage_options": client_options,
+    }
 
     threads = config_from_mapping({**common, "output": f"{s3_bucket.url}/threads"})
     reference = run_merge(threads)
     want = _published_files(threads.output, s3_bucket.storage_options)
 
-    dask_config: dict[str, Any] = {**common, "output": f"{s3_bucket.url}/dask",
-                   "task_runner": {"kind": "dask", "address": cluster.address}}
+    dask_config: dict[str, Any] = {
+        **common,
+        "output": f"{s3_bucket.url}/dask",
+        "task_runner": {"kind": "dask", "address": cluster.address},
+    }
     config_path = tmp_path / "client" / "merge.yaml"
     config_path.parent.mkdir()
     config_path.write_text(yaml.safe_dump(dask_config))
@@ -165,8 +212,13 @@ def test_dask_cluster_of_processes_on_s3_equals_threads_and_survives_a_killed_wo
     total = reference["layers"] + reference["groups"]
     client = _merge_cli(config_path, env, log)
     try:
-        done_at_kill = wait_for(lambda: len(_listing(s3_bucket.fs, merged)), 300, "a first merged weight on S3",
-                                cluster.services, poll_s=0.2)
+        done_at_kill = wait_for(
+            lambda: len(_listing(s3_bucket.fs, merged)),
+            300,
+            "a first merged weight on S3",
+            cluster.services,
+            poll_s=0.2,
+        )
         cluster.workers[0].kill()
         # as a nanny or Kubernetes would: a new worker process joins in place of the dead one
         cluster.workers.append(_worker(cluster.address, 2, cluster.tmp, cluster.env))

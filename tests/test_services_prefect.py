@@ -58,8 +58,9 @@ class Prefect:
 
     def cli(self, *args: str, timeout_s: float = 180) -> str:
         """Run ``prefect ARGS`` against this server from the project root; return its output."""
-        done = subprocess.run([str(BIN / "prefect"), *args], cwd=REPO, env=self.env, capture_output=True,
-                              text=True, timeout=timeout_s)
+        done = subprocess.run(
+            [str(BIN / "prefect"), *args], cwd=REPO, env=self.env, capture_output=True, text=True, timeout=timeout_s
+        )
         assert done.returncode == 0, f"prefect {' '.join(args)}: {done.stdout}\n{done.stderr}"
         return done.stdout + done.stderr
 
@@ -110,8 +111,19 @@ def prefect(tmp_path: Path) -> Iterator[Prefect]:
 def _config(tmp: Path) -> Path:
     base, experts = write_synthetic_models(str(tmp / "in"), 2, MODEL)
     path = tmp / "merge.yaml"
-    path.write_text(yaml.safe_dump({"base": base, "experts": experts, "output": str(tmp / "out"),
-                                    "method": "swudi_a", "device": "cpu", "workers": 1, "keep_versions": 3}))
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "base": base,
+                "experts": experts,
+                "output": str(tmp / "out"),
+                "method": "swudi_a",
+                "device": "cpu",
+                "workers": 1,
+                "keep_versions": 3,
+            }
+        )
+    )
     return path
 
 
@@ -149,7 +161,8 @@ def _refresh_markdown(prefect: Prefect, run_id: str) -> str:
 
     with prefect.client() as client:
         found = client.read_artifacts(
-            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[uuid.UUID(run_id)])))
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[uuid.UUID(run_id)]))
+        )
     markdown = [a.data for a in found if a.key and a.key.startswith("swudi-refresh-")]
     assert len(markdown) == 1, [a.key for a in found]
     return markdown[0]
@@ -158,8 +171,11 @@ def _refresh_markdown(prefect: Prefect, run_id: str) -> str:
 def test_work_pool_worker_runs_the_deployments_from_prefect_yaml(prefect: Prefect) -> None:
     config = _config(prefect.tmp)
     output = prefect.tmp / "out"
-    deploy_env = {"SWUDI_PROJECT_DIR": str(REPO), "SWUDI_REFRESH_CONFIG": str(config),
-                  "SWUDI_MERGE_CONFIG": str(config)}
+    deploy_env = {
+        "SWUDI_PROJECT_DIR": str(REPO),
+        "SWUDI_REFRESH_CONFIG": str(config),
+        "SWUDI_MERGE_CONFIG": str(config),
+    }
     prefect.env.update(deploy_env)
     prefect.cli("deploy", "--no-prompt", "--prefect-file", "deployments/prefect.yaml", "--all")
     with prefect.client() as client:
@@ -171,16 +187,25 @@ def test_work_pool_worker_runs_the_deployments_from_prefect_yaml(prefect: Prefec
 
     worker_folder = prefect.tmp / "worker"
     worker_folder.mkdir()
-    prefect.worker = start("prefect-worker", [str(BIN / "prefect"), "worker", "start", "--pool", POOL],
-                           prefect.tmp / "logs", prefect.env, worker_folder)
+    prefect.worker = start(
+        "prefect-worker",
+        [str(BIN / "prefect"), "worker", "start", "--pool", POOL],
+        prefect.tmp / "logs",
+        prefect.env,
+        worker_folder,
+    )
 
     # 1. The merge deployment publishes; the worker's log names the version.
     merge_run = _final(prefect, _run(prefect, "swudi-merge-config/manual"))
     latest = read_latest(str(output))
     assert latest is not None and merge_run.name
     version = latest["version"]
-    wait_for(lambda: f"published version {version}" in prefect.worker.log.read_text(errors="replace"), 60,
-             "the worker's log to name the published version", prefect.services)
+    wait_for(
+        lambda: f"published version {version}" in prefect.worker.log.read_text(errors="replace"),
+        60,
+        "the worker's log to name the published version",
+        prefect.services,
+    )
 
     # 2. Its artifacts, through the server's API: diagnostics table, merge report link, progress.
     table = _artifacts(prefect, "swudi-layer-diagnostics")
@@ -219,5 +244,9 @@ def test_work_pool_worker_runs_the_deployments_from_prefect_yaml(prefect: Prefec
     assert outcomes == ["# swudi refresh: published", "# swudi refresh: unchanged"], outcomes
     new_version = read_latest(str(output))["version"]
     assert new_version != version
-    wait_for(lambda: f"published version {new_version}" in prefect.worker.log.read_text(errors="replace"), 60,
-             "the worker's log to name the refreshed version", prefect.services)
+    wait_for(
+        lambda: f"published version {new_version}" in prefect.worker.log.read_text(errors="replace"),
+        60,
+        "the worker's log to name the refreshed version",
+        prefect.services,
+    )

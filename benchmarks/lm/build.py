@@ -105,8 +105,12 @@ def reuse_base(source: Path, out: Path, settings: BuildSettings) -> None:
     import shutil
 
     src = json.loads((source / "manifest.json").read_text())
-    if BuildSettings(**{**settings.as_dict(), **{k: src["settings"][k] for k in BASE_INDEPENDENT},
-                        "shape": settings.shape}).digest != src["settings_digest"]:
+    if (
+        BuildSettings(
+            **{**settings.as_dict(), **{k: src["settings"][k] for k in BASE_INDEPENDENT}, "shape": settings.shape}
+        ).digest
+        != src["settings_digest"]
+    ):
         raise SystemExit(f"{source}: its data / tokenizer / base settings differ from these; cannot reuse its base")
     if not all(step in src["steps"] for step in BASE_STEPS):
         raise SystemExit(f"{source}: its base is not finished")
@@ -131,11 +135,19 @@ class Manifest:
         if self.path.exists():
             self.data = json.loads(self.path.read_text())
             if self.data.get("settings_digest") != settings.digest:
-                raise SystemExit(f"{self.path} was written with other settings ({self.data.get('settings')}); "
-                                 "use another --out or delete it")
+                raise SystemExit(
+                    f"{self.path} was written with other settings ({self.data.get('settings')}); "
+                    "use another --out or delete it"
+                )
         else:
-            self.data = {"schema": "swudi-lm-build/1", "settings_digest": settings.digest,
-                         "settings": settings.as_dict(), "steps": {}, "domains": {}, "reference": {}}
+            self.data = {
+                "schema": "swudi-lm-build/1",
+                "settings_digest": settings.digest,
+                "settings": settings.as_dict(),
+                "steps": {},
+                "domains": {},
+                "reference": {},
+            }
 
     def done(self, step: str) -> bool:
         return step in self.data["steps"]
@@ -153,8 +165,10 @@ class Manifest:
 def _timed(fn: Callable[[], Any]) -> tuple[Any, dict[str, float]]:
     wall, cpu = time.perf_counter(), time.process_time()
     result = fn()
-    return result, {"wall_seconds": round(time.perf_counter() - wall, 2),
-                    "cpu_seconds": round(time.process_time() - cpu, 2)}
+    return result, {
+        "wall_seconds": round(time.perf_counter() - wall, 2),
+        "cpu_seconds": round(time.process_time() - cpu, 2),
+    }
 
 
 def lr_at(step: int, steps: int, peak: float) -> float:
@@ -166,8 +180,17 @@ def lr_at(step: int, steps: int, peak: float) -> float:
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def train(model: Any, streams: Sequence[torch.Tensor], *, steps: int, lr: float, batch: int, seq_len: int,
-          seed: int, label: str) -> list[float]:
+def train(
+    model: Any,
+    streams: Sequence[torch.Tensor],
+    *,
+    steps: int,
+    lr: float,
+    batch: int,
+    seq_len: int,
+    seed: int,
+    label: str,
+) -> list[float]:
     """Train the parameters of ``model`` that require grad for ``steps`` steps of next-token loss.
 
     Row ``i`` of step ``k`` is a window of ``streams[(k * batch + i) % len(streams)]`` (equal shares
@@ -191,8 +214,14 @@ def train(model: Any, streams: Sequence[torch.Tensor], *, steps: int, lr: float,
         opt.step()
         losses.append(loss.item())
         if step % 50 == 0 or step == steps - 1:
-            log.info("%s step %d/%d loss %.3f (%.2f s/step)", label, step + 1, steps, losses[-1],
-                     (time.perf_counter() - started) / (step + 1))
+            log.info(
+                "%s step %d/%d loss %.3f (%.2f s/step)",
+                label,
+                step + 1,
+                steps,
+                losses[-1],
+                (time.perf_counter() - started) / (step + 1),
+            )
     model.eval()
     return losses
 
@@ -222,17 +251,25 @@ def build(out: Path, settings: BuildSettings) -> dict[str, Any]:
     docs_path = out / "data" / "docs.json"
 
     if not m.done("data"):
+
         def read() -> dict[str, Any]:
-            return {d: data_mod.load_domain(d, max_train_chars=settings.max_train_chars,
-                                            max_eval_chars=settings.max_eval_chars) for d in settings.domains}
+            return {
+                d: data_mod.load_domain(
+                    d, max_train_chars=settings.max_train_chars, max_eval_chars=settings.max_eval_chars
+                )
+                for d in settings.domains
+            }
+
         domains, t = _timed(read)
-        docs_path.write_text(json.dumps({d: {s: list(v.split(s)) for s in data_mod.SPLITS}
-                                         for d, v in domains.items()}))
+        docs_path.write_text(
+            json.dumps({d: {s: list(v.split(s)) for s in data_mod.SPLITS} for d, v in domains.items()})
+        )
         m.data["domains"] = {d: v.summary() for d, v in domains.items()}
         m.record("data", **t)
     docs = json.loads(docs_path.read_text())
 
     if not m.done("tokenizer"):
+
         def tok() -> Any:
             from safetensors.torch import save_file
 
@@ -244,12 +281,15 @@ def build(out: Path, settings: BuildSettings) -> dict[str, Any]:
                             break
                         used += len(doc)
                         yield doc
+
             tokenizer = train_tokenizer(texts(), settings.shape.vocab)
             tokenizer.save_pretrained(str(out / "tokenizer"))
-            streams = {f"{s}/{d}": encode_stream(tokenizer, docs[d][s]) for d in settings.domains
-                       for s in data_mod.SPLITS}
+            streams = {
+                f"{s}/{d}": encode_stream(tokenizer, docs[d][s]) for d in settings.domains for s in data_mod.SPLITS
+            }
             save_file(streams, str(out / "data" / "tokens.safetensors"))
             return {k: int(v.numel()) for k, v in streams.items()}
+
         counts, t = _timed(tok)
         m.record("tokenizer", tokens=counts, **t)
 
@@ -260,26 +300,47 @@ def build(out: Path, settings: BuildSettings) -> dict[str, Any]:
     train_streams = [streams[f"train/{d}"] for d in settings.domains]
 
     if not m.done("base"):
+
         def pretrain() -> list[float]:
             cfg = llama_config(settings.shape, len(tokenizer), tokenizer.eos_token_id)
             torch.manual_seed(BASE_INIT_SEED)
             model = LlamaForCausalLM(cfg)
-            losses = train(model, train_streams, steps=settings.pretrain_steps, lr=settings.pretrain_lr,
-                           batch=settings.batch, seq_len=settings.seq_len, seed=BASE_INIT_SEED, label="base")
+            losses = train(
+                model,
+                train_streams,
+                steps=settings.pretrain_steps,
+                lr=settings.pretrain_lr,
+                batch=settings.batch,
+                seq_len=settings.seq_len,
+                seed=BASE_INIT_SEED,
+                label="base",
+            )
             model.save_pretrained(str(out / "base"))
             tokenizer.save_pretrained(str(out / "base"))
             return losses
+
         losses, t = _timed(pretrain)
-        m.record("base", final_train_loss=_mean(losses), steps=settings.pretrain_steps,
-                 parameters=sum(p.numel() for p in load_causal_lm(out / "base").parameters()), **t)
+        m.record(
+            "base",
+            final_train_loss=_mean(losses),
+            steps=settings.pretrain_steps,
+            parameters=sum(p.numel() for p in load_causal_lm(out / "base").parameters()),
+            **t,
+        )
 
     base = load_causal_lm(out / "base")
-    blocks = {split: {d: eval_blocks(streams[f"{split}/{d}"], settings.seq_len, settings.eval_blocks)
-                      for d in settings.domains} for split in ("val", "test")}
+    blocks = {
+        split: {
+            d: eval_blocks(streams[f"{split}/{d}"], settings.seq_len, settings.eval_blocks) for d in settings.domains
+        }
+        for split in ("val", "test")
+    }
     ref = m.data["reference"]
     for split in blocks:
-        ref.setdefault(split, {"blocks": {d: int(b.shape[0]) for d, b in blocks[split].items()},
-                               "base": {}, "expert": {}, "lora": {}})
+        ref.setdefault(
+            split,
+            {"blocks": {d: int(b.shape[0]) for d, b in blocks[split].items()}, "base": {}, "expert": {}, "lora": {}},
+        )
     if not m.done("reference:base"):
         for split, by_domain in blocks.items():
             ref[split]["base"] = {d: score_blocks(base, b) for d, b in by_domain.items()}
@@ -297,11 +358,19 @@ def build(out: Path, settings: BuildSettings) -> dict[str, Any]:
 
             def finetune(d: str = d, i: int = i, seed: int = seed) -> tuple[list[float], Any]:
                 model = copy.deepcopy(base)
-                losses = train(model, [streams[f"train/{d}"]], steps=settings.expert_steps, lr=settings.expert_lr,
-                               batch=settings.batch, seq_len=settings.seq_len, seed=1000 * seed + i + 1,
-                               label=f"expert seed {seed} {d}")
+                losses = train(
+                    model,
+                    [streams[f"train/{d}"]],
+                    steps=settings.expert_steps,
+                    lr=settings.expert_lr,
+                    batch=settings.batch,
+                    seq_len=settings.seq_len,
+                    seed=1000 * seed + i + 1,
+                    label=f"expert seed {seed} {d}",
+                )
                 model.save_pretrained(str(out / "experts" / f"seed{seed}" / d))
                 return losses, model
+
             (losses, model), t = _timed(finetune)
             score_own("expert", seed, d, model)
             m.record(step, final_train_loss=_mean(losses), **t)
@@ -316,20 +385,33 @@ def build(out: Path, settings: BuildSettings) -> dict[str, Any]:
                 from peft import LoraConfig, get_peft_model
 
                 torch.manual_seed(5000 + 1000 * seed + i)
-                model = get_peft_model(copy.deepcopy(base), LoraConfig(
-                    r=settings.lora_rank, lora_alpha=2 * settings.lora_rank, lora_dropout=0.0,
-                    target_modules=list(LORA_TARGETS)))
-                losses = train(model, [streams[f"train/{d}"]], steps=settings.lora_steps, lr=settings.lora_lr,
-                               batch=settings.batch, seq_len=settings.seq_len, seed=1000 * seed + i + 1,
-                               label=f"lora seed {seed} {d}")
+                model = get_peft_model(
+                    copy.deepcopy(base),
+                    LoraConfig(
+                        r=settings.lora_rank,
+                        lora_alpha=2 * settings.lora_rank,
+                        lora_dropout=0.0,
+                        target_modules=list(LORA_TARGETS),
+                    ),
+                )
+                losses = train(
+                    model,
+                    [streams[f"train/{d}"]],
+                    steps=settings.lora_steps,
+                    lr=settings.lora_lr,
+                    batch=settings.batch,
+                    seq_len=settings.seq_len,
+                    seed=1000 * seed + i + 1,
+                    label=f"lora seed {seed} {d}",
+                )
                 model.save_pretrained(str(out / "lora" / f"seed{seed}" / d))
                 return losses
+
             losses, t = _timed(lora)
             score_own("lora", seed, d, load_lora_merged(out, seed, d))
             m.record(step, final_train_loss=_mean(losses), **t)
 
-    total = {k: round(sum(s.get(k, 0.0) for s in m.data["steps"].values()), 1)
-             for k in ("wall_seconds", "cpu_seconds")}
+    total = {k: round(sum(s.get(k, 0.0) for s in m.data["steps"].values()), 1) for k in ("wall_seconds", "cpu_seconds")}
     m.data["total"] = total
     m.save()
     return m.data
@@ -344,35 +426,68 @@ def load_lora_merged(out: Path, seed: int, domain: str) -> Any:
 
 
 def settings_from_args(args: argparse.Namespace) -> BuildSettings:
-    shape = ModelShape(layers=args.layers, hidden=args.hidden, heads=args.heads, kv_heads=args.kv_heads,
-                       intermediate=args.intermediate, vocab=args.vocab)
+    shape = ModelShape(
+        layers=args.layers,
+        hidden=args.hidden,
+        heads=args.heads,
+        kv_heads=args.kv_heads,
+        intermediate=args.intermediate,
+        vocab=args.vocab,
+    )
     return BuildSettings(
-        domains=tuple(args.domains), seeds=tuple(args.seeds), lora_seeds=tuple(args.lora_seeds), shape=shape,
-        seq_len=args.seq_len, batch=args.batch, pretrain_steps=args.pretrain_steps, expert_steps=args.expert_steps,
-        lora_steps=args.lora_steps, lora_rank=args.lora_rank, max_train_chars=args.max_train_chars,
-        max_eval_chars=args.max_eval_chars, tokenizer_chars=args.tokenizer_chars, eval_blocks=args.eval_blocks,
-        pretrain_lr=args.pretrain_lr, expert_lr=args.expert_lr, lora_lr=args.lora_lr,
+        domains=tuple(args.domains),
+        seeds=tuple(args.seeds),
+        lora_seeds=tuple(args.lora_seeds),
+        shape=shape,
+        seq_len=args.seq_len,
+        batch=args.batch,
+        pretrain_steps=args.pretrain_steps,
+        expert_steps=args.expert_steps,
+        lora_steps=args.lora_steps,
+        lora_rank=args.lora_rank,
+        max_train_chars=args.max_train_chars,
+        max_eval_chars=args.max_eval_chars,
+        tokenizer_chars=args.tokenizer_chars,
+        eval_blocks=args.eval_blocks,
+        pretrain_lr=args.pretrain_lr,
+        expert_lr=args.expert_lr,
+        lora_lr=args.lora_lr,
     )
 
 
 def parser() -> argparse.ArgumentParser:
     d, s = BuildSettings(), ModelShape()
-    p = argparse.ArgumentParser(prog="python -m benchmarks.lm.build", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.lm.build", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--out", type=Path, default=Path("benchmarks/.cache/lm"))
     p.add_argument("--domains", nargs="+", default=list(d.domains), choices=list(data_mod.READERS))
     p.add_argument("--seeds", nargs="+", type=int, default=list(d.seeds))
     p.add_argument("--lora-seeds", nargs="*", type=int, default=list(d.lora_seeds))
     for name in ("layers", "hidden", "heads", "kv_heads", "intermediate", "vocab"):
         p.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(s, name))
-    for name in ("seq_len", "batch", "pretrain_steps", "expert_steps", "lora_steps", "lora_rank", "max_train_chars",
-                 "max_eval_chars", "tokenizer_chars", "eval_blocks"):
+    for name in (
+        "seq_len",
+        "batch",
+        "pretrain_steps",
+        "expert_steps",
+        "lora_steps",
+        "lora_rank",
+        "max_train_chars",
+        "max_eval_chars",
+        "tokenizer_chars",
+        "eval_blocks",
+    ):
         p.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(d, name))
     for name in ("pretrain_lr", "expert_lr", "lora_lr"):
         p.add_argument(f"--{name.replace('_', '-')}", type=float, default=getattr(d, name))
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--reuse-base", type=Path, default=None,
-                   help="start from the data, tokenizer and base of this finished build (other expert settings)")
+    p.add_argument(
+        "--reuse-base",
+        type=Path,
+        default=None,
+        help="start from the data, tokenizer and base of this finished build (other expert settings)",
+    )
     return p
 
 

@@ -76,8 +76,12 @@ class DomainData:
         return h.hexdigest()[:16]
 
     def summary(self) -> dict:
-        return {"domain": self.name, **{f"docs_{s}": len(self.split(s)) for s in SPLITS},
-                **{f"chars_{s}": sum(map(len, self.split(s))) for s in SPLITS}, "fingerprint": self.fingerprint}
+        return {
+            "domain": self.name,
+            **{f"docs_{s}": len(self.split(s)) for s in SPLITS},
+            **{f"chars_{s}": sum(map(len, self.split(s))) for s in SPLITS},
+            "fingerprint": self.fingerprint,
+        }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -99,8 +103,41 @@ _ROFF_ESCAPES = [
     (re.compile(r"\\ "), " "),
     (re.compile(r'\\".*$', re.M), ""),  # comments
 ]
-_KEEP_ARGS = {"SH", "SS", "B", "I", "BR", "IR", "RB", "RI", "BI", "IB", "SM", "SB", "IP", "TP", "UR", "MT", "Nm",
-              "Nd", "Fl", "Ar", "Op", "Sh", "Ss", "It", "Pa", "Xr", "Dv", "Ev", "Fn", "Ft", "Va", "Cm", "Em"}
+_KEEP_ARGS = {
+    "SH",
+    "SS",
+    "B",
+    "I",
+    "BR",
+    "IR",
+    "RB",
+    "RI",
+    "BI",
+    "IB",
+    "SM",
+    "SB",
+    "IP",
+    "TP",
+    "UR",
+    "MT",
+    "Nm",
+    "Nd",
+    "Fl",
+    "Ar",
+    "Op",
+    "Sh",
+    "Ss",
+    "It",
+    "Pa",
+    "Xr",
+    "Dv",
+    "Ev",
+    "Fn",
+    "Ft",
+    "Va",
+    "Cm",
+    "Em",
+}
 
 
 def strip_roff(source: str) -> str:
@@ -124,8 +161,9 @@ def strip_roff(source: str) -> str:
 
 def _need(path: Path, package: str) -> Path:
     if not path.exists():
-        raise MissingDataError(f"{path} not found: it is shipped by the Debian package '{package}' "
-                               f"(apt-get install -y {package}).")
+        raise MissingDataError(
+            f"{path} not found: it is shipped by the Debian package '{package}' (apt-get install -y {package})."
+        )
     return path
 
 
@@ -186,8 +224,7 @@ def read_wordnet() -> list[str]:
 
 
 def read_fortunes() -> list[str]:
-    files = sorted(p for p in _need(FORTUNES_DIR, "fortunes").iterdir()
-                   if p.is_file() and "." not in p.name)
+    files = sorted(p for p in _need(FORTUNES_DIR, "fortunes").iterdir() if p.is_file() and "." not in p.name)
     docs = []
     for path in files:
         text = path.read_text(encoding="utf-8", errors="replace")
@@ -210,8 +247,14 @@ def _bucket(seed: int, text: str) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}:{text}".encode()).digest()[:8], "big") % 1000
 
 
-def split_documents(name: str, docs: Sequence[str], *, seed: int = 0, max_train_chars: int = MAX_TRAIN_CHARS,
-                    max_eval_chars: int = MAX_EVAL_CHARS) -> DomainData:
+def split_documents(
+    name: str,
+    docs: Sequence[str],
+    *,
+    seed: int = 0,
+    max_train_chars: int = MAX_TRAIN_CHARS,
+    max_eval_chars: int = MAX_EVAL_CHARS,
+) -> DomainData:
     """Split ``docs`` by document (see the module docstring); identical texts count once."""
     unique = sorted({d[:MAX_DOC_CHARS] for d in docs if len(d.strip()) >= MIN_DOC_CHARS})
     order = sorted(unique, key=lambda d: hashlib.sha256(f"order:{seed}:{d}".encode()).digest())
@@ -229,15 +272,15 @@ def split_documents(name: str, docs: Sequence[str], *, seed: int = 0, max_train_
 
 
 @functools.lru_cache(maxsize=16)
-def load_domain(name: str, *, seed: int = 0, max_train_chars: int = MAX_TRAIN_CHARS,
-                max_eval_chars: int = MAX_EVAL_CHARS) -> DomainData:
+def load_domain(
+    name: str, *, seed: int = 0, max_train_chars: int = MAX_TRAIN_CHARS, max_eval_chars: int = MAX_EVAL_CHARS
+) -> DomainData:
     """Read and split the domain ``name`` (deterministic for a given machine and seed)."""
     try:
         reader = READERS[name]
     except KeyError:
         raise ValueError(f"unknown domain {name!r}; known: {', '.join(READERS)}") from None
-    return split_documents(name, reader(), seed=seed, max_train_chars=max_train_chars,
-                           max_eval_chars=max_eval_chars)
+    return split_documents(name, reader(), seed=seed, max_train_chars=max_train_chars, max_eval_chars=max_eval_chars)
 
 
 def main() -> None:  # python -m benchmarks.lm.data: print the domain table

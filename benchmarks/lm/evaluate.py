@@ -43,13 +43,15 @@ def default_build() -> Path:
 def read_manifest(build: str | Path) -> dict[str, Any]:
     path = Path(build) / "manifest.json"
     if not path.exists():
-        raise FileNotFoundError(f"{path} not found: build the benchmark first "
-                                "(python -m benchmarks.lm.build --out DIR)")
+        raise FileNotFoundError(
+            f"{path} not found: build the benchmark first (python -m benchmarks.lm.build --out DIR)"
+        )
     return json.loads(path.read_text())
 
 
-def domain_blocks(build: str | Path, split: str, domains: Sequence[str] | None = None,
-                  max_blocks: int | None = None) -> dict[str, torch.Tensor]:
+def domain_blocks(
+    build: str | Path, split: str, domains: Sequence[str] | None = None, max_blocks: int | None = None
+) -> dict[str, torch.Tensor]:
     """``{domain: [B, seq_len] token ids}``: the evaluation blocks of ``split`` (see module docstring)."""
     from safetensors.torch import load_file
 
@@ -65,14 +67,24 @@ def normalize(scores: Mapping[str, float], base: Mapping[str, float], expert: Ma
     return {
         "normalized_accuracy": scores["accuracy"] / expert["accuracy"] if expert["accuracy"] > 0 else float("nan"),
         "loss_gap_closed": (base["loss"] - scores["loss"]) / gap if gap != 0 else float("nan"),
-        "expert_loss": expert["loss"], "expert_accuracy": expert["accuracy"],
-        "base_loss": base["loss"], "base_accuracy": base["accuracy"],
+        "expert_loss": expert["loss"],
+        "expert_accuracy": expert["accuracy"],
+        "base_loss": base["loss"],
+        "base_accuracy": base["accuracy"],
     }
 
 
-def evaluate_model(model_path: str | os.PathLike, build: str | Path, *, domains: Sequence[str] | None = None,
-                   split: str = "test", seed: int = 0, reference: str = "expert", max_blocks: int | None = None,
-                   storage_options: Mapping | None = None) -> dict[str, dict[str, float]]:
+def evaluate_model(
+    model_path: str | os.PathLike,
+    build: str | Path,
+    *,
+    domains: Sequence[str] | None = None,
+    split: str = "test",
+    seed: int = 0,
+    reference: str = "expert",
+    max_blocks: int | None = None,
+    storage_options: Mapping | None = None,
+) -> dict[str, dict[str, float]]:
     """``{domain: {"loss", "perplexity", "accuracy", "tokens", + normalised metrics}}`` (module docstring).
 
     The normalised metrics use the references of experts (or adapters) of ``seed``; they are left out
@@ -108,10 +120,16 @@ def evaluate(model_path: str, **options: Any) -> dict[str, dict[str, float]]:
     if options.get("threads"):
         torch.set_num_threads(int(options["threads"]))
     quiet_transformers()
-    results = evaluate_model(model_path, options.get("build") or default_build(), domains=options.get("domains"),
-                             split=options.get("split", "test"), seed=int(options.get("seed", 0)),
-                             reference=options.get("reference", "expert"), max_blocks=options.get("max_blocks"),
-                             storage_options=options.get("storage_options"))
+    results = evaluate_model(
+        model_path,
+        options.get("build") or default_build(),
+        domains=options.get("domains"),
+        split=options.get("split", "test"),
+        seed=int(options.get("seed", 0)),
+        reference=options.get("reference", "expert"),
+        max_blocks=options.get("max_blocks"),
+        storage_options=options.get("storage_options"),
+    )
     return {**results, "all": mean_over_domains(results)} if options.get("aggregate") else results
 
 
@@ -124,8 +142,11 @@ def mean_over_domains(results: Mapping[str, Mapping[str, float]]) -> dict[str, f
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
-    p = argparse.ArgumentParser(prog="python -m benchmarks.lm.evaluate", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.lm.evaluate",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("model", help="model folder, output folder with latest.json, or URL")
     p.add_argument("--build", default=None)
     p.add_argument("--domains", nargs="+", default=None)
@@ -134,8 +155,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reference", default="expert", choices=("expert", "lora"))
     p.add_argument("--threads", type=int, default=None)
     args = p.parse_args(argv)
-    print(json.dumps(evaluate(args.model, build=args.build, domains=args.domains, split=args.split, seed=args.seed,
-                              reference=args.reference, threads=args.threads), indent=1))
+    print(
+        json.dumps(
+            evaluate(
+                args.model,
+                build=args.build,
+                domains=args.domains,
+                split=args.split,
+                seed=args.seed,
+                reference=args.reference,
+                threads=args.threads,
+            ),
+            indent=1,
+        )
+    )
     return 0
 
 

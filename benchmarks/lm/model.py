@@ -44,10 +44,18 @@ def llama_config(shape: ModelShape, vocab_size: int, eos_id: int) -> Any:
     from transformers import LlamaConfig
 
     return LlamaConfig(
-        vocab_size=vocab_size, hidden_size=shape.hidden, intermediate_size=shape.intermediate,
-        num_hidden_layers=shape.layers, num_attention_heads=shape.heads, num_key_value_heads=shape.kv_heads,
-        max_position_embeddings=shape.max_positions, rms_norm_eps=1e-5, tie_word_embeddings=shape.tie_embeddings,
-        bos_token_id=eos_id, eos_token_id=eos_id, pad_token_id=eos_id,
+        vocab_size=vocab_size,
+        hidden_size=shape.hidden,
+        intermediate_size=shape.intermediate,
+        num_hidden_layers=shape.layers,
+        num_attention_heads=shape.heads,
+        num_key_value_heads=shape.kv_heads,
+        max_position_embeddings=shape.max_positions,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=shape.tie_embeddings,
+        bos_token_id=eos_id,
+        eos_token_id=eos_id,
+        pad_token_id=eos_id,
     )
 
 
@@ -67,11 +75,16 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Any:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[EOS],
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tok.train_from_iterator(texts, trainer=trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, bos_token=EOS, pad_token=EOS,
-                                   unk_token=None, model_max_length=1_000_000)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token=EOS, bos_token=EOS, pad_token=EOS, unk_token=None, model_max_length=1_000_000
+    )
 
 
 def encode_stream(tokenizer: Any, docs: Sequence[str]) -> torch.Tensor:
@@ -107,13 +120,18 @@ def score_blocks(model: Any, blocks: torch.Tensor, batch_size: int = 16) -> dict
         x = blocks[i : i + batch_size]
         logits = model(input_ids=x).logits[:, :-1].float()
         target = x[:, 1:]
-        nll += float(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
-                                                       reduction="sum"))
+        nll += float(
+            torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="sum")
+        )
         correct += int((logits.argmax(-1) == target).sum())
         count += target.numel()
     loss = nll / count
-    return {"loss": loss, "accuracy": correct / count, "perplexity": float(torch.exp(torch.tensor(loss))),
-            "tokens": float(count)}
+    return {
+        "loss": loss,
+        "accuracy": correct / count,
+        "perplexity": float(torch.exp(torch.tensor(loss))),
+        "tokens": float(count),
+    }
 
 
 def load_causal_lm(folder: str | Path) -> Any:

@@ -95,10 +95,23 @@ def _slug_params(label: str, params: dict[str, Any]) -> str:
     return f"{label}-{params['scale']}" if label == "task_arithmetic" else label
 
 
-def merge_and_evaluate(build: Path, out: Path, seed: int, label: str, method: str, params: dict[str, Any], *,
-                       split: str = "test", lora: bool = False, work: str | None = None, scale: float = 1.0,
-                       include: Sequence[str] = (), exclude: Sequence[str] | None = None,
-                       threads: int | None = None, reuse: bool = False) -> dict[str, Any]:
+def merge_and_evaluate(
+    build: Path,
+    out: Path,
+    seed: int,
+    label: str,
+    method: str,
+    params: dict[str, Any],
+    *,
+    split: str = "test",
+    lora: bool = False,
+    work: str | None = None,
+    scale: float = 1.0,
+    include: Sequence[str] = (),
+    exclude: Sequence[str] | None = None,
+    threads: int | None = None,
+    reuse: bool = False,
+) -> dict[str, Any]:
     """One merge flow run with the benchmark's evaluator; returns the published version's report.
     ``reuse``: when the row's output folder already has a published version, return its report."""
     from flows.merge import run_merge
@@ -113,10 +126,17 @@ def merge_and_evaluate(build: Path, out: Path, seed: int, label: str, method: st
     if threads:
         options["threads"] = threads
     mapping: dict[str, Any] = {
-        "base": str(build / "base"), "experts": experts, "method": method, "params": params, "scale": scale,
-        "include": list(include), "output": str(out / f"seed{seed}" / "merged" / _slug(label)),
+        "base": str(build / "base"),
+        "experts": experts,
+        "method": method,
+        "params": params,
+        "scale": scale,
+        "include": list(include),
+        "output": str(out / f"seed{seed}" / "merged" / _slug(label)),
         "work_dir": str(out / f"seed{seed}" / "work" / _slug(work or label)),
-        "device": "cpu", "workers": 1, "torch_threads": threads or 1,
+        "device": "cpu",
+        "workers": 1,
+        "torch_threads": threads or 1,
         "evaluators": [{"function": EVALUATOR, "options": options}],
     }
     if exclude is not None:
@@ -135,8 +155,9 @@ def merge_and_evaluate(build: Path, out: Path, seed: int, label: str, method: st
 
 def summarize(per_task: dict[str, dict[str, float]]) -> dict[str, float]:
     """Mean over domains of every metric in ``METRICS``."""
-    return {k: statistics.fmean(v[k] for v in per_task.values()) for k in METRICS
-            if all(k in v for v in per_task.values())}
+    return {
+        k: statistics.fmean(v[k] for v in per_task.values()) for k in METRICS if all(k in v for v in per_task.values())
+    }
 
 
 def _keep(per_task: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
@@ -153,8 +174,14 @@ def reference_runs(manifest: dict[str, Any], seed: int) -> list[dict[str, Any]]:
 
     def row(label: str, scores: dict[str, dict[str, float]]) -> dict[str, Any]:
         per_task = {d: {**s, **normalize(s, ref["base"][d], experts[d])} for d, s in scores.items()}
-        return {"label": label, "kind": "reference", "seed": seed, "per_task": _keep(per_task),
-                "summary": summarize(per_task), "merge_seconds": None}
+        return {
+            "label": label,
+            "kind": "reference",
+            "seed": seed,
+            "per_task": _keep(per_task),
+            "summary": summarize(per_task),
+            "merge_seconds": None,
+        }
 
     rows.append(row("pretrained", dict(ref["base"])))
     rows.append(row("experts", dict(experts)))
@@ -163,15 +190,29 @@ def reference_runs(manifest: dict[str, Any], seed: int) -> list[dict[str, Any]]:
     return rows
 
 
-def method_run(report: dict[str, Any], label: str, kind: str, method: str, params: dict[str, Any], seed: int,
-               config: dict[str, Any]) -> dict[str, Any]:
+def method_run(
+    report: dict[str, Any],
+    label: str,
+    kind: str,
+    method: str,
+    params: dict[str, Any],
+    seed: int,
+    config: dict[str, Any],
+) -> dict[str, Any]:
     per_task = report["evaluations"][EVALUATOR]
     timings = report.get("timings", {})
     return {
-        "label": label, "kind": kind, "method": method, "params": params, "config": config, "seed": seed,
-        "per_task": _keep(per_task), "summary": summarize(per_task),
-        "merge_seconds": round(timings.get("decompose_seconds_computed", 0.0)
-                               + timings.get("merge_seconds_computed", 0.0), 3),
+        "label": label,
+        "kind": kind,
+        "method": method,
+        "params": params,
+        "config": config,
+        "seed": seed,
+        "per_task": _keep(per_task),
+        "summary": summarize(per_task),
+        "merge_seconds": round(
+            timings.get("decompose_seconds_computed", 0.0) + timings.get("merge_seconds_computed", 0.0), 3
+        ),
         "wall_seconds": round(report["wall_seconds_this_run"], 2),
         "mean_rank": report.get("diagnostics", {}).get("mean_rank"),
     }
@@ -183,16 +224,25 @@ class Results:
     def __init__(self, path: Path, domains: list[str], seeds: list[int], title: str) -> None:
         self.path = path
         old = json.loads(path.read_text()) if path.exists() else {}
-        self.data = {"schema": "swudi-benchmark/1", "benchmark": "lm", "title": title, "primary": PRIMARY,
-                     "metrics": METRICS, "tasks": domains, "seeds": seeds,
-                     "runs": old.get("runs", []), "notes": old.get("notes", {})}
+        self.data = {
+            "schema": "swudi-benchmark/1",
+            "benchmark": "lm",
+            "title": title,
+            "primary": PRIMARY,
+            "metrics": METRICS,
+            "tasks": domains,
+            "seeds": seeds,
+            "runs": old.get("runs", []),
+            "notes": old.get("notes", {}),
+        }
 
     def has(self, label: str, seed: int) -> bool:
         return any(r["label"] == label and r["seed"] == seed for r in self.data["runs"])
 
     def add(self, run: dict[str, Any]) -> None:
-        self.data["runs"] = [r for r in self.data["runs"] if not (r["label"] == run["label"]
-                                                                  and r["seed"] == run["seed"])] + [run]
+        self.data["runs"] = [
+            r for r in self.data["runs"] if not (r["label"] == run["label"] and r["seed"] == run["seed"])
+        ] + [run]
         self.save()
 
     def save(self) -> None:
@@ -226,15 +276,22 @@ def run_seed(build: Path, out: Path, seed: int, results: Results, args: argparse
         done = [r for r in results.data["runs"] if r["label"] == label and r["seed"] == seed]
         if done and done[0].get("params") == params:
             return
-        config = {"scale": kw.get("scale", 1.0), "include": list(kw.get("include", ())),
-                  "exclude": list(kw.get("exclude") or [])}
-        report = merge_and_evaluate(build, out, seed, _slug_params(label, params), method, params,
-                                    threads=args.threads, **kw)
+        config = {
+            "scale": kw.get("scale", 1.0),
+            "include": list(kw.get("include", ())),
+            "exclude": list(kw.get("exclude") or []),
+        }
+        report = merge_and_evaluate(
+            build, out, seed, _slug_params(label, params), method, params, threads=args.threads, **kw
+        )
         run = method_run(report, label, kind, method, params, seed, config)
         results.add(run)
-        print(f"seed {seed} {label}: {PRIMARY} {run['summary'].get(PRIMARY, float('nan')):.4f} "
-              f"normalized_accuracy {run['summary'].get('normalized_accuracy', float('nan')):.4f} "
-              f"merge {run['merge_seconds']:.1f} s, wall {run['wall_seconds']:.1f} s", flush=True)
+        print(
+            f"seed {seed} {label}: {PRIMARY} {run['summary'].get(PRIMARY, float('nan')):.4f} "
+            f"normalized_accuracy {run['summary'].get('normalized_accuracy', float('nan')):.4f} "
+            f"merge {run['merge_seconds']:.1f} s, wall {run['wall_seconds']:.1f} s",
+            flush=True,
+        )
 
     for label in args.methods:
         method, params = METHODS[label]
@@ -245,8 +302,17 @@ def run_seed(build: Path, out: Path, seed: int, results: Results, args: argparse
             for scale in TA_SCALES:
                 if str(scale) in notes:
                     continue
-                report = merge_and_evaluate(build, out, seed, f"ta-val-{scale}", method, {"scale": scale},
-                                            split="val", threads=args.threads, reuse=True)
+                report = merge_and_evaluate(
+                    build,
+                    out,
+                    seed,
+                    f"ta-val-{scale}",
+                    method,
+                    {"scale": scale},
+                    split="val",
+                    threads=args.threads,
+                    reuse=True,
+                )
                 notes[str(scale)] = summarize(report["evaluations"][EVALUATOR])["loss"]
                 results.save()
                 print(f"seed {seed} task arithmetic scale {scale}: mean val loss {notes[str(scale)]:.4f}", flush=True)
@@ -255,8 +321,16 @@ def run_seed(build: Path, out: Path, seed: int, results: Results, args: argparse
     if args.study:
         for label, spec in STUDY.items():
             params = {**DEFAULT[1], **spec.get("params", {})}
-            once(label, "study", DEFAULT[0], params, work="swudi_a:participation_sqrt",
-                 scale=spec.get("scale", 1.0), include=spec.get("include", ()), exclude=spec.get("exclude"))
+            once(
+                label,
+                "study",
+                DEFAULT[0],
+                params,
+                work="swudi_a:participation_sqrt",
+                scale=spec.get("scale", 1.0),
+                include=spec.get("include", ()),
+                exclude=spec.get("exclude"),
+            )
     if args.lora and seed in manifest["settings"]["lora_seeds"] and wait_for(build, f"lora:{seed}:", args.wait):
         for row in reference_runs(json.loads((build / "manifest.json").read_text()), seed):
             results.add(row)  # now with the lora_experts row
@@ -295,8 +369,11 @@ def study_vs_default(results: dict[str, Any], default: str = "swudi_a:participat
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.lm.run_benchmark", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.lm.run_benchmark",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--build", type=Path, default=Path("benchmarks/.cache/lm"))
     p.add_argument("--out", type=Path, default=Path("benchmarks/.cache/lm-bench"))
     p.add_argument("--seeds", nargs="+", type=int, default=None, help="default: every seed of the build")
@@ -304,8 +381,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-study", dest="study", action="store_false")
     p.add_argument("--no-lora", dest="lora", action="store_false")
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--wait", type=float, default=0.0,
-                   help="seconds to wait for a seed's experts / adapters while the build still runs")
+    p.add_argument(
+        "--wait",
+        type=float,
+        default=0.0,
+        help="seconds to wait for a seed's experts / adapters while the build still runs",
+    )
     p.add_argument("--report", type=Path, default=None, help="also write the report (swudi report) into DIR")
     args = p.parse_args(argv)
 
@@ -322,8 +403,10 @@ def main(argv: list[str] | None = None) -> int:
     settings = manifest["settings"]
     seeds = args.seeds if args.seeds is not None else settings["seeds"]
     shape = settings["shape"]
-    title = (f"Llama-shaped LM benchmark: {shape['layers']} layers, hidden {shape['hidden']}, GQA "
-             f"{shape['heads']}/{shape['kv_heads']}, {len(settings['domains'])} domains, {len(seeds)} seeds")
+    title = (
+        f"Llama-shaped LM benchmark: {shape['layers']} layers, hidden {shape['hidden']}, GQA "
+        f"{shape['heads']}/{shape['kv_heads']}, {len(settings['domains'])} domains, {len(seeds)} seeds"
+    )
     results = Results(args.out / "results.json", settings["domains"], seeds, title)
     results.data["build"] = {"settings": settings, "total": manifest.get("total"), "steps": manifest["steps"]}
     for seed in seeds:

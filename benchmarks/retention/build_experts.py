@@ -23,11 +23,20 @@ DEFAULT_OUT = "benchmarks/.cache/retention"
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     d = ExpertSettings()
-    p = argparse.ArgumentParser(prog="python -m benchmarks.retention.build_experts",
-                                description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.retention.build_experts",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--out", default=DEFAULT_OUT, help=f"build folder (default {DEFAULT_OUT})")
-    p.add_argument("--tasks", nargs="+", default=list(DEFAULT_TASKS), choices=list(TASKS),
-                   metavar="TASK", help=f"default: all ({', '.join(TASKS)})")
+    p.add_argument(
+        "--tasks",
+        nargs="+",
+        default=list(DEFAULT_TASKS),
+        choices=list(TASKS),
+        metavar="TASK",
+        help=f"default: all ({', '.join(TASKS)})",
+    )
     p.add_argument("--steps", type=int, default=d.steps, help="fine-tuning steps per expert")
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--lr", type=float, default=d.lr)
@@ -36,22 +45,35 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--weight-decay", type=float, default=d.weight_decay)
     p.add_argument("--warmup-ratio", type=float, default=d.warmup_ratio)
     p.add_argument("--max-length", type=int, default=d.max_length, help="tokens per text")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
-                   help="one build per seed under OUT/seed<k> (data split, head init, batch order)")
-    p.add_argument("--train-layers", type=int, default=None,
-                   help="fine-tune only the top K transformer layers (default: the whole encoder)")
+    p.add_argument(
+        "--seeds",
+        type=int,
+        nargs="+",
+        default=[0, 1, 2],
+        help="one build per seed under OUT/seed<k> (data split, head init, batch order)",
+    )
+    p.add_argument(
+        "--train-layers",
+        type=int,
+        default=None,
+        help="fine-tune only the top K transformer layers (default: the whole encoder)",
+    )
     p.add_argument("--max-train-examples", type=int, default=None, help="cap the training split")
-    p.add_argument("--eval-examples", type=int, default=d.eval_examples,
-                   help="cap val/test for the accuracies recorded in the manifest")
+    p.add_argument(
+        "--eval-examples",
+        type=int,
+        default=d.eval_examples,
+        help="cap val/test for the accuracies recorded in the manifest",
+    )
     p.add_argument("--eval-val", action="store_true", help="also record val accuracies in the manifest")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--force", action="store_true", help="rebuild even when cached")
     return p.parse_args(argv)
 
 
-
 def _log_seed(seed: int, message: str) -> None:
     print(f"[seed {seed}] {message}", flush=True)
+
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
@@ -62,9 +84,14 @@ def main(argv: list[str] | None = None) -> int:
     for seed in args.seeds:
         out = seed_dir(args.out, seed)
         try:
-            manifest = build_experts(out, args.tasks, dataclasses.replace(settings, seed=seed),
-                                     threads=args.threads, force=args.force,
-                                     log=functools.partial(_log_seed, seed))
+            manifest = build_experts(
+                out,
+                args.tasks,
+                dataclasses.replace(settings, seed=seed),
+                threads=args.threads,
+                force=args.force,
+                log=functools.partial(_log_seed, seed),
+            )
         except MissingDataError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2

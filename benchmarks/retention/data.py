@@ -37,8 +37,7 @@ APT_LISTS_DIR = Path(os.environ.get("SWUDI_APT_LISTS_DIR", "/var/lib/apt/lists")
 SOURCE_DIRS = {  # label -> (folder, glob, Debian package)
     "c": (Path(os.environ.get("SWUDI_C_INCLUDE_DIR", "/usr/include")), "*.h", "libc6-dev"),
     "c++": (Path(os.environ.get("SWUDI_CXX_INCLUDE_DIR", "/usr/include/c++/12")), "**/*", "libstdc++-12-dev"),
-    "python": (Path(os.environ.get("SWUDI_PYTHON_LIB_DIR", "/usr/lib/python3.11")), "*.py",
-               "libpython3.11-stdlib"),
+    "python": (Path(os.environ.get("SWUDI_PYTHON_LIB_DIR", "/usr/lib/python3.11")), "*.py", "libpython3.11-stdlib"),
     "perl": (Path(os.environ.get("SWUDI_PERL_LIB_DIR", "/usr/share/perl/5.36")), "**/*.pm", "perl-modules-5.36"),
 }
 
@@ -168,9 +167,7 @@ def wordnet_synsets(pos: str) -> tuple[Synset, ...]:
             head, _, gloss = line.partition(" | ")
             fields = head.split()
             n_words = int(fields[3], 16)
-            lemmas = tuple(
-                re.sub(r"\(\w+\)$", "", w).replace("_", " ") for w in fields[4 : 4 + 2 * n_words : 2]
-            )
+            lemmas = tuple(re.sub(r"\(\w+\)$", "", w).replace("_", " ") for w in fields[4 : 4 + 2 * n_words : 2])
             i = 4 + 2 * n_words
             n_ptr = int(fields[i])
             ptrs = tuple(
@@ -196,8 +193,18 @@ def _wn_pos() -> list[tuple[str, str]]:
 
 
 WN_DOMAINS = (
-    "law", "military", "chemistry", "computer science", "music", "Greek mythology", "biology",
-    "physics", "botany", "mathematics", "baseball", "medicine",
+    "law",
+    "military",
+    "chemistry",
+    "computer science",
+    "music",
+    "Greek mythology",
+    "biology",
+    "physics",
+    "botany",
+    "mathematics",
+    "baseball",
+    "medicine",
 )  # the 12 most frequent WordNet 3.0 topic domains (";c" pointers), with >= 115 members each
 
 
@@ -214,8 +221,22 @@ def _wn_domain() -> list[tuple[str, str]]:
 
 
 FORTUNE_CATEGORIES = (
-    "art", "computers", "definitions", "drugs", "education", "law", "linux", "literature",
-    "men-women", "people", "politics", "science", "songs-poems", "startrek", "work", "zippy",
+    "art",
+    "computers",
+    "definitions",
+    "drugs",
+    "education",
+    "law",
+    "linux",
+    "literature",
+    "men-women",
+    "people",
+    "politics",
+    "science",
+    "songs-poems",
+    "startrek",
+    "work",
+    "zippy",
 )  # topical files of Debian `fortunes` with >= 200 entries (catch-alls like `fortunes` left out)
 
 
@@ -329,8 +350,18 @@ def _man_section() -> list[tuple[str, str]]:
 
 
 PACKAGE_SECTIONS = (
-    "admin", "devel", "doc", "games", "graphics", "libs", "net", "science", "sound", "text",
-    "utils", "x11",
+    "admin",
+    "devel",
+    "doc",
+    "games",
+    "graphics",
+    "libs",
+    "net",
+    "science",
+    "sound",
+    "text",
+    "utils",
+    "x11",
 )  # topical Debian archive sections with >= 600 packages in bookworm main (language sections such as
 #    python, perl, rust, golang left out: their descriptions name the language)
 
@@ -346,7 +377,8 @@ def read_apt_packages() -> list[dict[str, str]]:
     for path in files:
         try:
             text = subprocess.run(["lz4", "-dc", str(path)], check=True, capture_output=True).stdout.decode(
-                "utf-8", errors="replace")
+                "utf-8", errors="replace"
+            )
         except FileNotFoundError:
             raise MissingDataError("the 'lz4' command is missing: apt-get install -y lz4") from None
         for block in text.split("\n\n"):
@@ -406,24 +438,62 @@ def _source_line() -> list[tuple[str, str]]:
 TASKS: dict[str, TaskSpec] = {
     t.name: t
     for t in (
-        TaskSpec("wn_noun_category", "WordNet noun 'lemma: definition' -> lexicographer file (26)",
-                 ("wordnet-base",), functools.partial(_wn_category, "noun")),
-        TaskSpec("wn_verb_category", "WordNet verb 'lemma: definition' -> lexicographer file (15)",
-                 ("wordnet-base",), functools.partial(_wn_category, "verb")),
-        TaskSpec("wn_pos", "WordNet 'lemma: definition' -> part of speech (4, balanced)",
-                 ("wordnet-base",), _wn_pos, balanced=True),
-        TaskSpec("wn_domain", "WordNet 'lemma: definition' -> topic domain (12 most frequent)",
-                 ("wordnet-base",), _wn_domain),
-        TaskSpec("fortune_category", "fortune cookie -> its Debian fortunes file (16 topics)",
-                 ("fortunes",), _fortune_category),
-        TaskSpec("word_language", "dictionary word -> language (7, balanced, unique to one list)",
-                 tuple(p for _, p in WORD_LANGUAGES.values()), _word_language, balanced=True),
-        TaskSpec("man_section", "man page NAME line -> manual section (6, balanced)",
-                 tuple(MAN_PACKAGES.split()), _man_section, balanced=True),
-        TaskSpec("package_section", "Debian package one-line description -> archive section (12, balanced)",
-                 ("apt", "lz4"), _package_section, balanced=True),
-        TaskSpec("source_line", "one line of source code -> C, C++, Python or Perl (balanced)",
-                 tuple(p for _, _, p in SOURCE_DIRS.values()), _source_line, balanced=True),
+        TaskSpec(
+            "wn_noun_category",
+            "WordNet noun 'lemma: definition' -> lexicographer file (26)",
+            ("wordnet-base",),
+            functools.partial(_wn_category, "noun"),
+        ),
+        TaskSpec(
+            "wn_verb_category",
+            "WordNet verb 'lemma: definition' -> lexicographer file (15)",
+            ("wordnet-base",),
+            functools.partial(_wn_category, "verb"),
+        ),
+        TaskSpec(
+            "wn_pos",
+            "WordNet 'lemma: definition' -> part of speech (4, balanced)",
+            ("wordnet-base",),
+            _wn_pos,
+            balanced=True,
+        ),
+        TaskSpec(
+            "wn_domain", "WordNet 'lemma: definition' -> topic domain (12 most frequent)", ("wordnet-base",), _wn_domain
+        ),
+        TaskSpec(
+            "fortune_category",
+            "fortune cookie -> its Debian fortunes file (16 topics)",
+            ("fortunes",),
+            _fortune_category,
+        ),
+        TaskSpec(
+            "word_language",
+            "dictionary word -> language (7, balanced, unique to one list)",
+            tuple(p for _, p in WORD_LANGUAGES.values()),
+            _word_language,
+            balanced=True,
+        ),
+        TaskSpec(
+            "man_section",
+            "man page NAME line -> manual section (6, balanced)",
+            tuple(MAN_PACKAGES.split()),
+            _man_section,
+            balanced=True,
+        ),
+        TaskSpec(
+            "package_section",
+            "Debian package one-line description -> archive section (12, balanced)",
+            ("apt", "lz4"),
+            _package_section,
+            balanced=True,
+        ),
+        TaskSpec(
+            "source_line",
+            "one line of source code -> C, C++, Python or Perl (balanced)",
+            tuple(p for _, _, p in SOURCE_DIRS.values()),
+            _source_line,
+            balanced=True,
+        ),
     )
 }
 # wn_domain stays available but is not a default task: the frozen base already solves it (probe
@@ -444,7 +514,11 @@ def get_spec(name: str) -> TaskSpec:
 
 @functools.lru_cache(maxsize=32)
 def load_task(
-    name: str, *, seed: int = 0, max_train: int = MAX_TRAIN, max_val: int = MAX_VAL,
+    name: str,
+    *,
+    seed: int = 0,
+    max_train: int = MAX_TRAIN,
+    max_val: int = MAX_VAL,
     max_test: int = MAX_TEST,
 ) -> TaskData:
     """Build the task ``name`` deterministically (see the module docstring for the split rule)."""
@@ -498,8 +572,7 @@ def main() -> None:  # python -m benchmarks.retention.data: print the task table
     print("| task | classes | train | val | test | majority (test) |\n|---|---|---|---|---|---|")
     for name in args.tasks:
         s = load_task(name, seed=args.seed).summary()
-        print(f"| {name} | {s['classes']} | {s['n_train']} | {s['n_val']} | {s['n_test']} "
-              f"| {s['majority_test']:.3f} |")
+        print(f"| {name} | {s['classes']} | {s['n_train']} | {s['n_val']} | {s['n_test']} | {s['majority_test']:.3f} |")
 
 
 if __name__ == "__main__":

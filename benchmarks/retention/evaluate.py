@@ -47,8 +47,7 @@ def _resolve_latest(fs, root: str) -> str:
 
 
 @contextlib.contextmanager
-def local_model_dir(location: str | os.PathLike,
-                    storage_options: Mapping | None = None) -> Iterator[Path]:
+def local_model_dir(location: str | os.PathLike, storage_options: Mapping | None = None) -> Iterator[Path]:
     """A local folder holding the model at ``location`` (see the module docstring)."""
     import fsspec
 
@@ -56,8 +55,10 @@ def local_model_dir(location: str | os.PathLike,
     fs, root = fsspec.core.url_to_fs(url, **dict(storage_options or {}))
     folder = _resolve_latest(fs, root)
     if not fs.exists(folder.rstrip("/") + "/config.json"):
-        raise FileNotFoundError(f"{url}: no config.json at {folder} (expected a Hugging Face "
-                                "model folder or a pipeline output with latest.json)")
+        raise FileNotFoundError(
+            f"{url}: no config.json at {folder} (expected a Hugging Face "
+            "model folder or a pipeline output with latest.json)"
+        )
     if _is_local(url):
         yield Path(folder)
         return
@@ -76,9 +77,15 @@ def available_tasks(heads_dir: str | Path) -> list[str]:
 
 
 def evaluate_encoder(
-    encoder: str | os.PathLike, heads_dir: str | os.PathLike, tasks: Sequence[str] | None = None,
-    split: str = "test", *, max_examples: int | None = None, batch_size: int = 64,
-    storage_options: Mapping | None = None, seed: int | None = None,
+    encoder: str | os.PathLike,
+    heads_dir: str | os.PathLike,
+    tasks: Sequence[str] | None = None,
+    split: str = "test",
+    *,
+    max_examples: int | None = None,
+    batch_size: int = 64,
+    storage_options: Mapping | None = None,
+    seed: int | None = None,
 ) -> dict[str, dict[str, float]]:
     """``{task: {"accuracy": a}}`` of ``encoder`` + each task's head on ``split``.
 
@@ -89,8 +96,9 @@ def evaluate_encoder(
     heads_dir = Path(heads_dir)
     tasks = list(tasks) if tasks is not None else available_tasks(heads_dir)
     if not tasks:
-        raise FileNotFoundError(f"no heads in {heads_dir}: build the experts first "
-                                "(python -m benchmarks.retention.build_experts --out DIR)")
+        raise FileNotFoundError(
+            f"no heads in {heads_dir}: build the experts first (python -m benchmarks.retention.build_experts --out DIR)"
+        )
     heads = {t: Head.load(heads_dir / f"{t}.safetensors") for t in tasks}
     results = {}
     with local_model_dir(encoder, storage_options) as folder:
@@ -113,13 +121,15 @@ def evaluate_encoder(
     return results
 
 
-def normalized_accuracy(merged: Mapping[str, Mapping[str, float] | float],
-                        experts: Mapping[str, Mapping[str, float] | float]) -> dict:
+def normalized_accuracy(
+    merged: Mapping[str, Mapping[str, float] | float], experts: Mapping[str, Mapping[str, float] | float]
+) -> dict:
     """``{"per_task": {task: merged / expert}, "mean": average over tasks}`` (retention).
 
     Accepts ``evaluate_encoder`` results or plain ``{task: accuracy}`` maps; every merged task
     needs an expert accuracy.
     """
+
     def acc(v) -> float:
         return float(v["accuracy"] if isinstance(v, Mapping) else v)
 
@@ -146,8 +156,7 @@ def evaluate(model_path: str, **options) -> dict[str, dict[str, float]]:
     ``accuracy`` and, when the build's manifest recorded the expert's accuracy on the same examples,
     ``expert_accuracy`` and ``normalized_accuracy``.
     """
-    known = {"heads_dir", "tasks", "split", "max_examples", "batch_size", "threads",
-             "storage_options"}
+    known = {"heads_dir", "tasks", "split", "max_examples", "batch_size", "threads", "storage_options"}
     unknown = sorted(set(options) - known)
     if unknown:
         raise TypeError(f"unknown evaluator options {unknown}; known: {sorted(known)}")
@@ -156,9 +165,15 @@ def evaluate(model_path: str, **options) -> dict[str, dict[str, float]]:
     max_examples = options.get("max_examples")
     if options.get("threads"):
         torch.set_num_threads(int(options["threads"]))
-    results = evaluate_encoder(model_path, heads_dir, options.get("tasks"), split,
-                               max_examples=max_examples, batch_size=options.get("batch_size", 64),
-                               storage_options=options.get("storage_options"))
+    results = evaluate_encoder(
+        model_path,
+        heads_dir,
+        options.get("tasks"),
+        split,
+        max_examples=max_examples,
+        batch_size=options.get("batch_size", 64),
+        storage_options=options.get("storage_options"),
+    )
     expert = recorded_expert_accuracy(heads_dir.parent, split, {t: int(r["n"]) for t, r in results.items()})
     for task, r in results.items():
         if task in expert:
@@ -174,15 +189,19 @@ def recorded_expert_accuracy(build_dir: str | Path, split: str, n: Mapping[str, 
     if not path.exists() or split not in ("val", "test"):
         return {}
     tasks = json.loads(path.read_text()).get("tasks", {})
-    return {t: e["metrics"][f"expert_{split}"] for t, e in tasks.items()
-            if t in n and e.get("n_eval", {}).get(split) == n[t] and f"expert_{split}" in e["metrics"]}
+    return {
+        t: e["metrics"][f"expert_{split}"]
+        for t, e in tasks.items()
+        if t in n and e.get("n_eval", {}).get(split) == n[t] and f"expert_{split}" in e["metrics"]
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
-    p = argparse.ArgumentParser(prog="python -m benchmarks.retention.evaluate",
-                                description="Accuracy of an encoder with each task's head.")
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.retention.evaluate", description="Accuracy of an encoder with each task's head."
+    )
     p.add_argument("encoder", help="model folder, output folder with latest.json, or URL")
     p.add_argument("--heads-dir", default=None)
     p.add_argument("--tasks", nargs="+", default=None)
@@ -191,8 +210,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=None)
     args = p.parse_args(argv)
     quiet_transformers()
-    results = evaluate(args.encoder, heads_dir=args.heads_dir, tasks=args.tasks, split=args.split,
-                       max_examples=args.max_examples, threads=args.threads)
+    results = evaluate(
+        args.encoder,
+        heads_dir=args.heads_dir,
+        tasks=args.tasks,
+        split=args.split,
+        max_examples=args.max_examples,
+        threads=args.threads,
+    )
     print(json.dumps(results, indent=1))
     return 0
 

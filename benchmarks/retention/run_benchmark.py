@@ -86,9 +86,19 @@ def _slug(label: str) -> str:
     return label.replace(":", "-").replace("=", "-")
 
 
-def merge_and_evaluate(build: Path, out: Path, label: str, method: str, params: dict[str, Any],
-                       config: dict[str, Any], tasks: list[str], split: str, max_examples: int | None,
-                       threads: int | None, work: str | None = None) -> dict[str, Any]:
+def merge_and_evaluate(
+    build: Path,
+    out: Path,
+    label: str,
+    method: str,
+    params: dict[str, Any],
+    config: dict[str, Any],
+    tasks: list[str],
+    split: str,
+    max_examples: int | None,
+    threads: int | None,
+    work: str | None = None,
+) -> dict[str, Any]:
     """Run the merge flow on ``build``'s experts with the benchmark evaluator; return the report."""
     from flows.merge import run_merge
     from swudi.config.merge_config import config_from_mapping
@@ -99,17 +109,24 @@ def merge_and_evaluate(build: Path, out: Path, label: str, method: str, params: 
         options["max_examples"] = max_examples
     if threads:
         options["threads"] = threads
-    cfg = config_from_mapping({
-        "base": str(build / "base"),
-        "experts": [str(build / "experts" / task) for task in tasks],
-        # scale 1.0 unless a row sets one: the study's reference row (and the recorded config) is alpha 1,
-        # pinned so that a change of the product's default cannot move the reference silently
-        "method": method, "params": params, "scale": 1.0, **config,
-        "output": str(out / "merged" / _slug(label)),
-        "work_dir": str(out / "work" / (work or _slug(label))),
-        "device": "cpu", "workers": 2,
-        "evaluators": [{"function": EVALUATOR, "options": options}],
-    }, label)
+    cfg = config_from_mapping(
+        {
+            "base": str(build / "base"),
+            "experts": [str(build / "experts" / task) for task in tasks],
+            # scale 1.0 unless a row sets one: the study's reference row (and the recorded config) is alpha 1,
+            # pinned so that a change of the product's default cannot move the reference silently
+            "method": method,
+            "params": params,
+            "scale": 1.0,
+            **config,
+            "output": str(out / "merged" / _slug(label)),
+            "work_dir": str(out / "work" / (work or _slug(label))),
+            "device": "cpu",
+            "workers": 2,
+            "evaluators": [{"function": EVALUATOR, "options": options}],
+        },
+        label,
+    )
     started = time.perf_counter()
     result = run_merge(cfg)
     report = read_report(cfg.output, result["version"])
@@ -125,8 +142,9 @@ def merge_seconds(report: dict[str, Any]) -> float:
     return float(t.get("merge_seconds_computed", 0.0) + t.get("decompose_seconds_computed", 0.0))
 
 
-def tune_task_arithmetic(build: Path, tasks: list[str], val_examples: int | None,
-                         log=print) -> tuple[float, dict[str, float]]:
+def tune_task_arithmetic(
+    build: Path, tasks: list[str], val_examples: int | None, log=print
+) -> tuple[float, dict[str, float]]:
     """Best task-arithmetic scale on the validation split: ``{scale: mean val accuracy}`` and the argmax."""
     from safetensors.torch import load_file, save_file
 
@@ -139,8 +157,7 @@ def tune_task_arithmetic(build: Path, tasks: list[str], val_examples: int | None
     with tempfile.TemporaryDirectory(prefix="swudi-ta-") as tmp:
         shutil.copy(build / "base" / "config.json", Path(tmp) / "config.json")
         for scale in TA_SCALES:
-            merged = merge_state_dicts(base, experts, "task_arithmetic", device="cpu",
-                                       method_params={"scale": scale})
+            merged = merge_state_dicts(base, experts, "task_arithmetic", device="cpu", method_params={"scale": scale})
             save_file({k: v.contiguous() for k, v in merged.items()}, str(Path(tmp) / "model.safetensors"))
             acc = evaluate_encoder(tmp, build / "heads", tasks, "val", max_examples=val_examples)
             curve[str(scale)] = sum(a["accuracy"] for a in acc.values()) / len(acc)
@@ -149,8 +166,7 @@ def tune_task_arithmetic(build: Path, tasks: list[str], val_examples: int | None
     return best, curve
 
 
-def references(build: Path, tasks: list[str],
-               max_examples: int | None) -> tuple[dict[str, float], dict[str, float]]:
+def references(build: Path, tasks: list[str], max_examples: int | None) -> tuple[dict[str, float], dict[str, float]]:
     """(expert, pretrained) test accuracy per task, each with the expert's own head: from the build's
     manifest when it measured the same first examples, else evaluated now."""
     from benchmarks.retention.evaluate import evaluate_encoder
@@ -167,15 +183,18 @@ def references(build: Path, tasks: list[str],
             expert[t] = entry["metrics"]["expert_test"]
             pretrained[t] = entry["metrics"]["pretrained_test"]
         else:
-            expert[t] = evaluate_encoder(build / "experts" / t, heads, [t], "test",
-                                         max_examples=max_examples)[t]["accuracy"]
-            pretrained[t] = evaluate_encoder(build / "base", heads, [t], "test",
-                                             max_examples=max_examples)[t]["accuracy"]
+            expert[t] = evaluate_encoder(build / "experts" / t, heads, [t], "test", max_examples=max_examples)[t][
+                "accuracy"
+            ]
+            pretrained[t] = evaluate_encoder(build / "base", heads, [t], "test", max_examples=max_examples)[t][
+                "accuracy"
+            ]
     return expert, pretrained
 
 
-def scored(accuracy: dict[str, float],
-           expert: dict[str, float]) -> tuple[dict[str, dict[str, float]], dict[str, float]]:
+def scored(
+    accuracy: dict[str, float], expert: dict[str, float]
+) -> tuple[dict[str, dict[str, float]], dict[str, float]]:
     """(per_task, summary) with accuracy and normalized accuracy = accuracy / expert accuracy."""
     per_task = {t: {"accuracy": a, "normalized_accuracy": a / expert[t]} for t, a in accuracy.items()}
     summary = {k: sum(v[k] for v in per_task.values()) / len(per_task) for k in METRICS}
@@ -186,8 +205,9 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else float("nan"))
 
 
-def paired_difference(results: dict[str, Any], label: str, reference: str,
-                      metric: str = "normalized_accuracy") -> tuple[float, float, bool] | None:
+def paired_difference(
+    results: dict[str, Any], label: str, reference: str, metric: str = "normalized_accuracy"
+) -> tuple[float, float, bool] | None:
     """Mean and std over seeds of ``label - reference`` (paired by seed) and whether it exceeds the
     noise: |mean| > t_0.975(n-1) * std / sqrt(n) (a paired t-test at 95 %,
     :func:`swudi.reporting.benchmark_report.paired_comparison`). None below 2 common seeds."""
@@ -216,16 +236,20 @@ def summary_table(results: dict[str, Any], reference: str = "swudi_a:participati
             return f"{values[0]:.{digits}f}"
         return f"{statistics.fmean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
-    lines = [f"| row | kind | seeds | normalized accuracy | accuracy | merge s | vs {reference} (paired) |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        f"| row | kind | seeds | normalized accuracy | accuracy | merge s | vs {reference} (paired) |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for label, runs in by_label.items():
         secs = [r["merge_seconds"] for r in runs if r.get("merge_seconds") is not None]
         diff = paired_difference(results, label, reference) if label != reference else None
         vs = "" if diff is None else f"{diff[0]:+.4f} ± {diff[1]:.4f}" + (" **beyond noise**" if diff[2] else "")
-        lines.append(f"| {label} | {runs[0]['kind']} | {len(runs)} "
-                     f"| {cell([r['summary']['normalized_accuracy'] for r in runs])} "
-                     f"| {cell([r['summary']['accuracy'] for r in runs])} "
-                     f"| {cell(secs, 1) if secs else ''} | {vs} |")
+        lines.append(
+            f"| {label} | {runs[0]['kind']} | {len(runs)} "
+            f"| {cell([r['summary']['normalized_accuracy'] for r in runs])} "
+            f"| {cell([r['summary']['accuracy'] for r in runs])} "
+            f"| {cell(secs, 1) if secs else ''} | {vs} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -262,8 +286,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-examples", type=int, default=400, help="test examples per task")
     parser.add_argument("--val-examples", type=int, default=200, help="val examples per task (TA tuning)")
     parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--report-dir", type=Path, default=None,
-                        help="also write the report (swudi.reporting.benchmark_report) and results.json here")
+    parser.add_argument(
+        "--report-dir",
+        type=Path,
+        default=None,
+        help="also write the report (swudi.reporting.benchmark_report) and results.json here",
+    )
     args = parser.parse_args(argv)
 
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
@@ -278,14 +306,20 @@ def main(argv: list[str] | None = None) -> int:
     first = seed_dir(args.build, args.seeds[0])
     tasks = args.tasks or sorted(json.loads((first / "manifest.json").read_text())["tasks"])
     header = {
-        "schema": "swudi-benchmark/1", "benchmark": "encoder",
+        "schema": "swudi-benchmark/1",
+        "benchmark": "encoder",
         "title": f"Discriminative encoder benchmark: all-MiniLM-L6-v2, {len(tasks)} tasks",
-        "primary": "normalized_accuracy", "metrics": METRICS, "tasks": tasks,
+        "primary": "normalized_accuracy",
+        "metrics": METRICS,
+        "tasks": tasks,
         "merge_seconds": "summed compute time of the decomposition and merge tasks of the run "
-                         "(its merge_report.json timings); study rows that reuse the swudi_a work "
-                         "folder do not count the decompositions",
-        "protocol": {"test_examples_per_task": args.max_examples, "val_examples_per_task": args.val_examples,
-                     "ta_scales": list(TA_SCALES)},
+        "(its merge_report.json timings); study rows that reuse the swudi_a work "
+        "folder do not count the decompositions",
+        "protocol": {
+            "test_examples_per_task": args.max_examples,
+            "val_examples_per_task": args.val_examples,
+            "ta_scales": list(TA_SCALES),
+        },
     }
 
     def seed_runs_path(seed: int) -> Path:
@@ -310,23 +344,34 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"{runs_file} holds other tasks; use another --out")
         done = {r["label"] for r in seed_results}
 
-        def record(run: dict[str, Any], seed_results: list = seed_results, done: set = done,
-                   runs_file: Path = runs_file) -> None:
+        def record(
+            run: dict[str, Any], seed_results: list = seed_results, done: set = done, runs_file: Path = runs_file
+        ) -> None:
             seed_results.append({**run, "tasks": tasks})
             done.add(run["label"])
             _save(runs_file, seed_results)
             assemble()
-            print(f"[seed {run['seed']}] {run['label']}: normalized {run['summary']['normalized_accuracy']:.4f} "
-                  f"accuracy {run['summary']['accuracy']:.4f}"
-                  + (f" ({run['merge_seconds']:.1f} s)" if run.get("merge_seconds") is not None else ""),
-                  flush=True)
+            print(
+                f"[seed {run['seed']}] {run['label']}: normalized {run['summary']['normalized_accuracy']:.4f} "
+                f"accuracy {run['summary']['accuracy']:.4f}"
+                + (f" ({run['merge_seconds']:.1f} s)" if run.get("merge_seconds") is not None else ""),
+                flush=True,
+            )
 
         expert, pretrained = references(build, tasks, args.max_examples)
         for label, acc in (("pretrained", pretrained), ("experts", expert)):
             if label not in done:
                 per_task, summary = scored(acc, expert)
-                record({"label": label, "kind": "reference", "seed": seed, "per_task": per_task,
-                        "summary": summary, "merge_seconds": None})
+                record(
+                    {
+                        "label": label,
+                        "kind": "reference",
+                        "seed": seed,
+                        "per_task": per_task,
+                        "summary": summary,
+                        "merge_seconds": None,
+                    }
+                )
         rows: list[tuple[Any, ...]] = [(label, "method", *METHODS[label], {}) for label in args.methods]
         rows += [(label, "study", *STUDY[label]) for label in args.study]
         for label, kind, method, params, config in rows:
@@ -341,21 +386,46 @@ def main(argv: list[str] | None = None) -> int:
             if kind == "study" and not ({"include", "exclude"} & set(config)):
                 work = _slug("swudi_a:participation_sqrt")  # same routing: reuse its decompositions
             started = time.perf_counter()
-            report = merge_and_evaluate(build, out, label, method, params, config, tasks, "test",
-                                        args.max_examples, args.threads, work)
+            report = merge_and_evaluate(
+                build, out, label, method, params, config, tasks, "test", args.max_examples, args.threads, work
+            )
             acc = {t: m["accuracy"] for t, m in report["evaluations"][EVALUATOR].items()}
             per_task, summary = scored(acc, expert)
-            record({"label": label, "kind": kind, "method": method, "params": params,
-                    "config": {"scale": 1.0, "include": [], "exclude": [], **config}, "seed": seed,
-                    "per_task": per_task, "summary": summary, "merge_seconds": merge_seconds(report),
+            record(
+                {
+                    "label": label,
+                    "kind": kind,
+                    "method": method,
+                    "params": params,
+                    "config": {"scale": 1.0, "include": [], "exclude": [], **config},
+                    "seed": seed,
+                    "per_task": per_task,
+                    "summary": summary,
+                    "merge_seconds": merge_seconds(report),
                     "wall_seconds": round(time.perf_counter() - started, 1),
-                    "diagnostics": {k: report["diagnostics"].get(k)
-                                    for k in ("mean_interference_vs_sum", "mean_rank")},
-                    **extra})
+                    "diagnostics": {k: report["diagnostics"].get(k) for k in ("mean_interference_vs_sum", "mean_rank")},
+                    **extra,
+                }
+            )
     results = assemble()
-    table = summary_table(results) + "\n" + per_task_table(
-        results, ["pretrained", "experts", "mean", "task_arithmetic", "ties", "wudi", "pinv", "swudi",
-                  "swudi_a:participation_sqrt"])
+    table = (
+        summary_table(results)
+        + "\n"
+        + per_task_table(
+            results,
+            [
+                "pretrained",
+                "experts",
+                "mean",
+                "task_arithmetic",
+                "ties",
+                "wudi",
+                "pinv",
+                "swudi",
+                "swudi_a:participation_sqrt",
+            ],
+        )
+    )
     (args.out / "summary.md").write_text(table)
     print(table)
     if args.report_dir is not None:

@@ -15,9 +15,16 @@ from swudi.storage.filesystem import is_local, join_url, resolve
 
 # Every dtype swudi reads, with a shape that includes odd sizes.
 DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-    "U8": torch.uint8, "BOOL": torch.bool,
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
 }
 for _name, _attr in (("U16", "uint16"), ("U32", "uint32"), ("U64", "uint64")):
     if hasattr(torch, _attr):
@@ -35,14 +42,21 @@ def random_tensor(dtype: torch.dtype, shape: Sequence[int], seed: int = 0) -> to
     if dtype.is_floating_point:
         return (torch.randn(tuple(shape), generator=g, dtype=torch.float32) * 3).to(dtype)
     info = torch.iinfo(dtype)
-    return torch.randint(max(info.min, -(2**31)), min(info.max, 2**31 - 1), tuple(shape), generator=g,
-                         dtype=torch.int64).to(dtype)
+    return torch.randint(
+        max(info.min, -(2**31)), min(info.max, 2**31 - 1), tuple(shape), generator=g, dtype=torch.int64
+    ).to(dtype)
 
 
 def tiny_state_dict(seed: int = 0, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
     """A few tensors shaped like a miniature transformer layer."""
-    shapes = {"embed.weight": (11, 8), "layer.0.attn.q.weight": (8, 8), "layer.0.attn.q.bias": (8,),
-              "layer.0.mlp.up.weight": (16, 8), "layer.0.mlp.down.weight": (8, 16), "norm.weight": (8,)}
+    shapes = {
+        "embed.weight": (11, 8),
+        "layer.0.attn.q.weight": (8, 8),
+        "layer.0.attn.q.bias": (8,),
+        "layer.0.mlp.up.weight": (16, 8),
+        "layer.0.mlp.down.weight": (8, 16),
+        "norm.weight": (8,),
+    }
     return {name: random_tensor(dtype, shape, seed * 1000 + i) for i, (name, shape) in enumerate(shapes.items())}
 
 
@@ -53,17 +67,24 @@ def put_bytes(url: str, data: bytes, storage_options: Mapping[str, Any] | None =
     fs.pipe_file(path, data)
 
 
-def write_reference(url: str, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None,
-                    storage_options: Mapping[str, Any] | None = None) -> None:
+def write_reference(
+    url: str,
+    tensors: Mapping[str, torch.Tensor],
+    metadata: Mapping[str, str] | None = None,
+    storage_options: Mapping[str, Any] | None = None,
+) -> None:
     """One safetensors file written by the reference implementation."""
     put_bytes(url, st_save(dict(tensors), metadata=dict(metadata) if metadata else None), storage_options)
 
 
-def write_reference_checkpoint(folder_url: str, tensors: Mapping[str, torch.Tensor],
-                               shards: Sequence[Sequence[str]] | None = None,
-                               storage_options: Mapping[str, Any] | None = None,
-                               extra_files: Mapping[str, bytes] | None = None,
-                               index_override: Mapping[str, Any] | None = None) -> list[str]:
+def write_reference_checkpoint(
+    folder_url: str,
+    tensors: Mapping[str, torch.Tensor],
+    shards: Sequence[Sequence[str]] | None = None,
+    storage_options: Mapping[str, Any] | None = None,
+    extra_files: Mapping[str, bytes] | None = None,
+    index_override: Mapping[str, Any] | None = None,
+) -> list[str]:
     """A Hugging Face style folder: `model.safetensors`, or shards + index when `shards` is given."""
     written = []
     if not shards or len(shards) == 1:
@@ -74,13 +95,17 @@ def write_reference_checkpoint(folder_url: str, tensors: Mapping[str, torch.Tens
         weight_map = {}
         for k, names in enumerate(shards, start=1):
             file_name = f"model-{k:05d}-of-{n:05d}.safetensors"
-            write_reference(join_url(folder_url, file_name), {m: tensors[m] for m in names}, {"format": "pt"},
-                            storage_options)
+            write_reference(
+                join_url(folder_url, file_name), {m: tensors[m] for m in names}, {"format": "pt"}, storage_options
+            )
             weight_map.update(dict.fromkeys(names, file_name))
             written.append(file_name)
         total = sum(t.numel() * t.element_size() for t in tensors.values())
-        index = dict(index_override) if index_override is not None else {
-            "metadata": {"total_size": total}, "weight_map": weight_map}
+        index = (
+            dict(index_override)
+            if index_override is not None
+            else {"metadata": {"total_size": total}, "weight_map": weight_map}
+        )
         put_bytes(join_url(folder_url, "model.safetensors.index.json"), json.dumps(index).encode(), storage_options)
         written.append("model.safetensors.index.json")
     for name, data in (extra_files or {}).items():

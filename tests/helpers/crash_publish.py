@@ -30,10 +30,13 @@ def main() -> None:
             raise SystemExit("not killed in time")
         return torch.full((1000,), 2.0)
 
-    publish_version(output_url, version,
-                    lambda url: write_sharded(url, specs, read_fn, max_shard_size=8000,
-                                              storage_options=storage_options),
-                    storage_options=storage_options, report={"note": "must never be published"})
+    publish_version(
+        output_url,
+        version,
+        lambda url: write_sharded(url, specs, read_fn, max_shard_size=8000, storage_options=storage_options),
+        storage_options=storage_options,
+        report={"note": "must never be published"},
+    )
 
 
 if __name__ == "__main__":

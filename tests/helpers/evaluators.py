@@ -27,9 +27,7 @@ def distance_to_target(
             f.write(model_path + "\n")
     model = Checkpoint.open(model_path, storage_options)
     reference = Checkpoint.open(target, storage_options)
-    total = sum(
-        float((model.read(name).double() - reference.read(name).double()).pow(2).sum()) for name in names
-    )
+    total = sum(float((model.read(name).double() - reference.read(name).double()).pow(2).sum()) for name in names)
     distance = total**0.5
     return {"all": {"distance": distance, "closeness": 1.0 / (1.0 + distance)}}
 
