@@ -143,8 +143,10 @@ def merge_layer(
 
     Spectral methods: decompose (or load the decomposition), select the rank, apply that filter;
     the total interference comes from the decomposition. Other methods: theta from the task
-    vectors (or the stored delta). Per-task interference is computed when the task vectors are in
-    memory anyway (the step that read them), never by a second read.
+    vectors (or the stored delta), and with ``per_task_diagnostics`` their interference (per task
+    and total, in one pass); without it none (it would cost far more than an elementwise merge).
+    Per-task interference is computed when the task vectors are in memory anyway (the step that
+    read them), never by a second read.
     """
     key = layer_merge_key(job, config)
     url = artefact_url(config, MERGED, key)
@@ -177,7 +179,7 @@ def merge_layer(
     else:
         delta = _delta(job, config, reads)
         theta, interference = delta.theta, dict(delta.diagnostics)
-        inputs = (delta.base, delta.task_vectors) if delta.base is not None else None
+        inputs = (delta.base, None) if delta.base is not None else None
     if (
         config.per_task_diagnostics
         and inputs is not None
@@ -223,13 +225,13 @@ def merge_layer(
 
 @dataclass
 class _Delta:
-    """theta of one 2-D weight (float32, before the scale), and the inputs still in memory when
-    they were just read (None when theta was loaded from storage)."""
+    """theta of one 2-D weight (float32, before the scale), its interference (None values where
+    not computed) and the base when it was just read (None when theta was loaded from storage).
+    The task vectors are not kept: their diagnostics were taken when they were in memory."""
 
     theta: torch.Tensor
     diagnostics: dict[str, Any]  # interference of the weight
     base: torch.Tensor | None = None
-    task_vectors: torch.Tensor | None = None
 
 
 def _delta(job: TensorJob, config: MergeConfig, reads: StepCost) -> _Delta:
@@ -244,8 +246,13 @@ def _delta(job: TensorJob, config: MergeConfig, reads: StepCost) -> _Delta:
     with reads.phase("merge"):
         theta = merge_matrix(task_vectors, config.method, name=job.name, device=config.device, **config.params)
         theta = theta.to(torch.float32).contiguous()
-    with reads.phase("diagnostics"):
-        diagnostics = interference_vs_sum(theta, task_vectors, config.device)
+    diagnostics: dict[str, Any] = {"total": None, "per_task": None}
+    if config.per_task_diagnostics:
+        # the only diagnostic of an elementwise merge, and its whole cost: 2N products of
+        # m x d x min(m, d); the total needs every per-task term, so both come from one pass
+        with reads.phase("diagnostics"):
+            diagnostics = interference_vs_sum(theta, task_vectors, config.device)
+    del task_vectors  # not needed past this point: do not hold N x m x d float32 through the write
     metadata = {
         "format": DELTA_FORMAT,
         "format_version": RECORD_FORMAT_VERSION,
@@ -254,4 +261,4 @@ def _delta(job: TensorJob, config: MergeConfig, reads: StepCost) -> _Delta:
     }
     with reads.phase("write"):
         save_tensors(url, {job.name: theta}, metadata, config.storage_options)
-    return _Delta(theta, diagnostics, base, task_vectors)
+    return _Delta(theta, diagnostics, base)
