@@ -168,8 +168,8 @@ def measure(command: list[str], env: dict[str, str], log: Path, cwd: Path = ROOT
 
 def swudi_split(log: Path) -> dict[str, float]:
     """The flow's time split from ``swudi merge``'s summary (``N s in the flow: read 1.2 s, ...``)."""
-    text = log.read_text()
-    found = re.search(r"([\d.]+) s in the flow: (.*)", text)
+    text = " ".join(log.read_text().split())  # the console wraps long lines
+    found = re.search(r"([\d.]+) s in the flow: (.*?) read [\d.]+ MB of the inputs", text)
     if not found:
         return {}
     split = {"flow": float(found.group(1))}
@@ -185,6 +185,7 @@ def prefect_env(home: Path) -> dict[str, str]:
             "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
             "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "90",
             "SWUDI_LOCAL_PREFECT_API": "",
+            "COLUMNS": "1000",  # the summary line on one line
         }
     )
     return env
