@@ -2,7 +2,8 @@
 # Both install what they need first (scripts/bootstrap.sh, idempotent). `make test-services`: the
 # services lane; `make test-faults`: the faults lane in full (fault injection, CPU load, full disk, then
 # every kill point); `make test-faults-sample`: the sample of it that .ci/run runs. None is in `make test`.
-# `make lint`: ruff (lint + format check) and mypy, as .ci/run runs them after the tests.
+# `make lint`: ruff (lint of everything, format check of the library) and mypy (pyproject's `files`: the
+# library, tests and benchmarks), as .ci/run runs them after the tests.
 
 .PHONY: setup demo test test-services test-faults test-faults-sample lint lock
 
@@ -31,7 +32,7 @@ test-faults-sample: setup
 	.venv/bin/python -m pytest -m faults --lane-sample $(LANE_SAMPLE)
 
 lint: setup
-	.venv/bin/ruff check swudi tasks flows deployments && .venv/bin/ruff format --check swudi tasks flows deployments && .venv/bin/mypy swudi tasks flows
+	.venv/bin/ruff check swudi tasks flows deployments tests benchmarks && .venv/bin/ruff format --check swudi tasks flows deployments && .venv/bin/mypy
 
 lock:
 	uv pip compile pyproject.toml --extra dev --find-links "$$(python3 -m pip config get global.find-links)" -o requirements.lock

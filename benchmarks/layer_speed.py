@@ -40,7 +40,7 @@ def naive_swudi(tv, t: float = 1300.0, rank_ratio: float = 0.65):
     D formed in full, a full eigendecomposition, full-width products."""
     import torch
 
-    n, m, d = tv.shape
+    n, _m, d = tv.shape
     w = 1.0 / tv.reshape(n, -1).square().sum(dim=1)
     grams = torch.einsum("nab,nac->nbc", tv, tv)  # N x d x d
     c = torch.einsum("n,nbc->bc", w, grams)

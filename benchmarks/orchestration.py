@@ -32,7 +32,7 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.loopback_server import PrefectServer  # noqa: E402 - after the path
+from benchmarks.loopback_server import LoopbackServer  # noqa: E402 - after the path
 
 
 def _cli(config: Path, env: dict[str, str]) -> tuple[float, str]:
@@ -64,7 +64,7 @@ def main() -> None:
     first_wall, first_line = _cli(config, env)
     noop_wall, noop_line = _cli(config, env)
 
-    server = PrefectServer({**env, "PREFECT_HOME": str(root / "server-home")}, timeout_s=120)
+    server = LoopbackServer({**env, "PREFECT_HOME": str(root / "server-home")}, timeout_s=120)
     try:
         os.environ.update({k: v for k, v in env.items() if k.startswith("PREFECT_")})
         os.environ["PREFECT_API_URL"] = server.url

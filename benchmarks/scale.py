@@ -83,7 +83,7 @@ T = TypeVar("T")
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.loopback_server import PrefectServer  # noqa: E402 - after the path
+from benchmarks.loopback_server import LoopbackServer  # noqa: E402 - after the path
 
 CASES = ("depth", "experts", "vocab", "width", "naive")
 SPLIT_KEYS = ("plan", "read", "decompose", "merge", "diagnostics", "write", "publish", "orchestration", "wall")
@@ -336,7 +336,7 @@ def _prefect_env(home: Path) -> dict[str, str]:
 
 
 class Harness:
-    def __init__(self, root: Path, server: PrefectServer | None):
+    def __init__(self, root: Path, server: LoopbackServer | None):
         self.root = root
         self.server = server
         self.runs = 0
@@ -806,7 +806,7 @@ def main() -> None:
     }
     server = None
     try:
-        server = PrefectServer(_prefect_env(root / "server-home"))  # one for every case
+        server = LoopbackServer(_prefect_env(root / "server-home"))  # one for every case
         out["server_startup_seconds"] = server.startup
         h = Harness(root, server)
         _emit(

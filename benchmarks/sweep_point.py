@@ -27,6 +27,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 
 def _cpu() -> float:
@@ -49,7 +50,7 @@ def main() -> None:
     args = parser.parse_args()
 
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
-    from swudi.cli.app import prepare_prefect_environment
+    from flows.commands import prepare_prefect_environment
 
     prepare_prefect_environment()
     import torch
@@ -65,7 +66,7 @@ def main() -> None:
     base, experts = write_synthetic_models(str(root / "in"), args.experts, model)
     common = {"base": base, "experts": experts, "output": str(root / "out"), "method": "swudi",
               "device": "cpu", "workers": args.workers}
-    runs = [("first merge (t=1300)", {"params": {"t": 1300.0}}),
+    runs: list[tuple[str, dict[str, Any]]] = [("first merge (t=1300)", {"params": {"t": 1300.0}}),
             ("sweep point: t=300", {"params": {"t": 300.0}}),
             ("sweep point: t=300, scale=0.5", {"params": {"t": 300.0}, "scale": 0.5})]
     rows = []

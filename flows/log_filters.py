@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 
 from swudi.errors import is_input_error
+from swudi.storage.redact import install_log_redaction
 
 __all__ = ["InputErrorTracebackFilter", "install"]
 
@@ -33,7 +34,8 @@ _FILTER = InputErrorTracebackFilter()
 
 
 def install() -> None:
-    """Add the filter to Prefect's run loggers (idempotent)."""
+    """Add the filter to Prefect's run loggers, and mask credentials in every record (idempotent)."""
+    install_log_redaction()
     for name in RUN_LOGGERS:
         logger = logging.getLogger(name)
         if _FILTER not in logger.filters:

@@ -19,6 +19,7 @@ from typing import Any
 from swudi.config.merge_config import MergeConfig, config_from_mapping
 from swudi.errors import ConfigError
 from swudi.storage import held_options
+from swudi.storage.redact import mask_in
 from swudi.storage.retry import RETRY_KEY
 from swudi.storage.secrets import is_secret_ref
 
@@ -57,8 +58,9 @@ def config_parameter(config: dict[str, Any] | MergeConfig, storage_options_ref: 
 
 
 def redacted(config: MergeConfig) -> dict[str, Any]:
-    """The config as a mapping for files and logs: storage option values replaced by a marker."""
-    data = config.model_dump()
+    """The config as a mapping for files and logs: storage option values replaced by a marker,
+    credentials in URLs masked."""
+    data = mask_in(config.model_dump())
     data["storage_options"] = {
         key: value if key == RETRY_KEY or is_secret_ref(value) else "<redacted>"
         for key, value in config.storage_options.items()

@@ -25,6 +25,7 @@ from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from swudi.pipeline.records import MergedRecord
+from swudi.units import format_bytes
 
 ARTIFACT_KEY = "swudi-merge-progress"
 
@@ -97,7 +98,7 @@ class MergeProgress:
         reused = f"; {self.reused} reused from the work folder" if self.reused else ""
         return (
             f"merge progress: {self.done}/{self.total} weights ({percent:.0f}%), {self.rate:.2f}/s, "
-            f"ETA {eta}, read {human_bytes(self.bytes_read)}{reused}"
+            f"ETA {eta}, read {format_bytes(self.bytes_read)}{reused}"
         )
 
     def finished(self, records: Iterable[MergedRecord]) -> None:
@@ -109,7 +110,7 @@ class MergeProgress:
             self._bar_id,
             completed=self.done,
             rate=f"{self.rate:.2f}/s",
-            read=human_bytes(self.bytes_read),
+            read=format_bytes(self.bytes_read),
         )
         self._report()
 
@@ -129,12 +130,3 @@ class MergeProgress:
             except Exception as error:  # noqa: BLE001 - progress must never fail a merge
                 self._logger.warning("could not update the progress artifact: %s", error)
                 self._artifact = None
-
-
-def human_bytes(n: float) -> str:
-    """``1234567`` -> ``1.2 MB`` (decimal units)."""
-    for unit in ("B", "kB", "MB", "GB"):
-        if abs(n) < 1000 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} TB"  # pragma: no cover - the loop returns at GB

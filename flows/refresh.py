@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
-import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -35,14 +34,14 @@ from prefect.context import FlowRunContext
 
 from flows.merge import run_merge
 from swudi.config.merge_config import MergeConfig, apply_overrides, config_from_mapping, load_config
-from swudi.errors import PublishError
+from swudi.errors import GateError
 from swudi.io.fingerprint import digest
 from swudi.pipeline.code_version import merge_code
 from swudi.pipeline.plan import build_plan, check_inputs_exist, version_id
 from swudi.publish.publish_model import LOCK_WAIT_S, read_report
 from swudi.publish.versions import is_version_complete, list_versions, prune_versions, read_latest
 from swudi.storage.filesystem import join_url
-from swudi.storage.lock import Lock, acquire_lock, output_lock, read_lock, release_lock, renew_lock
+from swudi.storage.lock import Lock, output_lock, read_lock
 from tasks.retry import retry_unless_input_error
 
 #: Folder under the output that holds the refresh lock (the output lock is ``OUTPUT/.lock``).
@@ -184,45 +183,24 @@ def refresh_lock(
     wait_s: float = REFRESH_WAIT_S,
     ttl_s: float = REFRESH_LOCK_TTL_S,
     logger: Any = None,
-) -> Iterator[float]:
-    """Hold the output's refresh lock for the block (renewed in the background); yields the seconds
-    waited for it. Raises :class:`PublishError` if another refresh holds it for over ``wait_s``."""
+) -> Iterator[tuple[Lock, float]]:
+    """Hold the output's refresh lock for the block: :func:`swudi.storage.lock.output_lock` on
+    :func:`refresh_lock_url` (a lease renewed by a heartbeat every ``ttl_s / 3``, taken over from a
+    holder that is gone); yields the lock (``lock.check()`` raises once it was lost) and the seconds
+    waited for it. Raises :class:`~swudi.errors.PublishError` if another refresh holds it for over ``wait_s``."""
     url = refresh_lock_url(config.output)
     options = config.storage_options
     started = time.monotonic()
-    try:
-        lock = acquire_lock(url, owner, ttl_s, options, wait_s=0)
-    except PublishError:
-        holder = (read_lock(url, options) or {}).get("owner", "?")
-        if logger:
-            logger.info(
-                "another refresh of %s is running (%s); waiting up to %.0f s for it", config.output, holder, wait_s
-            )
-        lock = acquire_lock(url, owner, ttl_s, options, wait_s=wait_s, poll_s=2.0)
-    stop = threading.Event()
-    renewer = threading.Thread(
-        target=_keep_renewed, args=(lock, ttl_s, stop, logger), name="swudi-refresh-lock", daemon=True
-    )
-    renewer.start()
-    try:
-        yield time.monotonic() - started
-    finally:
-        stop.set()
-        renewer.join()
-        release_lock(lock)
-
-
-def _keep_renewed(lock: Lock, ttl_s: float, stop: threading.Event, logger: Any) -> None:
-    while not stop.wait(ttl_s / 3):
-        try:
-            renew_lock(lock, ttl_s)
-        except PublishError as error:  # taken over: the output lock still guards the publish
-            if logger:
-                logger.error("%s", error)
-            return
-        except Exception as error:  # noqa: BLE001 - a transient store error: try again next time
-            if logger:
-                logger.warning("could not renew the refresh lock of %s: %s", lock.url, error)
+    holder = read_lock(url, options)
+    if holder is not None and logger:
+        logger.info(
+            "another refresh of %s may be running (%s); waiting up to %.0f s for it",
+            config.output,
+            holder.get("owner", "?"),
+            wait_s,
+        )
+    with output_lock(url, owner, ttl_s, options, wait_s) as lock:
+        yield lock, time.monotonic() - started
 
 
 def _owner() -> str:
@@ -248,9 +226,10 @@ def refresh(
     logger = get_run_logger()
     started = time.perf_counter()
     cfg = resolve_config(config, overrides)
-    with refresh_lock(cfg, _owner(), wait_s, logger=logger) as waited:
+    with refresh_lock(cfg, _owner(), wait_s, logger=logger) as (lock, waited):
         before = complete_versions(cfg)
         check = detect_changes(cfg)
+        lock.check()  # a refresh whose lock was taken over merges nothing
         latest = check.latest
         previous = latest["version"] if latest else None
         if latest is not None and check.up_to_date:  # (up to date implies a latest)
@@ -272,7 +251,16 @@ def refresh(
             }
         else:
             logger.info("refreshing %s: %s", cfg.output, "; ".join(check.changes))
-            merged = run_merge(cfg)  # a subflow; publish prunes to keep_versions
+            try:
+                merged = run_merge(cfg)  # a subflow; publish prunes to keep_versions
+            except GateError as refused:  # the run ends Failed; latest still names `previous`
+                logger.error("%s", refused)
+                create_markdown_artifact(
+                    _refused(cfg, check, previous, str(refused)),
+                    key=_artifact_key(cfg.output),
+                    description=f"swudi refresh of {cfg.output}: refused by the publish gate",
+                )
+                raise
             result = {
                 "status": "published",
                 "version": merged["version"],
@@ -314,6 +302,23 @@ def refresh(
 def _artifact_key(output: str) -> str:
     """One artifact key per output, so the UI shows the history of its refreshes."""
     return f"swudi-refresh-{digest(output)[:12]}"
+
+
+def _refused(config: MergeConfig, check: RefreshCheck, previous: str | None, reason: str) -> str:
+    """The artifact of a refresh whose version the publish gate refused."""
+    lines = [
+        "# swudi refresh: refused by the publish gate",
+        "",
+        f"**{reason}**",
+        "",
+        f"- version `{check.version}` is kept for inspection under `{config.output}/versions/` "
+        "(retention or `swudi gc` can remove it)",
+        f"- latest still names `{previous}`",
+        f"- method: `{config.method}` {config.params}",
+    ]
+    if check.changes:
+        lines += ["", "## What changed", "", *(f"- {change}" for change in check.changes)]
+    return "\n".join(lines)
 
 
 def _summary(config: MergeConfig, check: RefreshCheck, result: Mapping[str, Any]) -> str:

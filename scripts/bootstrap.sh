@@ -12,8 +12,8 @@ if [ ! -x .venv/bin/python ]; then
 fi
 # The CPU build of torch lies in pip's configured find-links folder on these machines.
 links=$(python3 -m pip config get global.find-links 2>/dev/null || true)
-VIRTUAL_ENV=.venv uv pip sync --quiet ${links:+--find-links "$links"} requirements.lock
-VIRTUAL_ENV=.venv uv pip install --quiet --no-deps -e .
+VIRTUAL_ENV=.venv uv pip sync --quiet --compile-bytecode ${links:+--find-links "$links"} requirements.lock
+VIRTUAL_ENV=.venv uv pip install --quiet --compile-bytecode --no-deps -e .
 
 apt_file=benchmarks/retention/requirements-apt.txt
 missing=()

@@ -13,7 +13,7 @@ from swudi.config.merge_config import MergeConfig
 from swudi.pipeline.plan import MergePlan
 from swudi.pipeline.records import MergedRecord
 from swudi.publish.hub import push_version
-from swudi.publish.publish_model import publish_merged_model
+from swudi.publish.publish_model import PublishResult, publish_merged_model
 from swudi.publish.versions import REPORT_NAME
 from swudi.storage.filesystem import join_url
 from tasks.retry import retry_unless_input_error
@@ -33,9 +33,11 @@ def publish_model(
     diagnostics: Mapping[str, Any],
     timings: Mapping[str, Any] | None = None,
     io: Mapping[str, Any] | None = None,
-) -> dict[str, Any]:
-    """Write the version folder (shards, config files, evaluations, report), then the pointer."""
-    published = publish_merged_model(config, plan, merged, diagnostics, timings, io)
+    tuning: Mapping[str, Any] | None = None,
+) -> PublishResult:
+    """Write the version folder (shards, config files, evaluations, report), then the pointer
+    (after the publish gate, if any: a refused version raises :class:`~swudi.errors.GateError`)."""
+    published = publish_merged_model(config, plan, merged, diagnostics, timings, io, tuning)
     evaluations = published["report"].get("evaluations") or {}
     lines = [
         f"# swudi merge {published['version']}",
@@ -65,7 +67,7 @@ def publish_model(
     retry_condition_fn=retry_unless_input_error,
     retry_delay_seconds=30,
 )
-def push_to_hub(config: MergeConfig, published: Mapping[str, Any]) -> str:
+def push_to_hub(config: MergeConfig, published: PublishResult) -> str:
     """Upload the published version to the Hub repository of ``config.push_to_hub`` (a link artifact
     names the commit); the published version stays as it is if this fails."""
     target = config.push_to_hub

@@ -8,6 +8,7 @@ Builders of tiny safetensors checkpoints live in `tests/helpers/builders.py`.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import uuid
@@ -80,10 +81,8 @@ def s3_bucket(moto_server: str, _moto_fs, monkeypatch: pytest.MonkeyPatch) -> It
     bucket = S3Bucket(f"swudi-test-{uuid.uuid4().hex[:12]}", moto_server, options, _moto_fs)
     _moto_fs.call_s3("create_bucket", Bucket=bucket.name)
     yield bucket
-    try:  # free moto's memory (some tests store hundreds of MB)
+    with contextlib.suppress(Exception):  # cleanup only: free moto's memory (some tests store hundreds of MB)
         _moto_fs.rm(bucket.name, recursive=True)
-    except Exception:  # noqa: BLE001 - cleanup only
-        pass
 
 
 # -------------------------------------------------------------------------------- local or S3
@@ -135,9 +134,9 @@ def prefect_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     })
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from flows.server import EmbeddedServer
+    from flows.server import PrefectServer
 
-    server = EmbeddedServer()
+    server = PrefectServer()
     url = server.start()
     try:
         with temporary_settings(updates={PREFECT_API_URL: url}):
@@ -152,10 +151,8 @@ def _drain_prefect_workers() -> None:
     from prefect.logging.handlers import APILogWorker
 
     for drain in (lambda: APILogWorker.drain_all(timeout=30), EventsWorker.drain_all):
-        try:
+        with contextlib.suppress(Exception):  # best effort at the end of the session
             drain()
-        except Exception:  # noqa: BLE001 - best effort at the end of the session
-            pass
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:

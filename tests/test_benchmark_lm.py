@@ -181,6 +181,12 @@ def test_evaluator_matches_the_build_references(tiny_build):
     assert all(v["loss_gap_closed"] == pytest.approx(0.0, abs=1e-5) for v in base.values())
     with pytest.raises(TypeError, match="unknown evaluator options"):
         evaluate(str(tiny_build / "base"), build=str(tiny_build), heads_dir="x")
+    mixed = evaluate(str(tiny_build / "experts" / "seed0" / "wordnet"), build=str(tiny_build), split="test",
+                     aggregate=True)
+    assert set(mixed) == {*SMOKE_DOMAINS, "all"}
+    for metric in ("loss", "loss_gap_closed", "accuracy"):
+        by_hand = sum(mixed[d][metric] for d in SMOKE_DOMAINS) / len(SMOKE_DOMAINS)
+        assert mixed["all"][metric] == pytest.approx(by_hand, rel=1e-12)
 
 
 @pytest.mark.slow

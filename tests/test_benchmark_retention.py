@@ -208,7 +208,7 @@ def test_experts_are_ordinary_hf_checkpoints(tiny_build):
 
     out = tiny_build["out"]
     with safe_open(str(out / "base" / "model.safetensors"), "pt") as f:
-        base_shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+        base_shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118 - safe_open is not iterable
     assert len(base_shapes) > 100
     for task in TINY_TASKS:
         folder = out / "experts" / task
@@ -217,13 +217,13 @@ def test_experts_are_ordinary_hf_checkpoints(tiny_build):
         assert model.config.hidden_size == 384 and model.config.num_hidden_layers == 6
         AutoTokenizer.from_pretrained(str(folder))
         with safe_open(str(folder / "model.safetensors"), "pt") as f:
-            assert {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()} == base_shapes
+            assert {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()} == base_shapes  # noqa: SIM118 - safe_open is not iterable
         head = out / "heads" / f"{task}.safetensors"
         labels = json.loads((out / "heads" / f"{task}.labels.json").read_text())
         assert labels == list(data.load_task(task).label_names)
         with safe_open(str(head), "pt") as f:
             assert tuple(f.get_slice("weight").get_shape()) == (len(labels), 384)
-            assert not any("classifier" in k or "head" in k for k in f.keys() if k not in ("weight", "bias"))
+            assert not any("classifier" in k or "head" in k for k in f.keys() if k not in ("weight", "bias"))  # noqa: SIM118 - safe_open is not iterable
 
 
 @pytest.mark.slow
@@ -273,8 +273,10 @@ def test_experts_learned_their_task(tiny_build):
         d = data.load_task(task)
         head = Head.load(out / "heads" / f"{task}.safetensors")
         texts, labels = d.train.texts[:64], d.train.labels[:64]
-        before = mean_loss(*load_encoder(out / "base"), head, texts, labels)
-        after = mean_loss(*load_encoder(out / "experts" / task), head, texts, labels)
+        base_model, base_tokenizer = load_encoder(out / "base")
+        expert_model, expert_tokenizer = load_encoder(out / "experts" / task)
+        before = mean_loss(base_model, base_tokenizer, head, texts, labels)
+        after = mean_loss(expert_model, expert_tokenizer, head, texts, labels)
         assert after < 0.9 * before, (task, before, after)
 
 
@@ -358,7 +360,7 @@ def test_evaluator_rejects_incomplete_checkpoints(tiny_build, tmp_path):
     weights.pop("encoder.layer.3.attention.self.query.weight")
     save_file(weights, str(tmp_path / "model.safetensors"))
     shutil.copy(out / "base" / "config.json", tmp_path / "config.json")
-    with pytest.raises(ValueError, match="layer.3.attention.self.query.weight"):
+    with pytest.raises(ValueError, match=r"layer\.3\.attention\.self\.query\.weight"):
         evaluate_encoder(tmp_path, out / "heads", [TINY_TASKS[0]], max_examples=10)
 
 

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers.builders import DTYPES, bit_equal, put_bytes, random_tensor
 from safetensors.torch import load as st_load
 
 from swudi.errors import CheckpointError
 from swudi.io.artifacts import exists, load_tensors, save_tensors
+from tests.helpers.builders import DTYPES, bit_equal, put_bytes, random_tensor
 
 
 def _path(store, url):
@@ -59,12 +59,12 @@ def test_truncated_artefact_is_refused(store):
     save_tensors(url, {"a": torch.ones(100)}, None, store.storage_options)
     raw = store.fs().cat_file(_path(store, url))
     put_bytes(url, raw[:-10], store.storage_options)
-    with pytest.raises(CheckpointError, match="outside|trailing"):
+    with pytest.raises(CheckpointError, match=r"outside|trailing"):
         load_tensors(url, store.storage_options)
 
 
 def test_non_tensor_values_are_refused(store):
     with pytest.raises(CheckpointError, match="'x' is a list"):
-        save_tensors(store.url("n.safetensors"), {"x": [1, 2]}, None, store.storage_options)
+        save_tensors(store.url("n.safetensors"), {"x": [1, 2]}, None, store.storage_options)  # type: ignore[dict-item]  # the refusal
     with pytest.raises(CheckpointError, match="metadata must map strings"):
-        save_tensors(store.url("n.safetensors"), {"x": torch.ones(1)}, {"k": 1}, store.storage_options)
+        save_tensors(store.url("n.safetensors"), {"x": torch.ones(1)}, {"k": 1}, store.storage_options)  # type: ignore[dict-item]

@@ -8,11 +8,11 @@ import struct
 
 import pytest
 import torch
-from helpers.builders import put_bytes, raw_safetensors
 
 from swudi.errors import CheckpointError
 from swudi.io.checkpoint import Checkpoint
 from swudi.io.header import MAX_HEADER_SIZE, header_length, parse_header
+from tests.helpers.builders import put_bytes, raw_safetensors
 
 
 def f32(start: int, n: int) -> dict:

@@ -12,7 +12,6 @@ import time
 
 import pytest
 import torch
-from helpers.builders import put_bytes
 
 from swudi.errors import PublishError
 from swudi.io.checkpoint import Checkpoint
@@ -26,6 +25,7 @@ from swudi.publish.versions import (
     version_url,
 )
 from swudi.storage.lock import acquire_lock, output_lock, read_lock, release_lock
+from tests.helpers.builders import put_bytes
 
 HELPERS = pathlib.Path(__file__).parent / "helpers"
 REPO = pathlib.Path(__file__).resolve().parents[1]

@@ -8,7 +8,10 @@ import time
 
 import pytest
 import torch
-from helpers.builders import (
+
+from swudi.errors import CheckpointError
+from swudi.io.checkpoint import SPECULATIVE_READ, Checkpoint, read_tensor
+from tests.helpers.builders import (
     DTYPES,
     bit_equal,
     put_bytes,
@@ -17,9 +20,6 @@ from helpers.builders import (
     write_reference,
     write_reference_checkpoint,
 )
-
-from swudi.errors import CheckpointError
-from swudi.io.checkpoint import SPECULATIVE_READ, Checkpoint, read_tensor
 
 SHAPES = [(3, 5), (7,), (), (0, 4), (2, 3, 2)]
 
@@ -114,7 +114,7 @@ def test_folder_with_two_safetensors_and_no_index_is_ambiguous(store):
 
 
 def test_missing_checkpoint_and_tensor(store):
-    with pytest.raises(CheckpointError, match="no such checkpoint|not found"):
+    with pytest.raises(CheckpointError, match=r"no such checkpoint|not found"):
         Checkpoint.open(store.url("nowhere"), store.storage_options)
     with pytest.raises(CheckpointError, match="not found"):
         Checkpoint.open(store.url("nowhere", "model.safetensors"), store.storage_options)

@@ -7,10 +7,10 @@ import json
 
 import pytest
 import torch
-from helpers.builders import put_bytes, write_reference, write_reference_checkpoint
 
 from swudi.errors import CheckpointError
 from swudi.io.checkpoint import Checkpoint
+from tests.helpers.builders import put_bytes, write_reference, write_reference_checkpoint
 
 S1, S2 = "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"
 
@@ -72,20 +72,20 @@ def test_weight_map_points_at_the_wrong_shard(store):
 
 def test_tensor_missing_from_weight_map(store):
     folder = _two_shards(store, {"weight_map": {"a": S1, "c": S2}})
-    with pytest.raises(CheckpointError, match="'b' is stored in .*00001.* but missing from weight_map"):
+    with pytest.raises(CheckpointError, match=r"'b' is stored in .*00001.* but missing from weight_map"):
         Checkpoint.open(folder, store.storage_options)
 
 
 def test_shard_listed_but_absent(store):
     folder = _two_shards(store, {"weight_map": {"a": S1, "b": S1, "c": "model-00003-of-00003.safetensors"}})
-    with pytest.raises(CheckpointError, match="00003-of-00003.safetensors.*not found"):
+    with pytest.raises(CheckpointError, match=r"00003-of-00003\.safetensors.*not found"):
         Checkpoint.open(folder, store.storage_options)
 
 
 @pytest.mark.parametrize("raw", ["not json", "[]", '{"weight_map": {}}', '{"metadata": {}}'])
 def test_unreadable_index(store, raw):
     folder = _two_shards(store, raw)
-    with pytest.raises(CheckpointError, match="model.safetensors.index.json"):
+    with pytest.raises(CheckpointError, match=r"model\.safetensors\.index\.json"):
         Checkpoint.open(folder, store.storage_options)
 
 

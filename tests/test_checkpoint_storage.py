@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
+from s3fs.core import S3File
 
 from swudi.storage.filesystem import join_url, open_atomic, parent_url, resolve, url_name
 
@@ -43,7 +46,7 @@ def test_s3_defaults_and_pass_through(moto_server):
 def test_chained_url_options_reach_the_storage_layer(moto_server, tmp_path):
     options = {"endpoint_url": moto_server, "key": "k", "secret": "s",
                "simplecache": {"cache_storage": str(tmp_path)}}
-    fs, path = resolve("simplecache::s3://bucket/key", options)
+    fs, _path = resolve("simplecache::s3://bucket/key", options)
     assert "simplecache" in fs.protocol
     assert fs.fs.key == "k" and fs.fs.default_cache_type == "none"
     assert fs.storage == [str(tmp_path)]
@@ -53,10 +56,9 @@ def test_open_atomic_local_keeps_old_file_on_error(tmp_path):
     fs, path = resolve(str(tmp_path / "sub" / "f.bin"))
     with open_atomic(fs, path) as f:
         f.write(b"old")
-    with pytest.raises(RuntimeError):
-        with open_atomic(fs, path) as f:
-            f.write(b"new, half written")
-            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError), open_atomic(fs, path) as f:
+        f.write(b"new, half written")
+        raise RuntimeError("boom")
     assert (tmp_path / "sub" / "f.bin").read_bytes() == b"old"
     assert sorted(p.name for p in (tmp_path / "sub").iterdir()) == ["f.bin"]
 
@@ -64,14 +66,15 @@ def test_open_atomic_local_keeps_old_file_on_error(tmp_path):
 def test_open_atomic_s3_discards_a_multipart_upload_on_error(s3_bucket):
     fs, path = resolve(f"{s3_bucket.url}/big.bin", s3_bucket.storage_options)
     chunk = b"x" * (6 * 2**20)
-    with pytest.raises(RuntimeError):
-        with open_atomic(fs, path) as f:
-            f.blocksize = 5 * 2**20  # force parts to be uploaded before the failure
-            f.write(chunk)
-            f.flush()
-            assert f.mpu is not None  # a multipart upload is open, with a part uploaded
-            f.write(chunk)
-            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError), open_atomic(fs, path) as f:
+        assert isinstance(f, S3File)  # s3fs's file: its block size and multipart upload
+        s3_file: Any = f
+        s3_file.blocksize = 5 * 2**20  # force parts to be uploaded before the failure
+        f.write(chunk)
+        f.flush()
+        assert s3_file.mpu is not None  # a multipart upload is open, with a part uploaded
+        f.write(chunk)
+        raise RuntimeError("boom")
     assert not s3_bucket.fs.exists(path)
     uploads = s3_bucket.fs.call_s3("list_multipart_uploads", Bucket=s3_bucket.name).get("Uploads", [])
     assert uploads == []

@@ -13,11 +13,11 @@ from urllib.parse import urlparse
 import pytest
 import s3fs
 import torch
-from helpers.builders import bit_equal, random_tensor, raw_safetensors
-from helpers.proxy import CountingProxy
 
 from swudi.io.checkpoint import Checkpoint
 from swudi.storage.filesystem import resolve
+from tests.helpers.builders import bit_equal, random_tensor, raw_safetensors
+from tests.helpers.proxy import CountingProxy
 
 BIG = 200 * 10**6
 HTTP_SLACK = 16 * 1024  # headers of a handful of HTTP responses
@@ -51,7 +51,7 @@ def big_shard(moto_server, _moto_fs):
 
 
 def test_one_tensor_from_a_200mb_shard(big_shard):
-    bucket, path, target = big_shard
+    bucket, _path, target = big_shard
     endpoint = urlparse(bucket.endpoint_url)
     with CountingProxy(endpoint.hostname, endpoint.port) as proxy:
         options = {**bucket.storage_options, "endpoint_url": proxy.endpoint_url}

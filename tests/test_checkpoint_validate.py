@@ -6,11 +6,11 @@ import logging
 
 import pytest
 import torch
-from helpers.builders import tiny_state_dict, write_reference_checkpoint
 
 from swudi.errors import CheckpointMismatchError, InputError
 from swudi.io.checkpoint import Checkpoint
 from swudi.io.validate import validate_checkpoints
+from tests.helpers.builders import tiny_state_dict, write_reference_checkpoint
 
 
 def _open(store, name, tensors):

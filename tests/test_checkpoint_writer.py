@@ -7,12 +7,13 @@ import weakref
 
 import pytest
 import torch
-from helpers.builders import DTYPES, bit_equal, random_tensor, tiny_state_dict, write_reference_checkpoint
 from safetensors import safe_open
 
 from swudi.errors import CheckpointError
 from swudi.io.checkpoint import Checkpoint
-from swudi.io.writer import copy_extra_files, parse_size, plan_shards, shard_names, write_sharded
+from swudi.io.writer import copy_extra_files, plan_shards, shard_names, write_sharded
+from swudi.units import parse_size
+from tests.helpers.builders import DTYPES, bit_equal, random_tensor, tiny_state_dict, write_reference_checkpoint
 
 
 def _local_copy(store, url: str, tmp_path) -> str:
@@ -71,7 +72,7 @@ def test_single_shard_round_trip_every_dtype(store, tmp_path):
     with safe_open(f"{_local_copy(store, out, tmp_path)}/model.safetensors", "pt") as f:
         assert f.metadata() == {"format": "pt"}
         assert set(f.keys()) == set(tensors)
-        for name in f.keys():
+        for name in f.keys():  # noqa: SIM118 - safe_open is not iterable
             assert bit_equal(f.get_tensor(name), tensors[name]), name
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -11,8 +12,8 @@ import pytest
 from swudi.config.merge_config import config_from_mapping
 from swudi.io.synthetic import SyntheticModel, write_synthetic_models
 from swudi.pipeline import keys as cache_keys
-from swudi.pipeline.keys import decomposition_key, delta_key, group_merge_key, layer_merge_key
 from swudi.pipeline.code_version import code_digest, merge_code, module_digest
+from swudi.pipeline.keys import decomposition_key, delta_key, group_merge_key, layer_merge_key
 
 ORIGINAL = '''"""A module."""
 
@@ -40,7 +41,7 @@ def f(x):
 
 
 @pytest.fixture
-def modules(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+def modules(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     monkeypatch.syspath_prepend(str(tmp_path))
     for name, text in (("cv_original", ORIGINAL), ("cv_cosmetic", COSMETIC), ("cv_changed", CHANGED)):
         (tmp_path / f"{name}.py").write_text(text)
@@ -96,10 +97,12 @@ def test_merge_code_covers_the_module_that_declares_a_user_method(modules: Path)
         return tv.mean(dim=0)
 
     merge_b.__module__ = changed.__name__
-    with registered_method(MethodSpec("tmp_code_a", "elementwise", P, "test", merge=merge_a)):
-        with registered_method(MethodSpec("tmp_code_b", "elementwise", P, "test", merge=merge_b)):
-            assert merge_code("tmp_code_a") != merge_code("tmp_code_b")
-            assert merge_code("tmp_code_a") != merge_code("mean")
+    with (
+        registered_method(MethodSpec("tmp_code_a", "elementwise", P, "test", merge=merge_a)),
+        registered_method(MethodSpec("tmp_code_b", "elementwise", P, "test", merge=merge_b)),
+    ):
+        assert merge_code("tmp_code_a") != merge_code("tmp_code_b")
+        assert merge_code("tmp_code_a") != merge_code("mean")
 
 
 MOVED_BEFORE = '''"""Before the move."""
@@ -141,7 +144,7 @@ def current_cache_keys(tmp_path: Path) -> dict[str, str]:
     """The code digests and the four artefact keys of one fixed job (inputs fingerprinted by name only:
     a file's fingerprint holds its mtime and inode)."""
     from swudi.methods import METHODS
-    from swudi.pipeline.code_version import decomposition_code
+    from swudi.pipeline.code_version import decomposition_code, task_svd_code
     from swudi.pipeline.plan import TensorJob, build_plan
 
     base, experts = write_synthetic_models(str(tmp_path / "in"), 2, SyntheticModel(layers=1, hidden=8,
@@ -151,19 +154,21 @@ def current_cache_keys(tmp_path: Path) -> dict[str, str]:
     plan = build_plan(cfg)
     job, group = plan.layer_jobs[0], plan.group_jobs[0]
     fixed_input = property(lambda self: f"golden-input:{self.name}")
-    original, TensorJob.input_key = TensorJob.input_key, fixed_input  # type: ignore[method-assign]
+    original, TensorJob.input_key = TensorJob.input_key, fixed_input  # type: ignore[method-assign,assignment]
     try:
         keys = _keys(job, group, cfg)
     finally:
         TensorJob.input_key = original  # type: ignore[method-assign]
     keys["decomposition_code"] = decomposition_code()
+    keys["task_svd_code"] = task_svd_code()
     keys.update({f"merge_code:{name}": merge_code(name) for name in sorted(METHODS)})
     return keys
 
 
-def _keys(job, group, cfg) -> dict[str, str]:  # type: ignore[no-untyped-def]
+def _keys(job, group, cfg) -> dict[str, str]:
     return {"decomposition_key": decomposition_key(job, cfg), "layer_merge_key": layer_merge_key(job, cfg),
-            "group_merge_key": group_merge_key(group, cfg), "delta_key": delta_key(group, cfg)}
+            "group_merge_key": group_merge_key(group, cfg), "delta_key": delta_key(group, cfg),
+            "task_svd_key": cache_keys.task_svd_key(job)}
 
 
 def test_cache_keys_equal_the_recorded_ones(tmp_path: Path) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 
@@ -26,7 +28,7 @@ def test_ratios_are_relative_to_the_sum_and_zero_tasks_are_skipped() -> None:
     tv = torch.randn(3, 5, 7, generator=g)
     tv[2] = 0
     theta = 0.5 * tv.sum(0)
-    got = interference_vs_sum(theta, tv, "cpu")
+    got: dict[str, Any] = interference_vs_sum(theta, tv, "cpu")
     want = _direct(theta, tv[:2]) / _direct(tv.sum(0), tv[:2])
     assert got["per_task"][2] is None
     torch.testing.assert_close(torch.tensor(got["per_task"][:2], dtype=torch.float64), want, rtol=1e-5, atol=0)

@@ -96,7 +96,7 @@ def half_sum() -> Iterator[str]:
 def registry_is_restored() -> Iterator[None]:
     before = dict(METHODS)
     yield
-    assert METHODS == before, "a test left the registry changed"
+    assert before == METHODS, "a test left the registry changed"
 
 
 # ------------------------------------------------------------------------------- (1) spectral
@@ -197,7 +197,7 @@ def test_registered_method_is_listed_and_configurable(top_two: str, entry_max: s
     assert re.search(r"tmp_top_two\s.*spectral\s.*test: f = level on the top 2 directions.*level=0\.5", result.output)
     assert re.search(r"tmp_max\s.*elementwise", result.output)
     markdown = runner.invoke(app, ["methods", "--markdown"]).output
-    assert "| `tmp_top_two` | spectral | test: f = level on the top 2 directions | `level=0.5` |" in markdown
+    assert "| `tmp_top_two` | spectral | test: f = level on the top 2 directions | – | `level=0.5` |" in markdown  # noqa: RUF001
 
     data = {"base": "/b", "experts": ["/e1", "/e2"], "output": "/out"}
     cfg = config_from_mapping({**data, "method": top_two, "params": {"level": 0.75}})

@@ -79,7 +79,7 @@ def test_floor_applies_to_tiny_eigenvalues():
 
 @pytest.mark.parametrize("rule", ["nope", "cumvar_", "cumvar_abc", "cumvar_1.5", "cumvar_0", "", None])
 def test_unknown_rule_raises_config_error(rule):
-    with pytest.raises(ConfigError, match="participation_sqrt|cumvar"):
+    with pytest.raises(ConfigError, match=r"participation_sqrt|cumvar"):
         select_rank(torch.ones(3), rule, (3, 3))
 
 

@@ -137,7 +137,7 @@ def test_merge_state_dicts_errors():
         merge_state_dicts(base, broken, "swudi")
     with pytest.raises(ConfigError, match="unknown merge method"):
         merge_state_dicts(base, experts, "swudi2")
-    with pytest.raises(ConfigError, match="unknown parameter 'tt'.*t, rank_ratio, init"):
+    with pytest.raises(ConfigError, match=r"unknown parameter 'tt'.*t, rank_ratio, init"):
         merge_state_dicts(base, experts, "swudi", tt=3)
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 
@@ -101,7 +103,9 @@ def test_null_space_directions_keep_theta0():
     null = evecs[:, evals < 1e-10 * float(evals.max())]
     assert null.shape[1] == 4
     theta0 = tv.double().sum(0)
-    for method, params in [("swudi_soft", {"t": 300.0}), ("swudi", {}), ("swudi_a", {}), ("pinv", {"init": "sum"})]:
+    cases: list[tuple[str, dict[str, Any]]] = [
+        ("swudi_soft", {"t": 300.0}), ("swudi", {}), ("swudi_a", {}), ("pinv", {"init": "sum"})]
+    for method, params in cases:
         theta = merge_matrix(tv, method, device="cpu", **params).double()
         assert torch.allclose(theta @ null, theta0 @ null, atol=1e-5), method
     # pinv with init="zero" (its default) is the minimum-norm D C^+: zero on the null space
@@ -123,7 +127,8 @@ def test_eigenvalues_sum_to_number_of_tasks(scale):
 
 @pytest.mark.parametrize("shape", [(2, 3, 10), (4, 6, 5)])
 def test_svd_route_equals_eigh_route(shape):
-    tv = make_tv(*shape, seed=7)
+    n, m, d = shape
+    tv = make_tv(n, m, d, seed=7)
     a = decompose(tv, route="eigh", device="cpu")
     b = decompose(tv, route="svd", device="cpu")
     assert (a.route, b.route) == ("eigh", "svd")

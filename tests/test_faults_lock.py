@@ -17,11 +17,11 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import pytest
-from helpers.faults import FaultProxy
 
 from swudi.errors import PublishError
 from swudi.publish.versions import publish_version, read_latest, read_manifest
 from swudi.storage.lock import LOCK_NAME, acquire_lock, output_lock, read_lock, release_lock
+from tests.helpers.faults import FaultProxy
 
 HOLD = """
 import pathlib, sys, time
@@ -80,9 +80,13 @@ def test_the_heartbeat_keeps_a_live_lease_and_notices_a_takeover(tmp_path: Path)
         with pytest.raises(PublishError, match="lock was lost"):
             lock.check()
         with pytest.raises(PublishError, match="lock was lost"):  # a publish stops before its manifest
-            publish_version(str(out), "v1", lambda url: Path(url).mkdir(parents=True) or
-                            (Path(url) / "model.safetensors").write_bytes(b"x"), guard=lock.check)
+            publish_version(str(out), "v1", _write_one_file, guard=lock.check)
     assert read_manifest(str(out), "v1") is None and read_latest(str(out)) is None
+
+
+def _write_one_file(url: str) -> None:
+    Path(url).mkdir(parents=True)
+    (Path(url) / "model.safetensors").write_bytes(b"x")
 
 
 def test_a_lock_created_by_a_put_whose_answer_was_lost_is_held(s3_bucket) -> None:

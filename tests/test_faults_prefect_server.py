@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from flows.server import EmbeddedServer
+from flows.server import PrefectServer
 from swudi.errors import SwudiError
 from swudi.io.synthetic import SyntheticModel, write_synthetic_models
 
@@ -65,8 +65,8 @@ def _alive(pid: int) -> bool:
 
 
 def test_a_server_that_does_not_answer_in_time_is_stopped_with_a_clear_message() -> None:
-    server = EmbeddedServer(startup_timeout_s=0.5, attempts=1)
-    with pytest.raises(SwudiError, match="did not answer within 0 s|did not answer within 1 s") as caught:
+    server = PrefectServer(startup_timeout_s=0.5, attempts=1)
+    with pytest.raises(SwudiError, match=r"did not answer within [01] s") as caught:
         server.start()
     assert "PREFECT_API_URL" in str(caught.value) and "\n" not in str(caught.value)
     assert server.process is None  # stopped, not left running

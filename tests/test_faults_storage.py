@@ -14,11 +14,11 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlparse
 
 import pytest
 import yaml
-from helpers.faults import FAULT_KINDS, EveryNth, FaultProxy, silent_from
 
 from flows.merge import run_merge
 from swudi.config.merge_config import config_from_mapping
@@ -27,6 +27,7 @@ from swudi.publish.versions import list_versions, read_latest
 from swudi.storage.faults import StorageFault, storage_fault
 from swudi.storage.filesystem import resolve
 from swudi.storage.retry import RETRY_KEY, RetryPolicy
+from tests.helpers.faults import FAULT_KINDS, EveryNth, FaultProxy, silent_from
 
 MODEL = SyntheticModel(layers=2, hidden=32, intermediate=64, vocab=32, positions=16)
 #: Short timeouts so that a stall (3 s) outlasts the read timeout and the tests stay quick.
@@ -95,12 +96,26 @@ def test_a_merge_through_resets_5xx_throttling_stalls_and_truncation_is_bit_iden
 
 @pytest.mark.faults
 @pytest.mark.slow
+@pytest.mark.parametrize("cpu_load", [False, True], ids=["idle", "cpu-load"])
 def test_a_silent_store_fails_in_one_line_within_its_deadline_and_publishes_nothing(
-    prefect_api: str, s3_bucket, tmp_path: Path
+    prefect_api: str, s3_bucket, tmp_path: Path, cpu_load: bool
 ) -> None:
+    """Also with two busy loops per core (issue 24: the merge still ran at 150 s under load, because
+    the flow waited for every queued task to meet the silent store in turn)."""
+    burners = [subprocess.Popen([sys.executable, "-c", "while True: pass"])
+               for _ in range(2 * (os.cpu_count() or 2) if cpu_load else 0)]
+    try:
+        _silent_store_run(prefect_api, s3_bucket, tmp_path)
+    finally:
+        for burner in burners:
+            burner.kill()
+            burner.wait()
+
+
+def _silent_store_run(prefect_api: str, s3_bucket, tmp_path: Path) -> None:
     host, port = _target(s3_bucket)
     base, experts = write_synthetic_models(f"{s3_bucket.url}/in", 2, MODEL, storage_options=s3_bucket.storage_options)
-    retry = {"attempts": 2, "connect_timeout_s": 1.0, "read_timeout_s": 1.0}
+    retry: dict[str, Any] = {"attempts": 2, "connect_timeout_s": 1.0, "read_timeout_s": 1.0}
     with FaultProxy(host, port, silent_from(40)) as proxy:  # silent after the plan, mid-merge
         data = _config_data(s3_bucket, base, experts, "out", proxy.endpoint_url, retry)
         config = tmp_path / "merge.yaml"

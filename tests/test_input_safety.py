@@ -23,6 +23,7 @@ from swudi.config.merge_config import EvaluatorConfig, config_from_mapping, load
 from swudi.core.baselines import ties
 from swudi.errors import CheckpointError, ConfigError, InputError, is_input_error
 from swudi.io.checkpoint import Checkpoint
+from swudi.io.writer import copy_extra_files, files_to_copy
 from swudi.pipeline.plan import build_plan, version_id
 from swudi.publish.readers import READERS, hold_versions, input_versions, read_versions, release_versions
 from swudi.publish.versions import prune_versions, publish_version, read_latest
@@ -48,7 +49,8 @@ def _hub_snapshot(root: Path, tensors: dict[str, torch.Tensor], sharded: bool = 
     relative symbolic links into ../../blobs/."""
     repo = root / "models--org--name"
     staging = root / "staging"
-    write_reference_checkpoint(str(staging), tensors, shards=[list(tensors)[:3], list(tensors)[3:]] if sharded else None,
+    write_reference_checkpoint(str(staging), tensors,
+                               shards=[list(tensors)[:3], list(tensors)[3:]] if sharded else None,
                                extra_files={"config.json": b'{"model_type": "bert"}'})
     snapshot = repo / "snapshots" / "0123abcd"
     (repo / "blobs").mkdir(parents=True)
@@ -93,7 +95,7 @@ def test_index_escapes_are_still_refused_in_a_linked_folder(tmp_path: Path) -> N
                          for name, shard in doc["weight_map"].items()}
     index.unlink()
     index.write_text(json.dumps(doc))
-    with pytest.raises(CheckpointError, match="'..'"):
+    with pytest.raises(CheckpointError, match=r"'\.\.'"):
         Checkpoint.open(str(snapshot))
 
 
@@ -173,7 +175,7 @@ def test_input_errors_are_not_retried_faults_are(prefect_api: str) -> None:
 
     @flow
     def run(kind: str) -> None:
-        fails(kind)
+        fails(kind)  # type: ignore[unused-coroutine]  # a sync task: Prefect's overloads include the async case
 
     for kind, attempts in (("input", 1), ("fault", 3)):
         with pytest.raises((InputError, ConnectionResetError)):
@@ -314,3 +316,48 @@ def test_full_disk_for_the_work_folder_is_one_line(tmp_path: Path) -> None:
     assert result.returncode == 2, result.stdout + result.stderr
     assert "no space left" in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "out" / "latest.json").exists()
+
+
+# ------------------------------------------------------------- what a version gets from its base
+def test_a_hub_snapshot_linking_into_another_repository_is_refused_and_shards_may_be_linked(tmp_path: Path) -> None:
+    """Links into the same repository's blobs are the hub cache's layout; into another one's, not.
+    A weight shard (only read, never copied) may be linked from anywhere."""
+    snapshot = _hub_snapshot(tmp_path, tiny_state_dict(0))
+    _, experts = _models(tmp_path / "in")
+    other = tmp_path / "models--evil--repo" / "blobs"
+    other.mkdir(parents=True)
+    (other / "deadbeef").write_text('{"x": "PRIVATE"}')
+    os.symlink(os.path.join("..", "..", "..", "models--evil--repo", "blobs", "deadbeef"),
+               snapshot / "tokenizer_config.json")
+    cfg = config_from_mapping({"base": str(snapshot), "experts": experts, "output": str(tmp_path / "out")})
+    with pytest.raises(CheckpointError, match=r"tokenizer_config\.json: symbolic link to .*outside the checkpoint"):
+        build_plan(cfg)
+    (snapshot / "tokenizer_config.json").unlink()
+    assert "config.json" in build_plan(cfg).extra_files
+    # a base whose weights are a link to a file elsewhere: planned
+    linked = tmp_path / "linked-base"
+    linked.mkdir()
+    os.symlink(snapshot / "model.safetensors", linked / "model.safetensors")
+    cfg = config_from_mapping({"base": str(linked), "experts": experts, "output": str(tmp_path / "out2")})
+    assert len(build_plan(cfg).jobs) == len(tiny_state_dict(0))
+
+
+def test_only_the_architecture_files_of_a_base_are_copied_never_the_products_own(tmp_path: Path) -> None:
+    """A published adapter-merge version used as a base holds swudi's own files; a folder may hold
+    notes and scripts: none is copied. Config, tokenizer and sentence-transformers settings are."""
+    base = tmp_path / "base"
+    files = {"config.json": b"{}", "tokenizer.json": b"{}", "special_tokens_map.json": b"{}",
+             "modules.json": b"[]", "swudi_version.json": b"{}", "merge_report.json": b"{}",
+             "notes.txt": b"private notes", "run.sh": b"rm -rf /"}
+    write_reference_checkpoint(str(base), tiny_state_dict(0), extra_files=files)
+    for sub, name, data in [("adapter", "adapter_config.json", b'{"r": 4}'), ("1_Pooling", "config.json", b"{}")]:
+        (base / sub).mkdir()
+        (base / sub / name).write_bytes(data)
+    (base / "README.md").write_text("# the base's card")
+    ckpt = Checkpoint.open(str(base))
+    expected = ["1_Pooling/config.json", "config.json", "modules.json", "special_tokens_map.json", "tokenizer.json"]
+    assert sorted(files_to_copy(ckpt)) == expected
+    copied = copy_extra_files(ckpt, str(tmp_path / "dst"))
+    assert sorted(copied) == expected
+    written = (tmp_path / "dst").rglob("*")
+    assert sorted(str(p.relative_to(tmp_path / "dst")) for p in written if p.is_file()) == expected

@@ -119,10 +119,10 @@ def test_a_running_local_prefect_server_is_used_instead_of_an_embedded_one(monke
     import threading
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-    from swudi.cli.app import local_prefect_server, prepare_prefect_environment
+    from flows.commands import local_prefect_server, prepare_prefect_environment
 
     class Health(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+        def do_GET(self) -> None:
             body = b"true" if self.path == "/api/health" else b"no"
             self.send_response(200 if body == b"true" else 404)
             self.send_header("Content-Length", str(len(body)))
@@ -150,3 +150,27 @@ def test_a_running_local_prefect_server_is_used_instead_of_an_embedded_one(monke
     assert local_prefect_server(api) is None  # nothing listens there any more
     prepare_prefect_environment(api)
     assert "PREFECT_API_URL" not in os.environ
+
+
+def test_the_printed_time_split_parts_add_up_within_the_wall(prefect_api: str, tmp_path: Path, inputs) -> None:
+    """`swudi merge` prints the run's wall seconds and the parts of it (plan, publish, orchestration with
+    the flow run's start and finish inside it): each part fits in the wall, and the task seconds, a
+    sum over parallel tasks, are printed apart as such (once orchestration exceeded the printed wall)."""
+    import re
+
+    base, experts = inputs
+    path = _config(tmp_path, base=base, experts=experts, output=str(tmp_path / "out"), device="cpu", workers=2)
+    result = _run("merge", str(path))
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())  # rich wraps long lines at the console's width
+    wall_line = re.search(
+        r"([\d.]+) s wall: plan ([\d.]+) s, publish ([\d.]+) s, orchestration ([\d.]+) s \(of it ([\d.]+) s "
+        r"starting and finishing the flow run\)",
+        text,
+    )
+    assert wall_line, text
+    wall, plan, publish, orchestration, flow_run = map(float, wall_line.groups())
+    assert wall > 0 and flow_run <= orchestration <= wall
+    assert plan + publish + orchestration <= wall + 0.15  # each printed rounded to 0.1 s
+    assert re.search(r"task seconds summed over the merge tasks \(2 in parallel\): read [\d.]+ s, decompose",
+                     text), text

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import uuid
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -180,9 +181,10 @@ def test_model_card_names_the_base_by_hub_id_when_known_and_parses_with_huggingf
     assert base_model_id(report, "acme/base", {"_name_or_path": "google-bert/bert-base-uncased"}) == "acme/base"
     metadata = front_matter(report, "acme/base", "transformers", ["legal"], language=["en", "de"])
     card = ModelCard(render_card(report, metadata, title="Legal + medical BERT"))
-    assert card.data.base_model == "acme/base" and card.data.base_model_relation == "merge"
-    assert card.data.tags == ["merge", "model-merging", "swudi", "ties", "legal"]
-    assert card.data.language == ["en", "de"] and card.data.license is None
+    data: Any = card.data  # CardData keeps the front matter as attributes
+    assert data.base_model == "acme/base" and data.base_model_relation == "merge"
+    assert data.tags == ["merge", "model-merging", "swudi", "ties", "legal"]
+    assert data.language == ["en", "de"] and data.license is None
     assert card.text.startswith("\n# Legal + medical BERT") or card.text.startswith("# Legal + medical BERT")
     assert "| `density` | `0.2` |" in card.text and "| `scale` | `0.5` |" in card.text
     assert "| `exclude` | `*embed*` |" in card.text

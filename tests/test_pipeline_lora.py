@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -21,8 +22,8 @@ from swudi.config.merge_config import config_from_mapping
 from swudi.errors import CheckpointError, CheckpointMismatchError, ConfigError
 from swudi.io.adapter import LoraAdapter, LoraFactors
 from swudi.io.checkpoint import Checkpoint
-from swudi.pipeline.plan import build_plan, describe_plan, uses_factor_space
 from swudi.pipeline.layer_step import merge_layer
+from swudi.pipeline.plan import build_plan, describe_plan, uses_factor_space
 from swudi.pipeline.reads import read_task_vectors
 from tests.helpers.lora import llama_config, write_adapter, write_base, write_full_expert
 
@@ -42,13 +43,19 @@ ADAPTERS = {
 }
 
 
+
+def _named(name: str) -> Callable[[str], str]:
+    """An assert_close message that names the tensor."""
+    return lambda text: f"{name}: {text}"
+
 @pytest.fixture(scope="module")
 def lora_inputs(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """Base + the three adapters on disk, with the dense state dicts PEFT merges them into."""
     root = tmp_path_factory.mktemp("lora")
     base = write_base(root / "base", CONFIG)
     dense = {
-        name: write_adapter(root / name, CONFIG, seed=i + 1, **lora) for i, (name, lora) in enumerate(ADAPTERS.items())
+        name: write_adapter(root / name, CONFIG, seed=i + 1, **lora)  # type: ignore[arg-type]  # ADAPTERS' kwargs
+        for i, (name, lora) in enumerate(ADAPTERS.items())
     }
     return {"root": root, "base": base, "dense": dense}
 
@@ -99,7 +106,7 @@ def test_fan_in_fan_out_adapter_of_a_conv1d_model(tmp_path: Path) -> None:
         for name, param in peft_model.named_parameters():
             if "lora_" in name:
                 param.normal_(0, 0.1)
-    peft_model.save_pretrained(tmp_path / "ad")
+    peft_model.save_pretrained(str(tmp_path / "ad"))
     dense = peft_model.merge_and_unload().state_dict()
     cfg = config_from_mapping(
         {"base": str(tmp_path / "base"), "experts": [str(tmp_path / "ad")], "output": str(tmp_path / "o")}
@@ -133,7 +140,7 @@ def test_factor_space_merge_equals_the_dense_path(lora_inputs, tmp_path: Path, m
         # takes t x float32 noise on the directions beyond sum r_i; factor space has none there)
         tol = 1e-4 * float((want[job.name] - lora_inputs["base"][job.name]).abs().max())
         torch.testing.assert_close(
-            got, want[job.name], atol=tol, rtol=1e-4, msg=lambda text, name=job.name: f"{name}: {text}"
+            got, want[job.name], atol=tol, rtol=1e-4, msg=_named(job.name)
         )
 
 
@@ -342,7 +349,7 @@ def test_flow_merges_adapters_mixed_with_a_full_checkpoint(prefect_api: str, lor
         # the dense path on both sides; PEFT's merged weights carry W0 + tau rounding (~1e-8 of W0)
         scale = float((tensor - base[name]).abs().max()) or 1.0
         torch.testing.assert_close(
-            got[name], tensor, atol=1e-4 * scale, rtol=1e-4, msg=lambda text, name=name: f"{name}: {text}"
+            got[name], tensor, atol=1e-4 * scale, rtol=1e-4, msg=_named(name)
         )
     report = json.loads((Path(result["url"]) / "merge_report.json").read_text())
     per_task = report["diagnostics"]["per_layer"]["model.layers.0.self_attn.o_proj.weight"]
@@ -371,7 +378,7 @@ def test_merged_adapter_loads_with_peft_and_reproduces_the_dense_model(
     model = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(root / "base"), version / "adapter")
     loaded = model.merge_and_unload().state_dict()
     for name, tensor in published.items():
-        torch.testing.assert_close(loaded[name], tensor, atol=1e-6, rtol=1e-5, msg=lambda t, name=name: f"{name}: {t}")
+        torch.testing.assert_close(loaded[name], tensor, atol=1e-6, rtol=1e-5, msg=_named(name))
     assert json.loads((version / "merge_report.json").read_text())["adapter"]["target_modules"] == 10
 
 

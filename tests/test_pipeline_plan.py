@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from swudi.core.routing import Route
 from swudi.io.checkpoint import TensorLocation
 from swudi.pipeline.plan import GROUP_BYTES, MergePlan, TensorJob
 
 
-def _job(name: str, nbytes: int, route: str = "mean", shape: tuple[int, ...] = (4,)) -> TensorJob:
+def _job(name: str, nbytes: int, route: Route = "mean", shape: tuple[int, ...] = (4,)) -> TensorJob:
     loc = TensorLocation(name, "mem://x", "U8", (nbytes,), 0, nbytes, "fp")
     return TensorJob(name, shape, "U8", route, loc, (loc,))
 

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from flows.progress import MergeProgress, human_bytes
+from flows.progress import MergeProgress
 from swudi.io.checkpoint import TensorLocation
 from swudi.pipeline.plan import TensorJob
 from swudi.pipeline.records import MergedRecord
+from swudi.units import format_bytes
 from tasks.merge import task_label
 
 
@@ -40,4 +41,4 @@ def test_progress_counts_weights_bytes_and_estimates_the_time_left() -> None:
     line = progress.describe()
     assert "2/4 weights (50%)" in line and "read 11.0 kB" in line and "2 reused" in line
     assert progress.eta_s is not None and progress.eta_s > 0
-    assert [human_bytes(n) for n in (999, 1500, 2.5e9)] == ["999 B", "1.5 kB", "2.5 GB"]
+    assert [format_bytes(n) for n in (999, 1500, 2.5e9, 3.2e12)] == ["999 B", "1.5 kB", "2.5 GB", "3.2 TB"]

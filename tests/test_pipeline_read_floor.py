@@ -12,13 +12,13 @@ from urllib.parse import urlparse
 
 import pytest
 import torch
-from helpers.proxy import CountingProxy
 
 from flows.merge import run_merge
 from swudi.config.merge_config import config_from_mapping
 from swudi.io.checkpoint import Checkpoint
 from swudi.io.synthetic import SyntheticModel, write_synthetic_models
 from swudi.publish.versions import read_latest
+from tests.helpers.proxy import CountingProxy
 
 pytestmark = pytest.mark.slow  # each test runs two or three merges end to end
 

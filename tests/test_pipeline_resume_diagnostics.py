@@ -14,10 +14,10 @@ import pytest
 
 from swudi.config.merge_config import config_from_mapping
 from swudi.io.synthetic import SyntheticModel, write_synthetic_models
-from swudi.pipeline.plan import build_plan
-from swudi.pipeline.records import MERGED, MergedRecord
 from swudi.pipeline.artefacts import artefact_url
 from swudi.pipeline.layer_step import merge_layers
+from swudi.pipeline.plan import build_plan
+from swudi.pipeline.records import MERGED, MergedRecord
 from swudi.pipeline.summary import summarize_layers
 
 MODEL = SyntheticModel(layers=2, hidden=16, intermediate=32, vocab=16, positions=8)

@@ -16,7 +16,7 @@ from swudi.cli.app import app
 from swudi.config.merge_config import config_from_mapping, load_config
 from swudi.io.checkpoint import Checkpoint
 from swudi.io.synthetic import SyntheticModel, write_synthetic_models
-from swudi.pipeline.records import DECOMPOSITIONS, DELTAS, MERGED
+from swudi.pipeline.records import DECOMPOSITIONS, DELTAS, MERGED, TASK_SVDS
 from swudi.pipeline.workdir import LEASE_TTL_S, collect_garbage, list_artefacts, usage, write_lease
 from swudi.publish.versions import read_latest
 
@@ -72,7 +72,7 @@ def test_gc_keeps_artefacts_of_a_kept_version_and_of_live_leases_only(prefect_ap
     cfg = load_config(setup, ["keep_versions=5", "params.t=100"])
     run_merge(cfg)
     work = Path(cfg.resolved_work_dir)
-    stored = {kind: _files(work, kind) for kind in (MERGED, DECOMPOSITIONS, DELTAS)}
+    stored = {kind: _files(work, kind) for kind in (MERGED, DECOMPOSITIONS, DELTAS, TASK_SVDS)}
     other = load_config(setup, ["keep_versions=5", "method=ties"])  # a setting that shares nothing
     result = collect_garbage(other, min_age_s=0)
     assert result.removed == []  # version t=100 is kept, and its report names every artefact

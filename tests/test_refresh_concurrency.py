@@ -113,3 +113,33 @@ def test_refresh_gives_up_cleanly_when_another_holds_the_output_too_long(prefect
     with pytest.raises(Exception, match="locked by another refresh"):
         state.result()
     assert read_latest(config["output"]) is None and list_versions(config["output"], include_incomplete=True) == []
+
+
+def test_the_refresh_lock_is_the_output_lock_lease_and_notices_a_takeover(tmp_path) -> None:
+    """The refresh lock is `swudi.storage.lock.output_lock` on OUTPUT/.refresh: renewed by its heartbeat
+    (the document's expiry moves), and a takeover is noticed (`lock.check()` raises), so a refresh whose
+    lock another run took never goes on to merge."""
+    import time
+
+    from flows.refresh import refresh_lock
+    from swudi.config.merge_config import config_from_mapping
+    from swudi.errors import PublishError
+
+    cfg = config_from_mapping(_config(str(tmp_path)), "test")
+    url = refresh_lock_url(cfg.output)
+    with refresh_lock(cfg, "first refresh", wait_s=0, ttl_s=0.6) as (lock, waited):
+        assert waited < 5 and read_lock(url)["owner"] == "first refresh"
+        first_expiry = read_lock(url)["expires_at"]
+        time.sleep(0.5)  # the heartbeat renews every ttl / 3 = 0.2 s
+        assert read_lock(url)["expires_at"] > first_expiry
+        lock.check()  # still ours
+        release_lock(lock)  # as if its lease had run out and another refresh took it over
+        other = acquire_lock(url, owner="second refresh", ttl_s=60)
+        deadline = time.monotonic() + 10
+        while not lock.lost.is_set() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        with pytest.raises(PublishError, match="lost"):
+            lock.check()
+    assert read_lock(url)["owner"] == "second refresh"  # the first one's exit left the new holder's lock
+    release_lock(other)
+    assert read_lock(url) is None

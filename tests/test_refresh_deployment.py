@@ -24,7 +24,8 @@ import torch
 import yaml
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
-from prefect.client.schemas.objects import ConcurrencyLimitStrategy
+from prefect.client.schemas.objects import ConcurrencyLimitStrategy, FlowRun
+from prefect.client.schemas.schedules import CronSchedule
 from prefect.deployments import run_deployment
 
 from swudi.io.checkpoint import Checkpoint
@@ -37,7 +38,8 @@ from swudi.io.synthetic import (
 )
 from swudi.publish.versions import list_versions, read_latest, version_url
 
-pytestmark = [pytest.mark.slow, pytest.mark.services]  # a served deployment with subprocess runs (~1.5 min): the services lane
+# a served deployment with subprocess runs (~1.5 min): the services lane
+pytestmark = [pytest.mark.slow, pytest.mark.services]
 
 MODEL = SyntheticModel(layers=1, hidden=16, intermediate=32, vocab=16, positions=8)
 WEIGHT = "encoder.layer.0.attention.self.query.weight"
@@ -58,13 +60,14 @@ class Served:
     def trigger(self) -> tuple[Any, str]:
         """Run the deployment to the end; return the flow run and its refresh artifact's markdown."""
         run = run_deployment(self.name, timeout=300, poll_interval=1)
+        assert isinstance(run, FlowRun)  # called from sync code: the run itself, not a coroutine
         assert run.state and run.state.is_completed(), f"{run.state}\n{self.log_tail()}"
         with get_client(sync_client=True) as client:
             artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(
                 flow_run_id=ArtifactFilterFlowRunId(any_=[run.id])))
         markdown = [a.data for a in artifacts if a.key and a.key.startswith("swudi-refresh-")]
         assert len(markdown) == 1, [a.key for a in artifacts]
-        return run, markdown[0]
+        return run, str(markdown[0])
 
 
 @pytest.fixture
@@ -129,7 +132,8 @@ def test_scheduled_refresh_deployment_noop_then_new_version_on_changed_expert(se
         deployment = client.read_deployment_by_name(served.name)
     assert deployment.entrypoint == "flows.refresh.refresh"
     assert deployment.parameters["config"] == str(served.config_path)
-    assert [s.schedule.cron for s in deployment.schedules] == ["0 3 * * *"]
+    schedules = [s.schedule for s in deployment.schedules]
+    assert [s.cron for s in schedules if isinstance(s, CronSchedule)] == ["0 3 * * *"] and len(schedules) == 1
     assert deployment.global_concurrency_limit and deployment.global_concurrency_limit.limit == 1
     assert deployment.concurrency_options.collision_strategy == ConcurrencyLimitStrategy.ENQUEUE
 

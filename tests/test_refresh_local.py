@@ -39,7 +39,7 @@ def run(config: dict[str, Any], **overrides: Any) -> tuple[dict[str, Any], str]:
             flow_run_id=ArtifactFilterFlowRunId(any_=[state.state_details.flow_run_id])))
     markdown = [a.data for a in artifacts if a.key and a.key.startswith("swudi-refresh-")]
     assert len(markdown) == 1, f"expected one refresh artifact, got {[a.key for a in artifacts]}"
-    return result, markdown[0]
+    return result, str(markdown[0])
 
 
 def versions(output: str) -> set[str]:

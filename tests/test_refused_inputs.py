@@ -13,6 +13,7 @@ Input errors are not retried by the task runner (``tests/test_input_safety.py``)
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -65,6 +66,15 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> World:
     os.symlink(root / "expert-0", root / "link-to-expert-0")
     os.symlink(root / "base", root / "link-to-base")
     (root / "a-file").write_text("not a folder")
+    # files from outside a base (issue 24): a link at the top and one in a sentence-transformers folder
+    (root / "private").mkdir()
+    (root / "private" / "secret").write_text("PRIVATE-CONTENT")
+    shutil.copytree(root / "base", root / "base-link-out")
+    os.symlink(root / "private" / "secret", root / "base-link-out" / "special_tokens_map.json")
+    shutil.copytree(root / "base", root / "base-nested-link-out")
+    (root / "base-nested-link-out" / "1_Pooling").mkdir()
+    nested = root / "base-nested-link-out" / "1_Pooling" / "config.json"
+    os.symlink(os.path.join("..", "..", "private", "secret"), nested)
     shutil.copytree(root / "base", root / "published" / "versions" / "draft")  # no manifest: not published
     # data cases: one bad value each
     bad = dict(base)
@@ -80,7 +90,43 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> World:
     big = _expert(base, 9)
     big["layer.0.mlp.down.weight"][2, 3] = 1.0e6  # beyond float16's 65504 once merged
     write_reference_checkpoint(str(root / "huge-expert"), big)
+    # LoRA adapter configs that are not a LoRA update (issue 24): one line naming the key, before work
+    for name, changes in BAD_LORA.items():
+        (root / name).mkdir()
+        config = {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q"], **changes}
+        (root / name / "adapter_config.json").write_text(json.dumps(config))
+    # a header whose empty tensor has a dimension of 2**64 (issue 24): refused from the header
+    (root / "huge-shape-base").mkdir()
+    (root / "huge-shape-base" / "model.safetensors").write_bytes(_with_huge_empty_tensor(base))
+    # a float8 (E4M3, largest value 448) model whose task arithmetic goes beyond 448
+    f8 = {k: (v * 0.1).to(torch.float8_e4m3fn) for k, v in base.items()}
+    write_reference_checkpoint(str(root / "f8-base"), f8)
+    for i in range(2):
+        f8_expert = {k: (v.float() + 0.01 * (i + 1)).to(torch.float8_e4m3fn) for k, v in f8.items()}
+        f8_expert["layer.0.mlp.down.weight"][2, 3] = 400.0
+        write_reference_checkpoint(str(root / f"f8-expert-{i}"), f8_expert)
     return World(root)
+
+
+def _alias_bomb() -> str:
+    """'Billion laughs': 9 aliases of 9 aliases ... 9**9 values once expanded, 600 bytes of YAML."""
+    lines = ["storage_options:", '  l0: &l0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    lines += [f"  l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 9)}]" for i in range(1, 9)]
+    return "\n".join(lines) + "\n"
+
+
+def _with_huge_empty_tensor(tensors: dict[str, torch.Tensor]) -> bytes:
+    """A safetensors file of ``tensors`` plus ``buf`` of shape [0, 2**64] (0 bytes, a valid sum)."""
+    header: dict[str, Any] = {}
+    data = b""
+    for name, value in tensors.items():
+        raw = value.contiguous().numpy().tobytes()
+        header[name] = {"dtype": "F32", "shape": list(value.shape), "data_offsets": [len(data), len(data) + len(raw)]}
+        data += raw
+    header["buf"] = {"dtype": "F32", "shape": [0, 2**64], "data_offsets": [len(data), len(data)]}
+    blob = json.dumps(header).encode()
+    blob += b" " * (-len(blob) % 8)
+    return len(blob).to_bytes(8, "little") + blob + data
 
 
 # ---------------------------------------------------------------------------------------- cases
@@ -132,7 +178,7 @@ def _config_cases() -> list[Case]:
         Case("min-rank-true", ("min_rank", "boolean"), config=_with(params={"min_rank": True})),
     ]
     # wrong types and empty locations
-    for key, value, expect in [
+    wrong: list[tuple[str, Any, str]] = [
         ("max_shard_size", True, "max_shard_size"),
         ("max_shard_size", 0, "max_shard_size"),
         ("max_shard_size", -5, "max_shard_size"),
@@ -150,7 +196,8 @@ def _config_cases() -> list[Case]:
         ("experts", [], "experts"),
         ("output_dtype", "float8", "output_dtype"),
         ("task_runner", {"kind": "dask", "address": ""}, "task_runner.address"),
-    ]:
+    ]
+    for key, value, expect in wrong:
         cases.append(Case(f"type-{key}-{value!r}", (expect,), config=_with(**{key: value})))
     # duplicated YAML keys (file and --set values) and bad overrides
     cases += [
@@ -205,7 +252,72 @@ def _config_cases() -> list[Case]:
         Case("dask-address-malformed", ("task_runner.address", "tcp://host:port"),
              config=_with(task_runner={"kind": "dask", "address": "tcp://nowhere"})),
     ]
+    # a base file linked from outside its folder (issue 24): refused before work, naming the link
+    cases += [
+        Case("base-link-to-a-file-outside", ("base-link-out/special_tokens_map.json", "outside the checkpoint folder"),
+             CheckpointError, config=lambda w, out: {**_good(w, out), "base": w.path("base-link-out")}),
+        Case("base-nested-link-outside", ("1_Pooling/config.json", "outside the checkpoint folder"),
+             CheckpointError, config=lambda w, out: {**_good(w, out), "base": w.path("base-nested-link-out")}),
+    ]
+    cases.append(Case("header-shape-2-to-the-64", ("huge-shape-base/model.safetensors", "'buf'", "2**63"),
+                      CheckpointError, config=lambda w, out: {**_good(w, out), "base": w.path("huge-shape-base")}))
+    # YAML built to exhaust the loader (issue 24, own cases): an alias bomb, deep nesting
+    cases += [
+        Case("yaml-alias-bomb", ("alias bomb",), text=lambda w, out: yaml.safe_dump(_good(w, out)) + _alias_bomb()),
+        Case("yaml-nested-thousands-deep", ("nested too deeply",),
+             text=lambda w, out: yaml.safe_dump(_good(w, out)) + "params: {x: " + "[" * 3000 + "]" * 3000 + "}\n"),
+    ]
+    # LoRA adapter configs
+    for name in BAD_LORA:
+        cases.append(Case(f"{name}", (f"{name}/adapter_config.json", _LORA_KEY[name]), CheckpointError,
+                          config=_experts("expert-0", name)))
+    # routing patterns that cannot give the merge asked for (issue 24)
+    cases += [
+        Case("include-typo-gives-a-plain-mean", ("include", "'model.layer.*' matches no tensor", "plain mean"),
+             config=_with(include=["model.layer.*"])),
+        Case("exclude-everything-gives-a-plain-mean", ("exclude", "plain mean"), config=_with(exclude=["*"])),
+        Case("keep-base-everything", ("keep_base", "every tensor", "base model unchanged"),
+             config=_with(keep_base=["*"])),
+        Case("keep-base-every-float-and-a-typo", ("keep_base", "every tensor", "'*.wieght' matches no tensor"),
+             config=_with(keep_base=["*weight", "*bias", "*.wieght"])),
+    ]
+    # credentials in URLs (issue 24): refused at load, pointing at secret references; never echoed
+    secret_changes: list[tuple[str, str, Callable[[World, Path], dict[str, Any]]]] = [
+        ("secret-userinfo-in-base", "base", lambda w, out: {"base": f"http://user:{PLANTED}@host/base"}),
+        ("secret-s3-key-in-expert", "experts[1]",
+         lambda w, out: {"experts": [w.path("expert-0"), f"s3://AKIAX:{PLANTED}@bucket/expert"]}),
+        ("secret-userinfo-in-endpoint", "storage_options.endpoint_url",
+         lambda w, out: {"storage_options": {"endpoint_url": f"http://admin:{PLANTED}@127.0.0.1:9"}}),
+        ("secret-signed-url-output", "output",
+         lambda w, out: {"output": f"https://h.example/b/out?X-Amz-Date=1&X-Amz-Signature={PLANTED}"}),
+        ("secret-sas-sig-in-work-dir", "work_dir",
+         lambda w, out: {"work_dir": f"abfs://c/work?sv=2024&sig={PLANTED}"}),
+        ("secret-token-in-evaluator-option", "evaluators[0].options.url",
+         lambda w, out: {"evaluators": [{"function": "m:f", "options": {"url": f"https://h/x?token={PLANTED}"}}]}),
+    ]
+    for case_id, key, change in secret_changes:
+        cases.append(Case(case_id, (key, "credential", "from_env"), config=_good_plus(change)))
     return cases
+
+
+def _good_plus(change: Callable[[World, Path], dict[str, Any]]) -> Callable[[World, Path], dict[str, Any]]:
+    return lambda w, out: {**_good(w, out), **change(w, out)}
+
+
+#: adapter_config.json changes that must be refused, by folder name (issue 24)
+BAD_LORA: dict[str, dict[str, Any]] = {
+    "lora-r-infinity": {"r": float("inf")},
+    "lora-rank-pattern-fraction": {"rank_pattern": {"q": 2.5}},
+    "lora-alpha-pattern-null": {"alpha_pattern": {"q": None}},
+    "lora-rank-zero": {"r": 0},
+    "lora-alpha-nan": {"lora_alpha": float("nan")},
+}
+_LORA_KEY = {"lora-r-infinity": "'r'", "lora-rank-pattern-fraction": "'rank_pattern.q'",
+             "lora-alpha-pattern-null": "'alpha_pattern.q'", "lora-rank-zero": "'r'", "lora-alpha-nan": "'lora_alpha'"}
+
+
+#: A secret planted in URLs: no message, file or database may ever hold it.
+PLANTED = "PLANTEDsecret4242"
 
 
 def _yaml_line(key: str, value: str) -> Callable[[World, Path], str]:
@@ -241,7 +353,8 @@ def _write_case(case: Case, world: World, tmp_path: Path) -> tuple[Path, Path]:
 
 def _overrides(args: tuple[str, ...]) -> list[str]:
     """The --set / --method arguments as load_config overrides (what the CLI builds)."""
-    out, method = [], []
+    out: list[str] = []
+    method: list[str] = []
     it = iter(args)
     for flag in it:
         value = next(it)
@@ -287,6 +400,23 @@ def test_config_case_is_refused(case: Case, world: World, tmp_path: Path) -> Non
         assert fragment in message, (fragment, message)
     assert not out.exists() or not any(p.name != ".swudi-work" for p in out.iterdir())
     _nothing_published(out)
+    assert PLANTED not in str(error) and PLANTED not in result.output
+
+
+def test_a_secret_in_a_url_is_found_nowhere(world: World, tmp_path: Path, prefect_api: str) -> None:
+    """Every URL-secret case through the CLI, then a byte search of the output, the work folder and
+    Prefect's database (the session server's PREFECT_HOME) for the planted secret."""
+    secret_cases = [c for c in CONFIG_CASES if c.id.startswith("secret-")]
+    for case in secret_cases:
+        (tmp_path / case.id).mkdir()
+        path, _ = _write_case(case, world, tmp_path / case.id)
+        assert PLANTED.encode() in path.read_bytes()  # the search below would find it
+        result = CliRunner().invoke(app, ["merge", str(path), "-v"])
+        assert result.exit_code == 2 and PLANTED not in result.output, result.output
+    searched = [p for root in (tmp_path, Path(os.environ["PREFECT_HOME"])) for p in root.rglob("*")
+                if p.is_file() and p.suffix != ".yaml"]
+    assert any(p.suffix == ".db" for p in searched), "the Prefect database was not searched"
+    assert not [str(p) for p in searched if PLANTED.encode() in p.read_bytes()]
 
 
 def test_output_bucket_missing_is_refused(world: World, tmp_path: Path, s3_bucket) -> None:
@@ -368,6 +498,9 @@ DATA_CASES = [
              ("layer.0.attn.q.bias", "expert 0 in", "nan-bias-expert/model.safetensors")),
     DataCase("float16-overflow-names-the-tensor", "base", ("expert-0", "huge-expert"),
              ("layer.0.mlp.down.weight", "float16", "output_dtype"), {"output_dtype": "float16"}),
+    DataCase("float8-e4m3-overflow-names-the-tensor", "f8-base", ("f8-expert-0", "f8-expert-1"),
+             ("layer.0.mlp.down.weight", "float8_e4m3fn", "largest finite value 448", "output_dtype"),
+             {"method": "task_arithmetic", "scale": 3.0}),
     DataCase("nan-in-a-tensor-kept-at-the-base", "nan-base", ("expert-0", "expert-1"),
              ("layer.0.attn.q.weight", "kept at the base value", "nan-base/model.safetensors"),
              {"keep_base": ["*attn.q.weight"]}),
@@ -402,3 +535,52 @@ def test_data_case_is_refused(case: DataCase, world: World, tmp_path: Path, pref
 def test_the_corpus_is_large_enough() -> None:
     """docs/reliability.md counts these; the issue asks for at least 40 generated cases."""
     assert len(CONFIG_CASES) + len(DATA_CASES) + 4 >= 40
+
+
+@pytest.mark.parametrize("function", [
+    "tests.helpers.evaluators:fails",
+    pytest.param("tests.helpers.evaluators:not_a_number", marks=pytest.mark.slow),
+])
+def test_a_failing_evaluator_is_one_line_and_releases_its_lease(function: str, world: World, tmp_path: Path,
+                                                                prefect_api: str) -> None:
+    out = tmp_path / "out"
+    cfg = {**_good(world, out), "workers": 1, "method": "task_arithmetic", "evaluators": [{"function": function}]}
+    path = tmp_path / "merge.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    result = CliRunner().invoke(app, ["merge", str(path)])
+    assert result.exit_code == 2, result.output
+    message = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(message) == 1 and function in message[0] and "Traceback" not in result.output, result.output
+    _nothing_published(out)
+    runs = out / ".swudi-work" / "runs"
+    assert not runs.exists() or not any(runs.iterdir())  # the run's lease is released
+
+
+@pytest.mark.parametrize("damage", ["lease-keys-a-list", "lease-truncated", "kept-report-truncated"])
+def test_gc_reading_a_damaged_file_is_one_line_naming_it(damage: str, world: World, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    path = tmp_path / "merge.yaml"
+    path.write_text(yaml.safe_dump(_good(world, out)))
+    runs = out / ".swudi-work" / "runs"
+    runs.mkdir(parents=True)
+    if damage == "kept-report-truncated":
+        damaged = out / "versions" / "0123456789abcdef" / "merge_report.json"
+        damaged.parent.mkdir(parents=True)
+        damaged.write_text('{"artefacts": {"merged": ["ab')
+    else:
+        damaged = runs / "run-1.json"
+        damaged.write_text(json.dumps({"created": time.time(), "keys": []}) if damage == "lease-keys-a-list"
+                           else '{"created": 17')
+    result = CliRunner().invoke(app, ["gc", str(path)])
+    assert result.exit_code == 2, result.output
+    assert str(damaged) in _one_line_error(result.output) and "damaged" in result.output
+
+
+def test_report_of_a_truncated_merge_report_is_one_line_naming_it(tmp_path: Path) -> None:
+    version = tmp_path / "versions" / "0123456789abcdef"
+    version.mkdir(parents=True)
+    (version / "merge_report.json").write_text('{"version": "0123456789abcdef", "diagnos')
+    result = CliRunner().invoke(app, ["report", str(version), "--out", str(tmp_path / "r")])
+    assert result.exit_code == 2, result.output
+    line = _one_line_error(result.output)
+    assert "merge_report.json is damaged" in line and str(version) in line

@@ -57,6 +57,11 @@ class Cluster:
         return [self.scheduler, *self.workers]
 
 
+
+def _scheduler_address(scheduler_file: Path) -> str | None:
+    """The address the Dask scheduler wrote to its file, once it has."""
+    return json.loads(scheduler_file.read_text())["address"] if scheduler_file.exists() else None
+
 @pytest.fixture
 def cluster(prefect_api: str, tmp_path: Path) -> Iterator[Cluster]:
     """`dask scheduler` + two `dask worker --no-nanny` processes on 127.0.0.1, stopped by PID."""
@@ -82,8 +87,7 @@ def cluster(prefect_api: str, tmp_path: Path) -> Iterator[Cluster]:
             logs, env, tmp_path,
         )
         services.append(scheduler)
-        address = wait_for(lambda: scheduler_file.exists() and json.loads(scheduler_file.read_text())["address"],
-                           120, "the scheduler file", services)
+        address: str = wait_for(lambda: _scheduler_address(scheduler_file), 120, "the scheduler file", services)
         assert address.startswith("tcp://127.0.0.1:")
         services += [_worker(address, i, tmp_path, env) for i in range(2)]
         wait_for(lambda: _worker_count(address) == 2, 120, "two workers registered", services)
@@ -148,7 +152,7 @@ def test_dask_cluster_of_processes_on_s3_equals_threads_and_survives_a_killed_wo
     reference = run_merge(threads)
     want = _published_files(threads.output, s3_bucket.storage_options)
 
-    dask_config = {**common, "output": f"{s3_bucket.url}/dask",
+    dask_config: dict[str, Any] = {**common, "output": f"{s3_bucket.url}/dask",
                    "task_runner": {"kind": "dask", "address": cluster.address}}
     config_path = tmp_path / "client" / "merge.yaml"
     config_path.parent.mkdir()

@@ -15,7 +15,6 @@ import json
 import os
 import subprocess
 import sys
-import urllib.request
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ from typing import Any
 import pytest
 import yaml
 
+from flows.server import PrefectServer, free_port
 from swudi.io.synthetic import (
     SyntheticModel,
     base_state_dict,
@@ -34,7 +34,7 @@ from swudi.io.synthetic import (
     write_synthetic_models,
 )
 from swudi.publish.versions import read_latest
-from tests.helpers.services import Service, free_port, start, wait_for
+from tests.helpers.services import Service, start, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.services]  # a server, a worker, four flow runs (~3-5 min)
 
@@ -70,14 +70,6 @@ class Prefect:
         return SyncPrefectClient(self.api_url)
 
 
-def _healthy(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(f"{url}/health", timeout=5) as response:
-            return response.status == 200
-    except OSError:
-        return False
-
-
 @pytest.fixture
 def prefect(tmp_path: Path) -> Iterator[Prefect]:
     """A Prefect server on 127.0.0.1 with its own PREFECT_HOME; a process work pool, no worker yet."""
@@ -100,16 +92,19 @@ def prefect(tmp_path: Path) -> Iterator[Prefect]:
         env.pop(name, None)
     logs = tmp_path / "logs"
     logs.mkdir()
-    server = start("prefect-server", [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port",
-                                      str(port)], logs, env, tmp_path)
+    # swudi's one server starter (flows/server.py): `prefect server start` in its own process group
+    starter = PrefectServer(240, attempts=1, full=True, env=env, port=port, log_path=logs / "prefect-server.log")
+    starter.start()
+    assert starter.process is not None
+    server = Service("prefect-server", starter.process, starter.log)
     instance = Prefect(api_url, env, server, None, tmp_path)
     try:
-        wait_for(lambda: _healthy(api_url), 240, "the Prefect server's health endpoint", [server], poll_s=1.0)
         instance.cli("work-pool", "create", POOL, "--type", "process")
         yield instance
     finally:
         for service in reversed(instance.services):
             service.stop()
+        starter.stop()
 
 
 def _config(tmp: Path) -> Path:

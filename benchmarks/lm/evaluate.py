@@ -12,7 +12,9 @@ With the build's references (``BUILD/manifest.json``, measured on the same block
     loss_gap_closed     = (L_base - L_merged) / (L_base - L_expert)
 
 (1 = as good as the expert, 0 = no better than the base, < 0 = worse than the base), and
-``expert_loss``, ``expert_accuracy``, ``base_loss``, ``base_accuracy``. ``reference="lora"``
+``expert_loss``, ``expert_accuracy``, ``base_loss``, ``base_accuracy``. With ``aggregate=True`` a task
+``all`` holds the mean over domains of every metric that every domain has (an objective for
+``swudi tune`` / ``gate:``, e.g. ``benchmarks.lm.evaluate:evaluate:all.loss_gap_closed``). ``reference="lora"``
 normalises against the domain's LoRA adapter (merged into the base by PEFT) instead.
 """
 
@@ -99,17 +101,24 @@ def evaluate(model_path: str, **options: Any) -> dict[str, dict[str, float]]:
     every domain of the build), ``split`` ("test"), ``seed`` (whose experts normalise: 0),
     ``reference`` ("expert" or "lora"), ``max_blocks``, ``threads``, ``storage_options``.
     """
-    known = {"build", "domains", "split", "seed", "reference", "max_blocks", "threads", "storage_options"}
+    known = {"build", "domains", "split", "seed", "reference", "max_blocks", "threads", "storage_options", "aggregate"}
     unknown = sorted(set(options) - known)
     if unknown:
         raise TypeError(f"unknown evaluator options {unknown}; known: {sorted(known)}")
     if options.get("threads"):
         torch.set_num_threads(int(options["threads"]))
     quiet_transformers()
-    return evaluate_model(model_path, options.get("build") or default_build(), domains=options.get("domains"),
-                          split=options.get("split", "test"), seed=int(options.get("seed", 0)),
-                          reference=options.get("reference", "expert"), max_blocks=options.get("max_blocks"),
-                          storage_options=options.get("storage_options"))
+    results = evaluate_model(model_path, options.get("build") or default_build(), domains=options.get("domains"),
+                             split=options.get("split", "test"), seed=int(options.get("seed", 0)),
+                             reference=options.get("reference", "expert"), max_blocks=options.get("max_blocks"),
+                             storage_options=options.get("storage_options"))
+    return {**results, "all": mean_over_domains(results)} if options.get("aggregate") else results
+
+
+def mean_over_domains(results: Mapping[str, Mapping[str, float]]) -> dict[str, float]:
+    """``{metric: mean over domains}`` of the metrics every domain has."""
+    shared = set.intersection(*(set(v) for v in results.values())) if results else set()
+    return {k: sum(v[k] for v in results.values()) / len(results) for k in sorted(shared)}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -312,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    from swudi.cli.app import prepare_prefect_environment
+    from flows.commands import prepare_prefect_environment
 
     prepare_prefect_environment()
     import torch

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import sys
 import time
@@ -48,6 +49,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+
+def _log_seed(seed: int, message: str) -> None:
+    print(f"[seed {seed}] {message}", flush=True)
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     quiet_transformers()
@@ -59,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             manifest = build_experts(out, args.tasks, dataclasses.replace(settings, seed=seed),
                                      threads=args.threads, force=args.force,
-                                     log=lambda m, k=seed: print(f"[seed {k}] {m}", flush=True))
+                                     log=functools.partial(_log_seed, seed))
         except MissingDataError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2

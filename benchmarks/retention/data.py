@@ -130,7 +130,7 @@ def _need(path: Path, package: str) -> Path:
     return path
 
 
-_LEXNAMES = (
+_LEXNAMES = (  # noqa: SIM905 - one string reads as lexnames(5WN) lists them
     "adj.all adj.pert adv.all noun.Tops noun.act noun.animal noun.artifact noun.attribute "
     "noun.body noun.cognition noun.communication noun.event noun.feeling noun.food noun.group "
     "noun.location noun.motive noun.object noun.person noun.phenomenon noun.plant "

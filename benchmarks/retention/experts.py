@@ -222,8 +222,8 @@ def build_expert(out: Path, task: str, s: ExpertSettings, log: Callable[[str], N
     weight, bias, losses = fine_tune(model, tokenizer, d.num_classes, texts, labels, s, log=log, name=task)
     ft_seconds = time.perf_counter() - t_ft
     head = Head(weight, bias, list(d.label_names),
-                {"task": task, "max_length": s.max_length, "data_fingerprint": d.fingerprint,
-                 "seed": s.seed, "protocol": "joint"})
+                {"task": task, "max_length": str(s.max_length), "data_fingerprint": d.fingerprint,
+                 "seed": str(s.seed), "protocol": "joint"})
     metrics = {
         "majority_test": round(d.majority_baseline("test"), 4),
         "expert_test": accuracy(model, tokenizer, head, test_t, test_y),
@@ -299,7 +299,7 @@ def results_table(manifest: dict, tasks: Sequence[str] | None = None) -> str:
     """Markdown table of the measured accuracies in a manifest."""
     rows = ["| task | classes | train | val | test | majority | pretrained (base + expert head) | expert |",
             "|---|---|---|---|---|---|---|---|"]
-    accs = {"pre": [], "exp": []}
+    accs: dict[str, list[float]] = {"pre": [], "exp": []}
     for task in tasks or list(manifest["tasks"]):
         e = manifest["tasks"][task]
         m, dsum = e["metrics"], e["data"]

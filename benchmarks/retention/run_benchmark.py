@@ -244,7 +244,7 @@ def per_task_table(results: dict[str, Any], labels: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _save(path: Path, results: dict[str, Any]) -> None:
+def _save(path: Path, results: dict[str, Any] | list[Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(results, indent=1) + "\n")
@@ -267,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
-    from swudi.cli.app import prepare_prefect_environment
+    from flows.commands import prepare_prefect_environment
 
     prepare_prefect_environment()
     if args.threads:
@@ -327,7 +327,7 @@ def main(argv: list[str] | None = None) -> int:
                 per_task, summary = scored(acc, expert)
                 record({"label": label, "kind": "reference", "seed": seed, "per_task": per_task,
                         "summary": summary, "merge_seconds": None})
-        rows = [(label, "method", *METHODS[label], {}) for label in args.methods]
+        rows: list[tuple[Any, ...]] = [(label, "method", *METHODS[label], {}) for label in args.methods]
         rows += [(label, "study", *STUDY[label]) for label in args.study]
         for label, kind, method, params, config in rows:
             if label in done:

@@ -1,7 +1,8 @@
 """The ``swudi`` command line: plan, merge, methods, demo.
 
-Prefect is imported only by the commands that run flows; ``swudi plan`` needs headers alone.
-Without ``PREFECT_API_URL`` the flows run on Prefect's embedded (ephemeral) server.
+The commands that run flows reach them through :mod:`swudi.cli.flows_bridge` (the library imports
+no Prefect; ``swudi plan`` needs headers alone). Without ``PREFECT_API_URL`` (and no
+``prefect server start`` on this machine) the flows run on an embedded server (:mod:`flows.server`).
 """
 
 from __future__ import annotations
@@ -11,21 +12,35 @@ import functools
 import json
 import logging
 import os
-import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal, NoReturn, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, NoReturn, ParamSpec, TypeVar
 
 import typer
 import yaml
 from rich.console import Console
 from rich.table import Table
 
+from swudi.cli.flows_bridge import (
+    run_merge_and_settle,
+    run_refresh,
+    run_sweep_and_settle,
+    run_tune_and_settle,
+    serve_refresh_deployment,
+)
 from swudi.config.merge_config import MergeConfig, load_config
-from swudi.errors import ConfigError, PublishError, SwudiError, is_input_error
+from swudi.errors import ConfigError, GateError, PublishError, SwudiError, is_input_error
 from swudi.evaluators.runner import check_evaluators
 from swudi.methods.registry import method_choices
-from swudi.storage.faults import mask_credentials, storage_fault
+from swudi.storage.faults import storage_fault
+from swudi.storage.redact import install_log_redaction, mask_credentials
+from swudi.units import format_bytes
+
+if TYPE_CHECKING:  # the plan and the results pull in the whole pipeline: imported by the commands that run it
+    from swudi.pipeline.plan import TensorRow
+    from swudi.pipeline.results import MergeResult, TimeSplit
+
+install_log_redaction()  # no credential of a URL in any log record of a swudi command
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -41,79 +56,23 @@ out = Console()
 #: Help text of the ``--method`` options, from the method registry.
 METHOD_HELP = f"merge method: {method_choices()} (see `swudi methods`)"
 
-#: Defaults for Prefect on these machines (a cold ephemeral server needs ~15 s; no telemetry).
-PREFECT_DEFAULTS = {
-    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "90",
-    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-    "PREFECT_LOGGING_EXTRA_LOGGERS": "swudi",
-}
-
-
-#: Where ``prefect server start`` listens by default.
-LOCAL_PREFECT_API = "http://127.0.0.1:4200/api"
-
-
-def local_prefect_server(api_url: str = LOCAL_PREFECT_API, timeout_s: float = 0.3) -> str | None:
-    """``api_url`` when a Prefect server answers its health check there, else None (fast: loopback)."""
-    import urllib.request
-
-    try:
-        with urllib.request.urlopen(f"{api_url}/health", timeout=timeout_s) as response:
-            return api_url if response.read(16).strip() == b"true" else None
-    except (OSError, ValueError):
-        return None
-
-
-def prepare_prefect_environment(local_api: str | None = None) -> None:
-    """Apply :data:`PREFECT_DEFAULTS` where the user has not set them (before importing Prefect).
-
-    Without ``PREFECT_API_URL``, a Prefect server already running on this machine's default port
-    (``prefect server start``) is used instead of starting an embedded one for every command.
-    ``SWUDI_LOCAL_PREFECT_API`` names another address to look at; set to an empty string, it
-    turns the look-up off (always the embedded server).
-    """
-    for key, value in PREFECT_DEFAULTS.items():
-        os.environ.setdefault(key, value)
-    if local_api is None:
-        local_api = os.environ.get("SWUDI_LOCAL_PREFECT_API", LOCAL_PREFECT_API)
-    if local_api and not os.environ.get("PREFECT_API_URL") and (found := local_prefect_server(local_api)):
-        os.environ["PREFECT_API_URL"] = found
-        console.print(f"using the Prefect server at {found} (runs are kept in its history)")
-
-
-def ensure_prefect_api() -> None:
-    """:func:`prepare_prefect_environment`, then, if no Prefect API is named or found, start an embedded
-    server for this command (:mod:`flows.server`: bounded start-up, stopped with the command)."""
-    prepare_prefect_environment()
-    if not os.environ.get("PREFECT_API_URL") and not _prefect_api_in_settings():
-        from flows.server import start_embedded_server
-
-        console.print("starting an embedded Prefect server for this command (`prefect server start` avoids it)")
-        start_embedded_server()
-
-
-def _prefect_api_in_settings() -> bool:
-    """True when Prefect is already imported in this process and its settings name an API (an
-    in-process caller such as a test harness); never imports Prefect itself."""
-    if "prefect.settings" not in sys.modules:
-        return False
-    from prefect.settings import PREFECT_API_URL
-
-    return bool(PREFECT_API_URL.value())
-
 
 def _load(config: Path, method: str | None, overrides: list[str]) -> MergeConfig:
     extra = [f"method={method}"] if method else []
     return load_config(config, [*extra, *overrides])
 
 
+#: Exit code of a version refused by the publish gate (``latest`` unchanged); input errors exit 2.
+GATE_EXIT_CODE = 3
+
+
 def _fail(error: Exception) -> NoReturn:
-    """One line (or one line per problem) on stderr, exit code 2."""
+    """One line (or one line per problem) on stderr, exit code 2 (3 for a version the gate refused)."""
     from rich.text import Text
 
     message = _os_message(error) if isinstance(error, OSError) else str(error)
     console.print(Text.assemble(("error:", "red"), " ", mask_credentials(message)), soft_wrap=True)
-    raise typer.Exit(2)
+    raise typer.Exit(GATE_EXIT_CODE if isinstance(error, GateError) else 2)
 
 
 def _os_message(error: OSError) -> str:
@@ -159,50 +118,37 @@ def storage_faults_fail_cleanly(command: Callable[P, R]) -> Callable[P, R]:
     return wrapper
 
 
-def run_flow_and_settle(config: MergeConfig, grid: list[str] | None = None) -> dict[str, Any]:
-    """Run the merge flow (or, with a ``grid``, the sweep flow), then wait until every task run it
-    submitted is in the run history (:mod:`flows.history`), before the process exits."""
-    ensure_prefect_api()
-    if grid is None:
-        from flows.merge import run_merge
-
-        result = run_merge(config)
-    else:
-        from flows.sweep import run_sweep
-
-        result = run_sweep(config, grid)
-    from flows.history import wait_for_run_history
-
-    points = [result] if grid is None else result["points"]
-    wait_for_run_history({p["flow_run_id"]: p["task_runs"] for p in points})
-    return result
-
-
-def print_result(result: dict[str, Any]) -> None:
+def print_result(result: MergeResult) -> None:
     """Human summary of a merge on stderr; the version URL alone on stdout."""
-    diag = {k: (f"{v:.3f}" if isinstance(v, float) else v) for k, v in result.get("diagnostics", {}).items()}
+    diag = {k: (f"{v:.3f}" if isinstance(v, float) else v) for k, v in result["diagnostics"].items()}
+    io = result["io"]
     console.print(
         f"[green]published[/green] version {result['version']} at {result['url']}\n"
         f"  layers: {result['layers']} (+{result['groups']} groups of small tensors); computed now: "
-        f"{result['computed']} merges, {result.get('decompositions_computed', 0)} decompositions; "
-        f"reused: {result['reused']} merges, {result.get('decompositions_reused', 0)} decompositions\n"
+        f"{result['computed']} merges, {result['decompositions_computed']} decompositions; "
+        f"reused: {result['reused']} merges, {result['decompositions_reused']} decompositions\n"
         f"  mean rank {diag.get('mean_rank')}, mean kept eigenvalue mass {diag.get('mean_kept_mass')}, "
         f"mean WUDI interference vs sum {diag.get('mean_interference_vs_sum')}\n"
-        f"  {result['seconds']} s in the flow: {_split(result.get('time_split', {}))}\n"
-        f"  read {_mb(result['io']['input_bytes'])} of the inputs ({_mb(result['io']['header_bytes'])} headers) "
-        f"and {_mb(result['io']['work_bytes'])} of the work folder"
+        f"{_split(result['time_split'])}\n"
+        f"  read {format_bytes(io['input_bytes'])} of the inputs ({format_bytes(io['header_bytes'])} headers) "
+        f"and {format_bytes(io['work_bytes'])} of the work folder"
     )
     out.print(result["url"], soft_wrap=True)
 
 
-def _mb(n: int) -> str:
-    return f"{n / 1e6:.1f} MB"
-
-
-def _split(split: dict[str, float]) -> str:
-    """``read 1.2 s, decompose 3.4 s, ...`` (task phases are summed over parallel tasks)."""
-    order = ("plan", "read", "decompose", "merge", "diagnostics", "write", "publish", "orchestration")
-    return ", ".join(f"{k} {split[k]:.1f} s" for k in order if k in split) or "-"
+def _split(split: TimeSplit) -> str:
+    """Two lines: the run's wall seconds (plan, publish, orchestration = what the work does not explain,
+    of it the flow run's start and finish), then the task seconds summed over the merge tasks (they
+    run in parallel: their sum may exceed the wall)."""
+    wall = (
+        f"  {split['wall']:.1f} s wall: plan {split['plan']:.1f} s, publish {split['publish']:.1f} s, "
+        f"orchestration {split['orchestration']:.1f} s (of it {split['flow_run']:.1f} s starting and "
+        f"finishing the flow run), the rest merge tasks"
+    )
+    tasks = {"read": split["read"], "decompose": split["decompose"], "merge": split["merge"]}
+    tasks.update(diagnostics=split["diagnostics"], write=split["write"])
+    phases = ", ".join(f"{k} {v:.1f} s" for k, v in tasks.items())
+    return f"{wall}\n  task seconds summed over the merge tasks ({split['tasks_in_parallel']} in parallel): {phases}"
 
 
 @app.command()
@@ -222,10 +168,10 @@ def merge(
         logging.getLogger("swudi").setLevel(logging.DEBUG)
     try:
         cfg = _load(config, method, overrides)
-        check_evaluators(cfg.evaluators)
+        check_evaluators(cfg.evaluators, cfg.storage_options)
         if _report_up_to_date(cfg):
             return
-        result = run_flow_and_settle(cfg)
+        result = run_merge_and_settle(cfg)
     except (SwudiError, OSError) as error:
         _refuse(error)
     print_result(result)
@@ -251,10 +197,11 @@ def published_version(cfg: MergeConfig) -> dict[str, Any] | None:
     from swudi.publish.versions import is_version_complete, read_latest
 
     check_before_merge(cfg)
+    plan = build_plan(cfg)  # headers only: every input error of the plan is one line before Prefect starts
     latest = read_latest(cfg.output, cfg.storage_options)
     if latest is None:
         return None
-    version = version_id(cfg, build_plan(cfg))
+    version = version_id(cfg, plan)
     if latest["version"] != version or not is_version_complete(cfg.output, version, cfg.storage_options):
         return None
     return latest
@@ -278,43 +225,75 @@ def plan(
     except (SwudiError, OSError) as error:
         _refuse(error)
     summary = describe_plan(cfg, plan_)
-    summary["work_folder"] = work_folder_state(cfg, plan_)
+    work = work_folder_state(cfg, plan_)
     if as_json:
-        out.print_json(json.dumps(summary))
+        out.print_json(json.dumps({**summary, "work_folder": work}))
         return
     table = Table(title=f"swudi plan: {cfg.method} ({get_method(cfg.method).kind}) {cfg.params}")
     lora = any("adapter_ranks" in row for row in summary["tensors"])  # LoRA experts: ranks and path
     for column in ("tensor", "shape", "dtype", "treatment", *(("LoRA ranks", "decomposition") if lora else ())):
         table.add_column(column)
     for row in summary["tensors"]:
-        cells = [row["name"], "x".join(map(str, row["shape"])), row["dtype"], row["treatment"]]
+        treatment = row["treatment"]
+        if "rows" in row:  # a vocab tensor of vocab-extended experts
+            rows = row["rows"]
+            treatment += f" ({rows['merged']} rows) + {rows['appended']} appended + {rows['padding']} padding rows"
+        cells = [row["name"], "x".join(map(str, row["shape"])), row["dtype"], treatment]
         if lora:
             cells += _lora_cells(row)
         table.add_row(*cells)
     out.print(table)
     out.print(
-        f"counts: {summary['counts']}; reads about {summary['estimated_read_bytes'] / 1e6:.1f} MB; "
+        f"counts: {summary['counts']}; reads about {format_bytes(summary['estimated_read_bytes'])}; "
         f"decompositions about {summary['estimated_decomposition_gflop']} GFLOP"
     )
-    work = summary["work_folder"]
+    if summary["estimated_task_svd_bytes"]:
+        what = f"{cfg.method}" + (f" + post {cfg.post}" if cfg.post else "")
+        out.print(
+            f"per-task SVDs ({what}): at most {summary['estimated_task_svd_bytes'] / 1e6:.1f} MB extra in the work "
+            "folder (WORK/task_svds), shared by every subspace method and post-filter"
+        )
+    if "vocab" in summary:
+        out.print(_vocab_line(summary["vocab"]))
     out.print(
-        f"work folder {work['url']}: {work['files']} artefacts, {work['bytes'] / 1e6:.1f} MB; for this "
+        f"work folder {work['url']}: {work['files']} artefacts, {format_bytes(work['bytes'])}; for this "
         f"setting {work['stored']['merged']} of {work['needed']['merged']} merged and "
         f"{work['stored']['decompositions']} of {work['needed']['decompositions']} decompositions "
-        f"are stored (`swudi gc` removes what no setting needs)"
+        + (
+            f"and {work['stored']['task_svds']} of {work['needed']['task_svds']} per-task SVDs "
+            if work["needed"].get("task_svds")
+            else ""
+        )
+        + "are stored (`swudi gc` removes what no setting needs)"
     )
     for warning in summary["warnings"]:
         out.print(f"[yellow]warning:[/yellow] {warning}")
 
 
-def _lora_cells(row: dict[str, Any]) -> list[str]:
+def _vocab_line(vocab: dict[str, Any]) -> str:
+    """One line on vocab-extended experts: rows merged / appended / padding, tokenizer, per expert."""
+    experts = "; ".join(
+        f"{e['url']}: {e['rows']} rows, {e['appended_tokens']} appended tokens, "
+        f"{e['padding_rows_taken']} padding rows taken"
+        for e in vocab["experts"]
+    )
+    return (
+        f"vocab: {vocab['base_rows']} -> {vocab['rows']} rows ({vocab['rows_merged']} merged, "
+        f"{vocab['rows_appended']} appended token rows = mean of the experts that have the token, "
+        f"{vocab['rows_padding']} padding rows from the first expert that has them); tokenizer from "
+        f"{vocab['tokenizer_from']}; {experts}"
+    )
+
+
+def _lora_cells(row: TensorRow) -> list[str]:
     """``4+0+full`` (each expert's LoRA rank, "full" for a full tensor) and the decomposition path."""
     ranks = row.get("adapter_ranks")
     if ranks is None:
         return ["", ""]
     path = row.get("path", "")
     if path:
-        path += f", {row['decomposition_gflop']:g} GFLOP" + (f" ({row['path_reason']})" if "path_reason" in row else "")
+        gflop = f", {row['decomposition_gflop']:g} GFLOP" if "decomposition_gflop" in row else ""
+        path += gflop + (f" ({row['path_reason']})" if "path_reason" in row else "")
     return ["+".join("full" if r is None else str(r) for r in ranks), path]
 
 
@@ -335,13 +314,19 @@ def list_methods(
         typer.echo(methods_markdown())
         return
     table = Table(title="swudi merge methods")
-    for column in ("method", "kind", "description", "parameters (defaults)"):
+    for column in ("method", "kind", "description", "source", "parameters (defaults)"):
         table.add_column(column, no_wrap=column in ("method", "kind"), overflow="fold")
     for row in method_rows():
         table.add_row(
             *(
                 Text(text)
-                for text in (row["name"], row["kind"], row["description"], ", ".join(row["parameters"]) or "-")
+                for text in (
+                    row["name"],
+                    row["kind"],
+                    row["description"],
+                    row["source"] or "-",
+                    ", ".join(row["parameters"]) or "-",
+                )
             )
         )
     out.print(table)
@@ -377,15 +362,15 @@ def gc(
         _refuse(error)
     verb = "would remove" if dry_run else "removed"
     console.print(
-        f"{verb} {len(result.removed)} artefacts ({result.freed_bytes / 1e6:.1f} MB); kept "
-        f"{result.kept_files} ({result.kept_bytes / 1e6:.1f} MB, {result.young_files} of them only "
+        f"{verb} {len(result.removed)} artefacts ({format_bytes(result.freed_bytes)}); kept "
+        f"{result.kept_files} ({format_bytes(result.kept_bytes)}, {result.young_files} of them only "
         f"because they are younger than {min_age:.0f} s)"
     )
     for name in result.removed:
         out.print(name, soft_wrap=True)
     if not dry_run:
         after = usage(cfg)
-        console.print(f"work folder {after['url']}: {after['files']} artefacts, {after['bytes'] / 1e6:.1f} MB")
+        console.print(f"work folder {after['url']}: {after['files']} artefacts, {format_bytes(after['bytes'])}")
 
 
 @app.command()
@@ -424,7 +409,7 @@ def demo(
         cfg = load_config(config_path)
         if _report_up_to_date(cfg):
             return
-        result = run_flow_and_settle(cfg)
+        result = run_merge_and_settle(cfg)
     except (SwudiError, OSError) as error:
         _refuse(error)
     print_result(result)
@@ -442,16 +427,9 @@ def refresh(
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING)
     try:
         load_config(config, overrides)  # a bad config fails here, before Prefect starts
-        ensure_prefect_api()
-        from flows.refresh import refresh as refresh_flow
-
-        result = refresh_flow(str(config.resolve()), overrides, wait)
+        result = run_refresh(config, overrides, wait)
     except (SwudiError, OSError) as error:
         _refuse(error)
-    from flows.history import wait_for_run_history
-
-    merge_run = {result["merge_flow_run_id"]: result["merge_task_runs"]} if "merge_flow_run_id" in result else {}
-    wait_for_run_history(merge_run)  # every task run reaches the run history before the process exits
     if result["status"] == "unchanged":
         console.print(
             f"[green]up to date[/green]: version {result['version']} already published; nothing changed, nothing merged"
@@ -485,26 +463,14 @@ def serve(
 ) -> None:
     """Serve the refresh flow as a scheduled deployment, one run at a time, until stopped."""
     logging.basicConfig(level=logging.WARNING)
-    prepare_prefect_environment()
     if collision not in ("enqueue", "cancel_new"):
         _fail(SwudiError(f"--collision must be enqueue or cancel_new, not {collision!r}"))
     strategy: Literal["enqueue", "cancel_new"] = "cancel_new" if collision == "cancel_new" else "enqueue"
     try:
         load_config(config, overrides)
+        serve_refresh_deployment(config, None if no_schedule else cron, name, overrides, timezone, strategy, wait)
     except (SwudiError, OSError) as error:
         _refuse(error)
-    from prefect.settings import PREFECT_API_URL
-
-    if not PREFECT_API_URL.value():
-        _fail(
-            SwudiError(
-                "swudi serve needs a Prefect server (an embedded one runs no schedules): "
-                "run `prefect server start` (found on 127.0.0.1:4200 by itself) or set PREFECT_API_URL"
-            )
-        )
-    from deployments.serve import serve_refresh
-
-    serve_refresh(config, None if no_schedule else cron, name, overrides, timezone, strategy, wait)
 
 
 @app.command()
@@ -520,7 +486,7 @@ def sweep(
     try:
         cfg = _load(config, None, overrides)
         points = point_configs(cfg, parse_grid(grid))
-        summary = run_flow_and_settle(cfg, grid)
+        summary = run_sweep_and_settle(cfg, grid)
     except (SwudiError, OSError) as error:
         _refuse(error)
     table = Table(title=f"swudi sweep: {len(points)} points")
@@ -538,6 +504,59 @@ def sweep(
         )
     console.print(table)
     out.print(summary["url"], soft_wrap=True)
+
+
+@app.command()
+@storage_faults_fail_cleanly
+def tune(
+    config: Path = typer.Argument(..., help="YAML merge config (the base settings; evaluators and output)"),
+    objective: str = typer.Option(
+        ..., "--objective", help="module:function:TASK.METRIC, the function one of the config's evaluators"
+    ),
+    grid: list[str] = typer.Option([], "--grid", help="key=v1,v2,... (scale, method, params.*; repeatable)"),
+    minimize: bool = typer.Option(False, "--minimize", help="lower is better (a loss); default: higher is better"),
+    refine: int = typer.Option(0, "--refine", min=0, help="up to N more scales around the best grid point"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="print the candidates; merge nothing"),
+    overrides: list[str] = typer.Option([], "--set", help="key=value override (dotted keys)"),
+) -> None:
+    """Merge each grid point from the cached decompositions, score it with the objective, publish the winner.
+
+    Candidates are staged in the work folder and deleted once scored; scores are cached, so a
+    killed tune resumes. Writes WORK/tune/<id>/tune.json and tune.png; prints the winner's URL.
+    """
+    from swudi.tuning.candidates import describe_candidates, prepare_tune
+
+    try:
+        cfg = _load(config, None, overrides)
+        setup = prepare_tune(cfg, objective, grid, refine, minimize)
+        if dry_run:  # one line per candidate (greppable), nothing merged or evaluated
+            console.print(f"swudi tune {setup.tune_id}: {len(setup.candidates)} candidates on {objective}")
+            for row in describe_candidates(setup.candidates):
+                out.print(
+                    f"{row['label']}  method={row['method']} params={row['params']} scale={row['scale']}",
+                    soft_wrap=True,
+                    markup=False,
+                )
+            if refine:
+                out.print(f"then up to {refine} more scales around the best (bracketing + golden section)")
+            return
+        result = run_tune_and_settle(cfg, objective, grid, refine, minimize)
+        published = result["published"]
+    except (SwudiError, OSError) as error:
+        _refuse(error)
+    table = Table(title=f"swudi tune {result['tune_id']}: {objective} (base model: {_num(result['base_score'])})")
+    for column in ("candidate", "stage", "method", "scale", "score", "s", "cached", ""):
+        table.add_column(column)
+    for row in result["rows"]:
+        won = "winner" if row["label"] == result["winner"]["label"] else ""
+        table.add_row(
+            row["label"], row["stage"], row["method"], _num(row["scale"]), _num(row["score"]),
+            _num(row["seconds"]), str(row["cached"]), won,
+        )  # fmt: skip
+    console.print(table)
+    console.print(f"results {result['results']}; plot {result['plot']}")
+    console.print(f"[green]published[/green] the winner {result['winner']['label']} as version {published['version']}")
+    out.print(published["url"], soft_wrap=True)
 
 
 def _num(value: Any) -> str:

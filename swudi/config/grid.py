@@ -61,19 +61,28 @@ def point_configs(config: MergeConfig, grid: Grid) -> list[tuple[dict[str, Any],
     sharing the base config's work folder, never pushed to the Hub. Every point is validated
     before any merge runs."""
     root = join_url(config.output, "sweeps", sweep_id(config, grid))
-    base = config.model_dump()
-    base["work_dir"] = config.resolved_work_dir
-    base["push_to_hub"] = None  # sweep points are explored, not released: only `swudi merge` pushes
-    out = []
-    for point in grid_points(grid):
-        data = apply_overrides(
-            base, [f"{k}={yaml.safe_dump(v).strip().removesuffix('...').strip()}" for k, v in point.items()]
-        )
-        data["output"] = join_url(root, point_label(point))
-        if "method" in point:  # parameters of another method do not carry over
-            data["params"] = {k: v for k, v in data["params"].items() if f"params.{k}" in point}
-        out.append((point, config_from_mapping(data, f"sweep point {point_label(point)}")))
-    return out
+    # sweep points are explored, not released: only `swudi merge` pushes
+    return [
+        (point, point_config(config, point, join_url(root, point_label(point)), push_to_hub=None))
+        for point in grid_points(grid)
+    ]
+
+
+def point_config(config: MergeConfig, point: Mapping[str, Any], output: str, **fields: Any) -> MergeConfig:
+    """``config`` with the ``{dotted key: value}`` settings of ``point``, published under ``output``,
+    sharing ``config``'s work folder; ``fields`` replace top-level keys (e.g. ``evaluators=[]``).
+    A point that sets ``method`` keeps only the ``params.*`` it sets (another method's parameters do
+    not carry over). :class:`ConfigError` naming the point when the result is not a valid config."""
+    data = config.model_dump()
+    data["work_dir"] = config.resolved_work_dir
+    data.update(fields)
+    data = apply_overrides(
+        data, [f"{k}={yaml.safe_dump(v).strip().removesuffix('...').strip()}" for k, v in point.items()]
+    )
+    data["output"] = output
+    if "method" in point:  # parameters of another method do not carry over
+        data["params"] = {k: v for k, v in data["params"].items() if f"params.{k}" in point}
+    return config_from_mapping(data, f"grid point {point_label(point)}")
 
 
 def sweep_root(config: MergeConfig, grid: Grid) -> str:

@@ -5,8 +5,9 @@ model is published and how the work is run. Every field has one meaning; unknown
 with the valid ones listed, and method parameters are checked against the method registry, so a bad
 config fails before any checkpoint is opened. Also refused: a key given twice in the YAML file
 (:mod:`swudi.config.strict_yaml`), NaN or infinite numbers, ``true``/``false`` where a number is expected,
-empty locations, ``scale: 0`` (it would publish the base), and inputs that repeat or overlap the
-output or the work folder (:mod:`swudi.storage.locations`).
+empty locations, ``scale: 0`` (it would publish the base), credentials in any URL
+(:mod:`swudi.storage.redact`; they belong in ``storage_options`` as secret references), and inputs
+that repeat or overlap the output or the work folder (:mod:`swudi.storage.locations`).
 
 Switching the method on the command line (``--method`` or ``--set method=...``) drops the config
 file's ``params``: they were chosen for the file's method (``t`` of ``swudi_a`` is not ``t`` of
@@ -33,10 +34,11 @@ from pydantic import (
 from swudi.config.strict_yaml import load_yaml
 from swudi.config.validation import StrictModel
 from swudi.errors import ConfigError
-from swudi.io.writer import parse_size
 from swudi.storage.filesystem import is_local_url
 from swudi.storage.locations import check_locations
+from swudi.storage.redact import url_secret
 from swudi.storage.retry import RETRY_KEY
+from swudi.units import parse_size
 
 log = logging.getLogger(__name__)
 
@@ -78,10 +80,27 @@ class DecompositionConfig(StrictModel):
 
 
 class EvaluatorConfig(StrictModel):
-    """A user evaluator ``module:function(model_path, **options) -> {task: {metric: value}}``."""
+    """An evaluator ``module:function(model_path, **options) -> {task: {metric: value}}``.
+
+    With ``relative: true`` it is also run on the base and on every expert (cached by checkpoint
+    fingerprint in the work folder) and the report gives, per task, ``gap_closed`` for losses and
+    ``normalized`` for accuracies (:mod:`swudi.evaluators.relative`); ``task_experts`` names the
+    expert of a task (index in ``experts``, 0-based, or its URL) where the default rule (the only
+    expert, else the best one) is not wanted.
+    """
 
     function: str
     options: dict[str, Any] = Field(default_factory=dict)
+    relative: bool = Field(False, description="also evaluate the base and each expert; report gap_closed/normalized")
+    task_experts: dict[str, int | str] = Field(
+        default_factory=dict, description="{task: expert index (0-based) or URL}: the expert of each task"
+    )
+
+    @model_validator(mode="after")
+    def _task_experts_need_relative(self) -> EvaluatorConfig:
+        if self.task_experts and not self.relative:
+            raise ValueError("task_experts is only used with relative: true")
+        return self
 
     @field_validator("function")
     @classmethod
@@ -89,6 +108,43 @@ class EvaluatorConfig(StrictModel):
         if not re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*", value):
             raise ValueError(f"evaluator must be 'module:function', got {value!r}")
         return value
+
+
+class GateConfig(StrictModel):
+    """The publish gate: a version becomes ``latest`` only if its objective passes every bound.
+
+    ``objective`` is ``module:function:TASK.METRIC``, the function one of the config's
+    ``evaluators`` (:mod:`swudi.evaluators.objective`). With ``minimize: false`` (higher is better)
+    the value must be ``>= at_least`` and ``>= reference - tolerance``; with ``minimize: true``
+    ``<= at_most`` and ``<= reference + tolerance``. The reference (``no_worse_than``) is the base
+    checkpoint's value or that of the version ``latest.json`` names (:mod:`swudi.publish.gate`).
+    """
+
+    objective: str = Field(description="module:function:TASK.METRIC, the function one of the config's evaluators")
+    minimize: bool = Field(False, description="lower is better (a loss); default: higher is better")
+    at_least: float | None = Field(None, description="the value must be at least this (higher is better)")
+    at_most: float | None = Field(None, description="the value must be at most this (lower is better)")
+    no_worse_than: Literal["base", "latest"] | None = Field(
+        None, description="the value must not be worse than the base checkpoint's or the latest version's"
+    )
+    tolerance: float = Field(0.0, ge=0, description="how much worse than no_worse_than is still accepted")
+
+    @field_validator("objective")
+    @classmethod
+    def _objective_form(cls, value: str) -> str:
+        if not re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*:[^.\s]+(\.[^.\s]+)*\.[^.\s]+", value):
+            raise ValueError(f"objective must be 'module:function:TASK.METRIC', got {value!r}")
+        return value
+
+    @model_validator(mode="after")
+    def _some_bound(self) -> GateConfig:
+        if self.at_least is None and self.at_most is None and self.no_worse_than is None:
+            raise ValueError("a gate needs at least one of at_least, at_most, no_worse_than")
+        if self.at_least is not None and self.minimize:
+            raise ValueError("at_least is the bound of a score to maximize; with minimize: true give at_most")
+        if self.at_most is not None and not self.minimize:
+            raise ValueError("at_most is the bound of a loss (minimize: true); for a score give at_least")
+        return self
 
 
 class StorageRetryConfig(StrictModel):
@@ -141,6 +197,10 @@ class MergeConfig(StrictModel):
     method: str = "swudi_a"
     params: dict[str, Any] = Field(default_factory=dict, description="method parameters")
     scale: float = Field(1.0, description="alpha in W = W0 + alpha * theta")
+    post: str | None = Field(
+        None, description="post-filter of every 2-D weight's theta after the method (`swudi methods`: svc)"
+    )
+    post_params: dict[str, Any] = Field(default_factory=dict, description="post-filter parameters")
     output: Location = Field(description="where versions are published (with a latest.json pointer)")
     work_dir: Location | None = Field(
         None, description="cache of decompositions and merged tensors; default: OUTPUT/.swudi-work"
@@ -180,6 +240,25 @@ class MergeConfig(StrictModel):
     keep_versions: int | None = Field(None, ge=1, description="published versions kept; None keeps all")
     model_card: ModelCardConfig = Field(default_factory=ModelCardConfig)
     push_to_hub: PushToHubConfig | None = Field(None, description="upload each published version to the Hub")
+    gate: GateConfig | None = Field(
+        None, description="publish gate: the objective a version must pass before latest.json moves to it"
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_credentials_in_urls(cls, data: Any) -> Any:
+        """A URL holding a credential (``user:password@``, ``?X-Amz-Signature=``, ``sig=``...) would be
+        written into the card, the report, logs and Prefect's database: refused, naming the key."""
+        if isinstance(data, dict):
+            for where, text in _strings(data):
+                found = url_secret(text)
+                if found is not None:
+                    raise ValueError(
+                        f"{where}: the URL holds a credential ({found}); remove it and give credentials in "
+                        "storage_options as a secret reference, e.g. storage_options: {secret: {from_env: NAME}} "
+                        "(or the environment: AWS_ACCESS_KEY_ID, a profile)"
+                    )
+        return data
 
     @field_validator("max_shard_size", mode="before")
     @classmethod
@@ -210,7 +289,32 @@ class MergeConfig(StrictModel):
         from swudi.methods import validate_params
 
         object.__setattr__(self, "params", validate_params(self.method, self.params))
+        if self.post is not None:
+            from swudi.methods import validate_post_params
+
+            object.__setattr__(self, "post_params", validate_post_params(self.post, self.post_params))
+        elif self.post_params:
+            raise ValueError("post_params given without a post-filter (set `post`, e.g. post: svc)")
+        if self.gate is not None:  # its evaluator must be one of the evaluators (a typo fails here)
+            from swudi.evaluators.objective import parse_objective
+
+            parse_objective(self.gate.objective, self.evaluators, self.gate.minimize, where="gate.objective")
         check_locations(self.base, self.experts, self.output, self.resolved_work_dir)
+        return self
+
+    @model_validator(mode="after")
+    def _task_experts_exist(self) -> MergeConfig:
+        for evaluator in self.evaluators:
+            for task, ref in evaluator.task_experts.items():
+                if isinstance(ref, int) and not 0 <= ref < len(self.experts):
+                    raise ValueError(
+                        f"evaluator {evaluator.function}: task_experts.{task} is {ref}, "
+                        f"not an expert index (0 to {len(self.experts) - 1})"
+                    )
+                if isinstance(ref, str) and ref not in self.experts:
+                    raise ValueError(
+                        f"evaluator {evaluator.function}: task_experts.{task} {ref!r} is not one of experts"
+                    )
         return self
 
     @property
@@ -219,6 +323,17 @@ class MergeConfig(StrictModel):
         if self.work_dir:
             return self.work_dir
         return self.output.rstrip("/") + "/.swudi-work"
+
+
+def _strings(value: Any, where: str = "") -> list[tuple[str, str]]:
+    """Every string of a raw config value with its dotted key (``experts[1]``, ``storage_options.endpoint_url``)."""
+    if isinstance(value, str):
+        return [(where or "(top level)", value)]
+    if isinstance(value, dict):
+        return [pair for key, item in value.items() for pair in _strings(item, f"{where}.{key}" if where else str(key))]
+    if isinstance(value, (list, tuple)):
+        return [pair for i, item in enumerate(value) for pair in _strings(item, f"{where}[{i}]")]
+    return []
 
 
 def _size_value(value: Any) -> Any:
@@ -357,4 +472,13 @@ def _resolve_local_paths(data: dict[str, Any], root: Path) -> dict[str, Any]:
             fixed[key] = fix(fixed[key])
     if isinstance(fixed.get("experts"), list):
         fixed["experts"] = [fix(url) for url in fixed["experts"]]
+    if isinstance(fixed.get("evaluators"), list):  # task_experts may name experts by their (relative) path
+        fixed["evaluators"] = [_resolve_task_experts(e, fix) for e in fixed["evaluators"]]
     return fixed
+
+
+def _resolve_task_experts(evaluator: Any, fix: Any) -> Any:
+    if not isinstance(evaluator, dict) or not isinstance(evaluator.get("task_experts"), dict):
+        return evaluator
+    mapping = {task: fix(ref) if isinstance(ref, str) else ref for task, ref in evaluator["task_experts"].items()}
+    return {**evaluator, "task_experts": mapping}

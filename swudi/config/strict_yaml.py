@@ -44,8 +44,41 @@ def load_yaml(text: str, source: str) -> Any:
     loader_class = type("_Loader", (_NoDuplicatesLoader,), {"source": source})
     loader = loader_class(text)
     try:
-        return loader.get_single_data()
+        data = loader.get_single_data()
     except yaml.YAMLError as error:
         raise ConfigError(f"{source} is not valid YAML: {' '.join(str(error).split())}") from None
+    except RecursionError:
+        raise ConfigError(f"{source}: nested too deeply (thousands of levels); a config is a few levels deep") from None
     finally:
         loader.dispose()
+    try:
+        size = expanded_size(data)
+    except RecursionError:
+        raise ConfigError(f"{source}: nested too deeply (hundreds of levels); a config is a few levels deep") from None
+    if size > MAX_VALUES:
+        raise ConfigError(
+            f"{source}: its aliases (*name) expand to {size} values, more than {MAX_VALUES} "
+            "(an alias bomb?); write the values out or use fewer aliases"
+        )
+    return data
+
+
+#: Values a config may hold once its aliases are expanded (a real config holds a few hundred).
+MAX_VALUES = 100_000
+
+
+def expanded_size(data: Any) -> int:
+    """The number of values in ``data`` with every shared (aliased) node counted each time it is
+    used, computed once per distinct node: a "billion laughs" document is measured, not expanded."""
+    sizes: dict[int, int] = {}
+
+    def size(node: Any) -> int:
+        if not isinstance(node, (dict, list)):
+            return 1
+        if id(node) not in sizes:
+            sizes[id(node)] = 0  # a cycle counts once
+            items = [*node.keys(), *node.values()] if isinstance(node, dict) else node
+            sizes[id(node)] = 1 + sum(size(item) for item in items)
+        return sizes[id(node)]
+
+    return size(data)

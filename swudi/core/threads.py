@@ -194,7 +194,7 @@ def _dask_worker_threads(default: int) -> int:
     """Threads of the Dask worker running this code, or ``default`` outside a Dask worker."""
     try:
         from distributed import get_worker
-    except ImportError:  # pragma: no cover - distributed is a dependency
+    except ImportError:  # pragma: no cover - distributed comes with the [dask] extra
         return default
     try:
         worker = get_worker()
@@ -246,7 +246,7 @@ def _set_interop_once(threads: int) -> None:
 def _limit_other_pools(threads: int) -> None:
     """Bound the BLAS/OpenMP pools torch does not own (e.g. numpy's OpenBLAS), if threadpoolctl is here."""
     try:
-        from threadpoolctl import threadpool_limits  # type: ignore[import-untyped]
+        from threadpoolctl import threadpool_limits
     except ImportError:  # optional: not a dependency of swudi
         return
     threadpool_limits(limits=threads)

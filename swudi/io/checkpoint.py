@@ -30,7 +30,7 @@ from fsspec import AbstractFileSystem
 from swudi.errors import CheckpointError, CheckpointNotFoundError
 from swudi.io.fingerprint import checkpoint_fingerprint, shard_fingerprint, tensor_fingerprint
 from swudi.io.header import DuplicateKeyError, Header, header_length, parse_header, reject_duplicate_keys, torch_dtype
-from swudi.storage.filesystem import is_local, join_url, parent_url, resolve
+from swudi.storage.filesystem import is_local, join_url, list_folder, parent_url, resolve
 
 __all__ = [
     "Checkpoint",
@@ -312,7 +312,7 @@ class Checkpoint:
             return cls._open_file(url, fs, path, storage_options)
 
         try:
-            listing = _followed(fs, fs.ls(path, detail=True))
+            listing = _followed(fs, list_folder(fs, path))
         except (FileNotFoundError, NotADirectoryError):
             listing = []
         if (
@@ -419,6 +419,8 @@ class Checkpoint:
             ) from None
         except ValueError as exc:
             raise CheckpointError(f"{index_url}: not valid JSON: {exc}") from None
+        except RecursionError:
+            raise CheckpointError(f"{index_url}: JSON nested too deeply; not an index file") from None
         weight_map = index.get("weight_map") if isinstance(index, dict) else None
         if not isinstance(weight_map, dict) or not weight_map:
             raise CheckpointError(f"{index_url}: index must be a JSON object with a non-empty 'weight_map'")
@@ -525,7 +527,7 @@ class Checkpoint:
 
 def _list_files(fs: AbstractFileSystem, folder: str) -> dict[str, dict[str, Any]]:
     try:
-        listing = _followed(fs, fs.ls(folder, detail=True))
+        listing = _followed(fs, list_folder(fs, folder))
     except (FileNotFoundError, NotADirectoryError):
         return {}
     return {posixpath.basename(e["name"].rstrip("/")): e for e in listing if e.get("type") == "file"}

@@ -200,6 +200,11 @@ def _int_list(value: Any) -> bool:
     return isinstance(value, list) and all(type(v) is int and v >= 0 for v in value)
 
 
+#: torch sizes are signed 64-bit: a shape whose non-zero dimensions hold 2**63 bytes or more cannot be
+#: a tensor, even an empty one (``[0, 2**64]``), and fails later, after artefacts were written.
+_INT64 = 2**63
+
+
 def parse_header(raw: bytes, file_size: int, source: str) -> Header:
     """Parse `raw` (the file's first `8 + n` bytes or more) and validate it against `file_size`.
 
@@ -217,6 +222,8 @@ def parse_header(raw: bytes, file_size: int, source: str) -> Header:
         raise _fail(source, f"header is not valid UTF-8: {exc}") from None
     except ValueError as exc:  # JSONDecodeError and duplicate keys
         raise _fail(source, f"header is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise _fail(source, "header JSON is nested too deeply: not a safetensors header") from None
     if not isinstance(doc, dict):
         raise _fail(source, f"header JSON must be an object, got {type(doc).__name__}")
 
@@ -247,6 +254,12 @@ def parse_header(raw: bytes, file_size: int, source: str) -> Header:
         if not _int_list(offsets) or len(offsets) != 2 or offsets[0] > offsets[1]:
             raise _fail(source, f"{where}: data_offsets must be [begin, end] with 0 <= begin <= end, got {offsets!r}")
         start, end = offsets
+        if math.prod(d for d in shape if d) * DTYPE_SIZES[dtype] >= _INT64:
+            raise _fail(
+                source,
+                f"{where}: shape {shape!r} is beyond any tensor (a dimension or their product exceeds 2**63 bytes; "
+                f"the file holds {file_size} bytes): header corrupt",
+            )
         expected = DTYPE_SIZES[dtype] * math.prod(shape)
         if end - start != expected:
             raise _fail(

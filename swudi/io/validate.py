@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 
 from swudi.errors import CheckpointMismatchError, InputError
 from swudi.io.adapter import LoraAdapter
@@ -17,8 +17,14 @@ log = logging.getLogger(__name__)
 _DTYPE_EXAMPLES = 3
 
 
-def validate_checkpoints(base: Checkpoint, experts: Sequence[Checkpoint | LoraAdapter]) -> list[str]:
+def validate_checkpoints(
+    base: Checkpoint, experts: Sequence[Checkpoint | LoraAdapter], vocab: Collection[str] = ()
+) -> list[str]:
     """Same tensor names and shapes in the base and every expert, before any tensor is read.
+
+    The tensors named in ``vocab`` (:func:`swudi.io.vocab.vocab_tensor_names`) may have more rows in
+    a full-checkpoint expert than in the base (appended tokens, :mod:`swudi.io.vocab`); their other
+    dimensions must match.
 
     A LoRA adapter expert names only the tensors it changes: each must be in the base with the
     shape its factors (or its full tensor) give (:meth:`LoraAdapter.mismatches`).
@@ -51,7 +57,8 @@ def validate_checkpoints(base: Checkpoint, experts: Sequence[Checkpoint | LoraAd
             other = expert.tensors.get(name)
             if other is None:
                 continue
-            if other.shape != loc.shape:
+            extended = name in vocab and other.shape[1:] == loc.shape[1:] and other.shape[:1] > loc.shape[:1]
+            if other.shape != loc.shape and not extended:
                 problems.append(
                     f"{expert.url}: tensor {name!r} has shape {list(other.shape)}, "
                     f"the base {base.url} has {list(loc.shape)}"

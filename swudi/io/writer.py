@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import re
 import struct
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -27,13 +28,13 @@ from fsspec import AbstractFileSystem
 from swudi.errors import CheckpointError
 from swudi.io.checkpoint import _OTHER_WEIGHT_SUFFIXES, INDEX_NAME, WEIGHTS_NAME, Checkpoint
 from swudi.io.header import DTYPE_SIZES, dtype_name, torch_dtype
-from swudi.storage.filesystem import join_url, open_atomic, resolve, write_bytes_atomic
+from swudi.storage.filesystem import find_files, is_local, join_url, open_atomic, resolve, write_bytes_atomic
+from swudi.units import parse_size
 
 __all__ = [
     "TensorSpec",
     "WrittenModel",
     "DEFAULT_MAX_SHARD_SIZE",
-    "parse_size",
     "tensor_nbytes",
     "plan_shards",
     "shard_names",
@@ -44,6 +45,12 @@ __all__ = [
     "write_safetensors",
     "write_sharded",
     "copy_extra_files",
+    "files_to_copy",
+    "is_copied_file",
+    "check_links",
+    "check_folder_links",
+    "COPIED_NAMES",
+    "PRODUCT_FILES",
 ]
 
 #: What a writer takes for one tensor: the tensor, or its row chunks (along dim 0) in order.
@@ -52,18 +59,6 @@ TensorData = torch.Tensor | Iterable[torch.Tensor]
 #: transformers' historical default (5 GB, decimal).
 DEFAULT_MAX_SHARD_SIZE = 5_000_000_000
 _COPY_CHUNK = 8 * 2**20
-_UNITS = {
-    "": 1,
-    "B": 1,
-    "KB": 10**3,
-    "MB": 10**6,
-    "GB": 10**9,
-    "TB": 10**12,
-    "KIB": 2**10,
-    "MIB": 2**20,
-    "GIB": 2**30,
-    "TIB": 2**40,
-}
 
 
 @dataclass(frozen=True)
@@ -94,20 +89,6 @@ class WrittenModel:
     files: list[str]
     total_size: int
     weight_map: dict[str, str] = field(repr=False)
-
-
-def parse_size(size: int | str) -> int:
-    """Bytes from an int or a string like "500MB", "2GiB", "5GB" (decimal units as transformers)."""
-    if isinstance(size, int):
-        value = size
-    else:
-        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B?)\s*", str(size).upper())
-        if not m or m.group(2) not in _UNITS:
-            raise ValueError(f"cannot read size {size!r}: use bytes or e.g. '500MB', '2GiB'")
-        value = int(float(m.group(1)) * _UNITS[m.group(2)])
-    if value <= 0:
-        raise ValueError(f"size must be positive, got {size!r}")
-    return value
 
 
 def tensor_nbytes(dtype: str | torch.dtype, shape: Sequence[int]) -> int:
@@ -341,18 +322,130 @@ def write_sharded(
     return WrittenModel(url, files, total, weight_map)
 
 
+#: Files of a base that a merged version gets besides its weights: what the architecture, its
+#: tokenizer or processor and sentence-transformers need to load the model (file names at the top of
+#: the checkpoint folder). Nothing else is copied: not the base's README.md (the version has its own
+#: card), notes, scripts, nor a file the product writes itself (:data:`PRODUCT_FILES`).
+COPIED_NAMES = frozenset(
+    {
+        "config.json",
+        "generation_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+        "added_tokens.json",
+        "vocab.txt",
+        "vocab.json",
+        "merges.txt",
+        "tokenizer.model",
+        "spiece.model",
+        "sentencepiece.bpe.model",
+        "source.spm",
+        "target.spm",
+        "preprocessor_config.json",
+        "processor_config.json",
+        "video_preprocessor_config.json",
+        "chat_template.json",
+        "chat_template.jinja",
+        "modules.json",
+        "sentence_bert_config.json",
+        "config_sentence_transformers.json",
+    }
+)
+#: Also copied: ``*.tiktoken`` vocabularies, the code of ``trust_remote_code`` architectures
+#: (``configuration_*.py``, ``modeling_*.py``, ``tokenization_*.py``), and the settings of
+#: sentence-transformers modules (``1_Pooling/config.json``, ``2_Dense/config.json``: JSON or text
+#: files one level down in a folder named ``<n>_<Module>``).
+_COPIED_PATTERN = re.compile(
+    r"[^/]+\.tiktoken|(configuration|modeling|tokenization)_[\w.-]+\.py|\d+_[A-Za-z]\w*/[^/]+\.(json|txt)"
+)
+#: Written by swudi into every version; never carried over from a base (a published version used as
+#: the base of a chained merge holds them, and they describe that version, not the new one).
+PRODUCT_FILES = ("adapter/", "swudi_version.json", "merge_report.json", "README.md")
+
+
+def is_copied_file(name: str) -> bool:
+    """Whether the file ``name`` (relative to a base's folder, ``/``-separated) is copied into a
+    merged version (:data:`COPIED_NAMES`, the patterns above; never :data:`PRODUCT_FILES`)."""
+    if name in PRODUCT_FILES or name.startswith(PRODUCT_FILES[0]):
+        return False
+    return name in COPIED_NAMES or _COPIED_PATTERN.fullmatch(name) is not None
+
+
+def files_to_copy(checkpoint: Checkpoint) -> tuple[str, ...]:
+    """The base's files that a merged version gets (:func:`is_copied_file`), after checking every
+    symbolic link among the folder's non-weight files (:func:`check_links`)."""
+    names = [*checkpoint.extra_files, *nested_extra_files(checkpoint)]
+    check_links(checkpoint, names)
+    return tuple(name for name in names if is_copied_file(name))
+
+
+def check_links(checkpoint: Checkpoint, names: Sequence[str]) -> None:
+    """:func:`check_folder_links` for a local checkpoint folder's files ``names`` (no-op elsewhere)."""
+    if checkpoint.folder_url is None:
+        return
+    fs, root = resolve(checkpoint.folder_url, checkpoint.storage_options)
+    if is_local(fs):
+        check_folder_links(root, names)
+
+
+def check_folder_links(folder: str, names: Sequence[str] | None = None) -> None:
+    """Refuse a file of a local checkpoint folder that resolves outside it (a symbolic link, or a
+    path through a linked folder), naming the link: its content would be published.
+
+    Allowed targets: inside the folder itself, or, for a Hugging Face hub cache snapshot
+    (``models--org--name/snapshots/<rev>/``), the same repository's ``blobs/``. Weight shards that
+    are only read are not checked (they may be linked from anywhere). ``names``: paths relative to
+    the folder; default: every non-weight file under it (hidden ones left out), linked folders too.
+    """
+    folder = os.path.abspath(folder)
+    if not os.path.isdir(folder):
+        return
+    allowed = [os.path.realpath(folder)]
+    snapshots = os.path.dirname(folder)
+    if os.path.basename(snapshots) == "snapshots" and os.path.basename(os.path.dirname(snapshots)).startswith(
+        "models--"
+    ):
+        allowed.append(os.path.realpath(os.path.join(os.path.dirname(snapshots), "blobs")))
+    for name in _non_weight_files(folder) if names is None else names:
+        path = os.path.join(folder, *name.split("/"))
+        target = os.path.realpath(path)
+        if not any(target == root or target.startswith(root + os.sep) for root in allowed):
+            raise CheckpointError(
+                f"{path}: symbolic link to {target}, outside the checkpoint folder {folder} (its content would "
+                "be published); copy the file into the folder or remove the link"
+            )
+
+
+def _non_weight_files(folder: str) -> list[str]:
+    """Every file (and linked folder) under ``folder`` but weights, index files and hidden names."""
+    names = []
+    for dirpath, dirnames, filenames in os.walk(folder):
+        rel = os.path.relpath(dirpath, folder)
+        prefix = "" if rel == "." else rel.replace(os.sep, "/") + "/"
+        linked = [d for d in dirnames if os.path.islink(os.path.join(dirpath, d))]
+        dirnames[:] = [d for d in dirnames if not d.startswith(".") and d not in linked]
+        for name in [*filenames, *linked]:
+            lower = name.lower()
+            if name.startswith(".") or lower.endswith(_OTHER_WEIGHT_SUFFIXES) or lower.endswith(".index.json"):
+                continue
+            names.append(prefix + name)
+    return names
+
+
 def copy_extra_files(
     checkpoint: Checkpoint,
     dest_url: str,
     storage_options: Mapping[str, Any] | None = None,
     names: Sequence[str] | None = None,
 ) -> list[str]:
-    """Copy the checkpoint's non-weight files (config, tokenizer, ...) into `dest_url`.
+    """Copy the checkpoint's non-weight files (config, tokenizer, ...) into `dest_url`: `names`, by
+    default :func:`files_to_copy` (the copy policy, links checked).
 
     The source is read with the checkpoint's own storage options, the destination written with
     `storage_options` (they may be different stores). Returns the names copied.
     """
-    names = list(checkpoint.extra_files if names is None else names)
+    names = list(files_to_copy(checkpoint) if names is None else names)
     if not names:
         return []
     src_fs, _ = resolve(checkpoint.file_url(names[0]), checkpoint.storage_options)
@@ -378,7 +471,7 @@ def nested_extra_files(checkpoint: Checkpoint) -> tuple[str, ...]:
     fs, root = resolve(checkpoint.folder_url, checkpoint.storage_options)
     prefix = root.rstrip("/") + "/"
     names = []
-    for path in fs.find(root):
+    for path in find_files(fs, root):
         rel = path[len(prefix) :] if path.startswith(prefix) else ""
         parts = rel.split("/")
         if len(parts) < 2 or any(part.startswith(".") for part in parts):

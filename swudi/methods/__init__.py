@@ -6,12 +6,14 @@ from swudi.methods.declarations import (
     MethodKind,
     MethodParams,
     MethodSpec,
+    apply_post_filter,
     elementwise_method,
     get_method,
     iterative_method,
     merge_decomposition,
     merge_elementwise,
     merge_matrix,
+    merge_task_svds,
     method_choices,
     methods_markdown,
     register_method,
@@ -20,6 +22,7 @@ from swudi.methods.declarations import (
     spectral_method,
     unregister_method,
     validate_params,
+    validate_post_params,
 )
 
 __all__ = [
@@ -27,12 +30,14 @@ __all__ = [
     "MethodParams",
     "MethodSpec",
     "METHODS",
+    "apply_post_filter",
     "elementwise_method",
     "get_method",
     "iterative_method",
     "merge_decomposition",
     "merge_elementwise",
     "merge_matrix",
+    "merge_task_svds",
     "method_choices",
     "methods_markdown",
     "register_method",
@@ -41,4 +46,5 @@ __all__ = [
     "spectral_method",
     "unregister_method",
     "validate_params",
+    "validate_post_params",
 ]

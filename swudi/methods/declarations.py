@@ -7,6 +7,11 @@ Kinds (:class:`~swudi.methods.registry.MethodSpec`):
 - ``"iterative"``: needs the task vectors themselves (``wudi``, ``optmerge``).
 - ``"elementwise"``: any tensor shape (``task_arithmetic``, ``ties``, ``mean``); those that only
   depend on the sum of the task vectors declare ``from_sum`` and also merge from a decomposition.
+- ``"subspace"``: computed from the per-task SVDs of a 2-D weight (:mod:`swudi.core.task_svd`,
+  maths in :mod:`swudi.core.subspace`): ``iso_c``, ``iso_cts``, ``tsv_m``, ``cart``, ``ace``.
+
+Post-filters (``svc``) transform the merged theta of every 2-D weight after any method, from the
+same per-task SVDs: :func:`apply_post_filter`, config ``post`` / ``post_params``.
 
 Spectral and iterative methods apply to 2-D weights only; other tensors get the mean
 (:func:`merge_elementwise`).
@@ -48,11 +53,12 @@ from typing import Any, Literal
 import torch
 from pydantic import BaseModel, Field, field_validator
 
-from swudi.core import baselines
+from swudi.core import baselines, subspace
 from swudi.core.decomposition import Decomposition, _decompose
 from swudi.core.device import resolve_device
 from swudi.core.rank import check_rank_rule, rank_ceil, select_rank
 from swudi.core.spectral import apply_filter, exponential_filter, pinv_filter, truncation_filter
+from swudi.core.task_svd import TaskSVDs, task_svds
 from swudi.core.task_vectors import check_task_vectors, is_all_zero, squared_norms
 from swudi.errors import ConfigError
 from swudi.methods.registry import (
@@ -62,13 +68,16 @@ from swudi.methods.registry import (
     MethodSpec,
     Shape,
     elementwise_method,
+    get_post_filter,
     import_method_modules,
     iterative_method,
     method_choices,
     methods_markdown,
+    post_filter,
     register_method,
     registered_method,
     spectral_method,
+    subspace_method,
     unregister_method,
 )
 
@@ -77,8 +86,10 @@ __all__ = [
     "MethodParams",
     "MethodSpec",
     "METHODS",
+    "apply_post_filter",
     "elementwise_method",
     "get_method",
+    "merge_task_svds",
     "iterative_method",
     "merge_decomposition",
     "merge_elementwise",
@@ -91,12 +102,16 @@ __all__ = [
     "spectral_method",
     "unregister_method",
     "validate_params",
+    "validate_post_params",
 ]
 
 logger = logging.getLogger(__name__)
 
 
 InitMode = Literal["sum", "mean", "zero"]
+
+_SWUDI_SOURCE = "Closed-Form Spectral Regularization for Multi-Task Model Merging, 2026, arXiv 2606.07289"
+_WUDI_SOURCE = "Cheng et al., Whoever Started the Interference Should End It (WUDI), ICML 2025, arXiv 2503.08099"
 
 
 # --------------------------------------------------------------------------- spectral methods
@@ -116,7 +131,7 @@ class SwudiAParams(MethodParams):
         return value
 
 
-@spectral_method("swudi_a", SwudiAParams, "hard truncation at a per-weight adaptive rank")
+@spectral_method("swudi_a", SwudiAParams, "hard truncation at a per-weight adaptive rank", source=_SWUDI_SOURCE)
 def _filter_swudi_a(lam: torch.Tensor, shape: Shape, p: SwudiAParams) -> torch.Tensor:
     """f = 1 on the top K = rank_rule(lambda) directions (times 1 - exp(-t lambda) if t is set)."""
     k = select_rank(lam, p.rank_rule, shape, min_rank=p.min_rank, max_rank_ratio=p.max_rank_ratio)
@@ -132,7 +147,9 @@ class SwudiParams(MethodParams):
     init: InitMode = "sum"
 
 
-@spectral_method("swudi", SwudiParams, "exponential filter on the top ceil(rank_ratio d) directions")
+@spectral_method(
+    "swudi", SwudiParams, "exponential filter on the top ceil(rank_ratio d) directions", source=_SWUDI_SOURCE
+)
 def _filter_swudi(lam: torch.Tensor, shape: Shape, p: SwudiParams) -> torch.Tensor:
     """f_k = 1 - exp(-t lambda_k) for k < K = ceil(rank_ratio d), 0 beyond."""
     d = int(lam.shape[0])
@@ -147,7 +164,9 @@ class SwudiSoftParams(MethodParams):
     init: InitMode = "sum"
 
 
-@spectral_method("swudi_soft", SwudiSoftParams, "exponential filter 1 - exp(-t lambda), full rank")
+@spectral_method(
+    "swudi_soft", SwudiSoftParams, "exponential filter 1 - exp(-t lambda), full rank", source=_SWUDI_SOURCE
+)
 def _filter_swudi_soft(lam: torch.Tensor, shape: Shape, p: SwudiSoftParams) -> torch.Tensor:
     """f_k = 1 - exp(-t lambda_k)."""
     return exponential_filter(lam, p.t)
@@ -160,7 +179,7 @@ class PinvParams(MethodParams):
     rtol: float | None = Field(None, ge=0.0)
 
 
-@spectral_method("pinv", PinvParams, "closed-form minimiser D C^+")
+@spectral_method("pinv", PinvParams, "closed-form minimiser D C^+", source=_WUDI_SOURCE)
 def _filter_pinv(lam: torch.Tensor, shape: Shape, p: PinvParams) -> torch.Tensor:
     """f_k = 1 where lambda_k > rtol * lambda_max, else 0."""
     return pinv_filter(lam, p.rtol)
@@ -174,7 +193,7 @@ class WudiParams(MethodParams):
     lr: float = Field(1e-5, gt=0.0)
 
 
-@iterative_method("wudi", WudiParams, "iterative WUDI: Adam on the WUDI loss (reference baseline)")
+@iterative_method("wudi", WudiParams, "iterative WUDI: Adam on the WUDI loss (reference baseline)", source=_WUDI_SOURCE)
 def _merge_wudi(tv: torch.Tensor, p: WudiParams) -> torch.Tensor:
     """Adam on L(theta) = sum_i w_i ||(theta - tau_i) tau_i^T||_F^2 from theta = sum_i tau_i."""
     return baselines.wudi(tv, p.iterations, p.lr)
@@ -204,6 +223,7 @@ class TaskArithmeticParams(MethodParams):
     TaskArithmeticParams,
     "theta = scale * sum of task vectors",
     from_sum=lambda s, n, p: s * float(p.scale),
+    source="Ilharco et al., Editing Models with Task Arithmetic, ICLR 2023, arXiv 2212.04089",
 )
 def _merge_task_arithmetic(tv: torch.Tensor, p: TaskArithmeticParams) -> torch.Tensor:
     """theta = scale * sum_i tau_i."""
@@ -225,7 +245,12 @@ class TiesParams(MethodParams):
     empty_trim: Literal["keep_one", "base", "error"] = "keep_one"
 
 
-@elementwise_method("ties", TiesParams, "TIES: trim, elect sign, disjoint mean")
+@elementwise_method(
+    "ties",
+    TiesParams,
+    "TIES: trim, elect sign, disjoint mean",
+    source="Yadav et al., TIES-Merging: Resolving Interference When Merging Models, NeurIPS 2023, arXiv 2306.01708",
+)
 def _merge_ties(tv: torch.Tensor, p: TiesParams) -> torch.Tensor:
     """Trim each tau_i to its top ``density`` magnitudes, elect signs, disjoint mean, times scale."""
     return baselines.ties(tv, p.density, p.scale, trim=p.trim, zero_sign=p.zero_sign, empty_trim=p.empty_trim)
@@ -239,6 +264,120 @@ class MeanParams(MethodParams):
 def _merge_mean(tv: torch.Tensor, p: MeanParams) -> torch.Tensor:
     """theta = (1/N) sum_i tau_i."""
     return baselines.mean(tv)
+
+
+# ------------------------------------------------------------------------ subspace methods
+_ISO_SOURCE = (
+    "Marczak et al., No Task Left Behind: Isotropic Model Merging with Common and Task-Specific "
+    "Subspaces, ICML 2025, arXiv 2502.04959"
+)
+
+
+class IsoCParams(MethodParams):
+    """Iso-C has no parameter (the paper tunes the global scale alpha on validation data)."""
+
+
+@subspace_method(
+    "iso_c",
+    IsoCParams,
+    "Iso-C: SVD of the sum of task vectors, every singular value replaced by their mean",
+    source=_ISO_SOURCE,
+)
+def _merge_iso_c(t: TaskSVDs, p: IsoCParams, device: str | torch.device) -> torch.Tensor:
+    """theta = mean(sigma) U V^T for sum_i tau_i = U diag(sigma) V^T."""
+    return subspace.iso_c(t, device=device)
+
+
+class IsoCTSParams(MethodParams):
+    """Iso-CTS: ``common_space_fraction`` of min(m, d) from the sum, the rest task-specific."""
+
+    common_space_fraction: float = Field(0.8, ge=0.0, le=1.0)
+
+
+@subspace_method(
+    "iso_cts",
+    IsoCTSParams,
+    "Iso-CTS: common subspace of the sum plus each task's top orthogonal directions, isotropic spectrum",
+    source=_ISO_SOURCE,
+)
+def _merge_iso_cts(t: TaskSVDs, p: IsoCTSParams, device: str | torch.device) -> torch.Tensor:
+    """Common + task-specific singular vectors, orthogonalised, every singular value their mean."""
+    return subspace.iso_cts(t, p.common_space_fraction, device=device)
+
+
+class TsvMParams(MethodParams):
+    """TSV-M has no parameter (the paper uses alpha = 1.0: the global scale)."""
+
+
+@subspace_method(
+    "tsv_m",
+    TsvMParams,
+    "TSV-M: each task's top floor(min(m,d)/N) singular vectors, orthogonalised (polar), summed",
+    source="Gargiulo et al., Task Singular Vectors: Reducing Task Interference in Model Merging, CVPR 2025, "
+    "arXiv 2412.00081",
+)
+def _merge_tsv_m(t: TaskSVDs, p: TsvMParams, device: str | torch.device) -> torch.Tensor:
+    """theta = polar(U) diag(s) polar(V)^T over the stacked per-task top singular triplets."""
+    return subspace.tsv_m(t, device=device)
+
+
+class CartParams(MethodParams):
+    """CART: theta = mean + prior * mean_i SVD_k(tau_i - mean), k = max(1, int(rank_ratio min(m, d)))."""
+
+    prior: float = 2.0
+    rank_ratio: float = Field(0.12, gt=0.0, le=1.0)
+
+
+@subspace_method(
+    "cart",
+    CartParams,
+    "CART: mean of task vectors + prior x mean of the rank-k SVDs of the centred task vectors",
+    source="Choi et al., Revisiting Weight Averaging for Model Merging, 2024, arXiv 2412.12153",
+)
+def _merge_cart(t: TaskSVDs, p: CartParams, device: str | torch.device) -> torch.Tensor:
+    """theta = tau_bar + prior * (1/N) sum_i SVD_k(tau_i - tau_bar)."""
+    return subspace.cart(t, p.prior, p.rank_ratio, device=device)
+
+
+class AceParams(MethodParams):
+    """ACE-Merging, the authors' code defaults: ridge ``eps``, flattened fraction ``k_frac``, and
+    the log-norm dispersion above which tasks count as heterogeneous."""
+
+    eps: float = Field(1e-2, gt=0.0)
+    k_frac: float = Field(0.3, gt=0.0, le=1.0)
+    heterogeneity_threshold: float = Field(0.3, ge=0.0)
+
+
+@subspace_method(
+    "ace",
+    AceParams,
+    "ACE-Merging: covariances from the task vectors, regularised closed-form solve, top-k isotropic refinement",
+    source="Xu et al., ACE-Merging: Data-Free Model Merging with Adaptive Covariance Estimation, CVPR 2026, "
+    "arXiv 2603.02945",
+    dense_reason="ACE solves a d x d system with each task's covariance + eps I (full rank whatever the LoRA rank)",
+)
+def _merge_ace(t: TaskSVDs, p: AceParams, device: str | torch.device) -> torch.Tensor:
+    """See :func:`swudi.core.subspace.ace` (and its list of differences from the authors' code)."""
+    return subspace.ace(t, p.eps, p.k_frac, p.heterogeneity_threshold, device=device)
+
+
+# ------------------------------------------------------------------------------ post-filters
+class SvcParams(MethodParams):
+    """SVC: ``alpha`` floors the over-counting factor eta (authors' default 1: only shrink)."""
+
+    alpha: float = Field(1.0, ge=0.0)
+
+
+@post_filter(
+    "svc",
+    SvcParams,
+    "Singular Value Calibration: divide each singular value of theta by its over-counting across tasks",
+    source="Li et al., When Shared Knowledge Hurts: Spectral Over-Accumulation in Model Merging, ICML 2026, "
+    "arXiv 2602.05536",
+)
+def _post_svc(theta: torch.Tensor, t: TaskSVDs, p: SvcParams, device: str | torch.device) -> torch.Tensor:
+    """sigma_r / max(mean_i s_ri, alpha) where every task's s_ri > 0 (:func:`swudi.core.subspace.svc`)."""
+    return subspace.svc(theta, t, p.alpha, device=device)
 
 
 # ------------------------------------------------------------------------------ look-ups
@@ -259,6 +398,11 @@ def get_method(name: str | MethodSpec) -> MethodSpec:
 def validate_params(method: str, params: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The method's full parameter dict (defaults filled in); :class:`ConfigError` if invalid."""
     return get_method(method).validate(params).model_dump()
+
+
+def validate_post_params(post: str, params: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The post-filter's full parameter dict (defaults filled in); :class:`ConfigError` if invalid."""
+    return get_post_filter(post).validate(params).model_dump()
 
 
 def _init_mode(p: BaseModel) -> str:
@@ -359,6 +503,10 @@ def _merge_matrix_f32(
         if dec.all_zero:
             return dec.theta0("mean")
         return apply_filter(dec, _filter(spec, dec.eigenvalues, dec.shape, p), _init_mode(p), device=device)
+    if spec.kind == "subspace":
+        if is_all_zero(squared_norms(tv)):
+            return baselines.mean(tv.to(torch.float32))
+        return merge_task_svds(task_svds(tv, name=name, device=device), spec.name, device=device, **p.model_dump())
     if spec.kind == "iterative":
         x = tv.to(device=resolve_device(device), dtype=torch.float32)
         if is_all_zero(squared_norms(x)):
@@ -396,3 +544,26 @@ def _merge_elementwise_f32(tv: torch.Tensor, spec: MethodSpec, p: BaseModel) -> 
     if spec.kind == "elementwise":
         return _run_merge(spec, tv, p)
     return baselines.mean(tv)
+
+
+def merge_task_svds(t: TaskSVDs, method: str, *, device: str | torch.device = "auto", **params: Any) -> torch.Tensor:
+    """theta ``[m, d]`` float32 (CPU) of a subspace method from a weight's per-task SVDs."""
+    spec = get_method(method)
+    if spec.kind != "subspace" or spec.from_svds is None:
+        raise ConfigError(f"method {spec.name!r} is {spec.kind}, not a subspace method (it needs no task SVDs)")
+    p = spec.validate(params)
+    if sum(t.ranks) == 0:
+        return torch.zeros(t.shape, dtype=torch.float32)
+    return _checked(spec.from_svds(t, p, device), spec, t.shape, "from_svds")
+
+
+def apply_post_filter(
+    theta: torch.Tensor, t: TaskSVDs, post: str, *, device: str | torch.device = "auto", **params: Any
+) -> torch.Tensor:
+    """theta after the post-filter ``post`` (float32, CPU); ``t``: the weight's per-task SVDs."""
+    spec = get_post_filter(post)
+    p = spec.validate(params)
+    out = spec.apply(theta.to(torch.float32), t, p, device)
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != tuple(theta.shape):
+        raise ConfigError(f"post-filter {post!r} returned a result of another shape than theta {tuple(theta.shape)}")
+    return out.to(torch.float32).cpu()

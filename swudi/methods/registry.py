@@ -7,10 +7,15 @@ A method is declared once, next to its function, with one of the decorators
 - :func:`elementwise_method` on ``merge(task_vectors [N, ...], params) -> theta``, optionally with
   ``from_sum(sum_tv, num_tasks, params) -> theta`` when theta only depends on the sum of the task
   vectors (then a stored decomposition is enough to merge with it);
+- :func:`subspace_method` on ``from_svds(task_svds, params, device) -> theta``: a 2-D weight merged
+  from the per-task SVDs (:class:`~swudi.core.task_svd.TaskSVDs`), stored once per weight;
 
 or with :func:`register_method` on a :class:`MethodSpec`. Everything that needs a method (the merge
 entry points of :mod:`swudi.methods`, :func:`swudi.merge_state_dicts`, the config validation, the
 ``swudi`` command line and the README's table) reads it from :data:`METHODS`.
+
+Post-filters (:class:`PostFilterSpec`, :data:`POST_FILTERS`, :func:`post_filter`) transform the
+merged theta of a 2-D weight after any method, from the same per-task SVDs (config ``post``).
 
 A spec is checked when it is built: a bad declaration fails at import time, not in the middle of a
 merge. Registering a name twice is an error unless ``replace=True``; :func:`unregister_method` and
@@ -39,6 +44,8 @@ from swudi.errors import ConfigError
 __all__ = [
     "METHODS",
     "METHOD_MODULES_ENV",
+    "POST_FILTERS",
+    "PostFilterSpec",
     "MethodKind",
     "MethodParams",
     "MethodSpec",
@@ -48,6 +55,9 @@ __all__ = [
     "method_choices",
     "method_rows",
     "methods_markdown",
+    "get_post_filter",
+    "post_filter",
+    "subspace_method",
     "register_method",
     "registered_method",
     "spectral_method",
@@ -56,7 +66,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-MethodKind = Literal["spectral", "iterative", "elementwise"]
+MethodKind = Literal["spectral", "iterative", "elementwise", "subspace"]
 KINDS: tuple[str, ...] = get_args(MethodKind)
 
 #: Environment variable: comma-separated modules imported before a method is looked up, so that
@@ -70,6 +80,10 @@ FilterFn = Callable[[torch.Tensor, Shape, Any], torch.Tensor]
 MergeFn = Callable[[torch.Tensor, Any], torch.Tensor]
 #: ``from_sum(sum_tv [...] float32, num_tasks, params) -> theta [...]``.
 FromSumFn = Callable[[torch.Tensor, int, Any], torch.Tensor]
+#: ``from_svds(task_svds: TaskSVDs, params, device) -> theta [m, d]`` (float32, CPU).
+FromSvdsFn = Callable[[Any, Any, Any], torch.Tensor]
+#: ``apply(theta [m, d] float32, task_svds: TaskSVDs, params, device) -> theta [m, d]``.
+PostFn = Callable[[torch.Tensor, Any, Any, Any], torch.Tensor]
 
 _NAME = re.compile(r"[A-Za-z][A-Za-z0-9_.-]*")
 
@@ -91,6 +105,12 @@ class MethodSpec:
       such field). Merges from a decomposition alone.
     - ``"iterative"``: ``merge`` runs on the ``[N, m, d]`` task vectors of 2-D weights.
     - ``"elementwise"``: ``merge`` runs on ``[N, ...]`` task vectors of any shape.
+    - ``"subspace"``: ``from_svds`` runs on the per-task SVDs of a 2-D weight (stored once per
+      weight, so another subspace method or a post-filter reads no expert again).
+
+    ``source`` names where the method comes from (paper, year, arXiv id). ``dense_reason`` (subspace
+    methods): why the maths needs dense m x d / d x d matrices even for LoRA experts (shown by
+    ``swudi plan``); None when it works on the factors.
 
     A non-spectral method may declare ``from_sum`` (theta from S = sum_i tau_i and N alone); it is
     then also computable from a decomposition, and ``merge`` may be omitted (it becomes
@@ -104,6 +124,9 @@ class MethodSpec:
     filter: FilterFn | None = None
     merge: MergeFn | None = None
     from_sum: FromSumFn | None = None
+    from_svds: FromSvdsFn | None = None
+    source: str = ""
+    dense_reason: str | None = None
 
     def __post_init__(self) -> None:
         problems = list(self._problems())
@@ -118,16 +141,25 @@ class MethodSpec:
         if not isinstance(self.description, str) or not self.description.strip() or "\n" in self.description:
             yield "the description must be one non-empty line"
         yield from _params_model_problems(self.params_model)
-        for field in ("filter", "merge", "from_sum"):
+        if not isinstance(self.source, str) or "\n" in self.source:
+            yield "the source must be one line"
+        for field in ("filter", "merge", "from_sum", "from_svds"):
             value = getattr(self, field)
             if value is not None and not callable(value):
                 yield f"{field} must be callable, got {type(value).__name__}"
         if self.kind == "spectral":
             if self.filter is None:
                 yield "a spectral method needs a filter(eigenvalues, shape, params)"
-            if self.merge is not None or self.from_sum is not None:
+            if self.merge is not None or self.from_sum is not None or self.from_svds is not None:
                 yield "a spectral method is defined by its filter alone (no merge / from_sum)"
+        elif self.kind == "subspace":
+            if self.from_svds is None:
+                yield "a subspace method needs from_svds(task_svds, params, device)"
+            if self.filter is not None or self.merge is not None or self.from_sum is not None:
+                yield "a subspace method is defined by its from_svds alone"
         else:
+            if self.from_svds is not None:
+                yield f"an {self.kind} method has no from_svds; declare it as subspace"
             if self.filter is not None:
                 yield f"an {self.kind} method has no spectral filter; declare it as spectral"
             if self.merge is None and self.from_sum is None:
@@ -225,24 +257,28 @@ F = TypeVar("F", bound=Callable[..., torch.Tensor])
 
 
 def spectral_method(
-    name: str, params_model: type[BaseModel], description: str, *, replace: bool = False
+    name: str, params_model: type[BaseModel], description: str, *, replace: bool = False, source: str = ""
 ) -> Callable[[F], F]:
     """Decorator: register the decorated ``filter(eigenvalues, (m, d), params) -> f`` as a spectral method."""
 
     def declare(fn: F) -> F:
-        register_method(MethodSpec(name, "spectral", params_model, description, filter=fn), replace=replace)
+        register_method(
+            MethodSpec(name, "spectral", params_model, description, filter=fn, source=source), replace=replace
+        )
         return fn
 
     return declare
 
 
 def iterative_method(
-    name: str, params_model: type[BaseModel], description: str, *, replace: bool = False
+    name: str, params_model: type[BaseModel], description: str, *, replace: bool = False, source: str = ""
 ) -> Callable[[F], F]:
     """Decorator: register the decorated ``merge(task_vectors [N, m, d], params) -> theta`` (2-D weights)."""
 
     def declare(fn: F) -> F:
-        register_method(MethodSpec(name, "iterative", params_model, description, merge=fn), replace=replace)
+        register_method(
+            MethodSpec(name, "iterative", params_model, description, merge=fn, source=source), replace=replace
+        )
         return fn
 
     return declare
@@ -255,6 +291,7 @@ def elementwise_method(
     *,
     from_sum: FromSumFn | None = None,
     replace: bool = False,
+    source: str = "",
 ) -> Callable[[F], F]:
     """Decorator: register the decorated ``merge(task_vectors [N, ...], params) -> theta`` (any shape).
 
@@ -263,11 +300,101 @@ def elementwise_method(
     """
 
     def declare(fn: F) -> F:
-        spec = MethodSpec(name, "elementwise", params_model, description, merge=fn, from_sum=from_sum)
+        spec = MethodSpec(name, "elementwise", params_model, description, merge=fn, from_sum=from_sum, source=source)
         register_method(spec, replace=replace)
         return fn
 
     return declare
+
+
+def subspace_method(
+    name: str,
+    params_model: type[BaseModel],
+    description: str,
+    *,
+    source: str = "",
+    dense_reason: str | None = None,
+    replace: bool = False,
+) -> Callable[[F], F]:
+    """Decorator: register the decorated ``from_svds(task_svds, params, device) -> theta`` (2-D weights).
+
+    ``dense_reason``: why the method needs dense matrices even for LoRA experts (None: factor space).
+    """
+
+    def declare(fn: F) -> F:
+        spec = MethodSpec(
+            name, "subspace", params_model, description, from_svds=fn, source=source, dense_reason=dense_reason
+        )
+        register_method(spec, replace=replace)
+        return fn
+
+    return declare
+
+
+# ------------------------------------------------------------------------------ post-filters
+@dataclass(frozen=True)
+class PostFilterSpec:
+    """A transformation of the merged theta of every 2-D weight, after any method (config ``post``).
+
+    ``apply(theta [m, d] float32, task_svds, params, device) -> theta`` gets the weight's per-task
+    SVDs (:class:`~swudi.core.task_svd.TaskSVDs`), stored once per weight like a decomposition.
+    """
+
+    name: str
+    params_model: type[BaseModel]
+    description: str
+    apply: PostFn
+    source: str = ""
+
+    def __post_init__(self) -> None:
+        problems = list(_params_model_problems(self.params_model))
+        if not isinstance(self.name, str) or not _NAME.fullmatch(self.name):
+            problems.append("the name must start with a letter and use letters, digits, '_', '.', '-' only")
+        if not callable(self.apply):
+            problems.append("apply must be callable")
+        if not isinstance(self.description, str) or not self.description.strip() or "\n" in self.description:
+            problems.append("the description must be one non-empty line")
+        if problems:
+            raise ConfigError(f"invalid post-filter declaration {self.name!r}: {'; '.join(problems)}")
+
+    def validate(self, params: Mapping[str, Any] | None = None) -> BaseModel:
+        """Validated parameters (defaults filled); :class:`ConfigError` naming the filter otherwise."""
+        try:
+            return self.params_model(**dict(params or {}))
+        except ValidationError as exc:
+            problems = [
+                f"{'.'.join(str(p) for p in err.get('loc', ())) or '?'}: {err.get('msg')}" for err in exc.errors()
+            ]
+            valid = ", ".join(self.params_model.model_fields) or "(none)"
+            raise ConfigError(f"post-filter {self.name!r}: {'; '.join(problems)}. Valid parameters: {valid}") from None
+
+
+#: name -> post-filter, in registration order.
+POST_FILTERS: dict[str, PostFilterSpec] = {}
+
+
+def post_filter(
+    name: str, params_model: type[BaseModel], description: str, *, source: str = "", replace: bool = False
+) -> Callable[[F], F]:
+    """Decorator: register ``apply(theta, task_svds, params, device) -> theta`` as a post-filter."""
+
+    def declare(fn: F) -> F:
+        spec = PostFilterSpec(name, params_model, description, fn, source)
+        with _LOCK:
+            if name in POST_FILTERS and not replace:
+                raise ConfigError(f"post-filter {name!r} is already registered; pick another name or pass replace=True")
+            POST_FILTERS[name] = spec
+        return fn
+
+    return declare
+
+
+def get_post_filter(name: str) -> PostFilterSpec:
+    """The registered post-filter; :class:`ConfigError` naming the valid ones otherwise."""
+    try:
+        return POST_FILTERS[name]
+    except KeyError:
+        raise ConfigError(f"unknown post-filter {name!r}; valid: {', '.join(POST_FILTERS) or '(none)'}") from None
 
 
 # ------------------------------------------------------------------------------ user modules
@@ -314,14 +441,33 @@ def _parameters(spec: MethodSpec) -> list[str]:
 def method_rows() -> list[dict[str, Any]]:
     """One row per registered method, in registration order.
 
-    Keys: ``name``, ``kind``, ``description`` (str) and ``parameters`` (list of ``key=default``).
+    Keys: ``name``, ``kind``, ``description``, ``source`` (str) and ``parameters`` (list of
+    ``key=default``). Post-filters follow, with kind ``post-filter``.
     """
     with _LOCK:
         specs = list(METHODS.values())
-    return [
-        {"name": s.name, "kind": s.kind, "description": s.description.strip(), "parameters": _parameters(s)}
+        posts = list(POST_FILTERS.values())
+    rows = [
+        {
+            "name": s.name,
+            "kind": s.kind,
+            "description": s.description.strip(),
+            "source": s.source,
+            "parameters": _parameters(s),
+        }
         for s in specs
     ]
+    rows += [
+        {
+            "name": p.name,
+            "kind": "post-filter",
+            "description": p.description.strip(),
+            "source": p.source,
+            "parameters": [f"{k}={_format_value(v)}" for k, v in p.params_model().model_dump().items()],
+        }
+        for p in posts
+    ]
+    return rows
 
 
 def _md_cell(text: str) -> str:
@@ -330,10 +476,13 @@ def _md_cell(text: str) -> str:
 
 def methods_markdown() -> str:
     """The methods as a Markdown table (the README's, between its ``methods`` markers)."""
-    lines = ["| method | kind | description | parameters (defaults) |", "|---|---|---|---|"]
+    lines = ["| method | kind | description | source | parameters (defaults) |", "|---|---|---|---|---|"]
     for row in method_rows():
         params = ", ".join(f"`{p}`" for p in row["parameters"]) or "–"  # noqa: RUF001 - the table's empty-cell mark
-        lines.append(f"| `{row['name']}` | {row['kind']} | {_md_cell(row['description'])} | {_md_cell(params)} |")
+        source = _md_cell(row["source"]) or "–"  # noqa: RUF001 - the table's empty-cell mark
+        lines.append(
+            f"| `{row['name']}` | {row['kind']} | {_md_cell(row['description'])} | {source} | {_md_cell(params)} |"
+        )
     return "\n".join(lines)
 
 

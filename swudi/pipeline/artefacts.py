@@ -14,12 +14,13 @@ import torch
 
 from swudi.config.merge_config import MergeConfig
 from swudi.core.decomposition import Decomposition
+from swudi.core.task_svd import TaskSVDs
 from swudi.errors import CheckpointError, CheckpointNotFoundError, InputError
 from swudi.io.artifacts import save_tensors
 from swudi.io.checkpoint import Checkpoint
 from swudi.pipeline.reads import StepCost
 from swudi.pipeline.records import DELTA_FORMAT, MERGED, MERGED_FORMAT, RECORD_FORMAT_VERSION, MergedRecord
-from swudi.storage.filesystem import is_local, join_url, resolve
+from swudi.storage.filesystem import is_local, join_url, list_folder, resolve
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +68,7 @@ def list_artefacts(config: MergeConfig, kind: str) -> dict[str, dict[str, Any]]:
     """``{key: {"size": bytes, "mtime": seconds or None}}`` of one kind of artefact (one listing)."""
     fs, path = resolve(join_url(config.resolved_work_dir, kind), config.storage_options)
     try:
-        entries = fs.ls(path, detail=True)
+        entries = list_folder(fs, path)
     except (FileNotFoundError, NotADirectoryError):
         return {}
     out = {}
@@ -124,6 +125,21 @@ def load_decomposition(url: str, key: str, config: MergeConfig, reads: StepCost)
         return Decomposition.from_tensors(tensors, dict(artefact.metadata))
     except (CheckpointError, InputError) as error:
         log.warning("damaged decomposition %s is recomputed: %s", url, error)
+        return None
+
+
+def load_task_svds(url: str, key: str, config: MergeConfig, reads: StepCost) -> TaskSVDs | None:
+    """The stored per-task SVDs of a weight, or None when missing or damaged (then recomputed)."""
+    artefact = open_artefact(url, config, None, key)
+    if artefact is None:
+        return None
+    try:
+        with reads.phase("read"):
+            tensors = artefact.state_dict()
+        reads.work += sum(loc.nbytes for loc in artefact.tensors.values())
+        return TaskSVDs.from_tensors(tensors, dict(artefact.metadata))
+    except (CheckpointError, InputError) as error:
+        log.warning("damaged task SVDs %s are recomputed: %s", url, error)
         return None
 
 

@@ -9,6 +9,7 @@ Imports of third-party packages stay in the digest (``torch.linalg`` vs ``scipy.
 
 - :func:`decomposition_code`: what a decomposition depends on (the eigendecomposition and the
   task-vector arithmetic).
+- :func:`task_svd_code`: what the per-task SVDs (subspace methods, post-filters) depend on.
 - :func:`merge_code`: what a merged tensor depends on (the above, the filters, rank rules,
   methods, baselines and diagnostics), plus the module that declares the method used, so that a
   method registered from a user's module is keyed on that module's code too.
@@ -23,7 +24,16 @@ import importlib.util
 import logging
 from collections.abc import Iterable
 
-__all__ = ["DECOMPOSITION_MODULES", "MERGE_MODULES", "module_digest", "code_digest", "decomposition_code", "merge_code"]
+__all__ = [
+    "DECOMPOSITION_MODULES",
+    "MERGE_MODULES",
+    "TASK_SVD_MODULES",
+    "code_digest",
+    "decomposition_code",
+    "merge_code",
+    "module_digest",
+    "task_svd_code",
+]
 
 log = logging.getLogger(__name__)
 
@@ -38,9 +48,21 @@ NUMERICAL_MODULES: dict[str, str] = {
     "methods": "swudi.methods.declarations",
     "baselines": "swudi.core.baselines",
     "diagnostics": "swudi.core.diagnostics",
+    "task_svd": "swudi.core.task_svd",
+    "subspace": "swudi.core.subspace",
 }
 DECOMPOSITION_MODULES = ("decomposition", "lowrank", "task_vectors")
-MERGE_MODULES = (*DECOMPOSITION_MODULES, "spectral", "rank", "methods", "baselines", "diagnostics")
+TASK_SVD_MODULES = ("task_svd", "task_vectors")
+MERGE_MODULES = (
+    *DECOMPOSITION_MODULES,
+    *TASK_SVD_MODULES,
+    "spectral",
+    "rank",
+    "methods",
+    "baselines",
+    "diagnostics",
+    "subspace",
+)
 _LOGICAL_NAME = {module: name for name, module in NUMERICAL_MODULES.items()}
 FIRST_PARTY = "swudi"
 
@@ -106,6 +128,11 @@ def decomposition_code() -> str:
     return code_digest(DECOMPOSITION_MODULES)
 
 
+def task_svd_code() -> str:
+    """Digest of the code per-task SVDs depend on."""
+    return code_digest(TASK_SVD_MODULES)
+
+
 def merge_code(method: str | None = None) -> str:
     """Digest of the code a merged tensor depends on (with the module declaring ``method``)."""
     modules = list(MERGE_MODULES)
@@ -119,7 +146,7 @@ def _method_modules(method: str) -> list[str]:
 
     spec = get_method(method)
     found = []
-    for attr in ("filter", "merge", "from_sum"):
+    for attr in ("filter", "merge", "from_sum", "from_svds"):
         fn = getattr(spec, attr, None)
         module = getattr(fn, "__module__", None)
         if module:

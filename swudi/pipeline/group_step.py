@@ -12,7 +12,7 @@ from collections.abc import Iterator, Sequence
 import torch
 
 from swudi.config.merge_config import MergeConfig
-from swudi.core.task_vectors import ExpertValue, LowRank, MeanAccumulator, merged_weight, stack_task_vectors
+from swudi.core.task_vectors import ExpertValue, LowRank, MeanAccumulator, stack_task_vectors
 from swudi.errors import CheckpointError
 from swudi.io.adapter import LoraFactors, input_nbytes
 from swudi.io.checkpoint import Checkpoint, TensorLocation, read_tensor
@@ -21,6 +21,7 @@ from swudi.io.writer import TensorSpec, safetensors_stream
 from swudi.methods import merge_elementwise
 from swudi.pipeline.artefacts import artefact_url, load_merged_record, open_delta
 from swudi.pipeline.keys import delta_key, group_merge_key
+from swudi.pipeline.output_range import merged_in_range
 from swudi.pipeline.plan import (
     TensorJob,
     chunk_budget,
@@ -157,7 +158,7 @@ def merge_group(jobs: Sequence[TensorJob], config: MergeConfig, run_id: str = ""
             dtype = torch_dtype(spec.dtype)
             for base, theta in _group_theta_rows(job, config, reads, stored):
                 with reads.phase("merge"):
-                    merged = merged_weight(base, theta, config.scale, dtype, name=job.name)
+                    merged = merged_in_range(base, theta, config.scale, dtype, name=job.name)
                 with reads.phase("write"):
                     if delta_file is not None:
                         delta_file.write(job.name, theta)

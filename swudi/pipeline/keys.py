@@ -10,12 +10,12 @@ from typing import Any
 from swudi.config.merge_config import MergeConfig
 from swudi.io.fingerprint import digest
 from swudi.methods import get_method
-from swudi.pipeline.code_version import decomposition_code, merge_code
+from swudi.pipeline.code_version import decomposition_code, merge_code, task_svd_code
 from swudi.pipeline.plan import (
     TensorJob,
     output_dtype,
 )
-from swudi.pipeline.records import ARTEFACT_KINDS, DECOMPOSITIONS, DELTAS, MERGED
+from swudi.pipeline.records import ARTEFACT_KINDS, DECOMPOSITIONS, DELTAS, MERGED, TASK_SVDS
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +25,16 @@ def decomposition_key(job: TensorJob, config: MergeConfig) -> str:
     return digest(
         "decompose", decomposition_code(), job.input_key, config.decomposition.max_rank, config.decomposition.route
     )
+
+
+def task_svd_key(job: TensorJob) -> str:
+    """Identity of a weight's per-task SVDs: its inputs and the code (no setting changes them)."""
+    return digest("task-svds", task_svd_code(), job.input_key)
+
+
+def _post(config: MergeConfig) -> list[Any]:
+    """The post-filter part of a merged weight's identity: empty without one (earlier keys unchanged)."""
+    return [] if config.post is None else [{"post": config.post, "post_params": config.post_params}]
 
 
 def _rule(jobs: Sequence[TensorJob], config: MergeConfig) -> Any:
@@ -51,6 +61,7 @@ def layer_merge_key(job: TensorJob, config: MergeConfig) -> str:
         output_dtype(config, job),
         config.decomposition.max_rank,
         config.decomposition.route,
+        *_post(config),
     )
 
 
@@ -70,14 +81,16 @@ def artefact_keys(
 ) -> dict[str, set[str]]:
     """Every artefact key a merge of these layers and groups uses, per kind (what garbage
     collection must keep for this setting)."""
-    spectral = get_method(config.method).kind == "spectral"
+    kind = get_method(config.method).kind
     keys: dict[str, set[str]] = {kind: set() for kind in ARTEFACT_KINDS}
     for job in layers:
         keys[MERGED].add(layer_merge_key(job, config))
-        if spectral:
+        if kind == "spectral":
             keys[DECOMPOSITIONS].add(decomposition_key(job, config))
-        else:
+        elif kind != "subspace":
             keys[DELTAS].add(delta_key([job], config))
+        if kind == "subspace" or config.post is not None:
+            keys[TASK_SVDS].add(task_svd_key(job))
     for group in groups:
         keys[MERGED].add(group_merge_key(group, config))
         keys[DELTAS].add(delta_key(group, config))

@@ -1,5 +1,5 @@
-"""The layer step: one 2-D weight decomposed (or its delta built), its rank chosen, filtered, merged and
-stored; the next weight's inputs are read while one is computed."""
+"""The layer step: one 2-D weight decomposed (or its delta built, or its per-task SVDs), its rank chosen,
+filtered, merged, post-filtered and stored; the next weight's inputs are read while one is computed."""
 
 from __future__ import annotations
 
@@ -18,13 +18,22 @@ from swudi.core.decomposition import Decomposition, decompose
 from swudi.core.diagnostics import interference_from_decomposition, interference_from_factors, interference_vs_sum
 from swudi.core.lowrank import decompose_factors
 from swudi.core.spectral import apply_filter
-from swudi.core.task_vectors import ExpertValue, LowRank, merged_weight, stack_task_vectors
+from swudi.core.task_svd import TaskSVDs, task_svds, task_svds_from_factors
+from swudi.core.task_vectors import ExpertValue, LowRank, stack_task_vectors
 from swudi.io.artifacts import exists as artefact_exists
 from swudi.io.artifacts import save_tensors
 from swudi.io.header import torch_dtype
-from swudi.methods import get_method, merge_matrix, spectral_filter
-from swudi.pipeline.artefacts import artefact_url, load_decomposition, load_delta, load_merged_record, save_merged
-from swudi.pipeline.keys import decomposition_key, delta_key, layer_merge_key
+from swudi.methods import apply_post_filter, get_method, merge_matrix, merge_task_svds, spectral_filter
+from swudi.pipeline.artefacts import (
+    artefact_url,
+    load_decomposition,
+    load_delta,
+    load_merged_record,
+    load_task_svds,
+    save_merged,
+)
+from swudi.pipeline.keys import decomposition_key, delta_key, layer_merge_key, task_svd_key
+from swudi.pipeline.output_range import merged_in_range
 from swudi.pipeline.plan import (
     TensorJob,
     dense_path_reason,
@@ -38,6 +47,7 @@ from swudi.pipeline.records import (
     DELTAS,
     MERGED,
     RECORD_FORMAT_VERSION,
+    TASK_SVDS,
     MergedRecord,
     RankChoice,
 )
@@ -100,6 +110,55 @@ def decompose_layer(
     return dec, url, (base, task_vectors), time.perf_counter() - start
 
 
+def task_svds_layer(
+    job: TensorJob,
+    config: MergeConfig,
+    reads: StepCost,
+    prefetched: tuple[torch.Tensor, list[ExpertValue]] | None = None,
+    in_memory: tuple[torch.Tensor, torch.Tensor | list[LowRank]] | None = None,
+) -> tuple[TaskSVDs, tuple[torch.Tensor, torch.Tensor | list[LowRank]] | None, float]:
+    """The weight's per-task SVDs: the stored ones, or computed from the task vectors (``in_memory``:
+    already read by this step; ``prefetched``: read ahead; else read now) and stored.
+
+    LoRA experts (factors or nothing from every expert) are decomposed in factor space
+    (:func:`~swudi.core.task_svd.task_svds_from_factors`). Returns (task SVDs, (base, task vectors or
+    factors) when they were read by this call, seconds spent).
+    """
+    key = task_svd_key(job)
+    url = artefact_url(config, TASK_SVDS, key)
+    found = load_task_svds(url, key, config, reads)
+    if found is not None:
+        return found, None, 0.0
+    start = time.perf_counter()
+    read: tuple[torch.Tensor, torch.Tensor | list[LowRank]] | None = None
+    if in_memory is not None:
+        tv: torch.Tensor | list[LowRank] = in_memory[1]
+    else:
+        base, experts = prefetched if prefetched is not None else reads.inputs_of(job, config.storage_options)
+        m, d = job.shape
+        if any(isinstance(x, LowRank) for x in experts) and all(x is None or isinstance(x, LowRank) for x in experts):
+            tv = [x if isinstance(x, LowRank) else LowRank(torch.zeros(m, 0), torch.zeros(0, d)) for x in experts]
+        else:
+            tv = stack_task_vectors(base, experts, job.name, sources=sources_of(job))
+        read = (base, tv)
+    with reads.phase("decompose"):
+        if isinstance(tv, list):
+            found = task_svds_from_factors(tv, name=job.name, device=config.device)
+        else:
+            found = task_svds(tv, name=job.name, device=config.device)
+    tensors, metadata = found.to_tensors()
+    with reads.phase("write"):
+        save_tensors(url, tensors, {**metadata, "key": key}, config.storage_options)
+    return found, read, time.perf_counter() - start
+
+
+def _interference_from_svds(theta: torch.Tensor, t: TaskSVDs, device: str) -> dict[str, Any]:
+    """Total and per-task WUDI interference of theta relative to the sum, from the per-task SVDs
+    (the same figures whether the task vectors were read by this run or not)."""
+    tv = torch.stack([t.task(i) for i in range(t.num_tasks)])
+    return interference_vs_sum(theta, tv, device)
+
+
 @dataclass
 class _Prefetched:
     """A weight read from every checkpoint ahead of its turn, with what reading it cost."""
@@ -109,14 +168,17 @@ class _Prefetched:
 
 
 def _prefetch(job: TensorJob, config: MergeConfig) -> _Prefetched | None:
-    """Read the weight from every checkpoint if its merge will need the inputs (spectral method,
-    neither the merged tensor nor the decomposition stored); None otherwise."""
-    if get_method(config.method).kind != "spectral":
+    """Read the weight from every checkpoint if its merge will need the inputs (spectral or subspace
+    method, neither the merged tensor nor the decomposition / task SVDs stored); None otherwise."""
+    kind = get_method(config.method).kind
+    if kind not in ("spectral", "subspace"):
         return None
-    for url in (
-        artefact_url(config, MERGED, layer_merge_key(job, config)),
-        artefact_url(config, DECOMPOSITIONS, decomposition_key(job, config)),
-    ):
+    stored = (
+        artefact_url(config, DECOMPOSITIONS, decomposition_key(job, config))
+        if kind == "spectral"
+        else artefact_url(config, TASK_SVDS, task_svd_key(job))
+    )
+    for url in (artefact_url(config, MERGED, layer_merge_key(job, config)), stored):
         if artefact_exists(url, config.storage_options):
             return None
     cost = StepCost([0] * (len(job.experts) + 1))
@@ -142,11 +204,13 @@ def merge_layer(
     """Merge one 2-D weight: W = W0 + scale * theta, stored in the output dtype (see the module doc).
 
     Spectral methods: decompose (or load the decomposition), select the rank, apply that filter;
-    the total interference comes from the decomposition. Other methods: theta from the task
-    vectors (or the stored delta), and with ``per_task_diagnostics`` their interference (per task
-    and total, in one pass); without it none (it would cost far more than an elementwise merge).
-    Per-task interference is computed when the task vectors are in memory anyway (the step that
-    read them), never by a second read.
+    the total interference comes from the decomposition. Subspace methods: theta from the per-task
+    SVDs (stored once per weight). Other methods: theta from the task vectors (or the stored delta),
+    and with ``per_task_diagnostics`` their interference (per task and total, in one pass); without
+    it none (it would cost far more than an elementwise merge). A post-filter (``config.post``) then
+    transforms theta, from the per-task SVDs. Per-task interference is computed when the task
+    vectors are in memory anyway (the step that read them), never by a second read; with per-task
+    SVDs at hand it comes from them.
     """
     key = layer_merge_key(job, config)
     url = artefact_url(config, MERGED, key)
@@ -163,7 +227,15 @@ def merge_layer(
     decompose_seconds = 0.0
     inputs: tuple[torch.Tensor, torch.Tensor | list[LowRank] | None] | None  # (base, task vectors) when in memory
     interference: dict[str, Any]  # {"total": float | None, "per_task": list[float | None] | None}
-    if spec.kind == "spectral":
+    svds: TaskSVDs | None = None
+    if spec.kind == "subspace":
+        svds, inputs, decompose_seconds = task_svds_layer(
+            job, config, reads, prefetched.inputs if prefetched is not None else None
+        )
+        with reads.phase("merge"):
+            theta = merge_task_svds(svds, config.method, device=config.device, **config.params)
+        interference = {"total": None, "per_task": None}
+    elif spec.kind == "spectral":
         dec, dec_url, inputs, decompose_seconds = decompose_layer(
             job, config, reads, prefetched.inputs if prefetched is not None else None
         )
@@ -179,7 +251,18 @@ def merge_layer(
     else:
         delta = _delta(job, config, reads)
         theta, interference = delta.theta, dict(delta.diagnostics)
-        inputs = (delta.base, None) if delta.base is not None else None
+        inputs = (delta.base, delta.task_vectors) if delta.base is not None else None
+    if config.post is not None:
+        if svds is None:
+            known = (inputs[0], inputs[1]) if inputs is not None and inputs[1] is not None else None
+            svds, read_now, seconds = task_svds_layer(job, config, reads, in_memory=known)
+            inputs = inputs if read_now is None else read_now
+            decompose_seconds += seconds
+        with reads.phase("merge"):
+            theta = apply_post_filter(theta, svds, config.post, device=config.device, **config.post_params)
+    if svds is not None:
+        with reads.phase("diagnostics"):
+            interference = _interference_from_svds(theta, svds, config.device)
     if (
         config.per_task_diagnostics
         and inputs is not None
@@ -198,7 +281,7 @@ def merge_layer(
             interference["per_task"] = found["per_task"]
     base = inputs[0] if inputs is not None else reads.tensor(0, job.base, config.storage_options)
     with reads.phase("merge"):
-        merged = merged_weight(base, theta, config.scale, torch_dtype(output_dtype(config, job)), name=job.name)
+        merged = merged_in_range(base, theta, config.scale, torch_dtype(output_dtype(config, job)), name=job.name)
     per_task = interference.get("per_task")
     record = MergedRecord(
         key,
@@ -227,11 +310,13 @@ def merge_layer(
 class _Delta:
     """theta of one 2-D weight (float32, before the scale), its interference (None values where
     not computed) and the base when it was just read (None when theta was loaded from storage).
-    The task vectors are not kept: their diagnostics were taken when they were in memory."""
+    The task vectors are kept only when a post-filter needs them (their SVDs, without a second
+    read); their diagnostics were taken when they were in memory."""
 
     theta: torch.Tensor
     diagnostics: dict[str, Any]  # interference of the weight
     base: torch.Tensor | None = None
+    task_vectors: torch.Tensor | None = None  # kept only for a post-filter's per-task SVDs
 
 
 def _delta(job: TensorJob, config: MergeConfig, reads: StepCost) -> _Delta:
@@ -252,7 +337,8 @@ def _delta(job: TensorJob, config: MergeConfig, reads: StepCost) -> _Delta:
         # m x d x min(m, d); the total needs every per-task term, so both come from one pass
         with reads.phase("diagnostics"):
             diagnostics = interference_vs_sum(theta, task_vectors, config.device)
-    del task_vectors  # not needed past this point: do not hold N x m x d float32 through the write
+    kept = task_vectors if config.post is not None else None
+    del task_vectors  # otherwise not needed past here: not held through the merge and the write
     metadata = {
         "format": DELTA_FORMAT,
         "format_version": RECORD_FORMAT_VERSION,
@@ -261,4 +347,4 @@ def _delta(job: TensorJob, config: MergeConfig, reads: StepCost) -> _Delta:
     }
     with reads.phase("write"):
         save_tensors(url, {job.name: theta}, metadata, config.storage_options)
-    return _Delta(theta, diagnostics, base)
+    return _Delta(theta, diagnostics, base, kept)

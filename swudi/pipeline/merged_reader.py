@@ -4,7 +4,7 @@ output, the base tensor where nothing was merged."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -12,6 +12,7 @@ import torch
 from swudi.config.merge_config import MergeConfig
 from swudi.errors import CheckpointError, InputError
 from swudi.io.checkpoint import Checkpoint, TensorLocation, read_tensor
+from swudi.io.vocab import VocabPlan
 from swudi.io.writer import TensorData
 from swudi.pipeline.plan import (
     TensorJob,
@@ -19,6 +20,7 @@ from swudi.pipeline.plan import (
     row_chunks,
 )
 from swudi.pipeline.records import MergedRecord
+from swudi.pipeline.vocab_rows import appended_rows
 
 log = logging.getLogger(__name__)
 
@@ -30,10 +32,18 @@ class MergedTensorReader:
     Artefacts are opened from their headers once and read one tensor at a time, a large tensor
     (embeddings, lm_head) in row chunks, so publishing holds at most one chunk in memory.
     ``base_bytes_read`` counts the base tensors read (those kept at the base value);
-    ``work_bytes_read`` the merged tensors.
+    ``work_bytes_read`` the merged tensors. With ``vocab`` (vocab-extended experts), a vocab
+    tensor's merged base rows are followed by its appended and padding rows
+    (:mod:`swudi.pipeline.vocab_rows`), read from the experts (``expert_bytes_read``).
     """
 
-    def __init__(self, records: Sequence[MergedRecord], jobs: Sequence[TensorJob], config: MergeConfig):
+    def __init__(
+        self,
+        records: Sequence[MergedRecord],
+        jobs: Sequence[TensorJob],
+        config: MergeConfig,
+        vocab: VocabPlan | None = None,
+    ):
         self._where = {name: record.url for record in records for name in record.names}
         self._base = {job.name: job.base for job in jobs}
         self._options = config.storage_options
@@ -41,8 +51,25 @@ class MergedTensorReader:
         self._opened: dict[str, Checkpoint] = {}
         self.base_bytes_read = 0
         self.work_bytes_read = 0
+        self._vocab = vocab
+        self.expert_bytes_read = [0] * (len(jobs[0].experts) if jobs else 0)
 
     def __call__(self, name: str) -> TensorData:
+        data = self._merged_or_base(name)
+        if self._vocab is None or name not in self._vocab.tensors:
+            return data
+        return self._with_appended_rows(name, data)
+
+    def _with_appended_rows(self, name: str, data: TensorData) -> Iterator[torch.Tensor]:
+        assert self._vocab is not None
+        dtype = None
+        for chunk in [data] if isinstance(data, torch.Tensor) else data:
+            dtype = chunk.dtype
+            yield chunk
+        assert dtype is not None
+        yield from appended_rows(self._vocab, name, dtype, self._options, self.expert_bytes_read, self._chunk)
+
+    def _merged_or_base(self, name: str) -> TensorData:
         url = self._where.get(name)
         if url is None:
             self.base_bytes_read += self._base[name].nbytes

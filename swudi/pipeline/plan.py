@@ -13,10 +13,10 @@ import logging
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NotRequired, TypedDict
 
 from swudi.config.merge_config import MergeConfig
-from swudi.core.routing import Route, route_tensor
+from swudi.core.routing import Route, matches_any, route_tensor
 from swudi.errors import CheckpointError, ConfigError
 from swudi.io.adapter import (
     ExpertInput,
@@ -26,11 +26,14 @@ from swudi.io.adapter import (
     input_fingerprint,
     input_nbytes,
     open_expert,
+    verify_base_layers,
 )
 from swudi.io.checkpoint import Checkpoint, TensorLocation
 from swudi.io.fingerprint import digest
 from swudi.io.header import torch_dtype
 from swudi.io.validate import validate_checkpoints
+from swudi.io.vocab import VocabPlan, base_vocab_size, plan_vocab, vocab_tensor_names
+from swudi.io.writer import files_to_copy
 from swudi.methods import get_method
 from swudi.pipeline.code_version import merge_code
 from swudi.storage.filesystem import resolve
@@ -97,6 +100,14 @@ class MergePlan:
     extra_files: tuple[str, ...]
     warnings: tuple[str, ...] = field(default=())
     header_bytes: tuple[int, ...] = field(default=())  # read to open (base, expert 0, ...)
+    vocab: VocabPlan | None = None  # experts with more vocab rows than the base (:mod:`swudi.io.vocab`)
+
+    def output_shape(self, job: TensorJob) -> tuple[int, ...]:
+        """The shape of the tensor in the merged model: the job's, with the output vocabulary's
+        rows for a vocab tensor of vocab-extended experts."""
+        if self.vocab is not None and job.name in self.vocab.tensors:
+            return (self.vocab.rows, *job.shape[1:])
+        return job.shape
 
     @property
     def layer_jobs(self) -> list[TensorJob]:
@@ -181,6 +192,15 @@ def batch_blocks(jobs: list[TensorJob], num_experts: int, workers: int, per_work
         batches[-1].extend(block)
         cost += costs[name]
     return batches
+
+
+def task_svd_bytes(job: TensorJob) -> int:
+    """Upper bound of the bytes of a weight's stored per-task SVDs (:mod:`swudi.core.task_svd`):
+    4 (m + d + 1) k_i per expert, k_i = its LoRA rank, or min(m, d) for a full tensor (the numerical
+    rank of a dense update is usually min(m, d)); 0 for an expert that leaves the weight unchanged."""
+    m, d = job.shape[0], job.shape[1]
+    ranks = [min(m, d) if r is None else r for r in job.lora_ranks]
+    return 4 * (m + d + 1) * sum(ranks)
 
 
 def task_memory_bytes(job: TensorJob, num_experts: int) -> int:
@@ -282,10 +302,15 @@ def build_plan(
     (unless ``output_dtype`` asks for a cast: then it is merged, as zeros).
     """
     base, experts = checkpoints or open_checkpoints(config)
-    warnings = validate_checkpoints(base, experts)
+    names = _vocab_candidates(base, experts)
+    warnings = validate_checkpoints(base, experts, names)
+    vocab = plan_vocab(base, experts, names)
+    verify_base_layers(base, experts, chunk_budget(config))
     jobs = []
     for name, loc in base.tensors.items():
         inputs = tuple(expert_input(expert, name) for expert in experts)
+        if vocab is not None and name in vocab.tensors:  # the base's rows merge as any tensor does
+            inputs = tuple(_base_rows(x, vocab.base_rows) for x in inputs)
         if config.output_dtype == "auto" and all(x is None for x in inputs):
             jobs.append(TensorJob(name, tuple(loc.shape), loc.dtype, "base", loc, inputs))
             continue
@@ -299,15 +324,17 @@ def build_plan(
             config.keep_base,
         )
         jobs.append(TensorJob(name, tuple(loc.shape), loc.dtype, route, loc, inputs))
+    warnings = [*warnings, *check_patterns(config, jobs)]
     plan = MergePlan(
         base.url,
         tuple(e.url for e in experts),
         base.fingerprint,
         tuple(e.fingerprint for e in experts),
         tuple(jobs),
-        tuple(base.extra_files),
+        files_to_copy(base),  # the copy policy; a link out of the base folder is refused here
         tuple(warnings),
         tuple(c.header_bytes for c in (base, *experts)),
+        vocab,
     )
     if config.output_format == "adapter" and (problems := adapter_output_problems(plan, config)):
         raise ConfigError(
@@ -316,6 +343,72 @@ def build_plan(
         )
     log.info("plan: %d tensors (%s) from %d experts", len(jobs), plan.counts(), len(experts))
     return plan
+
+
+def check_patterns(config: MergeConfig, jobs: Sequence[TensorJob]) -> list[str]:
+    """Refuse routing patterns that leave the model unchanged or silently change the method.
+
+    - ``keep_base`` covering every floating tensor: the version would be the base (refused as
+      ``scale: 0`` is);
+    - ``include`` / ``exclude`` leaving no tensor to the method (every tensor gets the plain mean of
+      the task vectors, which the method did not ask for), unless the method is ``mean``;
+    - a pattern of ``include``, ``exclude`` or ``keep_base`` that matches no tensor: named in the
+      refusals above; otherwise a warning (returned, and logged) when another pattern matches.
+    """
+    names = [job.name for job in jobs]
+    floating = [job for job in jobs if torch_dtype(job.dtype).is_floating_point]
+    unmatched = [
+        f"{key}: {pattern!r}"
+        for key in ("include", "exclude", "keep_base")
+        for pattern in getattr(config, key)
+        if not any(matches_any(name, (pattern,)) for name in names)
+    ]
+    hint = f" ({'; '.join(unmatched)} matches no tensor: a typo?)" if unmatched else ""
+    if config.keep_base and floating and all(job.route == "base" for job in floating):
+        raise ConfigError(
+            f"keep_base {config.keep_base} covers every tensor: the version would be the base model unchanged"
+            f"{hint}; narrow keep_base"
+        )
+    if (
+        (config.include or config.exclude)
+        and config.method != "mean"
+        and floating
+        and not any(job.route == "method" for job in floating)
+    ):
+        raise ConfigError(
+            f"include {config.include} / exclude {config.exclude} leave no tensor to {config.method}: every "
+            f"tensor would get the plain mean of the task vectors{hint}; fix the patterns (tensor names look "
+            f"like {names[0]!r}) or use method: mean"
+        )
+    patterns = len(config.include) + len(config.exclude) + len(config.keep_base)
+    found = []
+    if unmatched and len(unmatched) < patterns:
+        found = [f"routing pattern {item} matches no tensor (the other patterns do): a typo?" for item in unmatched]
+    elif unmatched:
+        found = [f"routing pattern {item} matches no tensor: a typo?" for item in unmatched]
+    for warning in found:
+        log.warning("%s", warning)
+    return found
+
+
+def _vocab_candidates(base: Checkpoint, experts: Sequence[Checkpoint | LoraAdapter]) -> frozenset[str]:
+    """The vocab tensors (:func:`swudi.io.vocab.vocab_tensor_names`) when a full-checkpoint expert
+    has more rows in one of them than the base (the base's ``config.json`` is read only then), else
+    none."""
+    names = vocab_tensor_names(base, None)
+    grown = any(
+        isinstance(e, Checkpoint) and name in e.tensors and e.tensors[name].shape[:1] > base.tensors[name].shape[:1]
+        for e in experts
+        for name in names
+    )
+    return vocab_tensor_names(base, base_vocab_size(base)) if grown else frozenset()
+
+
+def _base_rows(item: ExpertInput, rows: int) -> ExpertInput:
+    """An expert's vocab tensor cut to the base's ``rows`` (LoRA inputs have the base's shape)."""
+    if isinstance(item, TensorLocation) and item.shape[0] > rows:
+        return item.rows(0, rows)
+    return item
 
 
 def output_dtype(config: MergeConfig, job: TensorJob) -> str:
@@ -328,13 +421,15 @@ def output_dtype(config: MergeConfig, job: TensorJob) -> str:
     return {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}[config.output_dtype]
 
 
-def version_id(config: MergeConfig, plan: MergePlan) -> str:
+def version_id(config: MergeConfig, plan: MergePlan, tune_id: str | None = None) -> str:
     """Identity of a merged model: inputs + method + parameters + treatment + the merge code.
 
     The same inputs merged with the same settings always get the same id, so a refresh with nothing
     changed finds its version already published. The evaluators (function and options) are part of
     the identity when there are any: their results are in the version's report, so adding one to an
     unchanged config publishes a version that carries them (the merged tensors are reused).
+    So are the gate (a version refused by one gate may pass another) and, for the winner of
+    ``swudi tune``, the tune's id (``tune_id``): its report carries the tuning table.
     """
     settings = {
         "method": config.method,
@@ -348,23 +443,69 @@ def version_id(config: MergeConfig, plan: MergePlan) -> str:
         "max_rank": config.decomposition.max_rank,
     }
     if config.evaluators:  # the version's report holds their results: another set is another version
-        settings["evaluators"] = [e.model_dump() for e in config.evaluators]
+        # the relative settings only when used: ids of versions without them stay as they were
+        settings["evaluators"] = [
+            e.model_dump(exclude=None if e.relative else {"relative", "task_experts"}) for e in config.evaluators
+        ]
     if config.output_format != "model":  # the version holds more files (keeps earlier ids unchanged)
         settings["output_format"] = config.output_format
+    if config.post is not None:  # another merged update (keeps earlier ids unchanged)
+        settings["post"] = {"name": config.post, "params": config.post_params}
+    if config.gate is not None:  # its result is in the report (keeps earlier ids unchanged)
+        settings["gate"] = config.gate.model_dump()
+    if tune_id is not None:
+        settings["tune"] = tune_id
     return digest(merge_code(config.method), plan.inputs_fingerprint, settings)[:16]
 
 
-def describe_plan(config: MergeConfig, plan: MergePlan) -> dict[str, Any]:
+class TensorRow(TypedDict):
+    """One tensor's row of :func:`describe_plan`; the last four only with LoRA experts."""
+
+    name: str
+    shape: list[int]
+    dtype: str
+    treatment: str  # "layer" (a 2-D weight merged by the method), a group route, or "base ..."
+    adapter_ranks: NotRequired[list[int | None]]  # per expert; None: a full tensor
+    path: NotRequired[str]  # "factor space" or "dense"
+    decomposition_gflop: NotRequired[float]
+    path_reason: NotRequired[str]  # why the dense path
+    task_svd_bytes: NotRequired[int]  # per-task SVDs stored for a subspace method or a post-filter
+    rows: NotRequired[dict[str, int]]  # vocab tensors of vocab-extended experts: merged, appended, padding
+
+
+class PlanDescription(TypedDict):
+    """:func:`describe_plan`: what a merge of this config would do, from headers alone (JSON-able)."""
+
+    base: str
+    experts: list[str]
+    method: str
+    params: dict[str, Any]
+    scale: float
+    counts: dict[str, int]  # tensors per treatment
+    estimated_read_bytes: int
+    estimated_decomposition_gflop: float
+    post: str | None  # the post-filter (svc) applied after the method, if any
+    post_params: dict[str, Any]
+    estimated_task_svd_bytes: int  # per-task SVDs stored for subspace methods / post-filters (upper bound)
+    warnings: list[str]
+    vocab: NotRequired[dict[str, Any]]  # vocab-extended experts (VocabPlan.describe)
+    tensors: list[TensorRow]
+
+
+def describe_plan(config: MergeConfig, plan: MergePlan) -> PlanDescription:
     """A JSON-able summary of the plan: counts, estimated work and the per-tensor routes."""
     spec = get_method(config.method)
     n = len(plan.expert_urls)
     flops = 0.0
     read_bytes = 0
+    svd_bytes = 0
     for job in plan.jobs:
         read_bytes += job.nbytes + sum(input_nbytes(x) for x in job.experts) if job.route != "base" else job.nbytes
         if job.is_matrix and spec.kind == "spectral":
             flops += layer_cost(job, n)  # C (or thin SVD) + eigensolver, or the factor-space work
-    return {
+        if job.is_matrix and (spec.kind == "subspace" or config.post is not None):
+            svd_bytes += task_svd_bytes(job)
+    described: PlanDescription = {
         "base": plan.base_url,
         "experts": list(plan.expert_urls),
         "method": config.method,
@@ -373,16 +514,30 @@ def describe_plan(config: MergeConfig, plan: MergePlan) -> dict[str, Any]:
         "counts": plan.counts(),
         "estimated_read_bytes": read_bytes,
         "estimated_decomposition_gflop": round(flops / 1e9, 3),
+        "post": config.post,
+        "post_params": config.post_params,
+        # the per-task SVDs a subspace method or a post-filter stores in WORK/task_svds (upper bound)
+        "estimated_task_svd_bytes": svd_bytes,
         "warnings": list(plan.warnings),
-        "tensors": [_describe_job(job, config, spec.kind, n) for job in plan.jobs],
+        "tensors": [_describe_job(job, config, spec.kind, n, plan.vocab) for job in plan.jobs],
     }
+    if plan.vocab is not None:
+        described["vocab"] = plan.vocab.describe(plan.expert_urls)
+    return described
 
 
 def adapter_output_problems(plan: MergePlan, config: MergeConfig) -> list[str]:
     """Why the merged update cannot be a LoRA adapter of rank <= sum r_i (empty: it can)."""
     problems = []
+    if plan.vocab is not None:
+        problems.append(
+            f"vocab-extended experts: the merged model has {plan.vocab.rows} vocab rows, the base "
+            f"{plan.vocab.base_rows}; a LoRA adapter cannot add rows (use output_format: model)"
+        )
     if get_method(config.method).kind != "spectral":
         problems.append(f"method {config.method!r} is not spectral: its merged update is not of low rank")
+    if config.post is not None:
+        problems.append(f"post-filter {config.post!r}: the merged update is not written from the decomposition")
     for job in plan.jobs:
         if job.route == "base":
             continue
@@ -408,10 +563,22 @@ def uses_factor_space(job: TensorJob, config: MergeConfig) -> bool:
 
 
 def dense_path_reason(job: TensorJob, config: MergeConfig) -> str | None:
-    """Why a 2-D weight with LoRA experts is decomposed densely (on B A), or None when it is not
-    (factor space, or no LoRA expert at all)."""
+    """Why a 2-D weight with LoRA experts is merged densely (on B A), or None when it is not
+    (factor space, or no LoRA expert at all).
+
+    Spectral methods decompose in factor space when the sum of ranks is below min(m, d); subspace
+    methods take each expert's SVD from its factors (any rank), unless a full tensor is among the
+    experts or the method's maths needs dense matrices (its ``dense_reason``, e.g. ACE's d x d solve).
+    """
     ranks = job.lora_ranks
-    if not job.is_matrix or uses_factor_space(job, config) or all(r is None for r in ranks):
+    if not job.is_matrix or all(r is None for r in ranks):
+        return None
+    spec = get_method(config.method)
+    if spec.kind == "subspace":
+        if any(r is None for r in ranks):
+            return "a full checkpoint or modules_to_save tensor among the experts"
+        return spec.dense_reason
+    if uses_factor_space(job, config):
         return None
     total = sum(r or 0 for r in ranks)
     if any(r is None for r in ranks):
@@ -421,23 +588,36 @@ def dense_path_reason(job: TensorJob, config: MergeConfig) -> str | None:
     return f"decomposition.max_rank {config.decomposition.max_rank} < sum of ranks {total}"
 
 
-def _describe_job(job: TensorJob, config: MergeConfig, kind: str, num_experts: int) -> dict[str, Any]:
-    """One tensor's row of the plan; with LoRA experts, their ranks and the decomposition path."""
-    row: dict[str, Any] = {
+def _describe_job(
+    job: TensorJob, config: MergeConfig, kind: str, num_experts: int, vocab: VocabPlan | None = None
+) -> TensorRow:
+    """One tensor's row of the plan; with LoRA experts, their ranks and the decomposition path;
+    for a vocab tensor of vocab-extended experts, its rows merged, appended and padding."""
+    row: TensorRow = {
         "name": job.name,
         "shape": list(job.shape),
         "dtype": job.dtype,
         "treatment": "layer" if job.is_matrix else job.route,
     }
+    if vocab is not None and job.name in vocab.tensors:
+        row["shape"] = [vocab.rows, *job.shape[1:]]
+        row["rows"] = {
+            "merged": vocab.base_rows,
+            "appended": sum(vocab.named),
+            "padding": len(vocab.named) - sum(vocab.named),
+        }
     ranks = job.lora_ranks
     if any(r is not None for r in ranks):
         row["adapter_ranks"] = list(ranks)  # per expert; None: a full tensor
         if job.route == "base" and all(x is None for x in job.experts):
             row["treatment"] = "base (no expert changes it)"
-        elif job.is_matrix and kind == "spectral":
+        elif job.is_matrix and kind in ("spectral", "subspace"):
             reason = dense_path_reason(job, config)
             row["path"] = "dense" if reason else "factor space"
-            row["decomposition_gflop"] = round(layer_cost(job, num_experts) / 1e9, 6)
+            if kind == "spectral":
+                row["decomposition_gflop"] = round(layer_cost(job, num_experts) / 1e9, 6)
             if reason:
                 row["path_reason"] = reason
+    if job.is_matrix and (kind == "subspace" or config.post is not None):
+        row["task_svd_bytes"] = task_svd_bytes(job)
     return row

@@ -3,12 +3,14 @@
 :func:`check_before_merge` raises one :class:`~swudi.errors.SwudiError` naming the key or location
 at fault when an input checkpoint is missing or unreadable, the output or work folder cannot be
 written (missing bucket, access denied, read-only or missing parent folder), ``device: cuda`` is
-asked for where CUDA is not available, or the configured Dask scheduler does not answer. Each check
+asked for where CUDA is not available, the configured Dask scheduler does not answer, or an optional
+package the config needs (the ``[dask]`` or ``[s3]`` extra) is not installed. Each check
 costs at most a few metadata requests or one TCP connection.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import socket
 from urllib.parse import urlsplit
@@ -16,9 +18,21 @@ from urllib.parse import urlsplit
 from swudi.config.merge_config import MergeConfig
 from swudi.core.device import resolve_device
 from swudi.errors import CheckpointError, ConfigError
+from swudi.io.writer import check_folder_links
 from swudi.storage.filesystem import is_local, resolve
 
-__all__ = ["check_before_merge", "check_device", "check_scheduler", "check_writable", "check_inputs_readable"]
+__all__ = [
+    "check_base_links",
+    "check_before_merge",
+    "check_extras",
+    "check_device",
+    "check_scheduler",
+    "check_writable",
+    "check_inputs_readable",
+]
+
+#: Optional packages per extra of the distribution (pyproject.toml), by import name.
+EXTRAS = {"dask": ("dask", "distributed", "prefect_dask"), "s3": ("s3fs",)}
 
 #: Seconds to wait for the Dask scheduler's TCP port.
 SCHEDULER_TIMEOUT_S = 5.0
@@ -100,10 +114,36 @@ def check_scheduler(config: MergeConfig) -> None:
         ) from None
 
 
+def check_base_links(config: MergeConfig) -> None:
+    """A local base folder's files that a version may get resolve inside it (or the hub cache's
+    blobs): :func:`swudi.io.writer.check_folder_links`."""
+    fs, path = resolve(config.base, config.storage_options)
+    if is_local(fs):
+        check_folder_links(path)
+
+
+def check_extras(config: MergeConfig) -> None:
+    """The optional packages this config needs are installed: ``task_runner.kind: dask`` the
+    ``[dask]`` extra, an ``s3://`` location the ``[s3]`` extra (one error naming the extra)."""
+    needed = {"dask": config.task_runner.kind == "dask"}
+    locations = [config.base, *config.experts, config.output, config.resolved_work_dir]
+    needed["s3"] = any(str(url).startswith(("s3://", "s3a://")) or "::s3://" in str(url) for url in locations)
+    for extra, wanted in needed.items():
+        missing = [name for name in EXTRAS[extra] if wanted and importlib.util.find_spec(name) is None]
+        if missing:
+            why = "task_runner.kind: dask" if extra == "dask" else "an s3:// location"
+            raise ConfigError(
+                f"{why} needs the optional packages of swudi's [{extra}] extra ({', '.join(missing)} missing): "
+                f"pip install 'swudi[{extra}]'"
+            )
+
+
 def check_before_merge(config: MergeConfig) -> None:
     """All of the module's checks, cheapest first."""
+    check_extras(config)
     check_device(config)
     check_inputs_readable(config)
+    check_base_links(config)
     check_writable("output", config.output, config)
     check_writable("work_dir", config.resolved_work_dir, config)
     check_scheduler(config)

@@ -13,8 +13,8 @@ import torch
 log = logging.getLogger(__name__)
 
 
-DECOMPOSITIONS, DELTAS, MERGED = "decompositions", "deltas", "merged"
-ARTEFACT_KINDS = (DECOMPOSITIONS, DELTAS, MERGED)
+DECOMPOSITIONS, DELTAS, MERGED, TASK_SVDS = "decompositions", "deltas", "merged", "task_svds"
+ARTEFACT_KINDS = (DECOMPOSITIONS, DELTAS, MERGED, TASK_SVDS)
 MERGED_FORMAT, DELTA_FORMAT, RECORD_FORMAT_VERSION = "swudi.merged", "swudi.delta", "1"
 
 

@@ -26,12 +26,15 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from fsspec import AbstractFileSystem
+
 from swudi.config.merge_config import MergeConfig
+from swudi.errors import DamagedFileError
 from swudi.pipeline.artefacts import list_artefacts
 from swudi.pipeline.records import ARTEFACT_KINDS
 from swudi.publish.readers import hold_versions, input_versions, release_versions
 from swudi.publish.versions import REPORT_NAME, VERSIONS_DIR
-from swudi.storage.filesystem import join_url, resolve, write_bytes_atomic
+from swudi.storage.filesystem import join_url, list_folder, remove_tree, resolve, write_bytes_atomic
 from swudi.storage.killpoints import storage_event
 
 log = logging.getLogger(__name__)
@@ -100,7 +103,7 @@ def _leases(config: MergeConfig, now: float) -> Keys:
     fs, folder = resolve(join_url(config.resolved_work_dir, LEASES), config.storage_options)
     keys: Keys = {kind: set() for kind in ARTEFACT_KINDS}
     try:
-        names = fs.ls(folder, detail=False)
+        names = list_folder(fs, folder, detail=False)
     except (FileNotFoundError, NotADirectoryError):
         return keys
     for name in names:
@@ -112,8 +115,11 @@ def _leases(config: MergeConfig, now: float) -> Keys:
                 keys.setdefault(kind, set()).update(values)
         except FileNotFoundError:
             continue  # the merge finished meanwhile
-        except (ValueError, KeyError, TypeError):
-            log.warning("unreadable lease %s is ignored", name)
+        except (ValueError, KeyError, TypeError, AttributeError):  # what it protects is unknown: stop
+            raise DamagedFileError(
+                f"{name}: the lease of a merge is damaged (expected JSON {{created, keys}}); gc cannot tell what it "
+                "protects: remove it once that merge is over, then run gc again"
+            ) from None
     return keys
 
 
@@ -122,16 +128,31 @@ def _kept_versions_keys(config: MergeConfig) -> Keys:
     """Artefacts named by the merge reports of the versions under the output and its sweeps."""
     keys: Keys = {kind: set() for kind in ARTEFACT_KINDS}
     fs, root = resolve(config.output, config.storage_options)
-    patterns = [f"{root}/{VERSIONS_DIR}/*/{REPORT_NAME}", f"{root}/sweeps/*/*/{VERSIONS_DIR}/*/{REPORT_NAME}"]
-    for pattern in patterns:
-        for path in fs.glob(pattern):
+    outputs = [root, *(point for sweep in _subfolders(fs, f"{root}/sweeps") for point in _subfolders(fs, sweep))]
+    for output in outputs:
+        for version in _subfolders(fs, f"{output}/{VERSIONS_DIR}"):
+            path = f"{version}/{REPORT_NAME}"
             try:
                 report = json.loads(fs.cat_file(path))
-            except (FileNotFoundError, ValueError):
+            except FileNotFoundError:
                 continue
+            except ValueError:  # its artefacts would be deleted: stop instead
+                raise DamagedFileError(
+                    f"{path}: the merge report of a kept version is damaged (not valid JSON); gc would delete "
+                    "the artefacts it names: restore it, or remove the version, then run gc again"
+                ) from None
             for kind, values in (report.get("artefacts") or {}).items():
                 keys.setdefault(kind, set()).update(values)
     return keys
+
+
+def _subfolders(fs: AbstractFileSystem, path: str) -> list[str]:
+    """The folders directly under ``path`` (listed, never globbed: a path may hold ``[ ] * ?``)."""
+    try:
+        entries = list_folder(fs, path)
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    return [entry["name"].rstrip("/") for entry in entries if entry.get("type") == "directory"]
 
 
 def live_keys(config: MergeConfig, now: float | None = None) -> Keys:
@@ -194,7 +215,7 @@ def collect_garbage(config: MergeConfig, *, min_age_s: float = 3600.0, dry_run: 
             continue
         try:
             if name.endswith("/"):
-                fs.rm(f"{work}/{name.rstrip('/')}", recursive=True)
+                remove_tree(fs, f"{work}/{name.rstrip('/')}")
             else:
                 fs.rm_file(f"{work}/{name}")
         except FileNotFoundError:

@@ -7,7 +7,10 @@ layer). So W = W0 + scale * theta is the LoRA update
 
     lora_B = scale * theta Q  [m, R],   lora_A = Q^T  [R, d],   r = lora_alpha = R (scaling 1)
 
-(``fan_in_fan_out`` layers: lora_A = (scale * theta Q)^T, lora_B = Q). Tensors the experts saved
+(``fan_in_fan_out`` layers: lora_A = (scale * theta Q)^T, lora_B = Q). Embeddings (experts with
+``lora_embedding_A/B``; the weight is [vocab, dim] and PEFT's update is (B A)^T) are written the way
+PEFT loads them back: ``lora_embedding_A`` = (scale * theta Q)^T ``[R, vocab]``, ``lora_embedding_B``
+= Q ``[dim, R]``, so (B A)^T = scale * theta Q Q^T. Tensors the experts saved
 in full (``modules_to_save``) go to the merged adapter's ``modules_to_save`` with their merged
 values. Everything else is the base value. The adapter is written to ``VERSION/adapter/``
 (``adapter_config.json`` + ``adapter_model.safetensors``); PEFT loads it onto the base.
@@ -64,7 +67,9 @@ def write_merged_adapter(
     read with ``read_merged``); return a summary (URL, ranks, bytes)."""
     url = join_url(version_url, ADAPTER_FOLDER)
     experts = [LoraAdapter.open(u, config.storage_options) for u in config.experts]
-    transposed = {n for e in experts for n, x in e.inputs.items() if isinstance(x, LoraFactors) and x.transposed}
+    factors = [(n, x) for e in experts for n, x in e.inputs.items() if isinstance(x, LoraFactors)]
+    embeddings = {n for n, x in factors if x.embedding}
+    transposed = {n for n, x in factors if x.transposed and not x.embedding}  # fan_in_fan_out layers
     by_name = {name: record for record in records for name in record.names}
     tensors: dict[str, torch.Tensor] = {}
     ranks: dict[str, int] = {}
@@ -83,11 +88,15 @@ def write_merged_adapter(
         artefact = Checkpoint.open(record.decomposition_url, config.storage_options)
         dec = Decomposition.from_tensors(artefact.state_dict(), dict(artefact.metadata))
         b, q = _factors(dec, config)
+        ranks[module] = int(q.shape[1])
+        if job.name in embeddings:
+            tensors[f"{PEFT_PREFIX}{module}.lora_embedding_A"] = b.T.contiguous()
+            tensors[f"{PEFT_PREFIX}{module}.lora_embedding_B"] = q.contiguous()
+            continue
         if job.name in transposed:
             b, q = q, b
         tensors[f"{PEFT_PREFIX}{module}.lora_A.weight"] = q.T.contiguous()
         tensors[f"{PEFT_PREFIX}{module}.lora_B.weight"] = b.contiguous()
-        ranks[module] = int(q.shape[1])
     first = experts[0].config
     rank = max(ranks.values(), default=1)
     adapter_config = {

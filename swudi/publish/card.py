@@ -18,6 +18,7 @@ from typing import Any
 import yaml
 
 from swudi.methods.registry import METHODS
+from swudi.storage.redact import mask_credentials
 
 CARD_NAME = "README.md"
 #: A Hub repository id: ``name`` or ``owner/name``.
@@ -59,9 +60,10 @@ def front_matter(
 
 
 def render_card(report: Mapping[str, Any], metadata: Mapping[str, Any], title: str | None = None) -> str:
-    """The whole ``README.md``: ``---`` front matter ``---`` then the Markdown body."""
+    """The whole ``README.md``: ``---`` front matter ``---`` then the Markdown body; credentials in
+    any URL masked (:func:`swudi.storage.redact.mask_credentials`)."""
     head = yaml.safe_dump(dict(metadata), sort_keys=False, allow_unicode=True).strip()
-    return f"---\n{head}\n---\n\n" + _body(report, title or f"swudi merge {report['version']}")
+    return mask_credentials(f"---\n{head}\n---\n\n" + _body(report, title or f"swudi merge {report['version']}"))
 
 
 def _body(report: Mapping[str, Any], title: str) -> str:
@@ -99,6 +101,10 @@ def _body(report: Mapping[str, Any], title: str) -> str:
     ]
     lines += _diagnostics(report.get("diagnostics") or {})
     lines += _evaluations(report.get("evaluations") or {})
+    lines += _tuning(report.get("tuning") or {})
+    if report.get("gate"):
+        lines += ["", "## Publish gate", "", str(report["gate"].get("reason", ""))]
+    lines += _relative(report.get("relative_evaluations") or {})
     software = report.get("software") or {}
     lines += [
         "",
@@ -157,4 +163,68 @@ def _evaluations(evaluations: Mapping[str, Any]) -> list[str]:
             for task, metrics in tasks.items()
             for metric, value in metrics.items()
         ]
+    return lines
+
+
+def _tuning(tuning: Mapping[str, Any]) -> list[str]:
+    """The table of ``swudi tune``: every candidate's settings, score and seconds; the winner marked."""
+    rows = tuning.get("candidates") or []
+    if not rows:
+        return []
+    objective = tuning.get("objective") or {}
+    direction = "lower is better" if objective.get("minimize") else "higher is better"
+    lines = [
+        "",
+        "## Tuning",
+        "",
+        f"Chosen by `swudi tune` among {len(rows)} candidates on `{objective.get('objective', '?')}` ({direction}); "
+        f"the base model scores {_number(tuning.get('base_score'))}. Tune `{tuning.get('tune_id', '?')}`"
+        + (f", plot `{tuning['plot']}`." if tuning.get("plot") else "."),
+        "",
+        "| candidate | method | params | scale | score | seconds | |",
+        "|---|---|---|---:|---:|---:|---|",
+    ]
+    winner = tuning.get("winner", {}).get("label")
+    lines += [
+        f"| {row['label']} | `{row['method']}` | `{row['params']}` | {_number(row['scale'])} | "
+        f"{_number(row['score'])} | {_number(row['seconds'], 1)} | {'**winner**' if row['label'] == winner else ''} |"
+        for row in rows
+    ]
+    return lines
+
+
+def _relative(relative: Mapping[str, Any]) -> list[str]:
+    """The merged model against the base and the experts (:mod:`swudi.evaluators.relative`)."""
+    if not relative:
+        return []
+    lines = [
+        "",
+        "## Against the base and the experts",
+        "",
+        "gap closed = (base - merged) / (base - expert) for losses (1: as good as the expert, 0: no better "
+        "than the base); normalized = merged / expert for accuracies. The expert of a task is the one named "
+        "in `task_experts`, else the only expert, else the best one.",
+    ]
+    for evaluator, result in relative.items():
+        lines += [
+            "",
+            f"`{evaluator}`",
+            "",
+            "| task | metric | merged | base | expert | vs expert | best expert | vs best |",
+            "|---|---|---:|---:|---|---:|---|---:|",
+        ]
+        for task, metrics in (result.get("tasks") or {}).items():
+            for metric, e in metrics.items():
+                measure = "gap_closed" if "gap_closed" in e else "normalized"
+                lines.append(
+                    f"| {task} | {metric} ({measure.replace('_', ' ')}) | {_number(e['merged'])} | "
+                    f"{_number(e['base'])} | {e['expert_index']}: {_number(e['expert'])} | {_number(e[measure])} | "
+                    f"{e['best_expert_index']}: {_number(e['best_expert'])} | {_number(e[f'{measure}_best'])} |"
+                )
+        for metric, mean in (result.get("mean") or {}).items():
+            measure = "gap_closed" if "gap_closed" in mean else "normalized"
+            lines.append(
+                f"| mean of {mean['tasks']} | {metric} ({measure.replace('_', ' ')}) | | | | "
+                f"{_number(mean[measure])} | | |"
+            )
     return lines

@@ -19,7 +19,7 @@ from typing import Any
 from swudi.config.merge_config import PushToHubConfig
 from swudi.errors import PublishError
 from swudi.publish.versions import MANIFEST_NAME
-from swudi.storage.filesystem import is_local_url, resolve
+from swudi.storage.filesystem import is_local_url, list_folder, resolve
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +33,7 @@ def local_folder(url: str, storage_options: Mapping[str, Any] | None = None) -> 
         return
     fs, path = resolve(url, storage_options)
     with tempfile.TemporaryDirectory(prefix="swudi-hub-") as tmp:
-        names = [p for p in fs.ls(path, detail=False) if fs.isfile(p)]
+        names = [p for p in list_folder(fs, path, detail=False) if fs.isfile(p)]
         if not names:
             raise PublishError(f"{url}: no files to upload")
         for remote in names:

@@ -17,7 +17,7 @@ import time
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from swudi.storage.filesystem import join_url, resolve, write_bytes_atomic
+from swudi.storage.filesystem import join_url, list_folder, resolve, write_bytes_atomic
 from swudi.storage.locations import canonical_location
 
 __all__ = ["READERS", "READER_TTL_S", "hold_versions", "input_versions", "read_versions", "release_versions"]
@@ -81,7 +81,7 @@ def read_versions(root: str, storage_options: Mapping[str, Any] | None = None, n
     now = time.time() if now is None else now
     fs, folder = resolve(join_url(root, READERS), storage_options)
     try:
-        names = fs.ls(folder, detail=False)
+        names = list_folder(fs, folder, detail=False)
     except (FileNotFoundError, NotADirectoryError):
         return set()
     held: set[str] = set()
@@ -92,6 +92,6 @@ def read_versions(root: str, storage_options: Mapping[str, Any] | None = None, n
                 held.update(str(v) for v in lease["versions"])
         except FileNotFoundError:
             continue
-        except (ValueError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError, AttributeError):
             log.warning("unreadable reader lease %s is ignored", name)
     return held

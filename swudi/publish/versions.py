@@ -35,8 +35,9 @@ from fsspec import AbstractFileSystem
 
 from swudi.errors import PublishError
 from swudi.publish.readers import read_versions
-from swudi.storage.filesystem import join_url, resolve, write_bytes_atomic
+from swudi.storage.filesystem import find_files, join_url, list_folder, remove_tree, resolve, write_bytes_atomic
 from swudi.storage.killpoints import storage_event
+from swudi.storage.redact import mask_in
 
 __all__ = [
     "VERSIONS_DIR",
@@ -85,7 +86,7 @@ def version_url(output_url: str, version_id: str) -> str:
 def _files(fs: AbstractFileSystem, folder: str) -> dict[str, dict[str, Any]]:
     """Relative name -> info of every file under `folder` (recursive), ignoring temp files."""
     try:
-        found = fs.find(folder, detail=True)
+        found = find_files(fs, folder)
     except FileNotFoundError:
         return {}
     prefix = folder.rstrip("/") + "/"
@@ -150,6 +151,7 @@ def publish_version(
     report: Mapping[str, Any] | None = None,
     pointer_extra: Mapping[str, Any] | None = None,
     guard: Callable[[], None] | None = None,
+    check: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Publish a version: `write_files(version_url)` writes the model files, then the manifest, then
     `latest.json` is pointed at it. Returns the pointer written (plus `url`, the version's URL).
@@ -159,6 +161,9 @@ def publish_version(
     `pointer_extra` adds keys to `latest.json`. If the version is already complete, `write_files`
     is not called and only the pointer is (re)written. `guard()` is called before the manifest and
     before the pointer are written (e.g. `Lock.check`: raise if the output lock was lost).
+    `check(version_url)` is called once the version is complete, before the pointer moves (unless
+    `latest.json` already names it): when it raises (the publish gate), the complete version stays
+    for inspection and `latest.json` is unchanged.
     """
     guard = guard or (lambda: None)
     vurl = version_url(output_url, version_id)
@@ -173,7 +178,7 @@ def publish_version(
             )
         if fs.exists(vpath):
             log.info("%s: clearing leftovers of an unfinished publish of %s", output_url, version_id)
-            fs.rm(vpath, recursive=True)
+            remove_tree(fs, vpath)
             storage_event("deleted", vpath)
         try:
             write_files(vurl)
@@ -182,12 +187,12 @@ def publish_version(
             # holder owns this folder; latest.json still names the previous version)
             with contextlib.suppress(Exception):
                 if fs.exists(vpath):
-                    fs.rm(vpath, recursive=True)
+                    remove_tree(fs, vpath)
             raise
         if report is not None:
             write_bytes_atomic(
                 join_url(vurl, REPORT_NAME),
-                (json.dumps(report, indent=2, sort_keys=True, default=str) + "\n").encode(),
+                (json.dumps(mask_in(report), indent=2, sort_keys=True, default=str) + "\n").encode(),
                 storage_options,
             )
         files = _files(fs, vpath)
@@ -201,13 +206,15 @@ def publish_version(
             "files": {name: int(info["size"]) for name, info in sorted(files.items())},
         }
         write_bytes_atomic(
-            join_url(vurl, MANIFEST_NAME), (json.dumps(manifest, indent=2) + "\n").encode(), storage_options
+            join_url(vurl, MANIFEST_NAME), (json.dumps(mask_in(manifest), indent=2) + "\n").encode(), storage_options
         )
 
     previous = read_latest(output_url, storage_options)
     if previous is not None and previous.get("version") == version_id:
         log.info("%s: latest already names %s", output_url, version_id)
         return previous
+    if check is not None:
+        check(vurl)
     guard()
     pointer = {
         "version": version_id,
@@ -218,7 +225,9 @@ def publish_version(
         **dict(pointer_extra or {}),
     }
     write_bytes_atomic(
-        join_url(output_url, LATEST_NAME), (json.dumps(pointer, indent=2, default=str) + "\n").encode(), storage_options
+        join_url(output_url, LATEST_NAME),
+        (json.dumps(mask_in(pointer), indent=2, default=str) + "\n").encode(),
+        storage_options,
     )
     log.info("%s: published version %s", output_url, version_id)
     return {**pointer, "url": vurl}
@@ -250,7 +259,7 @@ def list_versions(
     """
     fs, root = resolve(join_url(output_url, VERSIONS_DIR), storage_options)
     try:
-        entries = fs.ls(root, detail=True)
+        entries = list_folder(fs, root)
     except FileNotFoundError:
         return []
     out = []
@@ -292,7 +301,7 @@ def _newest_mtime(fs: AbstractFileSystem, folder: str) -> float | None:
 
 def _files_with_tmp(fs: AbstractFileSystem, folder: str) -> dict[str, dict[str, Any]]:
     try:
-        return fs.find(folder, detail=True)
+        return find_files(fs, folder)
     except FileNotFoundError:
         return {}
 
@@ -343,7 +352,7 @@ def prune_versions(
             fs.rm_file(mpath)
             storage_event("deleted", mpath)
         if fs.exists(path):
-            fs.rm(path, recursive=True)
+            remove_tree(fs, path)
             storage_event("deleted", path)
         log.info("%s: pruned version %s", output_url, version)
     return doomed

@@ -8,12 +8,12 @@ each). matplotlib is imported lazily and drawn off-screen (Agg).
 from __future__ import annotations
 
 import html
-import json
 import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from swudi.errors import parse_json
 from swudi.io.checkpoint import Checkpoint
 from swudi.publish.versions import read_latest
 from swudi.storage.filesystem import join_url, resolve
@@ -48,7 +48,7 @@ def load_run(run: str, storage_options: Mapping[str, Any] | None = None) -> tupl
     for url, kind in candidates:
         fs_, p = resolve(url, storage_options)
         if fs_.exists(p):
-            data = json.loads(fs_.cat_file(p))
+            data = parse_json(fs_.cat_file(p), url)
             if kind is None:
                 kind = "benchmark" if "schema" in data else ("sweep" if "points" in data else "merge")
             return kind, data
@@ -116,6 +116,51 @@ def plot_sweep(summary: Mapping[str, Any], out: Path) -> list[Path]:
         plt.close(fig)
         written.append(path)
     return written
+
+
+def plot_tune(rows: Sequence[Mapping[str, Any]], objective: str, winner: str | None = None) -> bytes:
+    """PNG bytes of ``swudi tune``: the score against the scale, one line per method and parameter
+    setting (grid points and refinement probes together, sorted by scale); the winner circled and
+    the base model's score, when a row ``{"label": "base", "score"}`` is given, as a dashed line."""
+    import io
+
+    plt = _pyplot()
+    lines: dict[str, list[tuple[float, float]]] = {}
+    base = next((r["score"] for r in rows if r.get("label") == "base"), None)
+    for row in rows:
+        if row.get("label") == "base":
+            continue
+        params = ", ".join(f"{k}={v}" for k, v in sorted(dict(row.get("params") or {}).items()))
+        name = f"{row['method']}" + (f" ({params})" if params else "")
+        lines.setdefault(name, []).append((float(row["scale"]), float(row["score"])))
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, points in lines.items():
+        points.sort()
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=name)
+    for row in rows:
+        if winner is not None and row.get("label") == winner:
+            ax.plot(
+                [row["scale"]],
+                [row["score"]],
+                marker="o",
+                markersize=14,
+                fillstyle="none",
+                color="black",
+                linestyle="none",
+                label=f"winner: {winner}",
+            )
+    if base is not None:
+        ax.axhline(base, linestyle="--", color="grey", label="base model")
+    ax.set_xlabel("scale")
+    ax.set_ylabel(objective)
+    ax.set_title(f"swudi tune: {objective} vs scale")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    plt.close(fig)
+    return buffer.getvalue()
 
 
 def plot_ranks(report: Mapping[str, Any], out: Path) -> Path | None:

@@ -6,7 +6,7 @@ fails reaches swudi as one of many exception types (botocore connection and time
 ``OSError`` and keeps the original as its cause). :func:`storage_fault` recognises them anywhere
 in an exception's chain, and :func:`storage_faults` turns them into a :class:`StorageFault` (a
 :class:`~swudi.errors.SwudiError`, so the command line prints one line and exits with code 2).
-Messages never hold credentials: ``user:password@`` in URLs is masked.
+Messages never hold credentials: they go through :func:`swudi.storage.redact.mask_credentials`.
 
 Missing objects (``FileNotFoundError``) and refused access (``PermissionError``) are not faults:
 retrying cannot help, and the input checks report them.
@@ -15,14 +15,13 @@ retrying cannot help, and the input checks report them.
 from __future__ import annotations
 
 import contextlib
-import re
 from collections.abc import Iterator
 
 from swudi.errors import SwudiError
+from swudi.storage.redact import mask_credentials
 
 __all__ = ["StorageFault", "storage_fault", "storage_faults", "mask_credentials"]
 
-_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)[^/\s@:]*:[^/\s@]*@")
 _TRANSIENT_CODES = {
     "InternalError",
     "ServiceUnavailable",
@@ -42,11 +41,6 @@ _TRANSIENT_CODES = {
 
 class StorageFault(SwudiError):
     """A storage request failed after every retry (network, timeout, 5xx or throttling)."""
-
-
-def mask_credentials(text: str) -> str:
-    """``s3://KEY:SECRET@bucket`` -> ``s3://***@bucket`` (any scheme)."""
-    return _USERINFO.sub(r"\g<scheme>***@", text)
 
 
 def _chain(error: BaseException) -> Iterator[BaseException]:

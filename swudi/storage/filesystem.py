@@ -19,6 +19,7 @@ import contextlib
 import errno
 import os
 import posixpath
+import shutil
 import uuid
 from collections.abc import Iterator, Mapping
 from typing import IO, Any
@@ -41,6 +42,10 @@ __all__ = [
     "open_atomic",
     "write_bytes_atomic",
     "S3_DEFAULTS",
+    "list_folder",
+    "find_files",
+    "is_folder_marker",
+    "remove_tree",
 ]
 
 #: Defaults for s3fs filesystems; any key given in storage_options wins.
@@ -214,3 +219,40 @@ def write_bytes_atomic(url: str, data: bytes, storage_options: Mapping[str, Any]
     else:
         fs.pipe_file(path, data)
         storage_event("committed", path)
+
+
+# ------------------------------------------------------------------------------------- listings
+def is_folder_marker(entry: str | Mapping[str, Any]) -> bool:
+    """A zero-byte ``prefix/`` object, as the S3 console's "Create folder" makes: a folder, not a
+    file (s3fs lists it as a file named ``bucket/prefix/``)."""
+    name = entry if isinstance(entry, str) else str(entry.get("name", ""))
+    return name.endswith("/")
+
+
+def list_folder(fs: AbstractFileSystem, path: str, detail: bool = True) -> list[Any]:
+    """``fs.ls(path)`` without folder marker objects (:func:`is_folder_marker`). Every listing of a
+    folder in swudi goes through it (or :func:`find_files`); a path is never a glob pattern."""
+    return [entry for entry in fs.ls(path, detail=detail) if not is_folder_marker(entry)]
+
+
+def find_files(fs: AbstractFileSystem, path: str) -> dict[str, dict[str, Any]]:
+    """``fs.find(path, detail=True)`` (every file below ``path``) without folder marker objects."""
+    return {name: info for name, info in fs.find(path, detail=True).items() if not is_folder_marker(name)}
+
+
+def remove_tree(fs: AbstractFileSystem, path: str) -> None:
+    """Remove the folder ``path`` and everything below it, ``path`` taken literally.
+
+    ``fs.rm(path, recursive=True)`` expands ``[ ] * ?`` in ``path`` as a glob pattern (fsspec's
+    ``expand_path``): a folder named ``out [v2]`` would not be found, or another one removed. Here
+    every object below it is listed (:meth:`find`, markers included) and deleted one by one.
+    """
+    if is_local(fs):
+        with contextlib.suppress(FileNotFoundError):
+            shutil.rmtree(path)
+        return
+    prefix = path.rstrip("/")
+    names = [name for name in fs.find(prefix) if name == prefix or name.startswith(prefix + "/")]
+    for name in [*names, prefix + "/"]:
+        with contextlib.suppress(FileNotFoundError):
+            fs.rm_file(name)

@@ -76,7 +76,7 @@ def write_reference_checkpoint(folder_url: str, tensors: Mapping[str, torch.Tens
             file_name = f"model-{k:05d}-of-{n:05d}.safetensors"
             write_reference(join_url(folder_url, file_name), {m: tensors[m] for m in names}, {"format": "pt"},
                             storage_options)
-            weight_map.update({m: file_name for m in names})
+            weight_map.update(dict.fromkeys(names, file_name))
             written.append(file_name)
         total = sum(t.numel() * t.element_size() for t in tensors.values())
         index = dict(index_override) if index_override is not None else {

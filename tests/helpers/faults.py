@@ -25,7 +25,7 @@ import struct
 import time
 from collections.abc import Callable, Sequence
 
-from helpers.proxy import LoopbackProxy
+from tests.helpers.proxy import LoopbackProxy
 
 Schedule = Callable[[int, str], str | None]
 FAULT_KINDS = ("reset", "reset_after", "500", "503", "stall", "truncate")

@@ -59,7 +59,7 @@ def write_adapter(folder: Path, config: Any, seed: int, base_seed: int = 0, **lo
                 param.copy_(torch.randn(param.shape, generator=generator) * 0.1)
             elif "modules_to_save" in name:
                 param.add_(torch.randn(param.shape, generator=generator) * 0.01)
-    peft_model.save_pretrained(folder)
+    peft_model.save_pretrained(str(folder))
     merged = peft_model.merge_and_unload()
     return {k: v.detach().clone() for k, v in merged.state_dict().items()}
 

@@ -3,6 +3,7 @@ downloads, whatever code path (cat_file, open().read(), ...) it takes."""
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
 from typing import Self
@@ -74,7 +75,5 @@ class CountingProxy(LoopbackProxy):
             pass
         finally:
             for s in (src, dst):
-                try:
+                with contextlib.suppress(OSError):
                     s.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass

@@ -1,0 +1,106 @@
+"""Every closed-form method at its default scale and at its tuned scale on the LM benchmark (issue 22).
+
+Per seed and method (one shared work folder per seed, so decompositions and per-task SVDs are made
+once and shared, as a user's would be): a merge at scale 1 (the first merge of its kind reads the
+experts), scored on *test*; then `flows.tune.run_tune` on the *validation* split's mean loss gap
+closed over the scale grid, the winner scored on *test*. Per method: the first merge's compute
+seconds (decompose + merge tasks, from its report), the bytes it added to the work folder (its
+decompositions, deltas, per-task SVDs), and the process's peak RSS so far.
+
+    python -m benchmarks.methods_study --builds B0 [B1 B2] --out benchmarks/.cache/methods-study \\
+        --methods swudi_a,iso_c,iso_cts,tsv_m,cart,ace --grid scale=0.1,0.3,0.5,1,2
+
+Writes OUT/results.json and OUT/results.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+from benchmarks.tune_study import OBJECTIVE, _config, _merge, _test_score
+
+
+def _folder_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*.safetensors")) if path.exists() else 0
+
+
+def run_method(build: Path, seed: int, out: Path, method: str, grid: str, threads: int) -> dict[str, Any]:
+    from flows.tune import run_tune
+
+    work = out / f"seed{seed}" / "work"
+    before = _folder_bytes(work)
+    first = _merge(_config(build, seed, out, f"{method}-default", 1.0, None, threads, method))
+    row: dict[str, Any] = {"seed": seed, "method": method, "stored_bytes": _folder_bytes(work) - before,
+                           "default": {**first, "test": _test_score(first["url"], build, seed, threads)}}
+    started = time.perf_counter()
+    tuned = run_tune(_config(build, seed, out, f"{method}-tuned", 1.0, "val", threads, method), OBJECTIVE, [grid])
+    row["tuned"] = {"scale": tuned["winner"]["scale"], "val": tuned["winner"]["score"],
+                    "wall_s": time.perf_counter() - started,
+                    "test": _test_score(tuned["published"]["url"], build, seed, threads)}
+    row["peak_rss_mb_so_far"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return row
+
+
+def _stat(values: list[float]) -> str:
+    if len(values) < 2:
+        return f"{values[0]:.3f}"
+    return f"{statistics.fmean(values):.3f} ± {statistics.stdev(values):.3f}"
+
+
+def markdown(rows: list[dict[str, Any]], command: str) -> str:
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    seeds = sorted({r["seed"] for r in rows})
+    lines = ["# Closed-form methods on the LM benchmark (issue 22): default scale and scale tuned on val, test scores",
+             "", f"Command: `{command}`", "", f"Seeds: {seeds}. Metric: mean loss gap closed on test (0 = base, "
+             "1 = the domain's expert).", "",
+             "| method | scale 1 | tuned on val | tuned scales | first merge compute s | stored MB |",
+             "|---|---|---|---|---|---|"]
+    for m in methods:
+        mine = [r for r in rows if r["method"] == m]
+        scales = ", ".join(f"{r['tuned']['scale']:.3g}" for r in mine)
+        lines.append(
+            f"| `{m}` | {_stat([r['default']['test'] for r in mine])} | {_stat([r['tuned']['test'] for r in mine])} | "
+            f"{scales} | "
+            f"{statistics.fmean(r['default']['compute_s'] for r in mine):.1f} | "
+            f"{statistics.fmean(r['stored_bytes'] for r in mine) / 1e6:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.methods_study", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--builds", type=Path, nargs="+", required=True)
+    p.add_argument("--seeds", type=int, nargs="+", default=None)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--methods", default="swudi_a,iso_c,iso_cts,tsv_m,cart,ace")
+    p.add_argument("--grid", default="scale=0.1,0.3,0.5,1,2")
+    p.add_argument("--threads", type=int, default=1)
+    args = p.parse_args(argv)
+    seeds = args.seeds or list(range(len(args.builds)))
+    path = args.out / "results.json"
+    rows = json.loads(path.read_text()) if path.exists() else []
+    done = {(r["seed"], r["method"]) for r in rows}
+    for build, seed in zip(args.builds, seeds, strict=True):
+        for method in args.methods.split(","):
+            if (seed, method) in done:
+                continue
+            rows.append(run_method(build, seed, args.out, method, args.grid, args.threads))
+            args.out.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(rows, indent=1))
+            r = rows[-1]
+            print(f"seed {seed} {method}: scale 1 {r['default']['test']:.4f}, tuned {r['tuned']['test']:.4f} "
+                  f"(scale {r['tuned']['scale']:.3g})", flush=True)
+    command = "python -m benchmarks.methods_study " + " ".join(argv if argv is not None else __import__("sys").argv[1:])
+    (args.out / "results.md").write_text(markdown(rows, command))
+    print((args.out / "results.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
