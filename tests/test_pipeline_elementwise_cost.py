@@ -56,7 +56,7 @@ def _checkpoint(tmp_path: Path, name: str) -> dict[str, torch.Tensor]:
 
 def _interference(theta: torch.Tensor, taus: list[torch.Tensor]) -> list[float]:
     """L_i(theta) / L_i(sum), L_i(X) = ||(X - tau_i) tau_i^T||_F^2 / ||tau_i||_F^2, in float64."""
-    total = sum(taus)
+    total = torch.stack(taus).sum(dim=0)
     out = []
     for tau in taus:
         merged = ((theta - tau) @ tau.T).square().sum() / tau.square().sum()
@@ -76,7 +76,7 @@ def test_no_per_task_diagnostics_skips_the_interference_work(tmp_path: Path) -> 
     for record in full:
         (name,) = record.names
         taus = [e[name] - base[name] for e in experts]
-        expected = _interference(SCALE * sum(taus), taus)
+        expected = _interference(SCALE * torch.stack(taus).sum(dim=0), taus)
         assert record.task_interference == pytest.approx(expected, rel=1e-4), name
         assert "diagnostics" in record.phases
 
@@ -88,5 +88,5 @@ def test_no_per_task_diagnostics_skips_the_interference_work(tmp_path: Path) -> 
     assert merged_skipped.keys() == merged_full.keys()
     for name, tensor in merged_skipped.items():
         assert torch.equal(tensor, merged_full[name]), name
-        expected = base[name] + SCALE * sum(e[name] - base[name] for e in experts)
-        torch.testing.assert_close(tensor.double(), expected, rtol=1e-5, atol=1e-6)
+        formula = base[name] + SCALE * torch.stack([e[name] - base[name] for e in experts]).sum(dim=0)
+        torch.testing.assert_close(tensor.double(), formula, rtol=1e-5, atol=1e-6)
