@@ -34,6 +34,24 @@ def test_ties_by_hand():
     assert torch.allclose(merge_elementwise(TIES_TV, "ties", density=0.4, scale=0.5), expected * 0.5)
 
 
+def test_ties_exact_k_keeps_what_a_stable_sort_keeps():
+    """exact_k keeps the first k of a stable descending sort by magnitude (ties: lower index first),
+    checked on rows with many equal magnitudes (bf16-like rounding) and a heavily tied threshold."""
+    generator = torch.Generator().manual_seed(3)
+    for n, numel, density, step in [(3, 4000, 0.2, 0.05), (4, 777, 0.1, 0.5), (2, 64, 0.9, 1.0), (3, 5000, 0.5, 0.0)]:
+        tv = torch.randn(n, numel, generator=generator)
+        if step:
+            tv = (tv / step).round() * step
+        k = int(density * numel)
+        expected = torch.zeros_like(tv)
+        for i in range(n):
+            magnitudes = tv[i].abs().tolist()
+            order = sorted(range(numel), key=lambda j: (-magnitudes[j], j))[:k]
+            expected[i, order] = tv[i, order]
+        trimmed = baselines._trim(tv, k, "exact_k")
+        assert torch.equal(trimmed, expected), (n, numel, density)
+
+
 def test_ties_density_one_and_zero():
     # density 1: nothing trimmed; signs of sums [+, -, +, +, +]
     # entry 0: 3, 2 agree (+) -> 2.5; entry 1: -1, -3 -> -2; entry 2: all + -> 0.8/3;

@@ -226,8 +226,10 @@ class MergeConfig(StrictModel):
     workers: int = Field(2, ge=1, description="parallel per-layer tasks")
     per_task_diagnostics: bool = Field(
         True,
-        description="per-task WUDI interference of spectral merges, computed while the task vectors are in "
-        "memory (2N products of m x d x min(m, d) per layer); the total comes from the decomposition anyway",
+        description="WUDI interference that needs the task vectors (2N products of m x d x min(m, d) per "
+        "weight, computed once while they are in memory): spectral methods' per-task values (their total comes "
+        "from the decomposition anyway); elementwise methods' per-task values and total (false: none, and the "
+        "merge costs what the elementwise rule costs)",
     )
     memory_budget: int | None = Field(
         None, description="bytes the merge tasks may hold at once ('16GB' accepted): bounds the tasks in flight"

@@ -85,14 +85,27 @@ def ties(
 
 
 def _trim(flat: torch.Tensor, k: int, trim: str) -> torch.Tensor:
-    """Each row of ``flat`` with all but its top-``k`` magnitudes zeroed (:func:`ties`' ``trim``)."""
-    mag = flat.abs()
+    """Each row of ``flat`` with all but its top-``k`` magnitudes zeroed (:func:`ties`' ``trim``).
+
+    With t_i the k-th largest magnitude of row i: ``"keep_tied"`` keeps |x| >= t_i; ``"exact_k"``
+    keeps |x| > t_i and then the lowest-indexed entries with |x| = t_i until k are kept (what a
+    stable descending sort's first k are, found by selection in O(numel) per row, one row at a time,
+    instead of sorting).
+    """
+    zero = torch.zeros((), dtype=flat.dtype, device=flat.device)
     if trim == "keep_tied":
+        mag = flat.abs()
         threshold = mag.kthvalue(flat.shape[1] - k + 1, dim=1, keepdim=True).values  # k-th largest
-        return torch.where(mag >= threshold, flat, torch.zeros((), dtype=flat.dtype, device=flat.device))
-    order = torch.sort(mag, dim=1, descending=True, stable=True).indices[:, :k]  # ties: lower index first
-    mask = torch.zeros_like(flat, dtype=torch.bool).scatter_(1, order, True)
-    return torch.where(mask, flat, torch.zeros((), dtype=flat.dtype, device=flat.device))
+        return torch.where(mag >= threshold, flat, zero)
+    out = torch.empty_like(flat)
+    for row, kept in zip(flat, out, strict=True):
+        mag = row.abs()
+        threshold = mag.kthvalue(row.shape[0] - k + 1).values  # k-th largest
+        keep = mag > threshold
+        room = k - int(keep.sum())
+        keep[torch.nonzero(mag == threshold).flatten()[:room]] = True  # nonzero: in index order
+        torch.where(keep, row, zero, out=kept)
+    return out
 
 
 def _wudi_weights(task_vectors: torch.Tensor) -> torch.Tensor:

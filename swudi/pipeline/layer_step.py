@@ -205,10 +205,12 @@ def merge_layer(
 
     Spectral methods: decompose (or load the decomposition), select the rank, apply that filter;
     the total interference comes from the decomposition. Subspace methods: theta from the per-task
-    SVDs (stored once per weight). Other methods: theta from the task vectors (or the stored delta).
-    A post-filter (``config.post``) then transforms theta, from the per-task SVDs. Per-task
-    interference is computed when the task vectors are in memory anyway (the step that read them),
-    never by a second read; with per-task SVDs at hand it comes from them.
+    SVDs (stored once per weight). Other methods: theta from the task vectors (or the stored delta),
+    and with ``per_task_diagnostics`` their interference (per task and total, in one pass); without
+    it none (it would cost far more than an elementwise merge). A post-filter (``config.post``) then
+    transforms theta, from the per-task SVDs. Per-task interference is computed when the task
+    vectors are in memory anyway (the step that read them), never by a second read; with per-task
+    SVDs at hand it comes from them.
     """
     key = layer_merge_key(job, config)
     url = artefact_url(config, MERGED, key)
@@ -307,13 +309,15 @@ def merge_layer(
 
 @dataclass
 class _Delta:
-    """theta of one 2-D weight (float32, before the scale), and the inputs still in memory when
-    they were just read (None when theta was loaded from storage)."""
+    """theta of one 2-D weight (float32, before the scale), its interference (None values where
+    not computed) and the base when it was just read (None when theta was loaded from storage).
+    The task vectors are kept only when a post-filter needs them (their SVDs, without a second
+    read); their diagnostics were taken when they were in memory."""
 
     theta: torch.Tensor
     diagnostics: dict[str, Any]  # interference of the weight
     base: torch.Tensor | None = None
-    task_vectors: torch.Tensor | None = None
+    task_vectors: torch.Tensor | None = None  # kept only for a post-filter's per-task SVDs
 
 
 def _delta(job: TensorJob, config: MergeConfig, reads: StepCost) -> _Delta:
@@ -328,8 +332,14 @@ def _delta(job: TensorJob, config: MergeConfig, reads: StepCost) -> _Delta:
     with reads.phase("merge"):
         theta = merge_matrix(task_vectors, config.method, name=job.name, device=config.device, **config.params)
         theta = theta.to(torch.float32).contiguous()
-    with reads.phase("diagnostics"):
-        diagnostics = interference_vs_sum(theta, task_vectors, config.device)
+    diagnostics: dict[str, Any] = {"total": None, "per_task": None}
+    if config.per_task_diagnostics:
+        # the only diagnostic of an elementwise merge, and its whole cost: 2N products of
+        # m x d x min(m, d); the total needs every per-task term, so both come from one pass
+        with reads.phase("diagnostics"):
+            diagnostics = interference_vs_sum(theta, task_vectors, config.device)
+    kept = task_vectors if config.post is not None else None
+    del task_vectors  # otherwise not needed past here: not held through the merge and the write
     metadata = {
         "format": DELTA_FORMAT,
         "format_version": RECORD_FORMAT_VERSION,
@@ -338,4 +348,4 @@ def _delta(job: TensorJob, config: MergeConfig, reads: StepCost) -> _Delta:
     }
     with reads.phase("write"):
         save_tensors(url, {job.name: theta}, metadata, config.storage_options)
-    return _Delta(theta, diagnostics, base, task_vectors)
+    return _Delta(theta, diagnostics, base, kept)
