@@ -6,9 +6,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -23,6 +23,8 @@ from swudi.pipeline.records import DELTA_FORMAT, MERGED, MERGED_FORMAT, RECORD_F
 from swudi.storage.filesystem import is_local, join_url, list_folder, resolve
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 def artefact_url(config: MergeConfig, kind: str, key: str) -> str:
@@ -114,7 +116,16 @@ def save_merged(record: MergedRecord, tensors: Mapping[str, torch.Tensor], confi
     save_tensors(record.url, tensors, metadata, config.storage_options)
 
 
-def load_decomposition(url: str, key: str, config: MergeConfig, reads: StepCost) -> Decomposition | None:
+def _load_stored(
+    url: str,
+    key: str,
+    config: MergeConfig,
+    reads: StepCost,
+    build: Callable[[dict[str, torch.Tensor], dict[str, str]], T],
+    what: str,
+) -> T | None:
+    """``build(tensors, metadata)`` of the artefact at ``url`` (its bytes counted as work bytes read),
+    or None when it is missing or damaged (then recomputed)."""
     artefact = open_artefact(url, config, None, key)
     if artefact is None:
         return None
@@ -122,25 +133,20 @@ def load_decomposition(url: str, key: str, config: MergeConfig, reads: StepCost)
         with reads.phase("read"):
             tensors = artefact.state_dict()
         reads.work += sum(loc.nbytes for loc in artefact.tensors.values())
-        return Decomposition.from_tensors(tensors, dict(artefact.metadata))
+        return build(tensors, dict(artefact.metadata))
     except (CheckpointError, InputError) as error:
-        log.warning("damaged decomposition %s is recomputed: %s", url, error)
+        log.warning("damaged %s %s is recomputed: %s", what, url, error)
         return None
+
+
+def load_decomposition(url: str, key: str, config: MergeConfig, reads: StepCost) -> Decomposition | None:
+    """The stored decomposition of a weight, or None when missing or damaged (then recomputed)."""
+    return _load_stored(url, key, config, reads, Decomposition.from_tensors, "decomposition")
 
 
 def load_task_svds(url: str, key: str, config: MergeConfig, reads: StepCost) -> TaskSVDs | None:
     """The stored per-task SVDs of a weight, or None when missing or damaged (then recomputed)."""
-    artefact = open_artefact(url, config, None, key)
-    if artefact is None:
-        return None
-    try:
-        with reads.phase("read"):
-            tensors = artefact.state_dict()
-        reads.work += sum(loc.nbytes for loc in artefact.tensors.values())
-        return TaskSVDs.from_tensors(tensors, dict(artefact.metadata))
-    except (CheckpointError, InputError) as error:
-        log.warning("damaged task SVDs %s are recomputed: %s", url, error)
-        return None
+    return _load_stored(url, key, config, reads, TaskSVDs.from_tensors, "task SVDs")
 
 
 def open_delta(url: str, key: str, names: Sequence[str], config: MergeConfig) -> Checkpoint | None:
