@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.tune_study import OBJECTIVE, _config, _merge, _test_score
+from benchmarks.tune_study import OBJECTIVE, _config, _mean_sd, _merge, _test_score
 
 
 def _folder_bytes(path: Path) -> int:
@@ -54,12 +54,6 @@ def run_method(build: Path, seed: int, out: Path, method: str, grid: str, thread
     return row
 
 
-def _stat(values: list[float]) -> str:
-    if len(values) < 2:
-        return f"{values[0]:.3f}"
-    return f"{statistics.fmean(values):.3f} ± {statistics.stdev(values):.3f}"
-
-
 def markdown(rows: list[dict[str, Any]], command: str) -> str:
     methods = list(dict.fromkeys(r["method"] for r in rows))
     seeds = sorted({r["seed"] for r in rows})
@@ -77,7 +71,7 @@ def markdown(rows: list[dict[str, Any]], command: str) -> str:
         mine = [r for r in rows if r["method"] == m]
         scales = ", ".join(f"{r['tuned']['scale']:.3g}" for r in mine)
         lines.append(
-            f"| `{m}` | {_stat([r['default']['test'] for r in mine])} | {_stat([r['tuned']['test'] for r in mine])} | "
+            f"| `{m}` | {_mean_sd([r['default']['test'] for r in mine])} | {_mean_sd([r['tuned']['test'] for r in mine])} | "
             f"{scales} | "
             f"{statistics.fmean(r['default']['compute_s'] for r in mine):.1f} | "
             f"{statistics.fmean(r['stored_bytes'] for r in mine) / 1e6:.1f} |"
