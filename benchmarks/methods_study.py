@@ -70,8 +70,10 @@ def markdown(rows: list[dict[str, Any]], command: str) -> str:
     for m in methods:
         mine = [r for r in rows if r["method"] == m]
         scales = ", ".join(f"{r['tuned']['scale']:.3g}" for r in mine)
+        default = _mean_sd([r["default"]["test"] for r in mine])
+        tuned = _mean_sd([r["tuned"]["test"] for r in mine])
         lines.append(
-            f"| `{m}` | {_mean_sd([r['default']['test'] for r in mine])} | {_mean_sd([r['tuned']['test'] for r in mine])} | "
+            f"| `{m}` | {default} | {tuned} | "
             f"{scales} | "
             f"{statistics.fmean(r['default']['compute_s'] for r in mine):.1f} | "
             f"{statistics.fmean(r['stored_bytes'] for r in mine) / 1e6:.1f} |"
