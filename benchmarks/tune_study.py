@@ -1,11 +1,12 @@
-"""Does `swudi tune` pick a good scale? The LM benchmark's measurement of issue 21 (part 4).
+"""Does `swudi tune` pick a good scale? The measurement of issue 21 (part 4), on either benchmark
+(``--benchmark lm`` or ``encoder``: ``benchmarks/study_benchmarks.py``).
 
-Per seed (one LM build per seed, `python -m benchmarks.lm.build --reuse-base`, or one build holding
-every seed):
+Per seed (LM: one build per seed, `python -m benchmarks.lm.build --reuse-base`, or one build holding
+every seed; encoder: `OUT/seed<k>` of `python -m benchmarks.retention.build_experts --eval-val`):
 
 1. **default**: `swudi_a` at scale 1 (a cold merge: it reads the experts and stores the decompositions);
-2. **tuned**: `flows.tune.run_tune` on the *validation* split's mean loss gap closed
-   (`benchmarks.lm.evaluate:evaluate` with `aggregate: true`, task `all`), grid + golden-section refine;
+2. **tuned**: `flows.tune.run_tune` on the *validation* split's metric
+   (the benchmark's evaluator with `aggregate: true`, task `all`), grid + golden-section refine;
    the published winner is then scored on the *test* split;
 3. **oracle**: every grid point merged (from the stored decompositions) and scored on *test*; the best
    one is the oracle. Tuning should land within noise of it (paired t-test over seeds, 95 %).
@@ -16,6 +17,8 @@ expert bytes each warm merge read (must be 0).
 
     python -m benchmarks.tune_study --builds B0 B1 B2 --out benchmarks/.cache/tune-study \
         --grid scale=0.1,0.2,0.3,0.5,0.8,1.0 --refine 4
+    python -m benchmarks.tune_study --benchmark encoder --builds E/seed0 E/seed1 E/seed2 \
+        --out benchmarks/.cache/tune-study-encoder --grid scale=0.25,0.5,0.75,1,1.5,2 --refine 4
 
 Writes OUT/results.json and OUT/results.md (copied to docs/results/tune.md by hand with the command).
 """
@@ -23,17 +26,19 @@ Writes OUT/results.json and OUT/results.md (copied to docs/results/tune.md by ha
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import resource
 import statistics
 import time
 from pathlib import Path
 from typing import Any
 
-EVALUATOR = "benchmarks.lm.evaluate:evaluate"
-OBJECTIVE = f"{EVALUATOR}:all.loss_gap_closed"
+from benchmarks.study_benchmarks import BENCHMARKS, StudyBenchmark
 
 
 def _config(
+    bench: StudyBenchmark,
     build: Path,
     seed: int,
     out: Path,
@@ -46,11 +51,9 @@ def _config(
 ) -> Any:
     from swudi.config.merge_config import config_from_mapping
 
-    manifest = json.loads((build / "manifest.json").read_text())
-    domains = manifest["settings"]["domains"]
     mapping: dict[str, Any] = {
-        "base": str(build / "base"),
-        "experts": [str(build / "experts" / f"seed{seed}" / d) for d in domains],
+        "base": bench.base(build),
+        "experts": bench.experts(build, seed),
         "method": method,
         "params": params or {},
         "scale": scale,
@@ -62,34 +65,35 @@ def _config(
     }
     if evaluate_on:
         mapping["evaluators"] = [
-            {
-                "function": EVALUATOR,
-                "options": {
-                    "build": str(build),
-                    "split": evaluate_on,
-                    "seed": seed,
-                    "aggregate": True,
-                    "threads": threads,
-                },
-            }
+            {"function": bench.evaluator, "options": bench.evaluator_options(build, seed, evaluate_on, threads)}
         ]
     return config_from_mapping(mapping, label)
 
 
-def _test_score(model: str, build: Path, seed: int, threads: int) -> float:
-    from benchmarks.lm.evaluate import evaluate
+def _reset_peak_rss() -> None:
+    """Start a new peak-RSS window for this process (Linux: ``5`` into /proc/self/clear_refs)."""
+    with contextlib.suppress(OSError):
+        Path("/proc/self/clear_refs").write_text("5")
 
-    return float(
-        evaluate(model, build=str(build), split="test", seed=seed, aggregate=True, threads=threads)["all"][
-            "loss_gap_closed"
-        ]
-    )
+
+def _peak_rss_mb() -> float:
+    """This process's peak RSS since the last reset (VmHWM), in MB; the lifetime peak elsewhere."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _merge(cfg: Any) -> dict[str, Any]:
+    """Run one merge; its process CPU and wall seconds, compute seconds (decompose + merge tasks, from
+    the report), expert bytes read and the process's peak RSS during it."""
     from flows.merge import run_merge
     from swudi.publish.publish_model import read_report
 
+    _reset_peak_rss()
     cpu, wall = time.process_time(), time.perf_counter()
     result = run_merge(cfg)
     cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
@@ -97,26 +101,35 @@ def _merge(cfg: Any) -> dict[str, Any]:
     timings = report.get("timings", {})
     compute = float(timings.get("decompose_seconds_computed", 0.0)) + float(timings.get("merge_seconds_computed", 0.0))
     experts_read = sum(int(c["tensor_bytes"]) for c in result["io"]["per_checkpoint"] if c["role"] != "base")
-    return {"url": result["url"], "cpu_s": cpu, "wall_s": wall, "compute_s": compute, "expert_bytes_read": experts_read}
+    return {
+        "url": result["url"],
+        "cpu_s": cpu,
+        "wall_s": wall,
+        "compute_s": compute,
+        "expert_bytes_read": experts_read,
+        "peak_rss_mb": _peak_rss_mb(),
+    }
 
 
-def run_seed(build: Path, seed: int, out: Path, grid: list[float], refine: int, threads: int) -> dict[str, Any]:
+def run_seed(
+    bench: StudyBenchmark, build: Path, seed: int, out: Path, grid: list[float], refine: int, threads: int
+) -> dict[str, Any]:
     from flows.tune import run_tune
 
     row: dict[str, Any] = {"seed": seed, "build": str(build)}
-    first = _merge(_config(build, seed, out, "default", 1.0, None, threads))
-    row["default"] = {**first, "test": _test_score(first["url"], build, seed, threads)}
+    first = _merge(_config(bench, build, seed, out, "default", 1.0, None, threads))
+    row["default"] = {**first, "test": bench.score(first["url"], build, seed, "test", threads)}
     row["grid"] = []
     for scale in grid:
-        point = _merge(_config(build, seed, out, f"scale-{scale:g}", scale, None, threads))
-        point["test"] = _test_score(point["url"], build, seed, threads)
+        point = _merge(_config(bench, build, seed, out, f"scale-{scale:g}", scale, None, threads))
+        point["test"] = bench.score(point["url"], build, seed, "test", threads)
         row["grid"].append({"scale": scale, **point})
     oracle = max(row["grid"], key=lambda p: p["test"])
     row["oracle"] = {"scale": oracle["scale"], "test": oracle["test"]}
     started = time.perf_counter()
     tuned = run_tune(
-        _config(build, seed, out, "tuned", 1.0, "val", threads),
-        OBJECTIVE,
+        _config(bench, build, seed, out, "tuned", 1.0, "val", threads),
+        bench.objective,
         [f"scale={','.join(f'{s:g}' for s in grid)}"],
         refine=refine,
     )
@@ -126,7 +139,7 @@ def run_seed(build: Path, seed: int, out: Path, grid: list[float], refine: int, 
         "val": winner["score"],
         "wall_s": time.perf_counter() - started,
         "candidates": tuned["candidates"],
-        "test": _test_score(tuned["published"]["url"], build, seed, threads),
+        "test": bench.score(tuned["published"]["url"], build, seed, "test", threads),
     }
     return row
 
@@ -137,7 +150,7 @@ def _mean_sd(values: list[float]) -> str:
     return f"{statistics.fmean(values):.3f} ± {statistics.stdev(values):.3f}"
 
 
-def markdown(rows: list[dict[str, Any]], command: str) -> str:
+def markdown(bench: StudyBenchmark, rows: list[dict[str, Any]], command: str) -> str:
     from swudi.reporting.benchmark_report import paired_comparison
 
     seeds = [r["seed"] for r in rows]
@@ -147,13 +160,13 @@ def markdown(rows: list[dict[str, Any]], command: str) -> str:
     tuned_scales = ", ".join(f"{r['tuned']['scale']:.3g}" for r in rows)
     oracle_scales = ", ".join(f"{r['oracle']['scale']:g}" for r in rows)
     lines = [
-        "# `swudi tune` on the LM benchmark (issue 21): tuned on val, reported on test",
+        f"# `swudi tune` on the {bench.name} benchmark (issue 21): tuned on val, reported on test",
         "",
         f"Command: `{command}`",
         "",
-        "Metric: mean over domains of `loss_gap_closed` on the test split (0 = base, 1 = the domain's expert).",
+        f"Metric on the test split: {bench.metric_text}.",
         "",
-        "| row | seeds | test loss gap closed | scales |",
+        f"| row | seeds | test {bench.metric} | scales |",
         "|---|---|---|---|",
         f"| swudi_a, scale 1 (default) | {len(seeds)} | {_mean_sd(list(default.values()))} | 1 |",
         f"| swudi_a, tuned on val | {len(seeds)} | {_mean_sd(list(tuned.values()))} | {tuned_scales} |",
@@ -199,13 +212,15 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--builds", type=Path, nargs="+", required=True, help="LM builds, one per seed (in --seeds order)")
+    p.add_argument("--benchmark", choices=sorted(BENCHMARKS), default="lm")
+    p.add_argument("--builds", type=Path, nargs="+", required=True, help="builds, one per seed (in --seeds order)")
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="default: 0, 1, ...")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--grid", default="scale=0.1,0.2,0.3,0.5,0.8,1.0")
     p.add_argument("--refine", type=int, default=4)
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
+    bench = BENCHMARKS[args.benchmark]
     grid = [float(v) for v in args.grid.split("=", 1)[1].split(",")]
     seeds = args.seeds or list(range(len(args.builds)))
     results_path = args.out / "results.json"
@@ -214,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     for build, seed in zip(args.builds, seeds, strict=True):
         if seed in done:
             continue
-        rows.append(run_seed(build, seed, args.out, grid, args.refine, args.threads))
+        rows.append(run_seed(bench, build, seed, args.out, grid, args.refine, args.threads))
         args.out.mkdir(parents=True, exist_ok=True)
         results_path.write_text(json.dumps(rows, indent=1))
         print(
@@ -223,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
             flush=True,
         )
     command = "python -m benchmarks.tune_study " + " ".join(argv if argv is not None else __import__("sys").argv[1:])
-    (args.out / "results.md").write_text(markdown(rows, command))
+    (args.out / "results.md").write_text(markdown(bench, rows, command))
     print((args.out / "results.md").read_text())
     return 0
 

@@ -305,6 +305,26 @@ def test_evaluate_encoder_reproduces_the_build(tiny_build):
         assert base[task]["accuracy"] == pytest.approx(manifest[task]["metrics"]["pretrained_test"], abs=1e-4)
 
 
+@pytest.mark.slow
+def test_aggregate_is_the_mean_over_tasks_and_the_study_scores_it(tiny_build):
+    """``aggregate=True`` adds task ``all`` = the mean over tasks (the objective of ``swudi tune``), and the
+    studies' encoder benchmark scores a model by it, on the examples the build measured the experts on."""
+    from benchmarks.retention.evaluate import evaluate
+    from benchmarks.study_benchmarks import BENCHMARKS
+
+    out = tiny_build["out"]
+    model = str(out / "experts" / TINY_TASKS[0])
+    res = evaluate(model, heads_dir=str(out / "heads"), max_examples=N_EVAL, aggregate=True)
+    assert set(res) == {*TINY_TASKS, "all"}
+    for metric in ("accuracy", "normalized_accuracy"):
+        by_hand = sum(res[t][metric] for t in TINY_TASKS) / len(TINY_TASKS)
+        assert res["all"][metric] == pytest.approx(by_hand, rel=1e-12)
+    assert res[TINY_TASKS[0]]["normalized_accuracy"] == pytest.approx(1.0, abs=1e-3)
+    bench = BENCHMARKS["encoder"]
+    assert bench.experts(out, 0) == [str(out / "experts" / t) for t in sorted(TINY_TASKS)]
+    assert bench.score(model, out, 0, "test", 1) == pytest.approx(res["all"]["normalized_accuracy"], rel=1e-6)
+
+
 def _publish_like_the_pipeline(src: Path, output: Path) -> None:
     """OUTPUT/versions/<id>/ with weights + config only (no tokenizer), then OUTPUT/latest.json."""
     version = output / "versions" / "20250101T000000-abc"

@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from benchmarks.aggregate import mean_over_tasks
 from benchmarks.retention.evaluate import local_model_dir
 
 from .model import eval_blocks, load_causal_lm, quiet_transformers, score_blocks
@@ -130,13 +131,7 @@ def evaluate(model_path: str, **options: Any) -> dict[str, dict[str, float]]:
         max_blocks=options.get("max_blocks"),
         storage_options=options.get("storage_options"),
     )
-    return {**results, "all": mean_over_domains(results)} if options.get("aggregate") else results
-
-
-def mean_over_domains(results: Mapping[str, Mapping[str, float]]) -> dict[str, float]:
-    """``{metric: mean over domains}`` of the metrics every domain has."""
-    shared = set.intersection(*(set(v) for v in results.values())) if results else set()
-    return {k: sum(v[k] for v in results.values()) / len(results) for k in sorted(shared)}
+    return {**results, "all": mean_over_tasks(results)} if options.get("aggregate") else results
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.aggregate import mean_over_tasks
+
 from . import data as data_mod
 from .model import Head, accuracy, has_tokenizer, load_encoder, quiet_transformers
 
@@ -152,11 +154,13 @@ def evaluate(model_path: str, **options) -> dict[str, dict[str, float]]:
 
     Options: ``heads_dir`` (default ``$SWUDI_RETENTION_DIR/heads`` or
     ``benchmarks/.cache/retention/heads``), ``tasks`` (default: every head), ``split`` ("test"),
-    ``max_examples``, ``batch_size``, ``threads``, ``storage_options``. Each task's metrics are
-    ``accuracy`` and, when the build's manifest recorded the expert's accuracy on the same examples,
-    ``expert_accuracy`` and ``normalized_accuracy``.
+    ``max_examples``, ``batch_size``, ``threads``, ``storage_options``, ``aggregate``. Each task's metrics
+    are ``accuracy`` and, when the build's manifest recorded the expert's accuracy on the same examples,
+    ``expert_accuracy`` and ``normalized_accuracy``. With ``aggregate=True`` a task ``all`` holds the
+    mean over tasks of each metric every task has (objective
+    ``benchmarks.retention.evaluate:evaluate:all.normalized_accuracy``).
     """
-    known = {"heads_dir", "tasks", "split", "max_examples", "batch_size", "threads", "storage_options"}
+    known = {"heads_dir", "tasks", "split", "max_examples", "batch_size", "threads", "storage_options", "aggregate"}
     unknown = sorted(set(options) - known)
     if unknown:
         raise TypeError(f"unknown evaluator options {unknown}; known: {sorted(known)}")
@@ -179,7 +183,7 @@ def evaluate(model_path: str, **options) -> dict[str, dict[str, float]]:
         if task in expert:
             r["expert_accuracy"] = expert[task]
             r["normalized_accuracy"] = r["accuracy"] / expert[task] if expert[task] > 0 else float("nan")
-    return results
+    return {**results, "all": mean_over_tasks(results)} if options.get("aggregate") else results
 
 
 def recorded_expert_accuracy(build_dir: str | Path, split: str, n: Mapping[str, int]) -> dict[str, float]:
