@@ -198,6 +198,7 @@ def tiny_build(tmp_path_factory):
         train_layers=2,
         max_train_examples=256,
         eval_examples=N_EVAL,
+        eval_val=True,  # the tune study's objective is the val normalised accuracy
     )
     log: list[str] = []
     t0 = time.perf_counter()
@@ -547,3 +548,37 @@ def test_pipeline_merges_the_experts_and_scores_them(tiny_build, prefect_api, tm
     )
     assert len(json.loads((out / "results.json").read_text())["runs"]) == len(runs)
     assert time.perf_counter() - t1 < seconds / 2
+
+
+@pytest.mark.slow
+def test_tune_study_and_method_costs_run_on_the_encoder_benchmark(tiny_build, prefect_api, tmp_path):
+    """The issue-21/22 studies on the encoder benchmark: tuned on val over the grid, oracle on test,
+    candidates read no expert byte; one cold merge per method with its cost figures."""
+    from benchmarks import method_costs, tune_study
+
+    build = tiny_build["out"]
+    out = tmp_path / "tune"
+    args = ["--benchmark", "encoder", "--builds", str(build), "--out", str(out), "--grid", "scale=0.5,1.5"]
+    assert tune_study.main([*args, "--refine", "0"]) == 0
+    (row,) = json.loads((out / "results.json").read_text())
+    grid = {p["scale"]: p for p in row["grid"]}
+    assert set(grid) == {0.5, 1.5}
+    assert row["oracle"]["test"] == max(p["test"] for p in grid.values())
+    assert all(p["expert_bytes_read"] == 0 for p in grid.values()) and row["default"]["expert_bytes_read"] > 0
+    candidates = {c["scale"]: c["score"] for c in row["tuned"]["candidates"]}
+    assert row["tuned"]["scale"] == max(candidates, key=lambda k: candidates[k])
+    # the tuned winner is scored on test like any grid point with the same scale
+    assert row["tuned"]["test"] == pytest.approx(grid[row["tuned"]["scale"]]["test"], abs=1e-9)
+    assert "encoder benchmark" in (out / "results.md").read_text()
+
+    costs = tmp_path / "costs"
+    assert (
+        method_costs.main(
+            ["--benchmark", "encoder", "--build", str(build), "--out", str(costs), "--methods", "swudi_a,iso_c"]
+        )
+        == 0
+    )
+    rows = {r["method"]: r for r in json.loads((costs / "costs.json").read_text())}
+    assert set(rows) == {"swudi_a", "iso_c"}
+    for r in rows.values():
+        assert r["expert_bytes_read"] > 0 and r["stored_bytes"] > 0 and r["peak_rss_mb"] > 0 and r["compute_s"] > 0

@@ -1,0 +1,93 @@
+"""What each merging method costs on its own: one cold merge per method, each in a fresh work folder.
+
+For every method: a merge at scale 1 through the real flow (``flows.merge.run_merge``, threads runner,
+one worker, CPU) from a work folder of its own, so the figures include everything the method needs
+the first time (decompositions, per-task SVDs, deltas), as a user's first merge would. Reported per
+method: the merge report's compute seconds (decompose + merge tasks), process CPU and wall seconds,
+the process's peak RSS during the merge (the window is reset before each merge: Linux
+``/proc/self/clear_refs``), and the bytes the merge stored in its work folder. No evaluation.
+
+    python -m benchmarks.method_costs --benchmark lm --build B --seed 0 --out DIR \\
+        --methods swudi_a,iso_c,iso_cts,tsv_m,cart,ace,task_arithmetic,ties
+
+A first warm-up merge (not reported) starts Prefect and imports everything, so the first method is not
+charged for them. Writes OUT/costs.json and OUT/costs.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+from benchmarks.study_benchmarks import BENCHMARKS, StudyBenchmark
+from benchmarks.tune_study import _config, _merge
+
+
+def _stored_bytes(work: Path) -> int:
+    return sum(f.stat().st_size for f in work.rglob("*") if f.is_file()) if work.exists() else 0
+
+
+def cost_of(bench: StudyBenchmark, build: Path, seed: int, out: Path, method: str, threads: int) -> dict[str, Any]:
+    """One cold merge of ``method`` in ``out/<method>``; its cost figures."""
+    folder = out / method
+    shutil.rmtree(folder, ignore_errors=True)
+    merged = _merge(_config(bench, build, seed, folder, "costs", 1.0, None, threads, method))
+    return {"method": method, **merged, "stored_bytes": _stored_bytes(folder / f"seed{seed}" / "work")}
+
+
+def markdown(bench: StudyBenchmark, rows: list[dict[str, Any]], command: str) -> str:
+    lines = [
+        f"# Cost of one cold merge per method on the {bench.name} benchmark (issue 22)",
+        "",
+        f"Command: `{command}`",
+        "",
+        "| method | compute s | process CPU s | wall s | peak RSS MB | stored MB |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| `{r['method']}` | {r['compute_s']:.1f} | {r['cpu_s']:.1f} | {r['wall_s']:.1f} | "
+            f"{r['peak_rss_mb']:.0f} | {r['stored_bytes'] / 1e6:.1f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.method_costs",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--benchmark", choices=sorted(BENCHMARKS), default="lm")
+    p.add_argument("--build", type=Path, required=True, help="one seed's build (see benchmarks/study_benchmarks.py)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--methods", default="swudi_a,iso_c,iso_cts,tsv_m,cart,ace,task_arithmetic,ties")
+    p.add_argument("--threads", type=int, default=1)
+    args = p.parse_args(argv)
+    bench = BENCHMARKS[args.benchmark]
+    methods = args.methods.split(",")
+    cost_of(bench, args.build, args.seed, args.out / "warm-up", methods[0], args.threads)
+    rows = []
+    for method in methods:
+        rows.append(cost_of(bench, args.build, args.seed, args.out, method, args.threads))
+        r = rows[-1]
+        print(
+            f"{method}: compute {r['compute_s']:.1f} s, CPU {r['cpu_s']:.1f} s, peak RSS {r['peak_rss_mb']:.0f} MB, "
+            f"stored {r['stored_bytes'] / 1e6:.1f} MB",
+            flush=True,
+        )
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "costs.json").write_text(json.dumps(rows, indent=1))
+    command = "python -m benchmarks.method_costs " + " ".join(argv if argv is not None else sys.argv[1:])
+    (args.out / "costs.md").write_text(markdown(bench, rows, command))
+    print((args.out / "costs.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
