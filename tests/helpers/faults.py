@@ -13,8 +13,10 @@ asks its schedule for a fault and then does one of:
 - ``"truncate"``: forward, then send the headers and half of the body and close;
 - ``"silent"``: read the request and never answer (until the proxy stops).
 
-Schedules are plain callables ``(request_number, method) -> fault``; :class:`EveryNth` cycles
-through fault kinds on every n-th request. ``injected`` counts what was done, per kind.
+Schedules are plain callables ``(request_number, request_line) -> fault`` (the line is
+``"GET /bucket/key?query HTTP/1.1"``); :class:`EveryNth` cycles
+through fault kinds on every n-th request. ``injected`` counts what was done, per kind; ``log``
+holds every request's arrival (``time.monotonic()``, number, request line, fault), for timelines.
 """
 
 from __future__ import annotations
@@ -43,13 +45,13 @@ class EveryNth:
         self.n, self.kinds, self.start, self.limit = n, list(kinds), start, limit
         self.count = 0
 
-    def __call__(self, number: int, method: str) -> str | None:
+    def __call__(self, number: int, line: str) -> str | None:
         if number < self.start or (number - self.start) % self.n:
             return None
         if self.limit is not None and self.count >= self.limit:
             return None
         kind = self.kinds[self.count % len(self.kinds)]
-        if kind == "truncate" and method != "GET":
+        if kind == "truncate" and not line.startswith("GET "):
             kind = "reset_after"  # only GET answers have a body worth cutting
         self.count += 1
         return kind
@@ -57,7 +59,20 @@ class EveryNth:
 
 def silent_from(first: int) -> Schedule:
     """Every request from number ``first`` on gets no answer: a store that went silent."""
-    return lambda number, method: "silent" if number >= first else None
+    return lambda number, line: "silent" if number >= first else None
+
+
+def silent_from_first(marker: str) -> Schedule:
+    """Every request from the first one whose request line contains ``marker`` on gets no answer
+    (e.g. ``"PUT /bucket/out/.swudi-work/decompositions/"``: silent once the merge writes its first layer)."""
+    first: list[int] = []
+
+    def schedule(number: int, line: str) -> str | None:
+        if not first and marker in line:
+            first.append(number)
+        return "silent" if first and number >= first[0] else None
+
+    return schedule
 
 
 class FaultProxy(LoopbackProxy):
@@ -65,10 +80,11 @@ class FaultProxy(LoopbackProxy):
 
     def __init__(self, target_host: str, target_port: int, schedule: Schedule | None = None, stall_s: float = 3.0):
         super().__init__(target_host, target_port)
-        self.schedule: Schedule = schedule or (lambda number, method: None)
+        self.schedule: Schedule = schedule or (lambda number, line: None)
         self.stall_s = stall_s
         self.requests = 0
         self.injected: collections.Counter[str] = collections.Counter()
+        self.log: list[tuple[float, int, str, str | None]] = []  # (time.monotonic(), number, request line, fault)
 
     @property
     def faults(self) -> int:
@@ -83,13 +99,13 @@ class FaultProxy(LoopbackProxy):
             request = _read_request(client)
             if request is None:
                 return
-            method = request.split(b" ", 1)[0].decode("ascii", "replace")
-            with self._lock:
+            line = request.split(b"\r\n", 1)[0].decode("ascii", "replace")
+            with self._lock:  # numbers, schedule and log in arrival order
                 self.requests += 1
                 number = self.requests
-            fault = self.schedule(number, method)
-            if fault is not None:
-                with self._lock:
+                fault = self.schedule(number, line)
+                self.log.append((time.monotonic(), number, line, fault))
+                if fault is not None:
                     self.injected[fault] += 1
             self._answer(client, request, fault)
         except OSError:
