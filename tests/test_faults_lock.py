@@ -101,8 +101,8 @@ def test_a_lock_created_by_a_put_whose_answer_was_lost_is_held(s3_bucket) -> Non
     out = f"{s3_bucket.url}/out"
     puts: list[int] = []
 
-    def first_put(number: int, method: str) -> str | None:
-        if method != "PUT":
+    def first_put(number: int, line: str) -> str | None:
+        if not line.startswith("PUT "):
             return None
         puts.append(number)
         return "reset_after" if len(puts) == 1 else None
