@@ -10,7 +10,9 @@ during it (the window reset before the merge), and the bytes it added to the wor
 decompositions, deltas, per-task SVDs).
 
     python -m benchmarks.methods_study --builds B0 [B1 B2] --out benchmarks/.cache/methods-study \\
-        --methods swudi_a,iso_c,iso_cts,tsv_m,cart,ace --grid scale=0.1,0.3,0.5,1,2
+        --methods swudi_a,iso_c,iso_cts,tsv_m,cart,ace,swudi_a+svc --grid scale=0.1,0.3,0.5,1,2
+
+A method written ``M+svc`` is method M followed by the post-filter ``svc`` (``post: svc``).
 
 Writes OUT/results.json and OUT/results.md.
 """

@@ -51,10 +51,12 @@ def _config(
 ) -> Any:
     from swudi.config.merge_config import config_from_mapping
 
+    method, _, post = method.partition("+")  # "swudi_a+svc": the method, then the post-filter svc
     mapping: dict[str, Any] = {
         "base": bench.base(build),
         "experts": bench.experts(build, seed),
         "method": method,
+        **({"post": post} if post else {}),
         "params": params or {},
         "scale": scale,
         "output": str(out / f"seed{seed}" / "merged" / label),
