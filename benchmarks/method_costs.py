@@ -3,9 +3,10 @@
 For every method: a merge at scale 1 through the real flow (``flows.merge.run_merge``, threads runner,
 one worker, CPU) from a work folder of its own, so the figures include everything the method needs
 the first time (decompositions, per-task SVDs, deltas), as a user's first merge would. Reported per
-method: the merge report's compute seconds (decompose + merge tasks), process CPU and wall seconds,
-the process's peak RSS during the merge (the window is reset before each merge: Linux
-``/proc/self/clear_refs``), and the bytes the merge stored in its work folder. No evaluation.
+method: process CPU and wall seconds, the merge report's task seconds (decompose + merge tasks), the
+process's peak RSS during the merge (the window is reset before each merge: Linux
+``/proc/self/clear_refs``) and its RSS just before, and the bytes the merge stored in its work folder.
+No evaluation.
 
     python -m benchmarks.method_costs --benchmark lm --build B --seed 0 --out DIR \\
         --methods swudi_a,iso_c,iso_cts,tsv_m,cart,ace,task_arithmetic,ties
@@ -45,14 +46,23 @@ def markdown(bench: StudyBenchmark, rows: list[dict[str, Any]], command: str) ->
         "",
         f"Command: `{command}`",
         "",
-        "| method | compute s | process CPU s | wall s | peak RSS MB | stored MB |",
-        "|---|---|---|---|---|---|",
+        "| method | process CPU s | wall s | task s | peak RSS MB | RSS before MB | stored MB |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in rows:
+        before = r.get("rss_before_mb")
         lines.append(
-            f"| `{r['method']}` | {r['compute_s']:.1f} | {r['cpu_s']:.1f} | {r['wall_s']:.1f} | "
-            f"{r['peak_rss_mb']:.0f} | {r['stored_bytes'] / 1e6:.1f} |"
+            f"| `{r['method']}` | {r['cpu_s']:.1f} | {r['wall_s']:.1f} | {r['compute_s']:.1f} | "
+            f"{r['peak_rss_mb']:.0f} | {'n/a' if before is None else f'{before:.0f}'} | "
+            f"{r['stored_bytes'] / 1e6:.1f} |"
         )
+    lines += [
+        "",
+        "process CPU s: CPU seconds of the merging process during the merge (every thread: orchestration,",
+        "reads, decompositions, writes). task s: the report's decompose + merge task seconds (wall time",
+        "inside the tasks: on a loaded machine it includes waiting for a core). peak RSS: the process's",
+        "peak during the merge; RSS before: the process (Python, torch, Prefect client) just before it.",
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -77,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(cost_of(bench, args.build, args.seed, args.out, method, args.threads))
         r = rows[-1]
         print(
-            f"{method}: compute {r['compute_s']:.1f} s, CPU {r['cpu_s']:.1f} s, peak RSS {r['peak_rss_mb']:.0f} MB, "
+            f"{method}: CPU {r['cpu_s']:.1f} s, task {r['compute_s']:.1f} s, peak RSS {r['peak_rss_mb']:.0f} MB, "
             f"stored {r['stored_bytes'] / 1e6:.1f} MB",
             flush=True,
         )

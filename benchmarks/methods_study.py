@@ -4,7 +4,7 @@
 Per seed and method (one shared work folder per seed, so decompositions and per-task SVDs are made
 once and shared, as a user's would be): a merge at scale 1 (the first merge of its kind reads the
 experts), scored on *test*; then `flows.tune.run_tune` on the *validation* split's metric over the
-scale grid, the winner scored on *test*. Per method: the first merge's compute
+scale grid, the winner scored on *test*. Per method: the first merge's task
 seconds (decompose + merge tasks, from its report) and process CPU seconds, the process's peak RSS
 during it (the window reset before the merge), and the bytes it added to the work folder (its
 decompositions, deltas, per-task SVDs).
@@ -72,7 +72,7 @@ def markdown(bench: StudyBenchmark, rows: list[dict[str, Any]], command: str) ->
         "",
         f"Seeds: {seeds}. Metric on test: {bench.metric_text}.",
         "",
-        "| method | seeds | test, scale 1 | test, tuned on val | tuned scales | first merge compute s | "
+        "| method | seeds | test, scale 1 | test, tuned on val | tuned scales | first merge task s | "
         "first merge CPU s | first merge peak RSS MB | stored MB |",
         "|---|---|---|---|---|---|---|---|---|",
     ]

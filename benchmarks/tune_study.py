@@ -78,24 +78,32 @@ def _reset_peak_rss() -> None:
         Path("/proc/self/clear_refs").write_text("5")
 
 
-def _peak_rss_mb() -> float:
-    """This process's peak RSS since the last reset (VmHWM), in MB; the lifetime peak elsewhere."""
+def _status_mb(field: str) -> float | None:
+    """A memory field of /proc/self/status (``VmHWM``: peak RSS since the last reset, ``VmRSS``), in MB."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1]) / 1024
     except OSError:
         pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return None
+
+
+def _peak_rss_mb() -> float:
+    """This process's peak RSS since the last reset (VmHWM), in MB; the lifetime peak elsewhere."""
+    peak = _status_mb("VmHWM")
+    return peak if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _merge(cfg: Any) -> dict[str, Any]:
     """Run one merge; its process CPU and wall seconds, compute seconds (decompose + merge tasks, from
-    the report), expert bytes read and the process's peak RSS during it."""
+    the report: task wall time, which includes waiting for a core on a loaded machine), expert bytes
+    read, the process's peak RSS during it and its RSS just before."""
     from flows.merge import run_merge
     from swudi.publish.publish_model import read_report
 
     _reset_peak_rss()
+    rss_before = _status_mb("VmRSS")
     cpu, wall = time.process_time(), time.perf_counter()
     result = run_merge(cfg)
     cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
@@ -110,6 +118,7 @@ def _merge(cfg: Any) -> dict[str, Any]:
         "compute_s": compute,
         "expert_bytes_read": experts_read,
         "peak_rss_mb": _peak_rss_mb(),
+        "rss_before_mb": rss_before,
     }
 
 
