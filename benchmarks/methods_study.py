@@ -130,6 +130,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--methods", default="swudi_a,iso_c,iso_cts,tsv_m,cart,ace")
     p.add_argument("--grid", default="scale=0.1,0.3,0.5,1,2")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument(
+        "--report-only", action="store_true", help="write OUT/results.md from OUT/results.json and run nothing"
+    )
     args = p.parse_args(argv)
     bench = BENCHMARKS[args.benchmark]
     seeds = args.seeds or list(range(len(args.builds)))
@@ -137,6 +140,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = json.loads(path.read_text()) if path.exists() else []
     done = {(r["seed"], r["method"]) for r in rows}
     for build, seed in zip(args.builds, seeds, strict=True):
+        if args.report_only:
+            break
         for method in args.methods.split(","):
             if (seed, method) in done:
                 continue
