@@ -84,6 +84,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.loopback_server import LoopbackServer  # noqa: E402 - after the path
+from benchmarks.memory import proc_status_mib  # noqa: E402 - after the path
 
 CASES = ("depth", "experts", "vocab", "width", "naive")
 SPLIT_KEYS = ("plan", "read", "decompose", "merge", "diagnostics", "write", "publish", "orchestration", "wall")
@@ -172,12 +173,9 @@ QUICK = Sizes(
 
 # ------------------------------------------------------------------------------ measured children
 def _proc_status_mib(field: str) -> float:
-    """``VmRSS`` (now) or ``VmHWM`` (peak of this process image) from /proc/self/status, in MiB."""
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
+    """``VmRSS`` (now) or ``VmHWM`` (peak of this process image) from /proc/self/status, in MiB (NaN if absent)."""
+    value = proc_status_mib(field)
+    return float("nan") if value is None else value
 
 
 def _rss_now_mib() -> float:

@@ -26,7 +26,6 @@ Writes OUT/results.json and OUT/results.md (copied to docs/results/tune.md by ha
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import resource
 import statistics
@@ -34,6 +33,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from benchmarks.memory import proc_status_mib, reset_peak_rss
 from benchmarks.study_benchmarks import BENCHMARKS, StudyBenchmark
 
 
@@ -72,26 +72,9 @@ def _config(
     return config_from_mapping(mapping, label)
 
 
-def _reset_peak_rss() -> None:
-    """Start a new peak-RSS window for this process (Linux: ``5`` into /proc/self/clear_refs)."""
-    with contextlib.suppress(OSError):
-        Path("/proc/self/clear_refs").write_text("5")
-
-
-def _status_mb(field: str) -> float | None:
-    """A memory field of /proc/self/status (``VmHWM``: peak RSS since the last reset, ``VmRSS``), in MB."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(f"{field}:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return None
-
-
 def _peak_rss_mb() -> float:
     """This process's peak RSS since the last reset (VmHWM), in MB; the lifetime peak elsewhere."""
-    peak = _status_mb("VmHWM")
+    peak = proc_status_mib("VmHWM")
     return peak if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
@@ -102,8 +85,8 @@ def _merge(cfg: Any) -> dict[str, Any]:
     from flows.merge import run_merge
     from swudi.publish.publish_model import read_report
 
-    _reset_peak_rss()
-    rss_before = _status_mb("VmRSS")
+    reset_peak_rss()
+    rss_before = proc_status_mib("VmRSS")
     cpu, wall = time.process_time(), time.perf_counter()
     result = run_merge(cfg)
     cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
