@@ -18,13 +18,11 @@ charged for them. Writes OUT/costs.json and OUT/costs.md.
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
-import sys
 from pathlib import Path
 from typing import Any
 
-from benchmarks.study_benchmarks import BENCHMARKS, StudyBenchmark
+from benchmarks.study_benchmarks import BENCHMARKS, StudyBenchmark, save_rows, write_report
 from benchmarks.tune_study import _config, _merge
 
 
@@ -91,11 +89,8 @@ def main(argv: list[str] | None = None) -> int:
             f"stored {r['stored_bytes'] / 1e6:.1f} MB",
             flush=True,
         )
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "costs.json").write_text(json.dumps(rows, indent=1))
-    command = "python -m benchmarks.method_costs " + " ".join(argv if argv is not None else sys.argv[1:])
-    (args.out / "costs.md").write_text(markdown(bench, rows, command))
-    print((args.out / "costs.md").read_text())
+    save_rows(args.out, rows, "costs")
+    write_report(args.out, "benchmarks.method_costs", argv, lambda command: markdown(bench, rows, command), "costs")
     return 0
 
 

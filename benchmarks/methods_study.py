@@ -20,13 +20,12 @@ Writes OUT/results.json and OUT/results.md.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.study_benchmarks import BENCHMARKS, StudyBenchmark
+from benchmarks.study_benchmarks import BENCHMARKS, StudyBenchmark, read_rows, save_rows, write_report
 from benchmarks.tune_study import _config, _mean_sd, _merge
 
 
@@ -136,27 +135,22 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     bench = BENCHMARKS[args.benchmark]
     seeds = args.seeds or list(range(len(args.builds)))
-    path = args.out / "results.json"
-    rows = json.loads(path.read_text()) if path.exists() else []
+    rows = read_rows(args.out)
     done = {(r["seed"], r["method"]) for r in rows}
-    for build, seed in zip(args.builds, seeds, strict=True):
-        if args.report_only:
-            break
+    todo = [] if args.report_only else list(zip(args.builds, seeds, strict=True))
+    for build, seed in todo:
         for method in args.methods.split(","):
             if (seed, method) in done:
                 continue
             rows.append(run_method(bench, build, seed, args.out, method, args.grid, args.threads))
-            args.out.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps(rows, indent=1))
+            save_rows(args.out, rows)
             r = rows[-1]
             print(
                 f"seed {seed} {method}: scale 1 {r['default']['test']:.4f}, tuned {r['tuned']['test']:.4f} "
                 f"(scale {r['tuned']['scale']:.3g})",
                 flush=True,
             )
-    command = "python -m benchmarks.methods_study " + " ".join(argv if argv is not None else __import__("sys").argv[1:])
-    (args.out / "results.md").write_text(markdown(bench, rows, command))
-    print((args.out / "results.md").read_text())
+    write_report(args.out, "benchmarks.methods_study", argv, lambda command: markdown(bench, rows, command))
     return 0
 
 

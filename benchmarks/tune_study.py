@@ -18,7 +18,7 @@ expert bytes each warm merge read (must be 0).
     python -m benchmarks.tune_study --builds B0 B1 B2 --out benchmarks/.cache/tune-study \
         --grid scale=0.1,0.2,0.3,0.5,0.8,1.0 --refine 4
     python -m benchmarks.tune_study --benchmark encoder --builds E/seed0 E/seed1 E/seed2 \
-        --out benchmarks/.cache/tune-study-encoder --grid scale=0.25,0.5,0.75,1,1.5,2 --refine 4
+        --out benchmarks/.cache/tune-study-encoder --grid scale=0.25,0.5,1,1.5,2,3 --refine 4
 
 Writes OUT/results.json and OUT/results.md (copied to docs/results/tune.md by hand with the command).
 """
@@ -26,7 +26,6 @@ Writes OUT/results.json and OUT/results.md (copied to docs/results/tune.md by ha
 from __future__ import annotations
 
 import argparse
-import json
 import resource
 import statistics
 import time
@@ -34,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.memory import proc_status_mib, reset_peak_rss
-from benchmarks.study_benchmarks import BENCHMARKS, StudyBenchmark
+from benchmarks.study_benchmarks import BENCHMARKS, StudyBenchmark, read_rows, save_rows, write_report
 
 
 def _config(
@@ -217,23 +216,19 @@ def main(argv: list[str] | None = None) -> int:
     bench = BENCHMARKS[args.benchmark]
     grid = [float(v) for v in args.grid.split("=", 1)[1].split(",")]
     seeds = args.seeds or list(range(len(args.builds)))
-    results_path = args.out / "results.json"
-    rows = json.loads(results_path.read_text()) if results_path.exists() else []
+    rows = read_rows(args.out)
     done = {r["seed"] for r in rows}
     for build, seed in zip(args.builds, seeds, strict=True):
         if seed in done:
             continue
         rows.append(run_seed(bench, build, seed, args.out, grid, args.refine, args.threads))
-        args.out.mkdir(parents=True, exist_ok=True)
-        results_path.write_text(json.dumps(rows, indent=1))
+        save_rows(args.out, rows)
         print(
             f"seed {seed}: default {rows[-1]['default']['test']:.4f}, tuned {rows[-1]['tuned']['test']:.4f} "
             f"(scale {rows[-1]['tuned']['scale']:.3g}), oracle {rows[-1]['oracle']['test']:.4f}",
             flush=True,
         )
-    command = "python -m benchmarks.tune_study " + " ".join(argv if argv is not None else __import__("sys").argv[1:])
-    (args.out / "results.md").write_text(markdown(bench, rows, command))
-    print((args.out / "results.md").read_text())
+    write_report(args.out, "benchmarks.tune_study", argv, lambda command: markdown(bench, rows, command))
     return 0
 
 
