@@ -22,13 +22,10 @@ from swudi.config.merge_config import MergeConfig, config_from_mapping
 from swudi.errors import CheckpointMismatchError
 from swudi.io.adapter import LoraAdapter, LoraFactors
 from swudi.io.checkpoint import Checkpoint
-from swudi.pipeline.group_step import merge_group
-from swudi.pipeline.layer_step import merge_layers
 from swudi.pipeline.plan import build_plan
 from swudi.pipeline.reads import read_task_vectors
-from swudi.pipeline.summary import bytes_read, summarize_layers
-from swudi.publish.publish_model import PublishResult, publish_merged_model
 from tests.helpers.lora import llama_config, write_adapter, write_base
+from tests.helpers.steps import merge_without_prefect
 
 CONFIG = llama_config(hidden=32, intermediate=48, layers=1, vocab=40)
 EMBED = "model.embed_tokens.weight"
@@ -55,14 +52,6 @@ def _config(root: Path, out: Path, experts: list[str] | None = None, **extra: An
     )
 
 
-def _merge(cfg: MergeConfig) -> PublishResult:
-    """The flow's steps without Prefect: plan, layers, groups, publish."""
-    plan = build_plan(cfg)
-    records = merge_layers(plan.layer_jobs, cfg) + [merge_group(group, cfg) for group in plan.group_jobs]
-    io = {**bytes_read(records, "", len(plan.expert_urls)), "headers": list(plan.header_bytes)}
-    return publish_merged_model(cfg, plan, records, summarize_layers(records), io=io)
-
-
 def test_saved_embedding_adapters_are_read_as_peft_merges_them(adapters, tmp_path: Path) -> None:
     root, base = adapters["root"], adapters["base"]
     adapter = LoraAdapter.open(str(root / "emb"))
@@ -79,7 +68,7 @@ def test_saved_embedding_adapters_are_read_as_peft_merges_them(adapters, tmp_pat
 
 def test_default_routing_merges_adapter_embeddings_by_the_mean(adapters, tmp_path: Path) -> None:
     root, base = adapters["root"], adapters["base"]
-    result = _merge(_config(root, tmp_path / "out", scale=0.7))
+    result = merge_without_prefect(_config(root, tmp_path / "out", scale=0.7))
     got = Checkpoint.open(result["url"]).state_dict()
     w0 = base[EMBED].double()
     want = w0 + 0.7 * sum(d[EMBED].double() - w0 for d in adapters["dense"].values()) / len(ADAPTERS)
@@ -94,7 +83,7 @@ def test_merged_embedding_adapter_loads_back_as_the_published_model(adapters, tm
 
     root, base = adapters["root"], adapters["base"]
     cfg = _config(root, tmp_path / "out", include=["*"], scale=0.7, output_format="adapter")
-    result = _merge(cfg)
+    result = merge_without_prefect(cfg)
     version = Path(result["url"])
     published = Checkpoint.open(str(version)).state_dict()
     keys = load_file(version / "adapter" / "adapter_model.safetensors")

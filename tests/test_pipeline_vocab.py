@@ -20,11 +20,8 @@ from swudi.cli.app import app
 from swudi.config.merge_config import MergeConfig, config_from_mapping
 from swudi.errors import CheckpointMismatchError, ConfigError, InputError
 from swudi.io.checkpoint import Checkpoint
-from swudi.pipeline.group_step import merge_group
-from swudi.pipeline.layer_step import merge_layers
 from swudi.pipeline.plan import build_plan, describe_plan
-from swudi.pipeline.summary import bytes_read, summarize_layers
-from swudi.publish.publish_model import PublishResult, publish_merged_model
+from tests.helpers.steps import merge_without_prefect
 from tests.helpers.vocab import write_base, write_expert
 
 BASE_VOCAB = 100
@@ -68,14 +65,6 @@ def _config(root: Path, experts: list[str], out: Path, **extra: Any) -> MergeCon
     )
 
 
-def _merge(cfg: MergeConfig) -> PublishResult:
-    """The flow's steps without Prefect: plan, layers, groups, publish."""
-    plan = build_plan(cfg)
-    records = merge_layers(plan.layer_jobs, cfg) + [merge_group(group, cfg) for group in plan.group_jobs]
-    io = {**bytes_read(records, "", len(plan.expert_urls)), "headers": list(plan.header_bytes)}
-    return publish_merged_model(cfg, plan, records, summarize_layers(records), io=io)
-
-
 def _expected_rows(base: torch.Tensor, experts: list[torch.Tensor], theta_of: Any) -> torch.Tensor:
     """Independent float64 reference of a vocab tensor: base rows W0 + theta(tau[:100]); row 100..103
     the mean over the experts whose tokenizer has the token (rows 100-101: 'two' and 'four'; 102-103:
@@ -100,7 +89,7 @@ def test_vocab_extended_experts_merge_load_and_generate(models, tmp_path: Path, 
 
     root, base = models["root"], models["base"]
     cfg = _config(root, [str(root / n) for n in EXPERTS], tmp_path / "out", method=method, params=params, scale=0.8)
-    result = _merge(cfg)
+    result = merge_without_prefect(cfg)
     version = Path(result["url"])
     got = Checkpoint.open(str(version)).state_dict()
     saved = Checkpoint.open(str(root / "base")).tensors  # tied: lm_head is not saved, as the family does
@@ -254,7 +243,7 @@ def test_vocab_extended_experts_on_s3(untied, s3_bucket, tmp_path: Path) -> None
             "storage_options": s3_bucket.storage_options,
         }
     )
-    result = _merge(cfg)
+    result = merge_without_prefect(cfg)
     got = Checkpoint.open(result["url"], s3_bucket.storage_options).read("lm_head.weight")
     two, four = (untied["experts"][n]["lm_head.weight"].double() for n in ("two", "four"))
     torch.testing.assert_close(got[100:].double(), torch.cat([(two[100:102] + four[100:102]) / 2, four[102:]]))
